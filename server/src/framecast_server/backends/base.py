@@ -1,0 +1,52 @@
+"""The one interface every inference backend implements.
+
+A backend turns a batch of preprocessed images into class probabilities. It knows nothing of
+gRPC, of batching across callers or of labels: the batcher calls ``infer`` from one worker
+thread, one batch at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class BackendError(RuntimeError):
+    """A backend failed to load or to run a batch."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot run on this machine (no GPU, library missing); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What a backend reports about itself (shown in ModelInfo and ``framecast info``)."""
+
+    name: str  # "onnxruntime", "tensorrt", "null"
+    precision: str  # "fp32", "fp16"
+    device: str  # "cpu", or the GPU's name
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs the prepared model: uint8 NHWC RGB [N, H, W, 3] in, float32 probabilities [N, C] out."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    @property
+    def max_batch(self) -> int:
+        """Largest N that ``infer`` accepts."""
+        ...
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Classify one batch; 1 <= N <= max_batch. Raises BackendError on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds; infer must not be called afterwards."""
+        ...
