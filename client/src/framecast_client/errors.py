@@ -1,0 +1,59 @@
+"""Exceptions raised by the Framecast client.
+
+    FramecastError                  everything the SDK raises
+    ├── InvalidImageError           an input could not be decoded or preprocessed (ValueError too)
+    └── RpcError                    the server answered with a non-OK status (carries .code)
+        ├── InvalidArgumentError    INVALID_ARGUMENT: the request was malformed
+        ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too large, or the server's queue is full
+        ├── DeadlineExceededError   DEADLINE_EXCEEDED: no answer within the deadline
+        ├── UnavailableError        UNAVAILABLE: no server answers at the address
+        └── ServerError             any other status
+
+``RpcError`` subclasses are made from ``grpc.RpcError`` in one place, ``framecast_client._rpc``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FramecastError(Exception):
+    """Base of every exception the Framecast client raises."""
+
+
+class InvalidImageError(FramecastError, ValueError):
+    """An input image could not be read, decoded or preprocessed."""
+
+
+class RpcError(FramecastError):
+    """The server (or the channel) ended a call with a non-OK status."""
+
+    code: grpc.StatusCode
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class InvalidArgumentError(RpcError):
+    """The server rejected the request as malformed."""
+
+
+class ResourceExhaustedError(RpcError):
+    """The request was too large, or the server is at capacity; retry later."""
+
+
+class DeadlineExceededError(RpcError):
+    """No answer arrived within the deadline."""
+
+
+class UnavailableError(RpcError):
+    """No server answered at the address (not running, wrong address, or shutting down)."""
+
+
+class ServerError(RpcError):
+    """Any other non-OK status."""

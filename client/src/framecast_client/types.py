@@ -1,0 +1,36 @@
+"""Typed results returned by the client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One class of a result: its ImageNet index, label and probability."""
+
+    index: int
+    label: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTiming:
+    """Where the server spent its time on one image, in milliseconds."""
+
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The top-k predictions for one image, best first."""
+
+    predictions: tuple[Prediction, ...]
+    timing: ServerTiming | None = None
+
+    @property
+    def top(self) -> Prediction:
+        """The most probable class."""
+        return self.predictions[0]
