@@ -43,7 +43,9 @@ def generate(out_dir: Path) -> None:
         for old in out_dir.glob("*_pb2*"):
             old.unlink()
         for path in sorted(Path(tmp).rglob("*_pb2*")):
-            text = re.sub(r"^from framecast\.v1 import", "from . import", path.read_text(), flags=re.M)
+            text = re.sub(
+                r"^from framecast\.v1 import", "from . import", path.read_text(), flags=re.M
+            )
             text = re.sub(r"^import framecast\.v1\.(\w+)$", r"from . import \1", text, flags=re.M)
             (out_dir / path.name).write_text(HEADER + text)
     init = out_dir / "__init__.py"

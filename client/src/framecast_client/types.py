@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .preprocess import PreprocessSpec
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -34,3 +36,21 @@ class Classification:
     def top(self) -> Prediction:
         """The most probable class."""
         return self.predictions[0]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the server serves, as GetModelInfo reports it."""
+
+    name: str
+    version: str
+    backend: str
+    precision: str
+    max_batch: int
+    preprocessing: PreprocessSpec
+    normalization: str
+    pretrained: bool
+    weights_source: str
+    warning: str
+    labels: tuple[str, ...]
+    max_message_bytes: int

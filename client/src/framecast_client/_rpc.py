@@ -1,0 +1,43 @@
+"""The one place where grpc.RpcError becomes a typed Framecast exception."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from .errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    RpcError,
+    ServerError,
+    UnavailableError,
+)
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+}
+
+
+def from_status(code: grpc.StatusCode, details: str, *, address: str) -> RpcError:
+    """The most specific exception for a status; UNAVAILABLE names the address."""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = f"no Framecast server answers at {address} ({details})"
+    return _BY_CODE.get(code, ServerError)(code, details)
+
+
+@contextmanager
+def mapped_rpc_errors(address: str) -> Iterator[None]:
+    """Re-raise grpc.RpcError (sync and aio) as the matching RpcError subclass."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise from_status(code, details or "", address=address) from exc

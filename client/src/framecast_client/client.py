@@ -1,0 +1,253 @@
+"""Client and AsyncClient: classify images on a Framecast server.
+
+Both share ``_BaseClient``, which holds everything but the I/O: settings, request building,
+result reading and preprocessing. The subclasses only make the calls, sync or on grpc.aio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
+
+import grpc
+import numpy as np
+from numpy.typing import NDArray
+
+from . import wire
+from ._proto import classifier_pb2 as pb
+from ._proto import classifier_pb2_grpc as pb_grpc
+from ._rpc import mapped_rpc_errors
+from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
+from .types import Classification, ModelInfo
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_TIMEOUT_S = 10.0
+# Room for a batch of 128 224x224 frames (19 MB); gRPC's default of 4 MiB holds only 27.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_TOP_K = 5
+# Framing of one Image inside a request: field tags and length prefixes, generously rounded.
+_PER_IMAGE_OVERHEAD_BYTES = 64
+
+
+class _BaseClient:
+    """Settings, request building and result reading shared by Client and AsyncClient."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        channel_order: ChannelOrder = "RGB",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, got {timeout}")
+        if max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        self.address = address
+        self.timeout = timeout
+        self.channel_order: ChannelOrder = channel_order
+        self.max_message_bytes = max_message_bytes
+        self._credentials = credentials
+        self._model_info: ModelInfo | None = None
+        self._closed = False
+
+    def _channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Framecast client is closed")
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _preprocess_all(self, images: Sequence[ImageInput], info: ModelInfo) -> NDArray[np.uint8]:
+        spec = info.preprocessing
+        batch = np.empty((len(images), spec.input_height, spec.input_width, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            batch[i] = preprocess(image, spec, channel_order=self.channel_order)
+        return batch
+
+    def _chunks(self, batch: NDArray[np.uint8], info: ModelInfo) -> Iterator[NDArray[np.uint8]]:
+        """Split a batch into requests that fit the server's max batch and message limit."""
+        image_bytes = int(np.prod(batch.shape[1:])) + _PER_IMAGE_OVERHEAD_BYTES
+        limit = min(info.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
+        per_request = max(1, min(info.max_batch, limit // image_bytes))
+        for start in range(0, len(batch), per_request):
+            yield batch[start : start + per_request]
+
+    @staticmethod
+    def _request(batch: NDArray[np.uint8], top_k: int) -> pb.ClassifyRequest:
+        return pb.ClassifyRequest(images=[wire.image_to_proto(x) for x in batch], top_k=top_k)
+
+    @staticmethod
+    def _as_list(x: ImageInput | Sequence[ImageInput]) -> tuple[bool, list[ImageInput]]:
+        if is_image_input(x):
+            return True, [x]  # type: ignore[list-item]
+        return False, list(x)  # type: ignore[arg-type]
+
+
+class Client(_BaseClient):
+    """A blocking Framecast client; use it as a context manager.
+
+    >>> with Client("localhost:50051") as client:          # doctest: +SKIP
+    ...     top = client.classify("cat.jpg").top
+    ...     print(top.label, top.probability)
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        options = self._channel_options()
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, self._credentials, options=options)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def model_info(self, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
+        """What the server serves (fetched once, then cached unless refresh=True)."""
+        self._check_open()
+        if self._model_info is None or refresh:
+            with mapped_rpc_errors(self.address):
+                reply = self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
+                )
+            self._model_info = wire.model_info_from_proto(reply)
+        return self._model_info
+
+    def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
+        """Preprocess one image as the server asks: uint8 [H, W, 3] RGB."""
+        spec = self.model_info().preprocessing
+        return preprocess(image, spec, channel_order=self.channel_order)
+
+    @overload
+    def classify(
+        self, x: ImageInput, *, top_k: int = ..., timeout: float | None = ...
+    ) -> Classification: ...
+    @overload
+    def classify(
+        self, x: Sequence[ImageInput], *, top_k: int = ..., timeout: float | None = ...
+    ) -> list[Classification]: ...
+    def classify(
+        self,
+        x: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        timeout: float | None = None,
+    ) -> Classification | list[Classification]:
+        """Classify one image (returns one result) or a list of images (results in order).
+
+        An image is a path, encoded bytes (JPEG, PNG, ...), a PIL image or a uint8 HxWx3
+        numpy frame in the client's channel_order.
+        """
+        single, images = self._as_list(x)
+        batch = self._preprocess_all(images, self.model_info())
+        results = self.classify_preprocessed(batch, top_k=top_k, timeout=timeout)
+        return results[0] if single else results
+
+    def classify_preprocessed(
+        self, batch: NDArray[np.uint8], *, top_k: int = DEFAULT_TOP_K, timeout: float | None = None
+    ) -> list[Classification]:
+        """Classify already-preprocessed images, uint8 [N, H, W, 3] RGB, split as needed."""
+        self._check_open()
+        results: list[Classification] = []
+        for chunk in self._chunks(batch, self.model_info()):
+            with mapped_rpc_errors(self.address):
+                reply = self._stub.Classify(
+                    self._request(chunk, top_k), timeout=self._timeout(timeout)
+                )
+            results.extend(wire.classification_from_proto(r) for r in reply.results)
+        return results
+
+
+class AsyncClient(_BaseClient):
+    """The same surface as Client on grpc.aio; use it as an async context manager."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        options = self._channel_options()
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close()
+
+    async def model_info(self, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
+        """What the server serves (fetched once, then cached unless refresh=True)."""
+        self._check_open()
+        if self._model_info is None or refresh:
+            with mapped_rpc_errors(self.address):
+                reply = await self._stub.GetModelInfo(
+                    pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
+                )
+            self._model_info = wire.model_info_from_proto(reply)
+        return self._model_info
+
+    async def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
+        """Preprocess one image as the server asks: uint8 [H, W, 3] RGB."""
+        spec = (await self.model_info()).preprocessing
+        return preprocess(image, spec, channel_order=self.channel_order)
+
+    @overload
+    async def classify(
+        self, x: ImageInput, *, top_k: int = ..., timeout: float | None = ...
+    ) -> Classification: ...
+    @overload
+    async def classify(
+        self, x: Sequence[ImageInput], *, top_k: int = ..., timeout: float | None = ...
+    ) -> list[Classification]: ...
+    async def classify(
+        self,
+        x: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        timeout: float | None = None,
+    ) -> Classification | list[Classification]:
+        """Classify one image (returns one result) or a list of images (results in order)."""
+        single, images = self._as_list(x)
+        batch = self._preprocess_all(images, await self.model_info())
+        results = await self.classify_preprocessed(batch, top_k=top_k, timeout=timeout)
+        return results[0] if single else results
+
+    async def classify_preprocessed(
+        self, batch: NDArray[np.uint8], *, top_k: int = DEFAULT_TOP_K, timeout: float | None = None
+    ) -> list[Classification]:
+        """Classify already-preprocessed images, uint8 [N, H, W, 3] RGB, split as needed."""
+        self._check_open()
+        results: list[Classification] = []
+        for chunk in self._chunks(batch, await self.model_info()):
+            with mapped_rpc_errors(self.address):
+                reply = await self._stub.Classify(
+                    self._request(chunk, top_k), timeout=self._timeout(timeout)
+                )
+            results.extend(wire.classification_from_proto(r) for r in reply.results)
+        return results

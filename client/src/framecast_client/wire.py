@@ -1,0 +1,182 @@
+"""The one place that knows the wire format: numpy and typed results <-> framecast.v1 messages.
+
+Both ends use it: the client to build requests and read results, the server to read images
+(validating them) and to describe its preprocessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._proto import classifier_pb2 as pb
+from .preprocess import PreprocessSpec
+from .types import Classification, ModelInfo, Prediction, ServerTiming
+
+CHANNELS = 3
+
+_RESIZE_TO_PROTO = {
+    "shorter_side_then_center_crop": pb.RESIZE_POLICY_SHORTER_SIDE_THEN_CENTER_CROP,
+    "stretch": pb.RESIZE_POLICY_STRETCH,
+}
+_INTERPOLATION_TO_PROTO = {
+    "nearest": pb.INTERPOLATION_NEAREST,
+    "bilinear": pb.INTERPOLATION_BILINEAR,
+    "bicubic": pb.INTERPOLATION_BICUBIC,
+}
+_RESIZE_FROM_PROTO = {v: k for k, v in _RESIZE_TO_PROTO.items()}
+_INTERPOLATION_FROM_PROTO = {v: k for k, v in _INTERPOLATION_TO_PROTO.items()}
+
+
+class WireFormatError(ValueError):
+    """A message does not hold what the protocol requires; the text says what is wrong."""
+
+
+def image_to_proto(image: NDArray[np.uint8]) -> pb.Image:
+    """Wrap one preprocessed uint8 [H, W, 3] RGB image."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != CHANNELS:
+        raise WireFormatError(
+            f"expected a uint8 array of shape [H, W, 3], got {image.dtype} {image.shape}"
+        )
+    height, width, channels = image.shape
+    return pb.Image(
+        data=np.ascontiguousarray(image).tobytes(), height=height, width=width, channels=channels
+    )
+
+
+def images_from_proto(
+    images: Sequence[pb.Image], *, height: int, width: int, max_batch: int
+) -> NDArray[np.uint8]:
+    """Validate the images of a request and stack them into one uint8 [N, H, W, 3] batch."""
+    if not images:
+        raise WireFormatError("the request holds no images; send at least one")
+    if len(images) > max_batch:
+        raise WireFormatError(
+            f"the request holds {len(images)} images, more than this server's max batch of "
+            f"{max_batch}; split it into several requests"
+        )
+    batch = np.empty((len(images), height, width, CHANNELS), dtype=np.uint8)
+    for i, image in enumerate(images):
+        batch[i] = image_from_proto(image, height=height, width=width, position=i)
+    return batch
+
+
+def image_from_proto(
+    image: pb.Image, *, height: int, width: int, position: int = 0
+) -> NDArray[np.uint8]:
+    """Validate one image message and view its bytes as uint8 [H, W, 3] (no copy)."""
+    where = f"image {position}"
+    if image.channels != CHANNELS:
+        raise WireFormatError(
+            f"{where} has {image.channels} channels; this model takes {CHANNELS} (RGB)"
+        )
+    if (image.height, image.width) != (height, width):
+        raise WireFormatError(
+            f"{where} is {image.height}x{image.width} (HxW); this model takes "
+            f"{height}x{width}: preprocess it as GetModelInfo's preprocessing says"
+        )
+    expected = height * width * CHANNELS
+    if len(image.data) != expected:
+        raise WireFormatError(
+            f"{where} carries {len(image.data)} bytes; {height}x{width}x{CHANNELS} uint8 "
+            f"needs exactly {expected}"
+        )
+    return np.frombuffer(image.data, dtype=np.uint8).reshape(height, width, CHANNELS)
+
+
+def top_k_from_proto(value: int | None, *, num_classes: int, default: int) -> int:
+    """The top_k a request asks for: its default when unset, else 1..num_classes."""
+    if value is None:
+        return default
+    if not 1 <= value <= num_classes:
+        raise WireFormatError(f"top_k must be between 1 and {num_classes}, got {value}")
+    return value
+
+
+def classification_to_proto(
+    indices: NDArray[np.int64],
+    probabilities: NDArray[np.float32],
+    labels: Sequence[str],
+    *,
+    queue_us: int,
+    compute_us: int,
+    batch_size: int,
+) -> pb.Classification:
+    """Build one image's result from its top-k indices and probabilities (best first)."""
+    return pb.Classification(
+        predictions=[
+            pb.Prediction(index=int(i), label=labels[int(i)], probability=float(p))
+            for i, p in zip(indices, probabilities, strict=False)
+        ],
+        timing=pb.ServerTiming(queue_us=queue_us, compute_us=compute_us, batch_size=batch_size),
+    )
+
+
+def classification_from_proto(message: pb.Classification) -> Classification:
+    """Turn one result message into the typed result."""
+    timing = None
+    if message.HasField("timing"):
+        t = message.timing
+        timing = ServerTiming(
+            queue_ms=t.queue_us / 1000.0,
+            compute_ms=t.compute_us / 1000.0,
+            batch_size=t.batch_size,
+        )
+    return Classification(
+        predictions=tuple(
+            Prediction(index=p.index, label=p.label, probability=p.probability)
+            for p in message.predictions
+        ),
+        timing=timing,
+    )
+
+
+def preprocessing_to_proto(spec: PreprocessSpec, *, normalization: str) -> pb.Preprocessing:
+    """Describe the preprocessing a client must apply."""
+    return pb.Preprocessing(
+        input_height=spec.input_height,
+        input_width=spec.input_width,
+        resize_policy=_RESIZE_TO_PROTO[spec.resize_policy],
+        resize_size=spec.resize_size,
+        interpolation=_INTERPOLATION_TO_PROTO[spec.interpolation],
+        normalization=normalization,
+    )
+
+
+def preprocessing_from_proto(message: pb.Preprocessing) -> PreprocessSpec:
+    """Read the server's preprocessing; unknown enum values are an error, not a guess."""
+    try:
+        resize_policy = _RESIZE_FROM_PROTO[message.resize_policy]
+        interpolation = _INTERPOLATION_FROM_PROTO[message.interpolation]
+    except KeyError as exc:
+        raise WireFormatError(
+            f"the server asks for a preprocessing this client does not know ({message}); "
+            "upgrade framecast-client"
+        ) from exc
+    return PreprocessSpec(
+        input_height=message.input_height,
+        input_width=message.input_width,
+        resize_policy=resize_policy,
+        resize_size=message.resize_size,
+        interpolation=interpolation,
+    )
+
+
+def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
+    """Turn GetModelInfo's answer into the typed ModelInfo."""
+    return ModelInfo(
+        name=message.name,
+        version=message.version,
+        backend=message.backend,
+        precision=message.precision,
+        max_batch=message.max_batch,
+        preprocessing=preprocessing_from_proto(message.preprocessing),
+        normalization=message.preprocessing.normalization,
+        pretrained=message.pretrained,
+        weights_source=message.weights_source,
+        warning=message.warning,
+        labels=tuple(message.labels),
+        max_message_bytes=message.max_message_bytes,
+    )

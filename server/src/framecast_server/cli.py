@@ -1,0 +1,216 @@
+"""Server commands of `framecast`: serve, demo, build-engine.
+
+Registered into the client's CLI through the ``framecast.commands`` entry point. This module
+imports only the standard library at load time so `framecast --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import ModelSource
+    from .settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (default: timm resnet50.tv2_in1k from the hub)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--onnx", type=Path, metavar="PATH", help="serve this ResNet-50 ONNX")
+    source.add_argument(
+        "--weights", type=Path, metavar="PATH", help="safetensors with torchvision's names"
+    )
+    group.add_argument(
+        "--preset",
+        choices=("torchvision", "caffe"),
+        default="torchvision",
+        help="preprocessing of an --onnx model (caffe: what Keras ResNet50 uses)",
+    )
+    group.add_argument(
+        "--offline", action="store_true", help="never download; random weights if not cached"
+    )
+    group.add_argument("--cache-dir", type=Path, help="prepared models and engines (engines/)")
+
+
+def _add_serving_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 = any)")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "onnxruntime", "tensorrt", "null"),
+        default="auto",
+        help="auto: TensorRT on an NVIDIA GPU, else ONNX Runtime",
+    )
+    parser.add_argument("--max-batch", type=int, default=32, help="largest batch (default 32)")
+    parser.add_argument(
+        "--max-delay-us",
+        type=int,
+        default=2000,
+        help="longest wait for a batch to fill, microseconds (default 2000)",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=512, help="queued images before RESOURCE_EXHAUSTED"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+
+
+def _model_source(args: argparse.Namespace) -> ModelSource:
+    from .model import ModelSource
+
+    if args.onnx is not None:
+        return ModelSource(kind="onnx", path=args.onnx, preset=args.preset)
+    if args.weights is not None:
+        return ModelSource(kind="weights", path=args.weights)
+    return ModelSource()
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    from .settings import ServerSettings, default_cache_dir
+
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        model=_model_source(args),
+        backend=args.backend,
+        max_batch=args.max_batch,
+        max_delay_us=args.max_delay_us,
+        max_queue=args.max_queue,
+        threads=args.threads,
+        cache_dir=args.cache_dir or default_cache_dir(),
+        allow_download=not args.offline,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    return asyncio.run(serve(_settings(args), port_file=args.port_file))
+
+
+def demo_images() -> list[tuple[str, bytes]]:
+    """A few generated JPEGs for a demo without images: gradients and shapes, 1280x720."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    height, width = 720, 1280
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    made: list[tuple[str, bytes]] = []
+    for i, (name, colour) in enumerate(
+        (("sunset.jpg", (255, 120, 40)), ("sea.jpg", (30, 90, 200)), ("meadow.jpg", (60, 170, 70)))
+    ):
+        ramp = (y / height)[..., None] * np.array(colour, dtype=np.float32)
+        wave = 40.0 * np.sin(x / (37.0 + 11 * i))[..., None]
+        pixels = np.clip(ramp + wave + 20.0 * i, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((400 + 90 * i, 180, 760 + 90 * i, 540), fill=(240 - 60 * i, 220, 40 + 80 * i))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        made.append((f"generated:{name}", buffer.getvalue()))
+    return made
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from framecast_client import Client
+    from framecast_client.cli import format_predictions
+
+    from .background import BackgroundServer
+
+    settings = _settings(args)
+    print(f"Starting a Framecast server in-process on a free port (backend {settings.backend})...")
+    inputs: list[tuple[str, bytes | Path]] = (
+        [(str(p), p) for p in args.images] if args.images else list(demo_images())
+    )
+    with BackgroundServer(settings) as server, Client(server.address) as client:
+        info = client.model_info()
+        print(
+            f"Serving {info.name} ({info.version}) on {info.backend} {info.precision} "
+            f"at {server.address}"
+        )
+        rows = []
+        for name, image in inputs:
+            started = time.perf_counter()
+            result = client.classify(image, top_k=args.top_k)
+            rows.append((name, result, (time.perf_counter() - started) * 1000.0))
+        print(format_predictions(rows, info))
+        latencies = sorted(latency for _, _, latency in rows)
+        print(
+            f"{len(rows)} requests, latency per request (preprocess + RPC + inference): "
+            f"median {latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms"
+        )
+    return 0
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from .backends.base import BackendUnavailableError
+    from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        # Fail before preparing anything: a build here cannot succeed.
+        print(f"framecast build-engine: {reason}", file=sys.stderr)
+        return 2
+    from .backends.tensorrt import EngineSettings, build_engine
+    from .model import prepare_model
+    from .settings import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    output = args.output or cache_dir
+    prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
+    engine_settings = EngineSettings(
+        max_batch=args.max_batch,
+        opt_batch=args.opt_batch or args.max_batch,
+        workspace_bytes=args.workspace_mib * 1024 * 1024,
+        builder_optimization_level=args.optimization_level,
+    )
+    try:
+        plan = build_engine(prepared.onnx_path, engine_settings, output)
+    except BackendUnavailableError as exc:
+        print(f"framecast build-engine: {exc}", file=sys.stderr)
+        return 2
+    print(f"engine: {plan}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add serve, demo and build-engine to the `framecast` command."""
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    _add_serving_arguments(serve, port=50051)
+    serve.add_argument(
+        "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
+    )
+    _add_model_arguments(serve)
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser(
+        "demo", help="start a server in-process, classify a few images, print predictions"
+    )
+    demo.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="images (optional)")
+    demo.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
+    _add_serving_arguments(demo, port=0)
+    _add_model_arguments(demo)
+    demo.set_defaults(handler=_demo)
+
+    build = commands.add_parser(
+        "build-engine", help="build the TensorRT FP16 engine for this GPU (like trtexec)"
+    )
+    _add_model_arguments(build)
+    build.add_argument("--max-batch", type=int, default=32, help="profile max batch (default 32)")
+    build.add_argument("--opt-batch", type=int, help="profile optimum batch (default max batch)")
+    build.add_argument(
+        "--workspace-mib", type=int, default=4096, help="builder workspace limit, MiB"
+    )
+    build.add_argument(
+        "--optimization-level", type=int, default=3, choices=range(6), help="builder level 0-5"
+    )
+    build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
+    build.set_defaults(handler=_build_engine)

@@ -1,0 +1,67 @@
+"""Server settings: one value object, mapped one to one onto `framecast serve`'s flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.factory import BackendName
+from .model import ModelSource
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+# Preprocessed 224x224 RGB uint8 frame.
+FRAME_BYTES = 224 * 224 * 3
+
+
+def default_cache_dir() -> Path:
+    """$FRAMECAST_CACHE_DIR, else ./engines when it exists (a checkout), else ~/.cache."""
+    env = os.environ.get("FRAMECAST_CACHE_DIR")
+    if env:
+        return Path(env)
+    local = Path("engines")
+    if local.is_dir():
+        return local.resolve()
+    return Path.home() / ".cache" / "framecast" / "engines"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerSettings:
+    """Everything `framecast serve` takes."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model: ModelSource = field(default_factory=ModelSource)
+    backend: BackendName = "auto"
+    max_batch: int = 32
+    max_delay_us: int = 2000
+    max_queue: int = 512
+    threads: int | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    allow_download: bool = True
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.max_batch < 1:
+            raise ValueError(f"max batch must be at least 1, got {self.max_batch}")
+        if self.max_delay_us < 0:
+            raise ValueError(f"max delay must not be negative, got {self.max_delay_us}")
+        if self.max_queue < self.max_batch:
+            raise ValueError(
+                f"max queue ({self.max_queue}) must hold at least one max batch ({self.max_batch})"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest request accepted: a full batch of frames plus room for framing."""
+        return self.max_batch * FRAME_BYTES + 1024 * 1024

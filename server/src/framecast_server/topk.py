@@ -1,0 +1,18 @@
+"""Top-k selection over class probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+def top_k(
+    probabilities: NDArray[np.float32], k: int
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Indices and probabilities of the k largest entries of a 1-D vector, best first."""
+    if not 1 <= k <= probabilities.shape[-1]:
+        raise ValueError(f"k must be in 1..{probabilities.shape[-1]}, got {k}")
+    # argpartition is O(C); only the k survivors get sorted.
+    candidates = np.argpartition(probabilities, -k)[-k:]
+    order = candidates[np.argsort(probabilities[candidates])[::-1]]
+    return order.astype(np.int64), probabilities[order]

@@ -1,0 +1,31 @@
+"""Shared fixtures: real servers on loopback port 0, real channels, a hermetic model cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from framecast_client import Client
+from framecast_server.background import BackgroundServer
+from support import make_settings
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model cache per test session: the random-weights graph is built once."""
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def onnx_server(cache_dir: Path) -> Iterator[BackgroundServer]:
+    """A real server on ONNX Runtime with the default (offline: random) ResNet-50."""
+    with BackgroundServer(make_settings(cache_dir)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(onnx_server: BackgroundServer) -> Iterator[Client]:
+    """A real client on a real channel to the session's server."""
+    with Client(onnx_server.address, timeout=60.0) as c:
+        yield c

@@ -1,0 +1,149 @@
+"""Health, reflection and graceful shutdown, in-process and as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from framecast_client import Client, UnavailableError
+from framecast_server.backends.base import BackendInfo
+from framecast_server.background import BackgroundServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from numpy.typing import NDArray
+from support import make_settings, random_frames
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_status(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
+
+
+class GatedBackend:
+    """A backend that holds each batch until released: makes 'in flight' observable."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo("gated", "fp32", "cpu")
+
+    @property
+    def max_batch(self) -> int:
+        return 8
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        self.entered.set()
+        if not self.release.wait(30):
+            raise RuntimeError("never released")
+        return np.full((len(images), 1000), 1e-3, dtype=np.float32)
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(cache_dir: Path) -> None:
+    with BackgroundServer(make_settings(cache_dir), load=False) as server:
+        assert health_status(server.address) == NOT_SERVING
+        assert health_status(server.address, "framecast.v1.Classifier") == NOT_SERVING
+        with Client(server.address) as client, pytest.raises(UnavailableError, match="loading"):
+            client.classify(random_frames(1)[0])
+        server.load()
+        assert health_status(server.address) == SERVING
+        assert health_status(server.address, "framecast.v1.Classifier") == SERVING
+
+
+def test_reflection_lists_the_services(onnx_server: BackgroundServer) -> None:
+    with grpc.insecure_channel(onnx_server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=10)
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"framecast.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+
+def test_graceful_stop_finishes_in_flight_calls_and_reports_not_serving(cache_dir: Path) -> None:
+    backend = GatedBackend()
+    server = BackgroundServer(
+        make_settings(cache_dir, backend="null"), backend_factory=lambda _: backend
+    )
+    with server, Client(server.address, timeout=30) as client, ThreadPoolExecutor(2) as pool:
+        backend.release.set()  # let the warm-up batch through
+        client.model_info()
+        backend.release.clear()
+        backend.entered.clear()
+        in_flight = pool.submit(client.classify, random_frames(1)[0])
+        assert backend.entered.wait(10)
+        stopping = pool.submit(server.close, 20.0)
+        deadline = time.monotonic() + 10
+        while health_status_or_none(server.address) != NOT_SERVING:
+            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            time.sleep(0.01)
+        assert not in_flight.done()
+        backend.release.set()
+        assert len(in_flight.result(timeout=10).predictions) == 5
+        stopping.result(timeout=30)
+
+
+def health_status_or_none(address: str) -> int | None:
+    try:
+        return health_status(address)
+    except grpc.RpcError:
+        return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_process_exits_zero_on_signal(
+    sig: signal.Signals, cache_dir: Path, tmp_path: Path
+) -> None:
+    port_file = tmp_path / "port"
+    command = [
+        sys.executable,
+        "-m",
+        "framecast_client.cli",
+        "serve",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--backend",
+        "null",
+        "--offline",
+        "--cache-dir",
+        str(cache_dir),
+    ]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert process.poll() is None, "server exited before listening"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        while health_status_or_none(address) != SERVING:
+            assert process.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with Client(address, timeout=30) as client:
+            assert client.classify(random_frames(1)[0]).top.label
+        process.send_signal(sig)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

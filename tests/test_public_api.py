@@ -1,0 +1,28 @@
+"""The SDK's public surface is small and deliberate: changing it should be a visible decision."""
+
+from __future__ import annotations
+
+import framecast_client
+
+
+def test_exported_names() -> None:
+    assert framecast_client.__all__ == [
+        "AsyncClient",
+        "Classification",
+        "Client",
+        "DeadlineExceededError",
+        "FramecastError",
+        "InvalidArgumentError",
+        "InvalidImageError",
+        "ModelInfo",
+        "Prediction",
+        "PreprocessSpec",
+        "ResourceExhaustedError",
+        "RpcError",
+        "ServerError",
+        "ServerTiming",
+        "UnavailableError",
+        "preprocess",
+    ]
+    for name in framecast_client.__all__:
+        assert getattr(framecast_client, name).__module__.startswith("framecast_client")
