@@ -1,0 +1,88 @@
+"""A backend that does no inference: for measuring the serving overhead around the model.
+
+Its output is deterministic and cheap, yet depends on each image, so results can be checked
+against the frames that were sent:
+
+* the *key* of an image is the value of its first byte, ``images[i, 0, 0, 0]`` (the red channel
+  of the top-left pixel);
+* the row for an image is a fixed, strictly decreasing distribution ``p[j] = (1 / (j + 1)**2) / Z``
+  (``Z`` normalizes it to sum to 1; ``p[0]`` is about 0.61 for 1000 classes), rotated so that
+  class ``(key + j) % num_classes`` gets ``p[j]``.
+
+So the top-1 class is ``key % num_classes``, the top-k classes are ``key, key + 1, ...,
+key + k - 1`` (mod ``num_classes``) in that order with no ties, and every row sums to 1. The cost
+is one gather of N x num_classes floats, no matter how large the images are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .base import BackendError, BackendInfo
+
+
+class NullBackend:
+    """Fixed, input-keyed probabilities with no model behind them (see the module docstring)."""
+
+    def __init__(self, max_batch: int, num_classes: int = 1000, input_size: int = 224) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if input_size < 1:
+            raise ValueError(f"input_size must be at least 1, got {input_size}")
+        self._max_batch = max_batch
+        self._num_classes = num_classes
+        self._input_size = input_size
+        ranks = np.arange(1, num_classes + 1, dtype=np.float64)
+        weights = 1.0 / ranks**2
+        self._distribution: NDArray[np.float32] = (weights / weights.sum()).astype(np.float32)
+        self._classes = np.arange(num_classes, dtype=np.intp)
+        self._info = BackendInfo(name="null", precision="fp32", device="cpu")
+        self._closed = False
+
+    @property
+    def info(self) -> BackendInfo:
+        """``BackendInfo("null", "fp32", "cpu")``."""
+        return self._info
+
+    @property
+    def max_batch(self) -> int:
+        """Largest N that ``infer`` accepts."""
+        return self._max_batch
+
+    @property
+    def num_classes(self) -> int:
+        """Width C of each output row."""
+        return self._num_classes
+
+    @property
+    def input_size(self) -> int:
+        """Height and width the images must have."""
+        return self._input_size
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Return float32 [N, num_classes]; row i peaks at class ``images[i, 0, 0, 0] % C``.
+
+        Raises BackendError for a closed backend or input that is not uint8
+        [N, input_size, input_size, 3] with 1 <= N <= max_batch, as a real backend would.
+        """
+        if self._closed:
+            raise BackendError("the null backend is closed")
+        size = self._input_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise BackendError(
+                f"expected uint8 [N, {size}, {size}, 3], got {images.dtype} {list(images.shape)}"
+            )
+        if not 1 <= images.shape[0] <= self._max_batch:
+            raise BackendError(f"batch of {images.shape[0]} outside 1..{self._max_batch}")
+        keys = images[:, 0, 0, 0].astype(np.intp)
+        # out[i, c] = p[(c - key_i) % C]: class key_i gets p[0], class key_i + 1 gets p[1], ...
+        ranks = (self._classes[None, :] - keys[:, None]) % self._num_classes
+        probabilities: NDArray[np.float32] = self._distribution[ranks]
+        return probabilities
+
+    def close(self) -> None:
+        """Mark the backend closed; ``infer`` raises afterwards."""
+        self._closed = True

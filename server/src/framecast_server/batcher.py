@@ -1,0 +1,480 @@
+"""Dynamic batching: the server core between the gRPC servicers and the backend.
+
+Every image of every request and stream goes through one :class:`Batcher`. Callers ``await
+submit(images)`` on the event loop; a dispatcher task gathers queued requests into batches of at
+most ``max_batch`` images and hands each batch to ONE dedicated worker thread, which makes ONE
+``backend.infer`` call per batch. The event loop never runs inference, and the backend only ever
+sees one thread (TensorRT and CUDA contexts are thread-affine).
+
+Policies:
+
+* **Batch formation.** A batch is dispatched when the queue holds at least ``max_batch`` images, or
+  when ``max_delay_us`` has passed since the oldest queued request was admitted, whichever comes
+  first, and the worker is free. The delay is counted from admission, not from when the worker
+  became free: items that already waited while the previous batch computed go at once.
+* **Requests are never split.** A request (1 <= n <= max_batch images) always rides in one batch.
+  Batches are filled strictly first-in first-out: when the next request does not fit in the room
+  left, the batch closes and that request opens the next one. Nothing overtakes it, so requests
+  complete in admission order (streams rely on that) and no request can starve; the cost is a
+  batch at most ``n - 1`` images short of full. Requests whose images differ in height or width
+  also close the batch, since they cannot share one input array.
+* **Pipelining.** The queue keeps filling and the delay clock keeps running while a batch
+  computes; the next batch is taken from the queue the moment the worker is free (one event-loop
+  hop), so the backend is not idle while work is due. Only one batch is handed to the worker at a
+  time, so items can still be dropped (deadline, cancellation) until the moment they run.
+* **Copies.** A batch of one request passes the caller's array to the backend as is (no copy if it
+  is C-contiguous). A batch of several requests is concatenated once into a fresh array, on the
+  worker thread. A fresh array rather than a reused buffer: it cannot alias anything a backend
+  might keep, and the allocator recycles it cheaply. The backend's output is copied once per batch
+  (at most ``max_batch x classes`` floats) and made read-only, so results never alias a buffer the
+  backend reuses for the next batch; each :class:`ItemResult` holds a row view of that copy.
+* **Dropping.** An item whose deadline passes while queued is removed at once (a timer) and its
+  caller gets :class:`DeadlineExpiredError`; deadlines are checked again when the batch is taken.
+  A caller whose awaiting task is cancelled (gRPC does that when a client cancels or disconnects)
+  has its request removed from the queue at once. Neither ever reaches the backend. Once a batch
+  is running it runs to completion; results of callers that went away are discarded.
+* **Failures.** An exception from the backend fails only the requests of that batch: each gets a
+  :class:`BackendError` whose ``__cause__`` is the original exception. The batcher keeps running.
+* **Bounds.** At most ``max_queue`` images wait in the queue (a request that does not fit is
+  refused whole with :class:`QueueFullError`), plus one batch computing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .backends.base import Backend, BackendError
+
+__all__ = [
+    "Batcher",
+    "BatcherClosedError",
+    "BatcherSettings",
+    "BatcherStats",
+    "DeadlineExpiredError",
+    "ItemResult",
+    "QueueFullError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The queue has no room for all images of the request; nothing of it was admitted."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is closed (or closing) and admits no more work."""
+
+
+class DeadlineExpiredError(Exception):
+    """The request's deadline passed before its images were run; they were never computed."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherSettings:
+    """How the batcher trades latency for throughput.
+
+    ``max_batch`` must not exceed the backend's ``max_batch``; ``max_queue`` must be at least
+    ``max_batch`` so that any valid request can be admitted into an empty queue.
+    """
+
+    max_batch: int = 32
+    max_delay_us: int = 2000  # wait at most this long after the oldest queued request for more
+    max_queue: int = 256  # images waiting (not counting the batch computing)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
+        if self.max_delay_us < 0:
+            raise ValueError(f"max_delay_us must not be negative, not {self.max_delay_us}")
+        if self.max_queue < self.max_batch:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be at least max_batch ({self.max_batch})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """The result for one image.
+
+    ``probabilities`` is a read-only float32 [C] row. ``queue_us`` is the time from admission to
+    the batch being taken from the queue, ``compute_us`` the duration of the batch's
+    ``backend.infer`` call, ``batch_size`` the number of images in that batch.
+    """
+
+    probabilities: NDArray[np.float32]
+    queue_us: int
+    compute_us: int
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """A snapshot of the batcher's counters; every count is in images unless it says batches."""
+
+    queued: int  # waiting now
+    batches_run: int  # successful backend.infer calls
+    images_run: int
+    failed_batches: int  # backend.infer calls that raised
+    failed_images: int
+    dropped_expired: int  # deadline passed before compute (including on arrival)
+    dropped_cancelled: int  # caller cancelled while queued
+    rejected_full: int  # refused with QueueFullError
+
+
+class _State(enum.Enum):
+    QUEUED = enum.auto()
+    RUNNING = enum.auto()
+    DONE = enum.auto()
+
+
+class _Request:
+    """One ``submit`` call: its images travel together through the queue and into one batch."""
+
+    __slots__ = ("deadline", "enqueued_ns", "future", "images", "n", "state", "timer")
+
+    def __init__(
+        self,
+        images: NDArray[np.uint8],
+        deadline: float | None,
+        future: asyncio.Future[list[ItemResult]],
+    ) -> None:
+        self.images = images
+        self.n: int = images.shape[0]
+        self.deadline = deadline
+        self.future = future
+        self.enqueued_ns = time.monotonic_ns()
+        self.state = _State.QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Batcher:
+    """Gathers images from all callers into batches and runs them on one worker thread.
+
+    Use from one event loop: ``await start()``, then any number of concurrent ``submit`` calls,
+    then ``await close()``. The batcher does not own the backend: closing it is the caller's job,
+    after ``close()`` returns. See the module docstring for the batching policies.
+    """
+
+    def __init__(self, backend: Backend, settings: BatcherSettings) -> None:
+        if settings.max_batch > backend.max_batch:
+            raise ValueError(
+                f"max_batch {settings.max_batch} exceeds the backend's max_batch "
+                f"{backend.max_batch}"
+            )
+        self._backend = backend
+        self._settings = settings
+        self._delay_ns = settings.max_delay_us * 1000
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._batches_run = 0
+        self._images_run = 0
+        self._failed_batches = 0
+        self._failed_images = 0
+        self._dropped_expired = 0
+        self._dropped_cancelled = 0
+        self._rejected_full = 0
+
+    @property
+    def settings(self) -> BatcherSettings:
+        """The settings the batcher was built with."""
+        return self._settings
+
+    @property
+    def queued(self) -> int:
+        """Images waiting in the queue now (not counting the batch computing)."""
+        return self._queued
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (or the dispatcher stopped): no work is admitted."""
+        return self._closing
+
+    @property
+    def stats(self) -> BatcherStats:
+        """A snapshot of the counters."""
+        return BatcherStats(
+            queued=self._queued,
+            batches_run=self._batches_run,
+            images_run=self._images_run,
+            failed_batches=self._failed_batches,
+            failed_images=self._failed_images,
+            dropped_expired=self._dropped_expired,
+            dropped_cancelled=self._dropped_cancelled,
+            rejected_full=self._rejected_full,
+        )
+
+    async def start(self) -> None:
+        """Start the worker thread and the dispatcher on the running event loop."""
+        if self._closing:
+            raise BatcherClosedError("the batcher is closed")
+        if self._dispatcher is not None:
+            raise RuntimeError("the batcher is already started")
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framecast-infer")
+        self._dispatcher = self._loop.create_task(self._dispatch(), name="framecast-batcher")
+
+    async def submit(
+        self, images: NDArray[np.uint8], *, deadline: float | None = None
+    ) -> list[ItemResult]:
+        """Classify ``images`` (uint8 [n, H, W, 3], 1 <= n <= max_batch); results in order.
+
+        ``deadline`` is a ``time.monotonic()`` value: if it passes before the images run they are
+        dropped and :class:`DeadlineExpiredError` is raised. All n images are admitted or none:
+        :class:`QueueFullError` at once when the queue lacks room, :class:`BatcherClosedError`
+        once closing. A failed batch raises :class:`BackendError`. Bad input raises ValueError.
+        Cancelling the awaiting task withdraws the request if it has not started computing.
+        """
+        n = self._validate(images)
+        if self._closing:
+            raise BatcherClosedError("the batcher is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            raise RuntimeError("the batcher is not started")
+        if loop is not self._loop:
+            raise RuntimeError("submit() must run on the event loop the batcher was started on")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._dropped_expired += n
+            raise DeadlineExpiredError("the deadline had already passed on arrival")
+        if self._queued + n > self._settings.max_queue:
+            self._rejected_full += n
+            raise QueueFullError(
+                f"queue full: {self._queued} of {self._settings.max_queue} images waiting, "
+                f"no room for {n} more"
+            )
+        req = _Request(images, deadline, loop.create_future())
+        if deadline is not None:
+            req.timer = loop.call_later(deadline - now, self._expire, req)
+        was_empty = not self._queue
+        self._queue.append(req)
+        self._queued += n
+        # The dispatcher only needs waking when the queue stops being empty (to start the delay
+        # clock) or reaches a full batch; waking it for every item would cost a loop hop each.
+        if was_empty or self._queued >= self._settings.max_batch:
+            self._wakeup.set()
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            if req.state is _State.QUEUED:
+                self._remove(req)
+                self._dropped_cancelled += req.n
+            elif req.future.done() and not req.future.cancelled():
+                # The outcome landed just before the cancellation: mark any exception retrieved
+                # so asyncio does not log it as lost.
+                req.future.exception()
+            raise
+
+    async def close(self) -> None:
+        """Stop admitting work, run everything already queued, then stop the worker thread.
+
+        New ``submit`` calls fail with :class:`BatcherClosedError` from the moment this is
+        called. Queued requests are dispatched without waiting for ``max_delay``. Idempotent.
+        """
+        self._closing = True
+        self._wakeup.set()
+        if self._dispatcher is not None:
+            # Shielded so that a cancelled close() still lets the queued work drain.
+            await asyncio.shield(self._dispatcher)
+        if self._executor is not None:
+            # The dispatcher awaited the last batch, so the worker thread is idle: this only joins.
+            self._executor.shutdown(wait=True)
+
+    @staticmethod
+    def _validate_shape(images: NDArray[np.uint8]) -> None:
+        if not isinstance(images, np.ndarray):
+            raise ValueError(f"images must be a numpy array, not {type(images).__name__}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, not {images.dtype}")
+        if images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"images must be [n, H, W, 3], not {list(images.shape)}")
+
+    def _validate(self, images: NDArray[np.uint8]) -> int:
+        self._validate_shape(images)
+        n = int(images.shape[0])
+        if not 1 <= n <= self._settings.max_batch:
+            raise ValueError(f"a request holds 1 to {self._settings.max_batch} images, not {n}")
+        if images.shape[1] < 1 or images.shape[2] < 1:
+            raise ValueError(f"images must not be empty, got {list(images.shape)}")
+        return n
+
+    def _remove(self, req: _Request) -> None:
+        """Take a still-queued request out of the queue (cancelled or expired)."""
+        self._queue.remove(req)  # O(queue), and the queue is bounded by max_queue
+        self._queued -= req.n
+        req.state = _State.DONE
+        if req.timer is not None:
+            req.timer.cancel()
+
+    def _expire(self, req: _Request) -> None:
+        """Deadline timer: drop the request if it is still waiting."""
+        if req.state is not _State.QUEUED:
+            return
+        self._remove(req)
+        self._fail_expired(req)
+
+    def _fail_expired(self, req: _Request) -> None:
+        self._dropped_expired += req.n
+        if not req.future.done():
+            req.future.set_exception(
+                DeadlineExpiredError("the deadline passed while the request was queued")
+            )
+
+    async def _dispatch(self) -> None:
+        """The dispatcher task: wait for a batch to be due, take it, hand it to the worker."""
+        try:
+            while await self._wait_until_due():
+                if self._inflight is not None:
+                    # The queue keeps filling meanwhile; the batch is taken only once the worker
+                    # is free, so late arrivals join it and drops apply up to the last moment.
+                    await self._inflight
+                    self._inflight = None
+                batch = self._take_batch()
+                if batch:
+                    self._inflight = asyncio.get_running_loop().create_task(
+                        self._run_batch(batch), name="framecast-batch"
+                    )
+            if self._inflight is not None:
+                await self._inflight
+                self._inflight = None
+        except Exception:
+            logger.exception("the batcher's dispatcher failed; the batcher is closed")
+        finally:
+            # Normally the queue is empty here; after a crash or a cancellation (event loop
+            # shutting down), fail what is left rather than leave callers waiting forever.
+            self._closing = True
+            while self._queue:
+                req = self._queue[0]
+                self._remove(req)
+                if not req.future.done():
+                    req.future.set_exception(BatcherClosedError("the batcher stopped"))
+
+    async def _wait_until_due(self) -> bool:
+        """Wait until a batch is due; False when closing with nothing left to run."""
+        while True:
+            self._wakeup.clear()
+            if not self._queue:
+                if self._closing:
+                    return False
+                await self._wakeup.wait()
+                continue
+            if self._closing or self._queued >= self._settings.max_batch:
+                return True
+            # Recomputed on every wake-up: the oldest request may have been withdrawn meanwhile.
+            remaining_ns = self._queue[0].enqueued_ns + self._delay_ns - time.monotonic_ns()
+            if remaining_ns <= 0:
+                return True
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining_ns / 1e9)
+
+    def _take_batch(self) -> list[_Request]:
+        """Pop whole requests, first in first out, while they fit; drop expired ones on the way."""
+        batch: list[_Request] = []
+        size = 0
+        shape: tuple[int, ...] | None = None
+        now = time.monotonic()
+        while self._queue:
+            req = self._queue[0]
+            if req.future.done():
+                # Defensive: cancelled without submit() seeing it; never compute it.
+                self._remove(req)
+                self._dropped_cancelled += req.n
+                continue
+            if req.deadline is not None and req.deadline <= now:
+                self._remove(req)
+                self._fail_expired(req)
+                continue
+            if size + req.n > self._settings.max_batch:
+                break
+            if shape is not None and req.images.shape[1:] != shape:
+                break
+            shape = req.images.shape[1:]
+            self._queue.popleft()
+            self._queued -= req.n
+            req.state = _State.RUNNING
+            if req.timer is not None:
+                req.timer.cancel()  # a running batch is not interrupted
+            batch.append(req)
+            size += req.n
+        return batch
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        """Run one batch on the worker thread and deliver each request's slice of the output."""
+        assert self._executor is not None
+        dispatched_ns = time.monotonic_ns()
+        size = sum(req.n for req in batch)
+        loop = asyncio.get_running_loop()
+        try:
+            probabilities, compute_ns = await loop.run_in_executor(
+                self._executor, self._compute, [req.images for req in batch], size
+            )
+        except asyncio.CancelledError:
+            # Only when the event loop is torn down under us; nobody will deliver results now.
+            for req in batch:
+                req.state = _State.DONE
+                if not req.future.done():
+                    req.future.set_exception(BatcherClosedError("the batcher stopped"))
+            raise
+        except Exception as exc:
+            self._failed_batches += 1
+            self._failed_images += size
+            logger.error("backend failed on a batch of %d images", size, exc_info=exc)
+            for req in batch:
+                req.state = _State.DONE
+                if not req.future.done():
+                    # One exception object per caller: a shared one would collect every
+                    # caller's traceback as each re-raises it.
+                    error = BackendError(f"inference failed for a batch of {size} images: {exc}")
+                    error.__cause__ = exc
+                    req.future.set_exception(error)
+            return
+        self._batches_run += 1
+        self._images_run += size
+        compute_us = compute_ns // 1000
+        offset = 0
+        for req in batch:
+            req.state = _State.DONE
+            if not req.future.done():  # a caller cancelled mid-compute gets nothing
+                queue_us = (dispatched_ns - req.enqueued_ns) // 1000
+                req.future.set_result(
+                    [
+                        ItemResult(probabilities[offset + i], queue_us, compute_us, size)
+                        for i in range(req.n)
+                    ]
+                )
+            offset += req.n
+
+    def _compute(
+        self, arrays: list[NDArray[np.uint8]], size: int
+    ) -> tuple[NDArray[np.float32], int]:
+        """Worker thread: build the input, call the backend once, copy out the output."""
+        if len(arrays) == 1:
+            images = np.ascontiguousarray(arrays[0])
+        else:
+            images = np.concatenate(arrays, axis=0)
+        started = time.monotonic_ns()
+        output = self._backend.infer(images)
+        compute_ns = time.monotonic_ns() - started
+        probabilities = np.array(output, dtype=np.float32, copy=True)
+        if probabilities.ndim != 2 or probabilities.shape[0] != size:
+            raise BackendError(
+                f"backend returned shape {list(probabilities.shape)} for a batch of {size} images"
+            )
+        probabilities.flags.writeable = False
+        return probabilities, compute_ns
