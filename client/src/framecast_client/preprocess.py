@@ -1,0 +1,538 @@
+"""Turn any image into the uint8 RGB array a Framecast server expects.
+
+The server says how to preprocess in ``ModelInfo.preprocessing``; :class:`PreprocessSpec` holds
+the same fields, and :func:`preprocess` turns a file path, encoded bytes, a Pillow image or a
+numpy frame into a C-contiguous ``uint8`` array of shape ``[input_height, input_width, 3]`` in
+RGB order. This module is the project's one implementation of that step.
+
+The result matches the textbook pipeline (decode at full resolution, antialiased resize of the
+shorter side to ``resize_size``, center crop) to within about one grey level on average, but
+gets there in a fraction of the time:
+
+* the crop is mapped back to a box in *source* coordinates and a single
+  ``Image.resize(..., box=..., reducing_gap=...)`` call produces the output, so no pixel outside
+  the crop is resampled and no full-size intermediate image is made;
+* JPEGs are decoded with ``Image.draft``, which scales in the DCT domain by 1/2, 1/4 or 1/8,
+  never below the resolution the resize needs;
+* EXIF orientation, grayscale to RGB and BGR to RGB are applied to the small output rather
+  than to the full-size image.
+
+Alpha is dropped, never composited: an RGBA pixel keeps its stored colour whatever its opacity,
+for files, Pillow images and 4-channel numpy frames alike (the same as Pillow's
+``convert("RGB")``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import IO, Literal, TypeAlias
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+
+from framecast_client.errors import InvalidImageError
+
+__all__ = [
+    "ChannelOrder",
+    "ImageInput",
+    "Interpolation",
+    "PreprocessSpec",
+    "ResizePolicy",
+    "is_image_input",
+    "preprocess",
+]
+
+ResizePolicy: TypeAlias = Literal["shorter_side_then_center_crop", "stretch"]
+Interpolation: TypeAlias = Literal["nearest", "bilinear", "bicubic"]
+ChannelOrder: TypeAlias = Literal["RGB", "BGR"]
+
+ImageInput: TypeAlias = (
+    str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | NDArray[np.uint8]
+)
+"""One image: a file path, encoded file bytes, a Pillow image or a uint8 numpy frame."""
+
+_RESIZE_POLICIES: frozenset[str] = frozenset({"shorter_side_then_center_crop", "stretch"})
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+# Half-width of each filter's kernel in source pixels at scale 1 (Pillow's own values).
+_FILTER_SUPPORT: dict[str, float] = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}
+
+# Pillow first shrinks by an integer factor with a box filter, leaving at least this much for
+# the real filter. 2.0 roughly halves the resize time against none; the error it adds stays
+# far below the accuracy budget (tests/client/test_preprocess.py holds it to it).
+_REDUCING_GAP = 2.0
+
+# EXIF orientation tag value -> the transpose that shows the image upright, as
+# PIL.ImageOps.exif_transpose applies it.
+_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+# Modes that are resized as they are and turned into RGB afterwards, on the small output.
+# Any other mode is converted to RGB first: palette indices and CMYK cannot be interpolated.
+_RESIZE_AS_IS_MODES = frozenset({"RGB", "RGBX", "L"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+Box: TypeAlias = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessSpec:
+    """How to turn an image into the model's input, as the server's ModelInfo describes it.
+
+    Attributes:
+        input_height: Height of the array the server expects, in pixels.
+        input_width: Width of the array the server expects, in pixels.
+        resize_policy: ``"shorter_side_then_center_crop"`` scales the shorter side to
+            ``resize_size`` keeping the aspect ratio, then cuts the centre
+            ``input_height x input_width``; ``"stretch"`` scales straight to the input size,
+            ignoring the aspect ratio.
+        resize_size: Target of the shorter side for ``shorter_side_then_center_crop``;
+            unused by ``stretch``.
+        interpolation: The resampling filter; ``bilinear`` and ``bicubic`` are antialiased
+            when shrinking, as Pillow's (and torchvision's) are.
+
+    Raises:
+        ValueError: A size is not a positive integer, a policy or filter is unknown, or the
+            crop would be larger than the resized image.
+    """
+
+    input_height: int = 224
+    input_width: int = 224
+    resize_policy: ResizePolicy = "shorter_side_then_center_crop"
+    resize_size: int = 256
+    interpolation: Interpolation = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("input_height", "input_width", "resize_size"):
+            value = getattr(self, name)
+            # bool is an int subclass; True as a size is a bug, not 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        if self.resize_policy not in _RESIZE_POLICIES:
+            msg = (
+                f"unknown resize_policy {self.resize_policy!r}; "
+                f"expected one of {sorted(_RESIZE_POLICIES)}"
+            )
+            raise ValueError(msg)
+        if self.interpolation not in _RESAMPLE:
+            msg = (
+                f"unknown interpolation {self.interpolation!r}; expected one of {sorted(_RESAMPLE)}"
+            )
+            raise ValueError(msg)
+        if self.resize_policy == "shorter_side_then_center_crop" and self.resize_size < max(
+            self.input_height, self.input_width
+        ):
+            msg = (
+                f"resize_size {self.resize_size} is smaller than the "
+                f"{self.input_height}x{self.input_width} crop it must contain"
+            )
+            raise ValueError(msg)
+
+
+def is_image_input(obj: object) -> bool:
+    """Tell one image from a sequence of images.
+
+    True for a path (``str`` or ``os.PathLike``), encoded bytes (``bytes``, ``bytearray``,
+    ``memoryview``), a Pillow image, and a numpy array of any shape but 4-D; False for anything
+    else, in particular lists and tuples. A 4-D array is a stack of frames ``[N, H, W, C]``, so
+    it counts as a sequence of N images. True does not mean the image is valid:
+    :func:`preprocess` checks that.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj.ndim != 4
+    return isinstance(obj, str | os.PathLike | bytes | bytearray | memoryview | Image.Image)
+
+
+def preprocess(
+    image: ImageInput, spec: PreprocessSpec, *, channel_order: ChannelOrder = "RGB"
+) -> NDArray[np.uint8]:
+    """Turn one image into the array the server expects.
+
+    Args:
+        image: A path to an image file or the file's bytes (any format Pillow reads; the EXIF
+            orientation is applied), a Pillow image (taken as it is, any mode; its EXIF tag is
+            not applied, since it may have been applied already), or a ``uint8`` numpy frame
+            ``[H, W, 3]``, ``[H, W, 4]`` (alpha dropped), ``[H, W, 1]`` or ``[H, W]``
+            (grayscale). Non-contiguous views are fine.
+        spec: How to resize and crop, from the server's ModelInfo.
+        channel_order: The channel order of a 3- or 4-channel numpy frame: ``"BGR"`` for
+            OpenCV frames. Files, bytes and Pillow images are always RGB, so it is ignored
+            for them.
+
+    Returns:
+        A C-contiguous ``uint8`` array ``[spec.input_height, spec.input_width, 3]``, RGB. When
+        a contiguous RGB numpy frame needs no resampling at all (it is already the output, as
+        with ``stretch`` at the input size), that very array is returned, not a copy.
+
+    Raises:
+        InvalidImageError: The file does not exist or cannot be read, the data is not an image
+            Pillow can decode, the array has the wrong dtype or shape, or the image is empty.
+        TypeError: ``image`` is none of the accepted types.
+        ValueError: ``channel_order`` is neither ``"RGB"`` nor ``"BGR"``.
+    """
+    if channel_order not in ("RGB", "BGR"):
+        msg = f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}"
+        raise ValueError(msg)
+    # Typed as object: callers outside mypy pass anything, and the last line must stay reachable.
+    obj: object = image
+    if isinstance(obj, np.ndarray):
+        return _from_array(obj, spec, channel_order)
+    if isinstance(obj, Image.Image):
+        return _from_pil(obj, spec)
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return _from_encoded(io.BytesIO(obj), _describe_bytes(obj), spec)
+    if isinstance(obj, str | os.PathLike):
+        path = os.fspath(obj)
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - closed below, after decoding
+        except FileNotFoundError as exc:
+            msg = f"image file not found: {path!r}"
+            raise InvalidImageError(msg) from exc
+        except OSError as exc:
+            msg = f"cannot read image file {path!r}: {exc.strerror or exc}"
+            raise InvalidImageError(msg) from exc
+        with stream:
+            return _from_encoded(stream, f"image file {path!r}", spec)
+    msg = (
+        "expected an image: a path, encoded bytes, a PIL.Image.Image or a uint8 numpy array; "
+        f"got {type(obj).__name__}"
+    )
+    raise TypeError(msg)
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def _plan(width: int, height: int, spec: PreprocessSpec) -> Box:
+    """The region of a ``width x height`` source that becomes the output, in source pixels.
+
+    For the crop policy the integer resized size and crop offsets are torchvision's
+    (``Resize(int)`` then ``CenterCrop``), so the box samples exactly the pixel centres that
+    resize-then-crop would: the result is the same image, computed from the crop alone.
+    """
+    if spec.resize_policy == "stretch":
+        return (0.0, 0.0, float(width), float(height))
+    if width <= height:
+        resized_w = spec.resize_size
+        resized_h = spec.resize_size * height // width
+    else:
+        resized_h = spec.resize_size
+        resized_w = spec.resize_size * width // height
+    # round() is Python's half-to-even, like torchvision's center_crop.
+    left = round((resized_w - spec.input_width) / 2)
+    top = round((resized_h - spec.input_height) / 2)
+    scale_x = width / resized_w
+    scale_y = height / resized_h
+    return (
+        left * scale_x,
+        top * scale_y,
+        (left + spec.input_width) * scale_x,
+        (top + spec.input_height) * scale_y,
+    )
+
+
+def _integer_identity_box(box: Box, out_w: int, out_h: int) -> tuple[int, int] | None:
+    """The (left, top) of a box that maps source pixels one to one onto the output, else None."""
+    left, top, right, bottom = box
+    if right - left == out_w and bottom - top == out_h and left.is_integer() and top.is_integer():
+        return int(left), int(top)
+    return None
+
+
+def _support_margin(box: Box, out_w: int, out_h: int, interpolation: str) -> tuple[int, int]:
+    """How far outside ``box`` the resampling filter reads, in whole source pixels.
+
+    Pillow widens the kernel by the scale when shrinking but never narrows it when enlarging;
+    one pixel more covers its rounding of the kernel bounds and the blocks of ``reduce``.
+    """
+    support = _FILTER_SUPPORT[interpolation]
+    scale_x = max((box[2] - box[0]) / out_w, 1.0)
+    scale_y = max((box[3] - box[1]) / out_h, 1.0)
+    return math.ceil(support * scale_x) + 1, math.ceil(support * scale_y) + 1
+
+
+def _to_raw_orientation(box: Box, width: int, height: int, orientation: int) -> Box:
+    """Map a box given in upright (displayed) coordinates to the stored pixel grid.
+
+    ``width x height`` is the stored size. The image is displayed as
+    ``_ORIENTATION_TRANSPOSE[orientation]`` of the stored pixels; this is that transpose's
+    inverse, applied to the box's corners.
+    """
+    x0, y0, x1, y1 = box
+    if orientation == 2:  # mirrored left-right
+        return (width - x1, y0, width - x0, y1)
+    if orientation == 3:  # rotated 180
+        return (width - x1, height - y1, width - x0, height - y0)
+    if orientation == 4:  # mirrored top-bottom
+        return (x0, height - y1, x1, height - y0)
+    if orientation == 5:  # transposed: displayed (X, Y) is stored (Y, X)
+        return (y0, x0, y1, x1)
+    if orientation == 6:  # stored image rotated 90 clockwise for display: stored = (Y, H - X)
+        return (y0, height - x1, y1, height - x0)
+    if orientation == 7:  # transversed: stored = (W - Y, H - X)
+        return (width - y1, height - x1, width - y0, height - x0)
+    if orientation == 8:  # stored image rotated 90 anticlockwise for display: stored = (W - Y, X)
+        return (width - y1, x0, width - y0, x1)
+    return box
+
+
+# --- numpy frames ---------------------------------------------------------------------------
+
+
+def _from_array(
+    array: NDArray[np.generic], spec: PreprocessSpec, channel_order: ChannelOrder
+) -> NDArray[np.uint8]:
+    if array.dtype != np.uint8:
+        msg = (
+            f"image array has dtype {array.dtype}; a uint8 array (values 0-255) is needed "
+            "(convert floats in [0, 1] with (a * 255).round().astype(np.uint8))"
+        )
+        raise InvalidImageError(msg)
+    frame: NDArray[np.uint8] = array.astype(np.uint8, copy=False)
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (3, 4))):
+        msg = (
+            f"image array has shape {array.shape}; expected [H, W, 3], [H, W, 4] "
+            "(alpha dropped), [H, W, 1] or [H, W] (grayscale)"
+        )
+        raise InvalidImageError(msg)
+    height, width = frame.shape[:2]
+    if height == 0 or width == 0:
+        msg = f"image array is empty: shape {array.shape}"
+        raise InvalidImageError(msg)
+
+    box = _plan(width, height, spec)
+    out_w, out_h = spec.input_width, spec.input_height
+    origin = _integer_identity_box(box, out_w, out_h)
+    if origin == (0, 0) and (width, height) == (out_w, out_h):
+        return _finish(frame, channel_order)
+    if origin is not None:
+        # Nothing to resample: the output is a slice of the frame.
+        left, top = origin
+        return _finish(frame[top : top + out_h, left : left + out_w], channel_order)
+
+    # Hand Pillow only the part of the frame the filter reads: for a center crop of a 16:9
+    # frame that is about half of it, and Pillow copies whatever it is given.
+    (x0, y0, x1, y1), local_box = _region(box, width, height, out_w, out_h, spec.interpolation)
+    region = np.ascontiguousarray(frame[y0:y1, x0:x1])
+    if region.ndim == 3 and region.shape[2] == 4:
+        # Map the 4-channel buffer as RGBX, Pillow's "fourth byte unused" mode: no copy, and
+        # unlike RGBA the resize does not premultiply colours by alpha.
+        pil = Image.frombuffer("RGBX", (x1 - x0, y1 - y0), region, "raw", "RGBX", 0, 1)
+    else:
+        # A BGR frame is resized as it is: the filter treats channels alike, so flipping the
+        # small output afterwards is the same and much cheaper than flipping the frame.
+        pil = Image.fromarray(region)
+    resized = pil.resize(
+        (out_w, out_h), _RESAMPLE[spec.interpolation], box=local_box, reducing_gap=_REDUCING_GAP
+    )
+    # np.array, not asarray: a view of Pillow's buffer is read-only, and callers may write.
+    return _finish(np.array(resized), channel_order)
+
+
+def _region(
+    box: Box, width: int, height: int, out_w: int, out_h: int, interpolation: str
+) -> tuple[tuple[int, int, int, int], Box]:
+    """The part of a ``width x height`` image that resampling ``box`` reads, and the box in it.
+
+    Numpy frames and Pillow images both go through this, so that a frame, the same frame as a
+    Pillow image and the same frame as a PNG give bit-identical results: resampling a box
+    shifted by whole pixels changes float rounding, and with it a pixel here and there by one.
+    """
+    margin_x, margin_y = _support_margin(box, out_w, out_h, interpolation)
+    x0 = max(0, math.floor(box[0]) - margin_x)
+    y0 = max(0, math.floor(box[1]) - margin_y)
+    x1 = min(width, math.ceil(box[2]) + margin_x)
+    y1 = min(height, math.ceil(box[3]) + margin_y)
+    return (x0, y0, x1, y1), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+
+
+def _finish(out: NDArray[np.uint8], channel_order: ChannelOrder) -> NDArray[np.uint8]:
+    """Make an output-sized array C-contiguous uint8 RGB [H, W, 3], copying only if needed."""
+    if out.ndim == 2:
+        return np.repeat(out[:, :, np.newaxis], 3, axis=2)
+    if channel_order == "BGR":
+        return np.ascontiguousarray(out[:, :, 2::-1])
+    if out.shape[2] == 3:
+        return np.ascontiguousarray(out)
+    return np.ascontiguousarray(out[:, :, :3])
+
+
+# --- Pillow images and files ----------------------------------------------------------------
+
+
+def _describe_bytes(data: bytes | bytearray | memoryview) -> str:
+    head = bytes(memoryview(data)[:8])
+    return f"image bytes ({memoryview(data).nbytes} bytes starting {head!r})"
+
+
+def _from_encoded(stream: IO[bytes], what: str, spec: PreprocessSpec) -> NDArray[np.uint8]:
+    """Decode a file or byte string and preprocess it, drafting JPEGs to the size needed."""
+    try:
+        with Image.open(stream) as pil:
+            stored_size = pil.size
+            orientation = _orientation(pil)
+            draft_scale = 1
+            if pil.format == "JPEG" and spec.interpolation != "nearest":
+                # Nearest is meant to pick source pixels; drafting would average them first.
+                draft_scale = _draft(pil, spec, orientation)
+            pil.load()
+            return _from_pil(
+                pil,
+                spec,
+                stored_size=stored_size,
+                draft_scale=draft_scale,
+                orientation=orientation,
+            )
+    except InvalidImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        msg = f"cannot decode {what}: not an image format Pillow can read"
+        raise InvalidImageError(msg) from exc
+    except Image.DecompressionBombError as exc:
+        msg = f"cannot decode {what}: {exc}"
+        raise InvalidImageError(msg) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        # Pillow reports truncated and corrupt data as OSError, bad headers as SyntaxError or
+        # ValueError, depending on the format plugin.
+        msg = f"cannot decode {what}: {exc}"
+        raise InvalidImageError(msg) from exc
+
+
+def _orientation(pil: Image.Image) -> int:
+    """The EXIF orientation (1-8) of a freshly opened image; 1 when absent or invalid."""
+    try:
+        value = pil.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+    except Exception:
+        # A broken EXIF block (Pillow raises a variety of errors for those) must not make the
+        # pixels unusable: show them as stored.
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
+
+
+def _draft(pil: Image.Image, spec: PreprocessSpec, orientation: int) -> int:
+    """Ask the JPEG decoder for the smallest DCT scale that still covers the resize.
+
+    Returns the scale (1, 2, 4 or 8) the decoder will shrink by.
+    """
+    width, height = pil.size
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    box = _to_raw_orientation(_plan(*upright, spec), width, height, orientation)
+    out_w, out_h = _raw_output_size(spec, orientation)
+    # The drafted box must keep at least out_w x out_h pixels. draft() picks the largest scale
+    # s (8, 4, 2 or 1) with width // requested_width >= s, that is width / s >= requested
+    # width (and the same for height), so requesting width * out_w / box_width, rounded up,
+    # guarantees box_width / s >= out_w: never below the output, never upscaled afterwards.
+    requested = (
+        min(width, math.ceil(width * out_w / (box[2] - box[0]))),
+        min(height, math.ceil(height * out_h / (box[3] - box[1]))),
+    )
+    result = pil.draft("RGB", requested)
+    if result is None:
+        return 1
+    _, drafted_box = result
+    return round(width / drafted_box[2])
+
+
+def _raw_output_size(spec: PreprocessSpec, orientation: int) -> tuple[int, int]:
+    """The output size in the stored orientation: swapped when EXIF turns the image 90."""
+    if orientation in (5, 6, 7, 8):
+        return spec.input_height, spec.input_width
+    return spec.input_width, spec.input_height
+
+
+def _from_pil(
+    pil: Image.Image,
+    spec: PreprocessSpec,
+    *,
+    stored_size: tuple[int, int] | None = None,
+    draft_scale: int = 1,
+    orientation: int = 1,
+) -> NDArray[np.uint8]:
+    """Preprocess a loaded Pillow image.
+
+    ``stored_size`` is the image's size before the JPEG decoder shrank it by ``draft_scale``
+    (``pil.size`` is then the drafted size); ``orientation`` is the EXIF orientation to apply.
+    Both are accounted for by arithmetic on the box and a transpose of the small output, never
+    by touching the full image.
+    """
+    if stored_size is None:
+        stored_size = pil.size
+    width, height = stored_size
+    if width == 0 or height == 0:
+        msg = f"image is empty: {width}x{height} pixels"
+        raise InvalidImageError(msg)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    box = _to_raw_orientation(_plan(*upright, spec), width, height, orientation)
+    out_w, out_h = _raw_output_size(spec, orientation)
+    origin = _integer_identity_box(box, out_w, out_h) if draft_scale == 1 else None
+    if origin is not None:
+        left, top = origin
+        resized = _resizable(pil.crop((left, top, left + out_w, top + out_h)))
+    else:
+        # The decoder's scaled grid starts at the same corner as the stored one: stored x is
+        # drafted x / s. (The drafted size rounds up, so it is not the stored size / s.)
+        box = (
+            box[0] / draft_scale,
+            box[1] / draft_scale,
+            box[2] / draft_scale,
+            box[3] / draft_scale,
+        )
+        region, local_box = _region(box, *pil.size, out_w, out_h, spec.interpolation)
+        # Cropped before any mode conversion, so only the region is converted.
+        resized = _resizable(pil.crop(region)).resize(
+            (out_w, out_h),
+            _RESAMPLE[spec.interpolation],
+            box=local_box,
+            reducing_gap=_REDUCING_GAP,
+        )
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    if transpose is not None:
+        resized = resized.transpose(transpose)
+    # np.array, not asarray: a view of Pillow's buffer is read-only, and callers may write.
+    return _finish(np.array(resized), "RGB")
+
+
+def _resizable(pil: Image.Image) -> Image.Image:
+    """The image in a mode whose pixels can be interpolated and then read as RGB.
+
+    RGB, RGBX and L are resized as they are (L becomes RGB on the small output); every
+    other mode is converted to RGB before the resize.
+    """
+    mode = pil.mode
+    if mode in _RESIZE_AS_IS_MODES:
+        return pil
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255, which turns a 16-bit grayscale
+        # PNG or TIFF white; keep the top 8 bits instead. (32-bit "I" has no fixed range and
+        # gets Pillow's conversion, which reads it on the 0-255 scale of "L".)
+        wide = np.asarray(pil)
+        return Image.fromarray((wide >> 8).astype(np.uint8))
+    try:
+        if mode in ("P", "PA"):
+            # Through RGBA so a transparent palette entry keeps its colour (alpha is dropped,
+            # like everywhere else) and Pillow does not warn about the transparency.
+            pil = pil.convert("RGBA")
+        return pil.convert("RGB")
+    except ValueError as exc:
+        msg = f"cannot convert an image of mode {mode!r} to RGB: {exc}"
+        raise InvalidImageError(msg) from exc
