@@ -1,0 +1,376 @@
+"""``framecast bench``: measure a server's latency and throughput, or compare two runs."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from framecast_client.bench.compare import compare_reports
+from framecast_client.bench.inputs import (
+    VIDEO_SUFFIXES,
+    InputError,
+    PreparedInputs,
+    directory_sources,
+    make_payloads,
+    prepare_inputs,
+    synthetic_sources,
+    video_sources,
+)
+from framecast_client.bench.plot import PlotUnavailableError, plot_latency_vs_throughput
+from framecast_client.bench.report import BenchReport, StepResult, format_table
+from framecast_client.bench.runner import (
+    BenchPlan,
+    BenchUnavailableError,
+    Mode,
+    StepConfig,
+    run_plan,
+)
+from framecast_client.bench.sessions import session_factory
+from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
+from framecast_client.types import ModelInfo
+
+DEFAULT_CONCURRENCY = "1,2,4,8,16"
+DEFAULT_BATCH = 8
+
+EPILOG = """\
+examples:
+  framecast bench localhost:50051                          # unary, concurrency 1,2,4,8,16
+  framecast bench HOST:PORT --mode batch --batch-size 16 --concurrency 1,2,4
+  framecast bench HOST:PORT --rate 50,100,200 --json open.json   # open loop, Poisson arrivals
+  framecast bench HOST:PORT --input photos/ --csv run.csv --plot run.png
+  framecast bench --compare before.json after.json
+
+closed loop (--concurrency): N workers, each sends its next request when the last returns.
+open loop (--rate): arrivals on a Poisson schedule fixed in advance; latency counts from each
+request's scheduled time, so a slow server cannot hide queueing (no coordinated omission).
+A step ends when its last --stability-windows windows agree within --stability-tolerance
+(throughput and p99), or after --max-windows windows (then reported as not stable).
+"""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,2,4: {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4: {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected numbers like 50,100,200: {text!r}") from exc
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive rates like 50,100: {text!r}")
+    return values
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 640x480: {text!r}") from exc
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size: {text!r}")
+    return w, h
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``bench`` command to the ``framecast`` command line."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark a server's latency and throughput (or --compare two runs)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "address",
+        nargs="?",
+        default=DEFAULT_ADDRESS,
+        metavar="ADDRESS",
+        help=f"server address (default {DEFAULT_ADDRESS})",
+    )
+    load = p.add_argument_group("load")
+    load.add_argument(
+        "--mode",
+        choices=("unary", "batch", "stream"),
+        default="unary",
+        help="unary: 1 image per request; batch: --batch-size per request; stream: "
+        "ClassifyStream (default unary)",
+    )
+    load.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per request in batch mode (default {DEFAULT_BATCH}, at most the "
+        "server's max batch)",
+    )
+    sweep = load.add_mutually_exclusive_group()
+    sweep.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=None,
+        help=f"closed loop: comma-separated worker counts (default {DEFAULT_CONCURRENCY})",
+    )
+    sweep.add_argument(
+        "--rate",
+        type=_float_list,
+        default=None,
+        help="open loop: comma-separated offered rates in requests/s",
+    )
+    load.add_argument(
+        "--arrival",
+        choices=("poisson", "constant"),
+        default="poisson",
+        help="open-loop arrival process (default poisson)",
+    )
+    load.add_argument(
+        "--max-inflight",
+        type=int,
+        default=64,
+        help="open loop: most outstanding requests (worker threads; default 64)",
+    )
+    load.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"deadline per request, seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    load.add_argument("--seed", type=int, default=0, help="seed of arrivals and synthetic frames")
+
+    measure = p.add_argument_group("measurement")
+    measure.add_argument("--warmup", type=float, default=2.0, help="warm-up per step, s (2)")
+    measure.add_argument("--window", type=float, default=2.0, help="measurement window, s (2)")
+    measure.add_argument(
+        "--max-windows", type=int, default=10, help="windows per step at most (10)"
+    )
+    measure.add_argument(
+        "--stability-windows",
+        type=int,
+        default=3,
+        help="windows that must agree for a step to be stable; they make the result (3)",
+    )
+    measure.add_argument(
+        "--stability-tolerance",
+        type=float,
+        default=10.0,
+        help="agreement of throughput and p99 across those windows, percent (10)",
+    )
+    measure.add_argument(
+        "--max-requests-per-window",
+        type=int,
+        default=50_000,
+        help="a window also ends after this many requests (50000)",
+    )
+
+    inputs = p.add_argument_group("input")
+    inputs.add_argument(
+        "--input",
+        default="synthetic",
+        help="'synthetic' (random frames), an image directory, or a video file (needs PyAV)",
+    )
+    inputs.add_argument(
+        "--inputs", type=int, default=32, help="how many distinct inputs to use (32)"
+    )
+    inputs.add_argument(
+        "--frame-size",
+        type=_frame_size,
+        default=(640, 480),
+        help="synthetic frame size WIDTHxHEIGHT (640x480)",
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", type=Path, default=None, help="write the report as JSON")
+    out.add_argument("--csv", type=Path, default=None, help="write one CSV row per step")
+    out.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="write a PNG of latency percentiles vs throughput (needs matplotlib)",
+    )
+    out.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("A.json", "B.json"),
+        default=None,
+        help="print what changed from run A to run B, and exit",
+    )
+    out.add_argument(
+        "--threshold",
+        type=float,
+        default=5.0,
+        help="--compare: smallest change in percent called better/worse (5)",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``framecast bench``; returns the exit status."""
+    try:
+        if args.compare is not None:
+            a, b = (BenchReport.read_json(path) for path in args.compare)
+            print(compare_reports(a, b, threshold_pct=args.threshold))
+            return 0
+        return _bench(args)
+    except (InputError, BenchUnavailableError, PlotUnavailableError, ValueError, OSError) as exc:
+        print(f"framecast bench: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_plot_available() -> None:
+    # Fail before a run of several minutes, not after it.
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise PlotUnavailableError(
+            "--plot needs matplotlib, the optional extra 'plot' of framecast-client: "
+            "pip install 'framecast-client[plot]'"
+        ) from exc
+
+
+def _load_inputs(args: argparse.Namespace, client: Client) -> PreparedInputs:
+    if args.inputs < 1:
+        raise InputError("--inputs must be >= 1")
+    if args.input == "synthetic":
+        w, h = args.frame_size
+        return prepare_inputs(
+            synthetic_sources(args.inputs, w, h, seed=args.seed),
+            client.preprocess,
+            f"synthetic {w}x{h}",
+        )
+    path = Path(args.input)
+    if path.is_dir():
+        return prepare_inputs(directory_sources(path, args.inputs), client.preprocess, str(path))
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        return prepare_inputs(video_sources(path, args.inputs), client.preprocess, str(path))
+    raise InputError(
+        f"--input {args.input!r} is neither 'synthetic', a directory nor a video file "
+        f"({', '.join(sorted(VIDEO_SUFFIXES))})"
+    )
+
+
+def _batch_size(args: argparse.Namespace, info: ModelInfo) -> int:
+    if args.mode != "batch":
+        if args.batch_size not in (None, 1):
+            raise ValueError("--batch-size applies to --mode batch only")
+        return 1
+    size = DEFAULT_BATCH if args.batch_size is None else args.batch_size
+    if size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if size > info.max_batch:
+        # The client would split the request in several calls: not what was asked for.
+        raise ValueError(f"--batch-size {size} exceeds the server's max batch of {info.max_batch}")
+    return size
+
+
+def _progress(step: StepResult) -> None:
+    p99 = step.latency_ms.get("p99", float("nan"))
+    errors = f", {step.error_count} errors" if step.error_count else ""
+    print(
+        f"  {step.load_label}: {step.throughput_rps:.1f} req/s, {step.throughput_ips:.1f} img/s, "
+        f"p99 {p99:.2f} ms, {'stable' if step.stable else 'NOT stable'} after "
+        f"{len(step.windows)} window(s){errors}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _meta(
+    args: argparse.Namespace, info: ModelInfo, inputs: PreparedInputs, batch_size: int
+) -> dict[str, Any]:
+    try:
+        version = metadata.version("framecast-client")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "address": args.address,
+        "mode": args.mode,
+        "loop": "open" if args.rate else "closed",
+        "batch_size": batch_size,
+        "input": inputs.source,
+        "inputs": len(inputs),
+        "model": f"{info.name} {info.version}",
+        "backend": info.backend,
+        "precision": info.precision,
+        "max_batch": info.max_batch,
+        "pretrained": info.pretrained,
+        "top_k": args.top_k,
+        "timeout_s": args.timeout,
+        "arrival": args.arrival if args.rate else None,
+        "max_inflight": args.max_inflight if args.rate else None,
+        "seed": args.seed,
+        "warmup_s": args.warmup,
+        "window_s": args.window,
+        "max_windows": args.max_windows,
+        "stability_windows": args.stability_windows,
+        "stability_tolerance_pct": args.stability_tolerance,
+        "max_requests_per_window": args.max_requests_per_window,
+        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "framecast_client": version,
+    }
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        _check_plot_available()
+    config = StepConfig(
+        warmup_s=args.warmup,
+        window_s=args.window,
+        max_windows=args.max_windows,
+        stability_windows=args.stability_windows,
+        stability_tolerance=args.stability_tolerance / 100.0,
+        max_requests_per_window=args.max_requests_per_window,
+        drain_timeout_s=args.timeout + 1.0,
+    )
+    plan = BenchPlan(
+        concurrency=() if args.rate else (args.concurrency or _int_list(DEFAULT_CONCURRENCY)),
+        rates=args.rate or (),
+        max_inflight=args.max_inflight,
+        arrival=args.arrival,
+        seed=args.seed,
+    )
+    mode: Mode = args.mode
+    with Client(args.address, timeout=args.timeout) as client:
+        info = client.model_info()
+        if info.warning:
+            print(f"WARNING: {info.warning}", file=sys.stderr)
+        batch_size = _batch_size(args, info)
+        factory = session_factory(client, mode, top_k=args.top_k, timeout=args.timeout)
+        inputs = _load_inputs(args, client)
+        payloads = make_payloads(inputs, batch_size)
+        print(
+            f"framecast bench {args.address}: {info.name} on {info.backend} ({info.precision}), "
+            f"mode {mode}, {batch_size} image(s)/request, {len(inputs)} inputs "
+            f"({inputs.source}), preprocessing {inputs.preprocess_ms.mean():.2f} ms/image",
+            file=sys.stderr,
+            flush=True,
+        )
+        report = run_plan(
+            factory, payloads, plan, config, _meta(args, info, inputs, batch_size), _progress
+        )
+    print(format_table(report.steps))
+    if args.json is not None:
+        report.write_json(args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.csv is not None:
+        report.write_csv(args.csv)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    if args.plot is not None:
+        plot_latency_vs_throughput(
+            report.steps, args.plot, title=f"framecast bench {args.address} ({mode})"
+        )
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
