@@ -82,18 +82,23 @@ def test_graceful_stop_finishes_in_flight_calls_and_reports_not_serving(cache_di
     server = BackgroundServer(
         make_settings(cache_dir, backend="null"), backend_factory=lambda _: backend
     )
+    backend.release.set()  # let the warm-up batch through
     with server, Client(server.address, timeout=30) as client, ThreadPoolExecutor(2) as pool:
-        backend.release.set()  # let the warm-up batch through
         client.model_info()
         backend.release.clear()
         backend.entered.clear()
         in_flight = pool.submit(client.classify, random_frames(1)[0])
         assert backend.entered.wait(10)
-        stopping = pool.submit(server.close, 20.0)
-        deadline = time.monotonic() + 10
-        while health_status_or_none(server.address) != NOT_SERVING:
-            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
-            time.sleep(0.01)
+        # Health watchers (load balancers) hear NOT_SERVING on the stream they already have;
+        # new calls are refused once the server stops accepting.
+        with grpc.insecure_channel(server.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30
+            )
+            assert next(watch).status == SERVING
+            stopping = pool.submit(server.close, 20.0)
+            assert next(watch).status == NOT_SERVING
+            watch.cancel()
         assert not in_flight.done()
         backend.release.set()
         assert len(in_flight.result(timeout=10).predictions) == 5

@@ -90,8 +90,6 @@ class FramecastServer:
             settings.cache_dir,
             allow_download=settings.allow_download,
         )
-        if prepared.warning:
-            logger.warning("%s", prepared.warning)
         if self._backend_factory is not None:
             backend = await asyncio.to_thread(self._backend_factory, prepared.onnx_path)
         else:
@@ -140,6 +138,12 @@ class FramecastServer:
         logger.info("stopped")
 
 
+def _write_port_file(path: Path, port: int) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(f"{port}\n")
+    temporary.replace(path)  # readers never see a half-written file
+
+
 async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit code.
 
@@ -152,9 +156,7 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
     if port_file is not None:
-        temporary = port_file.with_name(port_file.name + ".tmp")
-        temporary.write_text(f"{port}\n")
-        temporary.replace(port_file)  # readers never see a half-written file
+        await asyncio.to_thread(_write_port_file, port_file, port)
     load = asyncio.ensure_future(server.load())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -35,14 +35,21 @@ class BackgroundServer:
         self._load = load
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="framecast-server")
-        self.server = FramecastServer(settings, backend_factory=backend_factory)
+        self._backend_factory = backend_factory
+        self._server: FramecastServer | None = None
         self.serving: ServingModel | None = None
 
     @property
-    def port(self) -> int:
-        if self.server.port is None:
+    def server(self) -> FramecastServer:
+        if self._server is None:
             raise RuntimeError("the server has not started")
-        return self.server.port
+        return self._server
+
+    @property
+    def port(self) -> int:
+        if self._server is None or self._server.port is None:
+            raise RuntimeError("the server has not started")
+        return self._server.port
 
     @property
     def address(self) -> str:
@@ -59,10 +66,15 @@ class BackgroundServer:
         self.serving = self.run(self.server.load())
         return self.serving
 
+    async def _create(self) -> FramecastServer:
+        return FramecastServer(self.settings, backend_factory=self._backend_factory)
+
     def __enter__(self) -> BackgroundServer:
         self._thread.start()
         try:
-            self.run(self.server.start())
+            # grpc.aio objects belong to the loop they are made on: make the server there.
+            self._server = self.run(self._create())
+            self.run(self._server.start())
             if self._load:
                 self.load()
         except BaseException:
@@ -82,7 +94,8 @@ class BackgroundServer:
         """Stop the server (graceful) and its thread."""
         if self._thread.is_alive():
             try:
-                self.run(self.server.stop(grace))
+                if self._server is not None:
+                    self.run(self._server.stop(grace))
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join()
