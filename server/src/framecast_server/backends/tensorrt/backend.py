@@ -1,0 +1,372 @@
+"""Serve a TensorRT engine: one worker thread, two execution contexts on two CUDA streams.
+
+CUDA contexts are per thread and TensorRT contexts are not thread-safe, so one worker thread
+owns everything GPU-side (context, engine, pinned and device buffers, streams). Callers on any
+thread hand it batches through a queue and wait on a future.
+
+Two "slots" (execution context + stream + buffers sized for ``max_batch``) let the worker queue
+batch B's host-to-device copy on one stream while batch A still computes on the other. That
+overlap only exists when two batches are in flight at once, i.e. when callers use ``submit``
+(or call ``infer`` from several threads); a single caller doing ``infer`` one batch at a time
+gets plain sequential execution, which is still correct.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..base import BackendError, BackendInfo
+from . import cuda
+from .builder import make_trt_logger, succeeded
+from .errors import EngineMismatchError, TensorRTBackendError, TensorRTCallError
+from .settings import CHANNELS, IMAGE_SIZE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, EngineSettings
+
+if TYPE_CHECKING:
+    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+
+logger = logging.getLogger(__name__)
+
+NUM_SLOTS = 2
+
+
+class EngineDeserializeError(TensorRTCallError):
+    """TensorRT refused the plan (built by another TensorRT/driver, or damaged); rebuild it."""
+
+
+def tensor_nbytes(shape: Sequence[int], itemsize: int, batch: int) -> int:
+    """Bytes of one I/O tensor at ``batch``: the engine shape with its dynamic dim 0 set.
+
+    ``shape`` is the engine's tensor shape, e.g. ``(-1, 224, 224, 3)``; only dim 0 may be
+    dynamic (-1), as in the served graph.
+    """
+    dims = list(shape)
+    if not dims:
+        raise EngineMismatchError("ICudaEngine.get_tensor_shape", "scalar I/O tensor")
+    if any(d < 0 for d in dims[1:]):
+        raise EngineMismatchError(
+            "ICudaEngine.get_tensor_shape", f"only the batch dim may be dynamic, got {dims}"
+        )
+    if batch <= 0:
+        raise ValueError(f"batch must be positive, got {batch}")
+    return batch * math.prod(dims[1:]) * itemsize
+
+
+def dims_tuple(dims: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT Dims as a tuple (the stubs give Dims indexing and len, not iteration)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+@dataclass(frozen=True, slots=True)
+class IOLayout:
+    """Per-tensor buffer sizes for ``max_batch``, checked against the served contract."""
+
+    max_batch: int
+    input_bytes: int
+    output_bytes: int
+
+
+def check_engine_io(engine: trt.ICudaEngine, max_batch: int) -> IOLayout:
+    """Verify the engine has exactly uint8 ``images`` in and fp32 ``probabilities`` out.
+
+    Also checks the engine's optimization profile admits ``max_batch``. Returns the buffer
+    sizes for ``max_batch``. Raises EngineMismatchError naming what differs.
+    """
+    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+
+    tensors = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        tensors[name] = (engine.get_tensor_mode(name), engine.get_tensor_dtype(name))
+    expected = {
+        INPUT_NAME: (trt.TensorIOMode.INPUT, trt.DataType.UINT8),
+        OUTPUT_NAME: (trt.TensorIOMode.OUTPUT, trt.DataType.FLOAT),
+    }
+    if tensors != expected:
+        raise EngineMismatchError(
+            "ICudaEngine.get_tensor_mode/get_tensor_dtype",
+            f"engine I/O is {tensors}, expected {expected}",
+        )
+    in_shape = dims_tuple(engine.get_tensor_shape(INPUT_NAME))
+    out_shape = dims_tuple(engine.get_tensor_shape(OUTPUT_NAME))
+    if in_shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS) or out_shape[1:] != (NUM_CLASSES,):
+        raise EngineMismatchError(
+            "ICudaEngine.get_tensor_shape", f"engine shapes are {in_shape} -> {out_shape}"
+        )
+    profile_max = dims_tuple(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2])
+    if profile_max[0] < max_batch:
+        raise EngineMismatchError(
+            "ICudaEngine.get_tensor_profile_shape",
+            f"engine profile max batch is {profile_max[0]}, settings ask for {max_batch}",
+        )
+    return IOLayout(
+        max_batch=max_batch,
+        input_bytes=tensor_nbytes(in_shape, np.dtype(np.uint8).itemsize, max_batch),
+        output_bytes=tensor_nbytes(out_shape, np.dtype(np.float32).itemsize, max_batch),
+    )
+
+
+class _Slot:
+    """One execution context with its own stream and buffers (all sized for max_batch)."""
+
+    def __init__(self, engine: trt.ICudaEngine, layout: IOLayout) -> None:
+        self.stream: cuda.CudaStream | None = None
+        self.buffers: list[cuda.DeviceBuffer] = []
+        self.pinned: list[cuda.PinnedArray] = []
+        context = cast("trt.IExecutionContext | None", engine.create_execution_context())
+        if context is None:  # the binding returns None when it cannot allocate activations
+            raise TensorRTCallError("ICudaEngine.create_execution_context", "returned None")
+        self.context: trt.IExecutionContext | None = context
+        self.stream = cuda.CudaStream()
+        n = layout.max_batch
+        self.host_in = cuda.PinnedArray((n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS), np.uint8)
+        self.host_out = cuda.PinnedArray((n, NUM_CLASSES), np.float32)
+        self.pinned = [self.host_in, self.host_out]
+        self.dev_in = cuda.DeviceBuffer(layout.input_bytes)
+        self.dev_out = cuda.DeviceBuffer(layout.output_bytes)
+        self.buffers = [self.dev_in, self.dev_out]
+
+    def enqueue(self, images: NDArray[np.uint8]) -> None:
+        """Queue copy-in, inference and copy-out of one batch on this slot's stream."""
+        assert self.context is not None, "slot used after free"
+        assert self.stream is not None, "slot used after free"
+        n = images.shape[0]
+        host_in = self.host_in.array[:n]
+        np.copyto(host_in, images)
+        ctx = self.context
+        if not succeeded(ctx.set_input_shape(INPUT_NAME, (n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS))):
+            raise TensorRTCallError("IExecutionContext.set_input_shape", f"batch {n} rejected")
+        for name, buffer in ((INPUT_NAME, self.dev_in), (OUTPUT_NAME, self.dev_out)):
+            if not succeeded(ctx.set_tensor_address(name, buffer.address)):
+                raise TensorRTCallError("IExecutionContext.set_tensor_address", name)
+        cuda.copy_to_device_async(self.dev_in, host_in, self.stream)
+        if not succeeded(ctx.execute_async_v3(self.stream.handle)):
+            raise TensorRTCallError("IExecutionContext.execute_async_v3", f"batch of {n}")
+        cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)
+
+    def collect(self, n: int) -> NDArray[np.float32]:
+        """Wait for this slot's stream and return a copy of the first ``n`` output rows."""
+        assert self.stream is not None
+        self.stream.synchronize()
+        # Copy: the pinned buffer is overwritten by the next batch on this slot.
+        out: NDArray[np.float32] = np.array(self.host_out.array[:n], dtype=np.float32, copy=True)
+        return out
+
+    def free(self) -> None:
+        """Free device and pinned memory and drop the context and stream (context current)."""
+        self.context = None
+        for buffer in self.buffers:
+            buffer.free()
+        for pinned in self.pinned:
+            pinned.free()
+        self.stream = None
+
+
+@dataclass(slots=True)
+class _Job:
+    images: NDArray[np.uint8]
+    future: Future[NDArray[np.float32]]
+
+
+class TensorRTBackend:
+    """A Backend running a deserialized TensorRT plan on GPU ``device_index``."""
+
+    def __init__(
+        self,
+        plan: bytes,
+        settings: EngineSettings,
+        *,
+        device_name: str,
+        device_index: int = 0,
+    ) -> None:
+        """Start the worker, which deserializes ``plan`` and allocates everything up front.
+
+        Raises what the worker's setup raised (EngineDeserializeError, CudaError, ...).
+        """
+        self._settings = settings
+        self._info = BackendInfo(name="tensorrt", precision=settings.precision, device=device_name)
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._device_index = device_index
+        self._slots: list[_Slot] = []
+        self._engine: trt.ICudaEngine | None = None
+        self._runtime: trt.Runtime | None = None
+        self._context: cuda.CudaContext | None = None
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(plan, ready), name="tensorrt-worker", daemon=True
+        )
+        self._thread.start()
+        try:
+            ready.result()
+        except BaseException:
+            self._thread.join()
+            self._closed = True
+            raise
+
+    @property
+    def info(self) -> BackendInfo:
+        """name "tensorrt", precision "fp16", device = the GPU's name."""
+        return self._info
+
+    @property
+    def max_batch(self) -> int:
+        """Largest batch ``infer`` accepts (the engine profile's max)."""
+        return self._settings.max_batch
+
+    def submit(self, images: NDArray[np.uint8]) -> Future[NDArray[np.float32]]:
+        """Queue one batch and return at once; the future holds probabilities [N, 1000].
+
+        Having two batches submitted lets the second's copy overlap the first's compute.
+        Raises ValueError for a wrong shape or dtype, BackendError after ``close``.
+        """
+        self._validate(images)
+        future: Future[NDArray[np.float32]] = Future()
+        with self._close_lock:
+            if self._closed:
+                raise BackendError("TensorRT backend is closed")
+            self._queue.put(_Job(images, future))
+        return future
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Classify one batch (1 <= N <= max_batch) and wait for the result.
+
+        Raises ValueError on a wrong shape or dtype and a TensorRTBackendError subclass
+        (CudaError, TensorRTCallError) naming the call that failed.
+        """
+        return self.submit(images).result()
+
+    def close(self) -> None:
+        """Finish queued batches, then free contexts, engine, buffers, streams and the CUDA
+        context on the worker thread; idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    def _validate(self, images: NDArray[np.uint8]) -> None:
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            raise ValueError(
+                f"images must be a uint8 ndarray, got {getattr(images, 'dtype', type(images))}"
+            )
+        if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
+            raise ValueError(f"images must be [N, 224, 224, 3], got {list(images.shape)}")
+        if not 1 <= images.shape[0] <= self.max_batch:
+            raise ValueError(f"batch of {images.shape[0]} outside 1..{self.max_batch}")
+
+    # --- worker thread -------------------------------------------------------------------
+
+    def _setup(self, plan: bytes) -> None:
+        import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+
+        self._context = cuda.CudaContext(self._device_index)
+        self._trt_logger = make_trt_logger()
+        self._runtime = trt.Runtime(self._trt_logger)
+        engine = cast("trt.ICudaEngine | None", self._runtime.deserialize_cuda_engine(plan))
+        if engine is None:
+            raise EngineDeserializeError(
+                "Runtime.deserialize_cuda_engine",
+                "returned None (plan from another TensorRT version or GPU, or damaged)",
+            )
+        self._engine = engine
+        layout = check_engine_io(engine, self.max_batch)
+        for _ in range(NUM_SLOTS):
+            self._slots.append(_Slot(engine, layout))
+        logger.info(
+            "TensorRT engine ready on %s: max batch %d, %d slots, %.1f MB pinned I/O per slot",
+            self._info.device,
+            self.max_batch,
+            NUM_SLOTS,
+            (layout.input_bytes + layout.output_bytes) / 1e6,
+        )
+
+    def _teardown(self) -> None:
+        # Order matters: contexts before the engine, the engine before the runtime, and all
+        # of it while the CUDA context is still current on this thread.
+        for slot in self._slots:
+            try:
+                slot.free()
+            except TensorRTBackendError:
+                logger.exception("freeing TensorRT slot failed")
+        self._slots.clear()
+        self._engine = None
+        self._runtime = None
+        if self._context is not None:
+            try:
+                self._context.close()
+            except TensorRTBackendError:
+                logger.exception("releasing the CUDA context failed")
+            self._context = None
+
+    def _run(self, plan: bytes, ready: Future[None]) -> None:
+        try:
+            self._setup(plan)
+        except BaseException as exc:
+            self._teardown()
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            self._serve()
+        finally:
+            self._teardown()
+
+    def _serve(self) -> None:
+        free: deque[_Slot] = deque(self._slots)
+        in_flight: deque[tuple[_Slot, _Job]] = deque()
+        stopping = False
+        while True:
+            # Start as many batches as there are free slots, blocking only when idle.
+            while free and not stopping:
+                try:
+                    job = self._queue.get(block=not in_flight)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                slot = free.popleft()
+                try:
+                    slot.enqueue(job.images)
+                except BaseException as exc:
+                    self._fail(job, exc)
+                    # Drain whatever part of the batch was queued before the slot is reused.
+                    try:
+                        slot.collect(0)
+                    except TensorRTBackendError:
+                        logger.exception("stream sync after failed enqueue")
+                    free.append(slot)
+                else:
+                    in_flight.append((slot, job))
+            if not in_flight:
+                if stopping:
+                    return
+                continue
+            slot, job = in_flight.popleft()
+            try:
+                job.future.set_result(slot.collect(job.images.shape[0]))
+            except BaseException as exc:
+                self._fail(job, exc)
+            free.append(slot)
+
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        if isinstance(exc, BackendError):
+            job.future.set_exception(exc)
+        else:
+            wrapped = BackendError(f"TensorRT batch failed: {exc!r}")
+            wrapped.__cause__ = exc
+            job.future.set_exception(wrapped)

@@ -1,0 +1,177 @@
+"""The one place that touches pycuda: a small typed wrapper over its driver API.
+
+pycuda has no type information and raises its own exception classes; everything here is typed,
+and every driver failure becomes a ``CudaError`` naming the pycuda call that failed. pycuda is
+imported on first use, never at module import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from numpy.typing import DTypeLike, NDArray
+
+from ..base import BackendUnavailableError
+from .errors import CudaError
+
+T = TypeVar("T")
+
+_initialized = False
+
+
+def _driver() -> Any:
+    """pycuda.driver, imported lazily; typed Any because pycuda ships no annotations."""
+    try:
+        return importlib.import_module("pycuda.driver")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"pycuda could not be imported: {exc}") from exc
+
+
+def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run one pycuda call, turning its driver errors into CudaError(name)."""
+    drv = _driver()
+    try:
+        return fn(*args)
+    except drv.Error as exc:
+        raise CudaError(f"pycuda.driver.{name}", str(exc) or type(exc).__name__) from exc
+
+
+def init() -> None:
+    """Initialise the CUDA driver (cuInit) once per process."""
+    global _initialized
+    if not _initialized:
+        _call("init", _driver().init)
+        _initialized = True
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """Identity of one GPU, as the engine cache keys it."""
+
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+
+
+def device_info(index: int = 0) -> DeviceInfo:
+    """Name and compute capability of device ``index`` (no context needed)."""
+    init()
+    drv = _driver()
+    count = int(_call("Device.count", drv.Device.count))
+    if not 0 <= index < count:
+        raise CudaError("pycuda.driver.Device", f"device {index} requested, {count} present")
+    dev = _call("Device", drv.Device, index)
+    name = str(_call("Device.name", dev.name))
+    major, minor = _call("Device.compute_capability", dev.compute_capability)
+    return DeviceInfo(index=index, name=name, compute_capability=(int(major), int(minor)))
+
+
+class CudaContext:
+    """The device's primary context, retained and made current on the calling thread.
+
+    The primary context is the one the CUDA runtime (which TensorRT uses) picks on its own, so
+    TensorRT and pycuda share one context instead of paying for two on the same GPU.
+    """
+
+    def __init__(self, index: int = 0) -> None:
+        init()
+        drv = _driver()
+        dev = _call("Device", drv.Device, index)
+        self._ctx: Any = _call("Device.retain_primary_context", dev.retain_primary_context)
+        _call("Context.push", self._ctx.push)
+        self._active = True
+
+    def close(self) -> None:
+        """Pop the context from this thread and release the retain; idempotent."""
+        if not self._active:
+            return
+        self._active = False
+        drv = _driver()
+        _call("Context.pop", drv.Context.pop)
+        _call("Context.detach", self._ctx.detach)
+
+
+class CudaStream:
+    """A CUDA stream; ``handle`` is what TensorRT's execute_async_v3 takes."""
+
+    def __init__(self) -> None:
+        self._stream: Any = _call("Stream", _driver().Stream)
+
+    @property
+    def handle(self) -> int:
+        """The raw cudaStream_t as an int."""
+        return int(self._stream.handle)
+
+    @property
+    def raw(self) -> Any:
+        """The pycuda Stream, for the async copies below."""
+        return self._stream
+
+    def synchronize(self) -> None:
+        """Block until all work queued on the stream is done (surfaces async errors)."""
+        _call("Stream.synchronize", self._stream.synchronize)
+
+
+class DeviceBuffer:
+    """Linear device memory of a fixed size, freed explicitly by ``free``."""
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ValueError(f"device buffer size must be positive, got {nbytes}")
+        self.nbytes = nbytes
+        self._alloc: Any = _call("mem_alloc", _driver().mem_alloc, nbytes)
+
+    @property
+    def address(self) -> int:
+        """Device pointer as an int, for set_tensor_address."""
+        if self._alloc is None:
+            raise CudaError("pycuda.driver.DeviceAllocation", "buffer already freed")
+        return int(self._alloc)
+
+    def free(self) -> None:
+        """Release the memory now rather than whenever the GC runs; idempotent."""
+        if self._alloc is not None:
+            alloc, self._alloc = self._alloc, None
+            _call("DeviceAllocation.free", alloc.free)
+
+
+class PinnedArray:
+    """A page-locked host array: the only kind of host memory async copies can overlap with."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: DTypeLike) -> None:
+        self._array: NDArray[Any] | None = _call(
+            "pagelocked_empty", _driver().pagelocked_empty, shape, np.dtype(dtype)
+        )
+
+    @property
+    def array(self) -> NDArray[Any]:
+        """The numpy view of the pinned memory (invalid after ``free``)."""
+        if self._array is None:
+            raise CudaError("pycuda.driver.HostAllocation", "pinned buffer already freed")
+        return self._array
+
+    def free(self) -> None:
+        """Unpin and release the host memory; idempotent."""
+        if self._array is not None:
+            array, self._array = self._array, None
+            # pagelocked_empty's array is a view of a pycuda HostAllocation (its .base).
+            host_allocation: Any = array.base
+            _call("HostAllocation.free", host_allocation.free)
+
+
+def copy_to_device_async(dst: DeviceBuffer, src: NDArray[Any], stream: CudaStream) -> None:
+    """Queue a host-to-device copy of ``src`` (pinned, contiguous) into the start of ``dst``."""
+    if src.nbytes > dst.nbytes:
+        raise ValueError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte device buffer")
+    _call("memcpy_htod_async", _driver().memcpy_htod_async, dst.address, src, stream.raw)
+
+
+def copy_to_host_async(dst: NDArray[Any], src: DeviceBuffer, stream: CudaStream) -> None:
+    """Queue a device-to-host copy filling ``dst`` (pinned, contiguous) from ``src``'s start."""
+    if dst.nbytes > src.nbytes:
+        raise ValueError(f"copy of {dst.nbytes} bytes out of a {src.nbytes}-byte device buffer")
+    _call("memcpy_dtoh_async", _driver().memcpy_dtoh_async, dst, src.address, stream.raw)
