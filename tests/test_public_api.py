@@ -8,12 +8,16 @@ import framecast_client
 def test_exported_names() -> None:
     assert framecast_client.__all__ == [
         "AsyncClient",
+        "AsyncStreamSession",
+        "Backoff",
         "Classification",
         "Client",
         "DeadlineExceededError",
+        "FrameError",
         "FramecastError",
         "InvalidArgumentError",
         "InvalidImageError",
+        "LatencySummary",
         "ModelInfo",
         "Prediction",
         "PreprocessSpec",
@@ -21,7 +25,12 @@ def test_exported_names() -> None:
         "RpcError",
         "ServerError",
         "ServerTiming",
+        "SourceError",
+        "StreamResult",
+        "StreamSession",
+        "StreamStats",
         "UnavailableError",
+        "open_source",
         "preprocess",
     ]
     for name in framecast_client.__all__:

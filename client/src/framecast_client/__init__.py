@@ -12,16 +12,30 @@ from .errors import (
     UnavailableError,
 )
 from .preprocess import PreprocessSpec, preprocess
+from .sources import SourceError, open_source
+from .streaming import (
+    AsyncStreamSession,
+    Backoff,
+    FrameError,
+    LatencySummary,
+    StreamResult,
+    StreamSession,
+    StreamStats,
+)
 from .types import Classification, ModelInfo, Prediction, ServerTiming
 
 __all__ = [
     "AsyncClient",
+    "AsyncStreamSession",
+    "Backoff",
     "Classification",
     "Client",
     "DeadlineExceededError",
+    "FrameError",
     "FramecastError",
     "InvalidArgumentError",
     "InvalidImageError",
+    "LatencySummary",
     "ModelInfo",
     "Prediction",
     "PreprocessSpec",
@@ -29,6 +43,11 @@ __all__ = [
     "RpcError",
     "ServerError",
     "ServerTiming",
+    "SourceError",
+    "StreamResult",
+    "StreamSession",
+    "StreamStats",
     "UnavailableError",
+    "open_source",
     "preprocess",
 ]

@@ -6,7 +6,7 @@ result reading and preprocessing. The subclasses only make the calls, sync or on
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
 
 import grpc
@@ -18,6 +18,15 @@ from ._proto import classifier_pb2 as pb
 from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
+from .streaming import (
+    DEFAULT_MAX_IN_FLIGHT,
+    AsyncStreamSession,
+    Backoff,
+    StreamConfig,
+    StreamMode,
+    StreamSession,
+    make_stream_config,
+)
 from .types import Classification, ModelInfo
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -84,6 +93,31 @@ class _BaseClient:
     @staticmethod
     def _request(batch: NDArray[np.uint8], top_k: int) -> pb.ClassifyRequest:
         return pb.ClassifyRequest(images=[wire.image_to_proto(x) for x in batch], top_k=top_k)
+
+    def _stream_config(
+        self,
+        info: ModelInfo,
+        *,
+        top_k: int,
+        max_in_flight: int,
+        mode: StreamMode,
+        reconnect: bool,
+        backoff: Backoff | None,
+    ) -> StreamConfig:
+        """What a stream session of this client needs; raises ValueError for bad arguments."""
+        return make_stream_config(
+            address=self.address,
+            credentials=self._credentials,
+            channel_options=self._channel_options(),
+            spec=info.preprocessing,
+            channel_order=self.channel_order,
+            num_classes=len(info.labels),
+            top_k=top_k,
+            max_in_flight=max_in_flight,
+            mode=mode,
+            reconnect=reconnect,
+            backoff=backoff,
+        )
 
     @staticmethod
     def _as_list(x: ImageInput | Sequence[ImageInput]) -> tuple[bool, list[ImageInput]]:
@@ -176,6 +210,53 @@ class Client(_BaseClient):
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results
 
+    def stream(
+        self,
+        frames: Iterable[ImageInput],
+        *,
+        top_k: int = 1,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        mode: StreamMode = "realtime",
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+    ) -> StreamSession:
+        """Classify a stream of frames over one ClassifyStream call; returns a running session.
+
+        Iterate over the session for a StreamResult per frame, in source order; read
+        ``session.stats`` for live counters; close it (use ``with``) to stop. See
+        :mod:`framecast_client.streaming` for the pipeline and the policies.
+
+        Args:
+            frames: Any iterable of images (paths, encoded bytes, PIL images, uint8 numpy
+                frames in the client's channel_order), e.g. a source of
+                :mod:`framecast_client.sources`. It is read on a thread of the session;
+                frames must not be modified after they are yielded.
+            top_k: Classes per frame.
+            max_in_flight: Most frames sent and not answered at any time.
+            mode: ``"realtime"`` drops the oldest unsent frames when the server falls behind
+                (the latest frame wins; latency stays bounded); ``"lossless"`` gives every
+                frame a result, in order, reading the source only as fast as the server
+                answers.
+            reconnect: Reconnect when the server goes away (UNAVAILABLE or a reset
+                connection) instead of ending the stream with UnavailableError.
+            backoff: The schedule of reconnection attempts (default :class:`Backoff()`).
+
+        Raises:
+            ValueError: An argument is out of range.
+            RpcError: The server's model info could not be fetched (the session needs its
+                preprocessing before it starts).
+        """
+        self._check_open()
+        config = self._stream_config(
+            self.model_info(),
+            top_k=top_k,
+            max_in_flight=max_in_flight,
+            mode=mode,
+            reconnect=reconnect,
+            backoff=backoff,
+        )
+        return StreamSession(frames, config)
+
 
 class AsyncClient(_BaseClient):
     """The same surface as Client on grpc.aio; use it as an async context manager."""
@@ -251,3 +332,34 @@ class AsyncClient(_BaseClient):
                 )
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results
+
+    def stream(
+        self,
+        frames: Iterable[ImageInput],
+        *,
+        top_k: int = 1,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        mode: StreamMode = "realtime",
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+    ) -> AsyncStreamSession:
+        """Classify a stream of frames; the same arguments and policies as Client.stream.
+
+        Returns the session without starting it: it starts on ``async with`` or on the first
+        ``async for`` step (fetching the server's model info then, which may raise RpcError).
+        The frames are read on a thread of the session, so ``frames`` is a plain iterable.
+        """
+        self._check_open()
+
+        async def configure() -> StreamConfig:
+            self._check_open()
+            return self._stream_config(
+                await self.model_info(),
+                top_k=top_k,
+                max_in_flight=max_in_flight,
+                mode=mode,
+                reconnect=reconnect,
+                backoff=backoff,
+            )
+
+        return AsyncStreamSession(frames, configure, mode=mode)

@@ -1,0 +1,269 @@
+"""``framecast stream``: classify a camera, a video or a directory live, and show how it keeps up.
+
+About once a second a line shows the frame rate in (read from the source) and out (results),
+the latency percentiles of the last second (client side: from capture to result), the frames
+dropped and the reconnections; a summary follows at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import sys
+import threading
+import time
+from typing import TextIO
+
+import numpy as np
+
+from .client import DEFAULT_ADDRESS, Client
+from .errors import FramecastError
+from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
+from .streaming import DEFAULT_MAX_IN_FLIGHT, StreamMode, StreamSession, StreamStats
+
+logger = logging.getLogger(__name__)
+
+LIVE_INTERVAL_S = 1.0
+# Latencies kept per live line: more than a second's worth at any realistic frame rate.
+_MAX_LATENCIES_PER_LINE = 100_000
+
+EPILOG = """\
+examples:
+  framecast stream synthetic:1280x720@30 --duration 10     # a synthetic camera
+  framecast stream rtsp://camera.local/stream1             # a network camera (needs PyAV)
+  framecast stream photos/ --mode lossless                 # every image, in name order
+
+--mode auto (the default) streams cameras in realtime mode (when the server falls behind, the
+oldest unsent frames are dropped: the latest frame wins) and files in lossless mode (every frame
+gets a result, in order).
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``stream`` command to the ``framecast`` command line."""
+    p = subparsers.add_parser(
+        "stream",
+        help="classify a camera, video or image directory live over ClassifyStream",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="synthetic[:WxH][@FPS], a directory of images, an image or video file, a URL "
+        "(rtsp://, http://, ...) or webcam[:N]",
+    )
+    p.add_argument(
+        "--address", default=DEFAULT_ADDRESS, help=f"server address (default {DEFAULT_ADDRESS})"
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=None,
+        help="stop after this many seconds (default: when the source ends, or Ctrl-C)",
+    )
+    p.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=None,
+        help="frame rate of the source: the synthetic camera's, or a pace for files "
+        "(default: the camera's own; files as fast as the server takes them)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "realtime", "lossless"),
+        default="auto",
+        help="realtime drops the oldest frames when the server falls behind; lossless keeps "
+        "every frame (default auto: realtime for cameras, lossless for files)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        default=DEFAULT_MAX_IN_FLIGHT,
+        help=f"most frames sent and not answered (default {DEFAULT_MAX_IN_FLIGHT})",
+    )
+    p.add_argument("--top-k", type=_positive_int, default=1, help="classes per frame (default 1)")
+    p.set_defaults(handler=run)
+
+
+def _with_fps(source: FrameSource, fps: float | None) -> FrameSource:
+    if fps is None:
+        return source
+    if isinstance(source, SyntheticCamera):
+        return SyntheticCamera(source.width, source.height, fps)
+    return Paced(source, fps)
+
+
+def _mode(requested: str, source: FrameSource) -> StreamMode:
+    if requested == "realtime" or (requested == "auto" and source.live):
+        return "realtime"
+    return "lossless"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``framecast stream``; returns the exit status."""
+    try:
+        source = _with_fps(open_source(args.source), args.fps)
+    except SourceError as exc:
+        print(f"framecast stream: {exc}", file=sys.stderr)
+        return 2
+    mode = _mode(args.mode, source)
+    with source, Client(args.address) as client:
+        info = client.model_info()
+        if info.warning:
+            logger.warning("%s", info.warning)
+        logger.info(
+            "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
+            source.description,
+            args.address,
+            info.name,
+            info.backend,
+            mode,
+            args.max_in_flight,
+        )
+        with client.stream(
+            source, top_k=args.top_k, max_in_flight=args.max_in_flight, mode=mode
+        ) as session:
+            watch = _Watch(session)
+            outcome = watch.run(args.duration, sys.stdout)
+            stats = session.stats
+    print(format_summary(stats, watch, source=source.description, address=args.address))
+    if watch.error is not None:
+        print(f"framecast stream: the stream failed: {watch.error}", file=sys.stderr)
+        return 1
+    return 130 if outcome == "interrupted" else 0
+
+
+class _Watch:
+    """Consumes the session's results on a thread; the caller's thread prints live lines."""
+
+    def __init__(self, session: StreamSession) -> None:
+        self.session = session
+        self.error: BaseException | None = None
+        self.labels: collections.Counter[str] = collections.Counter()
+        self._latencies: collections.deque[float] = collections.deque(
+            maxlen=_MAX_LATENCIES_PER_LINE
+        )
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def _consume(self) -> None:
+        try:
+            for result in self.session:
+                if result.ok:
+                    label = result.classification.top.label
+                    with self._lock:
+                        self._latencies.append(result.latency_ms)
+                        self.labels[label] += 1
+        except FramecastError as exc:
+            self.error = exc
+        except Exception as exc:
+            logger.exception("the stream failed")
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def _take_latencies(self) -> list[float]:
+        with self._lock:
+            taken = list(self._latencies)
+            self._latencies.clear()
+        return taken
+
+    def run(self, duration: float | None, out: TextIO) -> str:
+        """Print live lines until the duration passes or the stream ends; the reason."""
+        consumer = threading.Thread(target=self._consume, name="framecast-stream-consumer")
+        consumer.start()
+        started = time.monotonic()
+        deadline = None if duration is None else started + duration
+        last_tick, last = started, self.session.stats
+        tty = out.isatty()
+        outcome = "ended"
+        try:
+            while True:
+                next_tick = last_tick + LIVE_INTERVAL_S
+                wake = next_tick if deadline is None else min(next_tick, deadline)
+                if self._done.wait(max(0.0, wake - time.monotonic())):
+                    break
+                now = time.monotonic()
+                if now >= next_tick:
+                    stats = self.session.stats
+                    line = format_live_line(last, stats, now - last_tick, self._take_latencies())
+                    out.write(f"\r{line}\033[K" if tty else f"{line}\n")
+                    out.flush()
+                    last_tick, last = now, stats
+                if deadline is not None and now >= deadline:
+                    outcome = "duration"
+                    break
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        finally:
+            self.session.close()
+            consumer.join()
+            if tty:
+                out.write("\n")
+        return outcome
+
+
+def _ms(value: float) -> str:
+    return "   -   " if math.isnan(value) else f"{value:7.1f}"
+
+
+def format_live_line(
+    before: StreamStats, after: StreamStats, interval_s: float, latencies_ms: list[float]
+) -> str:
+    """One live line: rates over the interval, latency of the results in it, totals."""
+    fps_in = (after.read - before.read) / interval_s
+    fps_out = (after.received - before.received) / interval_s
+    if latencies_ms:
+        p50, p99 = (float(x) for x in np.percentile(latencies_ms, [50, 99]))
+    else:
+        p50 = p99 = float("nan")
+    return (
+        f"[{after.elapsed_s:6.1f}s] in {fps_in:6.1f} fps | out {fps_out:6.1f} fps | "
+        f"latency p50 {_ms(p50)} ms p99 {_ms(p99)} ms | in flight {after.in_flight:3d} | "
+        f"dropped {after.dropped} | errors {after.errors} | reconnects {after.reconnects}"
+    )
+
+
+def format_summary(stats: StreamStats, watch: _Watch, *, source: str, address: str) -> str:
+    """The summary printed when the stream ends."""
+    elapsed = max(stats.elapsed_s, 1e-9)
+    dropped_pct = 100.0 * stats.dropped / stats.read if stats.read else 0.0
+    latency = stats.latency_ms
+    lines = [
+        f"framecast stream: {source} -> {address}, {stats.mode} mode, {stats.elapsed_s:.1f} s",
+        f"  frames      read {stats.read}, sent {stats.sent}, results {stats.received} "
+        f"({stats.errors} errors), dropped {stats.dropped} ({dropped_pct:.1f} %)",
+        f"  rate        in {stats.read / elapsed:.1f} fps, out {stats.received / elapsed:.1f} fps",
+        f"  latency     p50 {latency.p50:.1f} ms, p90 {latency.p90:.1f} ms, "
+        f"p99 {latency.p99:.1f} ms, max {latency.max:.1f} ms (capture to result)",
+        f"  connection  {stats.disconnects} disconnects, {stats.reconnects} reconnects, "
+        f"{stats.resent} frames resent, at most {stats.max_in_flight} in flight",
+    ]
+    if watch.labels:
+        top = ", ".join(f"{label} ({n})" for label, n in watch.labels.most_common(3))
+        lines.append(f"  top classes {top}")
+    return "\n".join(lines)

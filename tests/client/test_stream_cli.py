@@ -1,0 +1,86 @@
+"""`framecast stream` against an in-process server on the NullBackend."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from framecast_client.cli import main
+from framecast_server.background import BackgroundServer
+from PIL import Image
+from support import make_settings
+
+LIVE_LINE = re.compile(
+    r"^\[\s*[\d.]+s\] in\s+[\d.]+ fps \| out\s+[\d.]+ fps \| latency p50 .+ ms p99 .+ ms \| "
+    r"in flight\s+\d+ \| dropped \d+ \| errors \d+ \| reconnects \d+$"
+)
+
+
+@pytest.fixture(scope="module")
+def null_server(cache_dir: Path) -> Iterator[BackgroundServer]:
+    with BackgroundServer(make_settings(cache_dir, backend="null", max_batch=32)) as server:
+        yield server
+
+
+def summary_numbers(out: str) -> dict[str, int]:
+    match = re.search(r"read (\d+), sent (\d+), results (\d+) \((\d+) errors\), dropped (\d+)", out)
+    assert match is not None, out
+    keys = ("read", "sent", "results", "errors", "dropped")
+    return dict(zip(keys, map(int, match.groups()), strict=True))
+
+
+def test_stream_a_synthetic_camera_prints_live_lines_and_a_summary(
+    null_server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["stream", "synthetic:320x240@30", "--address", null_server.address, "--duration", "2.5"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = out.splitlines()
+    live = [line for line in lines if line.startswith("[")]
+    assert live, out
+    assert all(LIVE_LINE.match(line) for line in live), live
+    assert "framecast stream: synthetic 320x240 @ 30 fps -> " in out
+    assert "realtime mode" in out
+    numbers = summary_numbers(out)
+    assert numbers["results"] > 0
+    assert numbers["errors"] == 0
+    assert re.search(r"latency\s+p50 [\d.]+ ms, p90 [\d.]+ ms, p99 [\d.]+ ms", out), out
+    assert re.search(r"\d+ disconnects, \d+ reconnects", out), out
+
+
+def test_stream_a_directory_is_lossless_and_ends_with_the_source(
+    null_server: BackgroundServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(20):
+        Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    code = main(["stream", str(tmp_path), "--address", null_server.address, "--top-k", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "lossless mode" in out
+    assert summary_numbers(out) == {
+        "read": 20,
+        "sent": 20,
+        "results": 20,
+        "errors": 0,
+        "dropped": 0,
+    }
+
+
+def test_a_bad_source_exits_2_with_the_reason(
+    null_server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["stream", "synthetic:big", "--address", null_server.address])
+    assert code == 2
+    assert "expected synthetic" in capsys.readouterr().err
+
+
+def test_bad_numbers_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["stream", "synthetic", "--max-in-flight", "0"])
+    assert caught.value.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
