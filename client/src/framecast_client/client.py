@@ -171,8 +171,9 @@ class Client(_BaseClient):
         spec = self.model_info().preprocessing
         return preprocess(image, spec, channel_order=self.channel_order)
 
+    # A numpy batch or bytes is also a Sequence: the first overload wins for those, as intended.
     @overload
-    def classify(
+    def classify(  # type: ignore[overload-overlap]
         self, x: ImageInput, *, top_k: int = ..., timeout: float | None = ...
     ) -> Classification: ...
     @overload
@@ -280,7 +281,7 @@ class AsyncClient(_BaseClient):
         """Close the channel; the client cannot be used afterwards."""
         if not self._closed:
             self._closed = True
-            await self._channel.close()
+            await self._channel.close(None)
 
     async def model_info(self, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
         """What the server serves (fetched once, then cached unless refresh=True)."""
@@ -299,7 +300,7 @@ class AsyncClient(_BaseClient):
         return preprocess(image, spec, channel_order=self.channel_order)
 
     @overload
-    async def classify(
+    async def classify(  # type: ignore[overload-overlap]
         self, x: ImageInput, *, top_k: int = ..., timeout: float | None = ...
     ) -> Classification: ...
     @overload

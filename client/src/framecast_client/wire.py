@@ -12,22 +12,26 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._proto import classifier_pb2 as pb
-from .preprocess import PreprocessSpec
+from .preprocess import Interpolation, PreprocessSpec, ResizePolicy
 from .types import Classification, ModelInfo, Prediction, ServerTiming
 
 CHANNELS = 3
 
-_RESIZE_TO_PROTO = {
+_RESIZE_TO_PROTO: dict[ResizePolicy, pb.ResizePolicy.ValueType] = {
     "shorter_side_then_center_crop": pb.RESIZE_POLICY_SHORTER_SIDE_THEN_CENTER_CROP,
     "stretch": pb.RESIZE_POLICY_STRETCH,
 }
-_INTERPOLATION_TO_PROTO = {
+_INTERPOLATION_TO_PROTO: dict[Interpolation, pb.Interpolation.ValueType] = {
     "nearest": pb.INTERPOLATION_NEAREST,
     "bilinear": pb.INTERPOLATION_BILINEAR,
     "bicubic": pb.INTERPOLATION_BICUBIC,
 }
-_RESIZE_FROM_PROTO = {v: k for k, v in _RESIZE_TO_PROTO.items()}
-_INTERPOLATION_FROM_PROTO = {v: k for k, v in _INTERPOLATION_TO_PROTO.items()}
+_RESIZE_FROM_PROTO: dict[pb.ResizePolicy.ValueType, ResizePolicy] = {
+    v: k for k, v in _RESIZE_TO_PROTO.items()
+}
+_INTERPOLATION_FROM_PROTO: dict[pb.Interpolation.ValueType, Interpolation] = {
+    v: k for k, v in _INTERPOLATION_TO_PROTO.items()
+}
 
 
 class WireFormatError(ValueError):

@@ -55,7 +55,8 @@ class FramecastServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self._health = health.aio.HealthServicer()
+        # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(max_message_bytes=settings.max_message_bytes)
         self._serving: ServingModel | None = None
         pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from framecast_client import wire
@@ -28,7 +29,7 @@ DEFAULT_TOP_K = 5
 STREAM_WINDOW = 64
 
 
-def _deadline(context: grpc.aio.ServicerContext[object, object]) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 

@@ -54,7 +54,7 @@ def _plan(onnx_path: Path, settings: EngineSettings, cache_dir: Path) -> _Plan:
 
     import onnx
 
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
     from . import cuda
     from .builder import build_plan

@@ -33,7 +33,7 @@ from .errors import EngineMismatchError, TensorRTBackendError, TensorRTCallError
 from .settings import CHANNELS, IMAGE_SIZE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, EngineSettings
 
 if TYPE_CHECKING:
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def check_engine_io(engine: trt.ICudaEngine, max_batch: int) -> IOLayout:
     Also checks the engine's optimization profile admits ``max_batch``. Returns the buffer
     sizes for ``max_batch``. Raises EngineMismatchError naming what differs.
     """
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
     tensors = {}
     for i in range(engine.num_io_tensors):
@@ -270,7 +270,7 @@ class TensorRTBackend:
     # --- worker thread -------------------------------------------------------------------
 
     def _setup(self, plan: bytes) -> None:
-        import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+        import tensorrt as trt
 
         self._context = cuda.CudaContext(self._device_index)
         self._trt_logger = make_trt_logger()

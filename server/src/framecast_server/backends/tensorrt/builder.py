@@ -27,7 +27,7 @@ from .errors import EngineBuildError, EngineMismatchError, OnnxParseError, Tenso
 from .settings import INPUT_NAME, OUTPUT_NAME, EngineSettings
 
 if TYPE_CHECKING:
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
 logger = logging.getLogger(__name__)
 trt_log = logging.getLogger("framecast_server.tensorrt")
@@ -92,9 +92,9 @@ def _logging_level(trt_module: Any, severity: Any) -> int:
 
 def make_trt_logger() -> trt.ILogger:
     """A TensorRT logger that forwards to the ``framecast_server.tensorrt`` logging logger."""
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
-    class _Logger(trt.ILogger):  # type: ignore[misc, unused-ignore]  # Any base without stubs
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
@@ -109,12 +109,12 @@ def make_trt_logger() -> trt.ILogger:
 
 def make_progress_monitor() -> trt.IProgressMonitor | None:
     """An IProgressMonitor logging build phases, or None if this TensorRT has none."""
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
-    class _Progress(trt.IProgressMonitor):  # type: ignore[misc, unused-ignore]
+    class _Progress(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             # TensorRT may call from several builder threads.
@@ -207,7 +207,7 @@ def build_plan(
     GPU); the updated cache is returned with the plan. Raises OnnxParseError with the parser's
     descriptions, EngineBuildError when the builder fails.
     """
-    import tensorrt as trt  # type: ignore[import-untyped, unused-ignore]
+    import tensorrt as trt
 
     flags = network_creation_flags(trt)
     model_bytes = convert_to_fp16(onnx_model).SerializeToString()
