@@ -6,8 +6,12 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from framecast_client import Client
+from framecast_client.bench.inputs import make_payloads, prepare_inputs, synthetic_sources
 from framecast_client.bench.report import SPLIT_COMPONENTS, BenchReport
+from framecast_client.bench.sessions import stream_payloads, stream_supported
 from framecast_client.cli import main
 from framecast_server.background import BackgroundServer
 from support import make_settings
@@ -61,3 +65,31 @@ def test_open_loop_run_against_a_real_server(null_server: BackgroundServer, tmp_
     assert step.errors == {}
     assert step.requests > 0
     assert math.isfinite(step.latency_ms["p99"])
+
+
+@pytest.mark.slow
+def test_stream_mode_against_a_real_server(null_server: BackgroundServer, tmp_path: Path) -> None:
+    with Client(null_server.address) as client:
+        if not stream_supported(client):
+            pytest.skip("this framecast-client has no Client.stream yet")
+        # Stream frames go in carriers the session's preprocessing only slices back.
+        payloads = make_payloads(
+            prepare_inputs(synthetic_sources(2, 320, 240), client.preprocess, "s"), 1
+        )
+        for original, carried in zip(payloads, stream_payloads(client, payloads), strict=True):
+            assert carried.batch.shape != original.batch.shape
+            np.testing.assert_array_equal(client.preprocess(carried.batch[0]), original.batch[0])
+    out = tmp_path / "stream.json"
+    argv = [
+        "bench", null_server.address, "--mode", "stream", "--concurrency", "2", "--warmup",
+        "0.5", "--window", "0.5", "--max-windows", "5", "--inputs", "4", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = BenchReport.read_json(out)
+    assert report.meta["mode"] == "stream"
+    (step,) = report.steps
+    assert step.errors == {}
+    assert step.requests > 0
+    assert step.split_ms["server_compute"]["mean"] > 0.0
+    in_flight = step.throughput_rps * step.latency_ms["mean"] / 1000.0
+    assert in_flight == pytest.approx(2, rel=0.10)

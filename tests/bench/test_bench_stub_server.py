@@ -23,8 +23,8 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.bench.cli import run
 from framecast_client.bench.report import BenchReport
-from framecast_client.bench.runner import BenchUnavailableError
-from framecast_client.bench.sessions import session_factory
+from framecast_client.bench.runner import BenchPlan, BenchUnavailableError
+from framecast_client.bench.sessions import mode_steps
 from framecast_client.cli import build_parser
 
 COMPUTE_S = 0.002
@@ -191,4 +191,4 @@ def test_batch_larger_than_the_server_allows_is_refused(
 def test_stream_mode_without_a_stream_api_is_reported() -> None:
     no_stream: Any = SimpleNamespace()
     with pytest.raises(BenchUnavailableError, match=r"Client\.stream"):
-        session_factory(no_stream, "stream", top_k=1, timeout=1.0)
+        mode_steps(no_stream, "stream", [], BenchPlan(concurrency=(1,)), top_k=1, timeout=1.0)

@@ -127,6 +127,19 @@ def test_csv_fields(report_factory: ReportFactory) -> None:
     assert rows[0]["target_rate_rps"] == ""
 
 
+def test_open_loop_steps_show_the_offered_rate(report_factory: ReportFactory) -> None:
+    report = report_factory()
+    assert "offered/s" not in format_table(report.steps)
+    step = report.steps[0]
+    step.loop, step.concurrency, step.target_rate_rps, step.offered_rps = "open", None, 100.0, 93.4
+    lines = format_table(report.steps).splitlines()
+    assert lines[0].split()[:2] == ["load", "offered/s"]
+    assert lines[2].split()[:2] == ["r=100/s", "93.4"]
+    row = next(csv.DictReader(io.StringIO(csv_text(report.steps))))
+    assert float(row["offered_rps"]) == pytest.approx(93.4)
+    assert row["target_rate_rps"] == "100.0"
+
+
 def test_table_lists_every_step_and_column(report_factory: ReportFactory) -> None:
     report = report_factory(concurrencies=(1, 2, 8))
     report.steps[2].errors = {"RESOURCE_EXHAUSTED": 5}

@@ -15,10 +15,11 @@ from framecast_client.bench.runner import (
     BenchPlan,
     StepConfig,
     error_name,
+    offered_rate,
     run_closed_step,
     run_open_step,
 )
-from framecast_client.bench.stats import is_stable
+from framecast_client.bench.stats import Window, is_stable
 from framecast_client.errors import DeadlineExceededError, UnavailableError
 from framecast_client.types import Classification, Prediction, ServerTiming
 
@@ -127,6 +128,18 @@ def test_open_loop_latency_counts_from_the_schedule() -> None:
     )
     # Throughput is what the server managed, not what was offered.
     assert step.throughput_rps < 50.0
+    assert step.offered_rps is not None
+    assert 50.0 < step.offered_rps < 150.0
+
+
+def test_offered_rate_counts_the_arrivals_inside_the_windows() -> None:
+    windows = [Window(start=10.0, end=11.0), Window(start=11.0, end=13.0)]
+    offsets = [0.5, 1.0, 1.5, 2.0, 2.5, 3.5]  # start 9.5: 10.0, 10.5, 11.0, 11.5, 12.0, 13.0
+    # The last window, [11, 13): 11.0, 11.5, 12.0 -> 3 in 2 s.
+    assert offered_rate(9.5, offsets, windows, used=1) == pytest.approx(1.5)
+    # Both, [10, 13): 13.0 is out -> 5 in 3 s.
+    assert offered_rate(9.5, offsets, windows, used=2) == pytest.approx(5 / 3)
+    assert offered_rate(9.5, offsets[:1], windows, used=2) == pytest.approx(1 / 3)
 
 
 def test_stability_criterion() -> None:

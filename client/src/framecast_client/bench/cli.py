@@ -30,7 +30,7 @@ from framecast_client.bench.runner import (
     StepConfig,
     run_plan,
 )
-from framecast_client.bench.sessions import session_factory
+from framecast_client.bench.sessions import mode_steps, stream_supported
 from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
 from framecast_client.types import ModelInfo
 
@@ -277,6 +277,8 @@ def _batch_size(args: argparse.Namespace, info: ModelInfo) -> int:
 def _progress(step: StepResult) -> None:
     p99 = step.latency_ms.get("p99", float("nan"))
     errors = f", {step.error_count} errors" if step.error_count else ""
+    if step.offered_rps is not None:
+        errors = f" (offered {step.offered_rps:.1f}/s){errors}"
     print(
         f"  {step.load_label}: {step.throughput_rps:.1f} req/s, {step.throughput_ips:.1f} img/s, "
         f"p99 {p99:.2f} ms, {'stable' if step.stable else 'NOT stable'} after "
@@ -348,9 +350,15 @@ def _bench(args: argparse.Namespace) -> int:
         if info.warning:
             print(f"WARNING: {info.warning}", file=sys.stderr)
         batch_size = _batch_size(args, info)
-        factory = session_factory(client, mode, top_k=args.top_k, timeout=args.timeout)
+        if mode == "stream" and not stream_supported(client):
+            # Before preprocessing the inputs: say so at once.
+            raise BenchUnavailableError(
+                "stream mode needs Client.stream (the ClassifyStream API), which this "
+                "framecast-client does not have yet; use --mode unary or --mode batch"
+            )
         inputs = _load_inputs(args, client)
         payloads = make_payloads(inputs, batch_size)
+        steps = mode_steps(client, mode, payloads, plan, top_k=args.top_k, timeout=args.timeout)
         print(
             f"framecast bench {args.address}: {info.name} on {info.backend} ({info.precision}), "
             f"mode {mode}, {batch_size} image(s)/request, {len(inputs)} inputs "
@@ -358,9 +366,7 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        report = run_plan(
-            factory, payloads, plan, config, _meta(args, info, inputs, batch_size), _progress
-        )
+        report = run_plan(steps, plan, config, _meta(args, info, inputs, batch_size), _progress)
     print(format_table(report.steps))
     if args.json is not None:
         report.write_json(args.json)

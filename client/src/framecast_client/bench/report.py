@@ -82,6 +82,9 @@ class StepResult:
     windows: list[WindowResult]
     untimed_requests: int = 0
     histogram: dict[str, Any] | None = None
+    #: Open loop: the rate the schedule actually offered during the reported windows (a
+    #: Poisson schedule offers the target rate only on average).
+    offered_rps: float | None = None
 
     @property
     def load_label(self) -> str:
@@ -155,6 +158,7 @@ def csv_columns() -> list[str]:
         "images",
         "throughput_rps",
         "throughput_ips",
+        "offered_rps",
     ]
     cols += [f"latency_{k}_ms" for k in LATENCY_KEYS]
     cols += [f"{c}_{k}_ms" for c in SPLIT_COMPONENTS for k in SPLIT_KEYS]
@@ -174,6 +178,7 @@ def csv_row(step: StepResult) -> dict[str, Any]:
         "images": step.images,
         "throughput_rps": step.throughput_rps,
         "throughput_ips": step.throughput_ips,
+        "offered_rps": step.offered_rps,
     }
     for k in LATENCY_KEYS:
         row[f"latency_{k}_ms"] = step.latency_ms.get(k)
@@ -202,8 +207,10 @@ def csv_text(steps: Sequence[StepResult]) -> str:
 
 def format_table(steps: Sequence[StepResult]) -> str:
     """The terminal table: throughput, latency percentiles, latency split and errors per step."""
+    show_offered = any(s.offered_rps is not None for s in steps)
     header = [
         "load",
+        *(["offered/s"] if show_offered else []),
         "req/s",
         "img/s",
         *(k for k, _ in PERCENTILES),
@@ -222,6 +229,7 @@ def format_table(steps: Sequence[StepResult]) -> str:
         rows.append(
             [
                 s.load_label,
+                *([_fmt_number(s.offered_rps)] if show_offered else []),
                 _fmt_number(s.throughput_rps),
                 _fmt_number(s.throughput_ips),
                 *(_fmt_ms(s.latency_ms.get(k, math.nan)) for k, _ in PERCENTILES),
@@ -239,6 +247,8 @@ def format_table(steps: Sequence[StepResult]) -> str:
         "  ".join("-" * w for w in widths),
     ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if show_offered:
+        lines.append("offered/s: the rate the open-loop schedule offered in the reported windows")
     lines.append(
         "latencies in ms per request; wait/net/queue/comp: mean split of the latency "
         "(client wait, network+serialization, server queue, server compute); "
@@ -262,7 +272,7 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.2f}"
 
 
-def _fmt_number(v: float) -> str:
+def _fmt_number(v: float | None) -> str:
     if v is None or math.isnan(v):
         return "-"
     if v >= 100 or v == int(v):

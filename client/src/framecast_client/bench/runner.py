@@ -268,6 +268,19 @@ def _measure(
     return windows, stable
 
 
+def offered_rate(
+    start: float, offsets: Sequence[float], windows: Sequence[Window], used: int
+) -> float | None:
+    """Arrivals per second the schedule offered during the last ``used`` windows."""
+    chosen = list(windows[-used:]) if used > 0 else list(windows)
+    duration = sum(w.duration_s for w in chosen)
+    if duration <= 0:
+        return None
+    times = start + np.asarray(offsets, dtype=np.float64)
+    arrivals = sum(int(((times >= w.start) & (times < w.end)).sum()) for w in chosen)
+    return arrivals / duration
+
+
 def run_closed_step(
     factory: SessionFactory,
     payloads: Sequence[Payload],
@@ -345,7 +358,9 @@ def run_open_step(
         th.start()
     windows, stable = _measure(shared, threads, config, start, clock)
     used = config.stability_windows if stable else min(config.stability_windows, len(windows))
-    return step_result(windows, used=used, stable=stable, loop="open", target_rate_rps=rate)
+    step = step_result(windows, used=used, stable=stable, loop="open", target_rate_rps=rate)
+    step.offered_rps = offered_rate(start, offsets, windows, used)
+    return step
 
 
 @dataclass(frozen=True)
@@ -367,32 +382,50 @@ class BenchPlan:
             raise ValueError("concurrency levels must be >= 1 and rates positive")
 
 
-def run_plan(
-    factory: SessionFactory,
-    payloads: Sequence[Payload],
-    plan: BenchPlan,
-    config: StepConfig,
-    meta: dict[str, object],
-    progress: Callable[[StepResult], None] | None = None,
-) -> BenchReport:
-    """Run every step of ``plan`` in order and collect a report."""
-    report = BenchReport(meta=dict(meta))
-    rng = np.random.default_rng(plan.seed)
-    for c in plan.concurrency:
-        step = run_closed_step(factory, payloads, c, config)
-        report.steps.append(step)
-        if progress:
-            progress(step)
-    for r in plan.rates:
-        step = run_open_step(
+ClosedStep = Callable[[int, StepConfig], StepResult]
+OpenStep = Callable[[float, StepConfig, np.random.Generator], StepResult]
+
+
+def unary_steps(
+    factory: SessionFactory, payloads: Sequence[Payload], plan: BenchPlan
+) -> tuple[ClosedStep, OpenStep]:
+    """The step drivers of the unary and batch modes (worker threads, one call each)."""
+
+    def closed(concurrency: int, config: StepConfig) -> StepResult:
+        return run_closed_step(factory, payloads, concurrency, config)
+
+    def open_(rate: float, config: StepConfig, rng: np.random.Generator) -> StepResult:
+        return run_open_step(
             factory,
             payloads,
-            r,
+            rate,
             config,
             max_inflight=plan.max_inflight,
             arrival=plan.arrival,
             rng=rng,
         )
+
+    return closed, open_
+
+
+def run_plan(
+    steps: tuple[ClosedStep, OpenStep],
+    plan: BenchPlan,
+    config: StepConfig,
+    meta: dict[str, object],
+    progress: Callable[[StepResult], None] | None = None,
+) -> BenchReport:
+    """Run every step of ``plan`` in order with the mode's step drivers; collect a report."""
+    closed, open_ = steps
+    report = BenchReport(meta=dict(meta))
+    rng = np.random.default_rng(plan.seed)
+    for c in plan.concurrency:
+        step = closed(c, config)
+        report.steps.append(step)
+        if progress:
+            progress(step)
+    for r in plan.rates:
+        step = open_(r, config, rng)
         report.steps.append(step)
         if progress:
             progress(step)

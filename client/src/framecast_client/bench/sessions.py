@@ -5,8 +5,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from framecast_client.bench.inputs import Payload
-from framecast_client.bench.runner import BenchUnavailableError, Mode, SessionFactory
+from framecast_client.bench.report import StepResult
+from framecast_client.bench.runner import (
+    BenchPlan,
+    BenchUnavailableError,
+    ClosedStep,
+    Mode,
+    OpenStep,
+    SessionFactory,
+    StepConfig,
+    unary_steps,
+)
+from framecast_client.bench.stream_runner import (
+    client_stream_opener,
+    run_stream_closed_step,
+    run_stream_open_step,
+)
 from framecast_client.client import Client
 from framecast_client.types import Classification
 
@@ -33,26 +51,87 @@ class ClassifySession:
         """Nothing to release: the client belongs to the caller."""
 
 
-def stream_supported(client: Client) -> bool:
+def stream_supported(client: Any) -> bool:
     """Whether this client version has the streaming API the stream mode needs."""
     return callable(getattr(client, "stream", None))
 
 
-def session_factory(
-    client: Client, mode: Mode, *, top_k: int, timeout: float | None
-) -> SessionFactory:
-    """The session factory for ``mode``; raises BenchUnavailableError when it cannot run."""
+def _carrier(frame: NDArray[np.uint8], client: Client) -> NDArray[np.uint8] | None:
+    """A frame the client's preprocessing turns into ``frame`` by slicing only, if any."""
+    spec = client.model_info().preprocessing
+    candidates = [frame]
+    h, w = frame.shape[:2]
+    size = spec.resize_size
+    if spec.resize_policy == "shorter_side_then_center_crop" and size >= max(h, w):
+        # A size x size square needs no resize; its center crop is ``frame`` when placed at
+        # the crop's offset (torchvision rounds it half to even; floor tried as well).
+        for top, left in {
+            (round((size - h) / 2), round((size - w) / 2)),
+            ((size - h) // 2, (size - w) // 2),
+        }:
+            square = np.zeros((size, size, 3), dtype=np.uint8)
+            square[top : top + h, left : left + w] = frame
+            candidates.append(square)
+    for candidate in candidates:
+        try:
+            if np.array_equal(client.preprocess(candidate), frame):
+                return candidate
+        except ValueError:
+            continue
+    return None
+
+
+def stream_payloads(client: Client, payloads: Sequence[Payload]) -> list[Payload]:
+    """Payloads for stream mode, whose frames the session's preprocessing only slices.
+
+    A stream session preprocesses every frame on its own thread. Handing it the already
+    preprocessed frame would make it resample that frame again (for the crop policy, up to
+    the resize size and back), and on a small client that thread would become what is
+    measured. So each frame goes in a carrier the preprocessing maps back to exactly that
+    frame without resampling, checked here once per input; a frame without one is sent
+    as it is.
+    """
+    out: list[Payload] = []
+    for p in payloads:
+        carrier = _carrier(p.batch[0], client)
+        batch = p.batch if carrier is None else carrier[None]
+        out.append(Payload(batch=batch, preprocess_ms=p.preprocess_ms))
+    return out
+
+
+def mode_steps(
+    client: Client,
+    mode: Mode,
+    payloads: Sequence[Payload],
+    plan: BenchPlan,
+    *,
+    top_k: int,
+    timeout: float | None,
+) -> tuple[ClosedStep, OpenStep]:
+    """The step drivers of ``mode``; raises BenchUnavailableError when it cannot run."""
     if mode in ("unary", "batch"):
-        return lambda: ClassifySession(client, top_k=top_k, timeout=timeout)
+        factory: SessionFactory = lambda: ClassifySession(client, top_k=top_k, timeout=timeout)  # noqa: E731
+        return unary_steps(factory, payloads, plan)
     if not stream_supported(client):
         raise BenchUnavailableError(
             "stream mode needs Client.stream (the ClassifyStream API), which this "
             "framecast-client does not have yet; use --mode unary or --mode batch"
         )
-    return _stream_factory(client, top_k=top_k, timeout=timeout)
+    opener = client_stream_opener(client, top_k=top_k)
+    payloads = stream_payloads(client, payloads)
 
+    def closed(concurrency: int, config: StepConfig) -> StepResult:
+        return run_stream_closed_step(opener, payloads, concurrency, config)
 
-def _stream_factory(client: Any, *, top_k: int, timeout: float | None) -> SessionFactory:
-    raise BenchUnavailableError(
-        "stream mode is not wired to Client.stream yet; use --mode unary or --mode batch"
-    )
+    def open_(rate: float, config: StepConfig, rng: np.random.Generator) -> StepResult:
+        return run_stream_open_step(
+            opener,
+            payloads,
+            rate,
+            config,
+            max_inflight=plan.max_inflight,
+            arrival=plan.arrival,
+            rng=rng,
+        )
+
+    return closed, open_
