@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = subparsers.add_parser(
         "bench",
         help="benchmark a server's latency and throughput (or --compare two runs)",
-        description=__doc__,
+        description="Measure a Framecast server's latency and throughput, or compare two runs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
