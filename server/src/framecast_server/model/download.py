@@ -8,6 +8,7 @@ environment variables are honoured: ``HF_ENDPOINT`` (base URL of a mirror) and
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import tempfile
@@ -133,8 +134,9 @@ def _fetch(url: str, out: BinaryIO, timeout: float) -> int:
         raise WeightsUnavailableError(f"cannot reach {url}: {reason}") from exc
     except TimeoutError as exc:
         raise WeightsUnavailableError(f"timed out after {timeout:g} s downloading {url}") from exc
-    except OSError as exc:  # connection reset mid-stream and the like
-        raise WeightsUnavailableError(f"download from {url} failed: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        # Connection reset or closed mid-stream (IncompleteRead), malformed responses.
+        raise WeightsUnavailableError(f"download from {url} failed: {exc!r}") from exc
     if expected is not None and expected.isdigit() and int(expected) != size:
         raise WeightsUnavailableError(
             f"download from {url} was cut short: {size} of {expected} bytes"

@@ -101,14 +101,17 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# Random weights calibrate their batch norms on this many synthetic images of this size: big
-# enough for stable per-channel statistics down to layer4 (3x3 positions), small enough to
-# take a fraction of a second in numpy.
-_CALIBRATION_IMAGES = 4
+# Random weights calibrate their batch norms on synthetic images of this size: big enough for
+# stable per-channel statistics down to layer4 (3x3 positions), small enough to take a
+# fraction of a second in numpy. Half the images are photo-like, half uniform noise: a random
+# network reacts far more strongly to noise, and calibrating on smooth images alone would
+# leave noise inputs (common in tests and smoke checks) with a saturated one-hot softmax.
+_CALIBRATION_PHOTOS = 2
+_CALIBRATION_NOISE = 2
 _CALIBRATION_SIZE = 96
-# Standard deviation of the logits across classes that random weights aim for: the softmax's
-# top-1 then lands around 0.1-0.3 with top-5 gaps of a few tenths of a logit.
-_LOGIT_SPREAD = 3.5
+# Standard deviation of the logits across classes that random weights aim for: softmax top-1
+# values then mostly land between 0.1 and 0.9, with distinct top-5 probabilities.
+_LOGIT_SPREAD = 3.0
 
 
 def _photo_like_images(rng: np.random.Generator, n: int, size: int) -> NDArray[np.float64]:
@@ -145,19 +148,24 @@ def random_weights(seed: int, preset: Preset | None = None) -> WeightDict:
 
     Convolutions are He-normal; batch norms get non-trivial scales and shifts. Their running
     statistics are what a trained network has: the per-channel mean and variance each
-    convolution actually produces, measured by a forward pass over a few synthetic photo-like
-    images normalized with ``preset`` (default: torchvision), then jittered. Left at mean 0 and
-    variance 1, the per-channel offsets random convolutions produce would compound through the
-    16 residual blocks into a one-hot softmax. The last batch norm of each residual branch gets a
-    small scale (as in zero-init-residual training), and the classifier is scaled from the
-    measured features so the logits spread over a few units: the softmax is neither uniform nor
-    one-hot and its top-5 are well separated.
+    convolution actually produces, measured by a forward pass over a few synthetic images
+    (photo-like and noise) normalized with ``preset`` (default: torchvision), then jittered.
+    Left at mean 0 and variance 1, the per-channel offsets random convolutions produce would
+    compound through the 16 residual blocks into a one-hot softmax. The last batch norm of each
+    residual branch gets a small scale (as in zero-init-residual training), and the classifier
+    is centred and scaled on the measured features so the logits spread over a few units: the
+    softmax is neither uniform nor one-hot, its top-5 are distinct, and different images get
+    different answers.
     """
     preset = preset or TORCHVISION
     rng = np.random.default_rng(seed)
     weights: WeightDict = {}
 
-    images = _photo_like_images(rng, _CALIBRATION_IMAGES, _CALIBRATION_SIZE)
+    noise = rng.uniform(
+        0.0, 255.0, size=(_CALIBRATION_NOISE, _CALIBRATION_SIZE, _CALIBRATION_SIZE, 3)
+    )
+    photos = _photo_like_images(rng, _CALIBRATION_PHOTOS, _CALIBRATION_SIZE)
+    images = np.concatenate([photos, noise])
     if preset.channel_order == "BGR":
         images = images[..., ::-1]
     mean = np.asarray(preset.mean, np.float64)
@@ -213,10 +221,16 @@ def random_weights(seed: int, preset: Preset | None = None) -> WeightDict:
             x = conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", shape, b.stride, (0.8, 1.2))
         x = relu(y + x)
     features = x.mean(axis=(1, 2), dtype=np.float64)  # [N, 2048]
-    # Logits' spread across classes is fc_std * |features|.
-    fc_std = _LOGIT_SPREAD / float(np.linalg.norm(features, axis=1).mean())
-    weights["fc.weight"] = rng.normal(0.0, fc_std, size=(NUM_CLASSES, FEATURES)).astype(np.float32)
-    weights["fc.bias"] = rng.normal(0.0, 0.5, size=NUM_CLASSES).astype(np.float32)
+    # Random convolutions leave a large component common to all images in the features; left
+    # in, it gives every image the same top-1. The classifier is centred on the calibration
+    # images' mean features and scaled so deviations from it spread the logits by
+    # _LOGIT_SPREAD.
+    center = features.mean(axis=0)
+    fc_std = _LOGIT_SPREAD / float(np.linalg.norm(features - center, axis=1).mean())
+    fc_weight = rng.normal(0.0, fc_std, size=(NUM_CLASSES, FEATURES))
+    fc_bias = rng.normal(0.0, 0.5, size=NUM_CLASSES) - fc_weight @ center
+    weights["fc.weight"] = fc_weight.astype(np.float32)
+    weights["fc.bias"] = fc_bias.astype(np.float32)
     return weights
 
 
