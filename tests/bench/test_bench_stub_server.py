@@ -192,3 +192,12 @@ def test_stream_mode_without_a_stream_api_is_reported() -> None:
     no_stream: Any = SimpleNamespace()
     with pytest.raises(BenchUnavailableError, match=r"Client\.stream"):
         mode_steps(no_stream, "stream", [], BenchPlan(concurrency=(1,)), top_k=1, timeout=1.0)
+
+
+def test_plot_of_a_run(stub: tuple[str, StubClassifier], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    address, _ = stub
+    png = tmp_path / "run.png"
+    argv = [address, "--concurrency", "1,2", "--max-windows", "1", *FAST, "--plot", str(png)]
+    assert bench(argv) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,3 +97,24 @@ def test_video_without_pyav_says_how_to_get_it(
     monkeypatch.setitem(__import__("sys").modules, "av", None)
     with pytest.raises(InputError, match="PyAV"):
         list(video_sources(tmp_path / "clip.mp4", 10))
+
+
+def test_video_frames(tmp_path: Path) -> None:
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(6):
+            rgb = np.full((48, 64, 3), 40 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames = list(video_sources(path, 4))
+    assert len(frames) == 4
+    assert frames[0].shape == (48, 64, 3)
+    # Lossy, but the grey levels come through roughly.
+    assert abs(int(frames[3].mean()) - 120) < 10
+    inputs = prepare_inputs(iter(frames), CountingPreprocess(), str(path))
+    assert len(inputs) == 4
