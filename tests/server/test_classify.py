@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from framecast_client import AsyncClient, Client
+from framecast_client import AsyncClient, Client, preprocess
 from framecast_server.backends.onnxruntime import OnnxRuntimeBackend
 from framecast_server.background import BackgroundServer
 from support import random_frames
@@ -35,7 +35,7 @@ def test_results_match_the_backend_run_directly(
     backend = OnnxRuntimeBackend(serving.model.onnx_path, max_batch=8)
     expected = backend.infer(frames)
 
-    results = client.classify(list(frames), top_k=5)
+    results = client.classify_preprocessed(frames, top_k=5)
 
     assert len(results) == 5
     for result, probabilities in zip(results, expected, strict=True):
@@ -53,6 +53,13 @@ def test_results_match_the_backend_run_directly(
         assert result.timing.compute_ms > 0
 
 
+def test_classify_preprocesses_as_the_server_says(client: Client) -> None:
+    frame = random_frames(1, seed=5, size=300)[0]
+    spec = client.model_info().preprocessing
+    expected = client.classify_preprocessed(preprocess(frame, spec)[None], top_k=3)[0]
+    assert client.classify(frame, top_k=3).predictions == expected.predictions
+
+
 def test_single_image_returns_one_result_and_default_top_k(client: Client) -> None:
     result = client.classify(random_frames(1)[0])
     assert len(result.predictions) == 5
@@ -62,8 +69,8 @@ def test_single_image_returns_one_result_and_default_top_k(client: Client) -> No
 
 def test_more_images_than_max_batch_are_split_by_the_client(client: Client) -> None:
     frames = random_frames(19, seed=3)
-    results = client.classify(list(frames), top_k=1)
-    one_by_one = [client.classify(frame, top_k=1) for frame in frames[[0, 9, 18]]]
+    results = client.classify_preprocessed(frames, top_k=1)
+    one_by_one = [client.classify_preprocessed(frames[[i]], top_k=1)[0] for i in (0, 9, 18)]
     assert len(results) == 19
     assert [results[i].top.index for i in (0, 9, 18)] == [r.top.index for r in one_by_one]
 
