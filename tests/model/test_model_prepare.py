@@ -272,6 +272,14 @@ def test_user_onnx_with_a_frozen_batch_size_is_rejected(tmp_path: Path) -> None:
     assert published(tmp_path / "cache") == []
 
 
+def test_user_file_that_is_not_onnx(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00\x01 certainly not a protobuf \xff" * 10)
+    with pytest.raises(ValueError, match=r"cannot read .*model\.onnx as an ONNX model"):
+        prepare_model(ModelSource(kind="onnx", path=path), tmp_path / "cache")
+    assert published(tmp_path / "cache") == []
+
+
 def test_missing_user_files(tmp_path: Path) -> None:
     for kind in ("onnx", "weights"):
         with pytest.raises(FileNotFoundError, match="absent"):

@@ -131,7 +131,11 @@ def _resolve(
         if source.kind == "onnx":
 
             def build_onnx() -> onnx.ModelProto:
-                return wrap_external_onnx(onnx.load(str(path)), preset)
+                try:
+                    model = onnx.load(str(path))
+                except Exception as exc:  # protobuf's DecodeError, missing external data, ...
+                    raise ValueError(f"cannot read {path} as an ONNX model: {exc}") from exc
+                return wrap_external_onnx(model, preset)
 
             build = build_onnx
             name = path.stem

@@ -8,7 +8,6 @@ Batch-norm buffers ``num_batches_tracked`` are ignored wherever they appear.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from numpy.typing import NDArray
 
 from framecast_server.model.labels import NUM_CLASSES
 from framecast_server.model.presets import TORCHVISION, Preset
-
-logger = logging.getLogger(__name__)
 
 #: (stage name, number of bottleneck blocks, bottleneck width, stride of the first block).
 STAGES: tuple[tuple[str, int, int, int], ...] = (
