@@ -81,13 +81,14 @@ def image_from_proto(
             f"{where} is {image.height}x{image.width} (HxW); this model takes "
             f"{height}x{width}: preprocess it as GetModelInfo's preprocessing says"
         )
+    data = image.data  # each access of a bytes field makes a new copy: read it once
     expected = height * width * CHANNELS
-    if len(image.data) != expected:
+    if len(data) != expected:
         raise WireFormatError(
-            f"{where} carries {len(image.data)} bytes; {height}x{width}x{CHANNELS} uint8 "
+            f"{where} carries {len(data)} bytes; {height}x{width}x{CHANNELS} uint8 "
             f"needs exactly {expected}"
         )
-    return np.frombuffer(image.data, dtype=np.uint8).reshape(height, width, CHANNELS)
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, CHANNELS)
 
 
 def top_k_from_proto(value: int | None, *, num_classes: int, default: int) -> int:

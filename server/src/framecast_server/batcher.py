@@ -1,7 +1,7 @@
 """Dynamic batching: the server core between the gRPC servicers and the backend.
 
 Every image of every request and stream goes through one :class:`Batcher`. Callers ``await
-submit(images)`` on the event loop; a dispatcher task gathers queued requests into batches of at
+submit(images)`` on the event loop; the batcher gathers queued requests into batches of at
 most ``max_batch`` images and hands each batch to ONE dedicated worker thread, which makes ONE
 ``backend.infer`` call per batch. The event loop never runs inference, and the backend only ever
 sees one thread (TensorRT and CUDA contexts are thread-affine).
@@ -19,9 +19,10 @@ Policies:
   batch at most ``n - 1`` images short of full. Requests whose images differ in height or width
   also close the batch, since they cannot share one input array.
 * **Pipelining.** The queue keeps filling and the delay clock keeps running while a batch
-  computes; the next batch is taken from the queue the moment the worker is free (one event-loop
-  hop), so the backend is not idle while work is due. Only one batch is handed to the worker at a
-  time, so items can still be dropped (deadline, cancellation) until the moment they run.
+  computes; the next batch is taken from the queue the moment the worker posts its result back
+  (no task in between: admission, completion and the delay timer each call the dispatch step
+  directly), so the backend is not idle while work is due. Only one batch is handed to the
+  worker at a time, so items can still be dropped (deadline, cancellation) until they run.
 * **Copies.** A batch of one request passes the caller's array to the backend as is (no copy if it
   is C-contiguous). A batch of several requests is concatenated once into a fresh array, on the
   worker thread. A fresh array rather than a reused buffer: it cannot alias anything a backend
@@ -43,11 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import enum
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,7 +90,10 @@ class BatcherSettings:
     """
 
     max_batch: int = 32
-    max_delay_us: int = 2000  # wait at most this long after the oldest queued request for more
+    # Wait at most this long after the oldest queued request for more. 0 (as Triton's default)
+    # dispatches at once when the worker is free; batches still form from what queues while a
+    # batch computes, so waiting only adds latency unless the backend idles between arrivals.
+    max_delay_us: int = 0
     max_queue: int = 256  # images waiting (not counting the batch computing)
 
     def __post_init__(self) -> None:
@@ -158,6 +162,17 @@ class _Request:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Batch:
+    """Requests taken from the queue together, on their way to and from the worker."""
+
+    __slots__ = ("dispatched_ns", "requests", "size")
+
+    def __init__(self, requests: list[_Request]) -> None:
+        self.requests = requests
+        self.size = sum(req.n for req in requests)
+        self.dispatched_ns = time.monotonic_ns()
+
+
 class Batcher:
     """Gathers images from all callers into batches and runs them on one worker thread.
 
@@ -177,12 +192,14 @@ class Batcher:
         self._delay_ns = settings.max_delay_us * 1000
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0
-        self._wakeup = asyncio.Event()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Task[None] | None = None
+        self._jobs: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._running: _Batch | None = None  # the batch on the worker thread, if any
+        self._timer: asyncio.TimerHandle | None = None  # fires when the oldest request is due
+        self._timer_due_ns = 0
+        self._drained: asyncio.Event | None = None
         self._batches_run = 0
         self._images_run = 0
         self._failed_batches = 0
@@ -221,14 +238,15 @@ class Batcher:
         )
 
     async def start(self) -> None:
-        """Start the worker thread and the dispatcher on the running event loop."""
+        """Start the worker thread; the batcher then serves callers on the running event loop."""
         if self._closing:
             raise BatcherClosedError("the batcher is closed")
-        if self._dispatcher is not None:
+        if self._worker is not None:
             raise RuntimeError("the batcher is already started")
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framecast-infer")
-        self._dispatcher = self._loop.create_task(self._dispatch(), name="framecast-batcher")
+        self._drained = asyncio.Event()
+        self._worker = threading.Thread(target=self._work, name="framecast-infer", daemon=True)
+        self._worker.start()
 
     async def submit(
         self, images: NDArray[np.uint8], *, deadline: float | None = None
@@ -241,13 +259,24 @@ class Batcher:
         once closing. A failed batch raises :class:`BackendError`. Bad input raises ValueError.
         Cancelling the awaiting task withdraws the request if it has not started computing.
         """
+        # Cancelling the awaiting task cancels the awaited future, which withdraws the request.
+        return await self.submit_nowait(images, deadline=deadline)
+
+    def submit_nowait(
+        self, images: NDArray[np.uint8], *, deadline: float | None = None
+    ) -> asyncio.Future[list[ItemResult]]:
+        """Admit ``images`` now and return the future of their results (as ``submit``).
+
+        For callers with many items in flight (a stream): no coroutine or task per item.
+        Admission errors are raised here; cancelling the future withdraws a queued request.
+        """
         n = self._validate(images)
         if self._closing:
             raise BatcherClosedError("the batcher is closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("the batcher is not started")
-        if loop is not self._loop:
+        if asyncio.get_running_loop() is not loop:
             raise RuntimeError("submit() must run on the event loop the batcher was started on")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
@@ -262,24 +291,16 @@ class Batcher:
         req = _Request(images, deadline, loop.create_future())
         if deadline is not None:
             req.timer = loop.call_later(deadline - now, self._expire, req)
-        was_empty = not self._queue
+        req.future.add_done_callback(lambda _: self._withdraw_if_cancelled(req))
         self._queue.append(req)
         self._queued += n
-        # The dispatcher only needs waking when the queue stops being empty (to start the delay
-        # clock) or reaches a full batch; waking it for every item would cost a loop hop each.
-        if was_empty or self._queued >= self._settings.max_batch:
-            self._wakeup.set()
-        try:
-            return await req.future
-        except asyncio.CancelledError:
-            if req.state is _State.QUEUED:
-                self._remove(req)
-                self._dropped_cancelled += req.n
-            elif req.future.done() and not req.future.cancelled():
-                # The outcome landed just before the cancellation: mark any exception retrieved
-                # so asyncio does not log it as lost.
-                req.future.exception()
-            raise
+        self._maybe_dispatch()
+        return req.future
+
+    def _withdraw_if_cancelled(self, req: _Request) -> None:
+        if req.future.cancelled() and req.state is _State.QUEUED:
+            self._remove(req)
+            self._dropped_cancelled += req.n
 
     async def close(self) -> None:
         """Stop admitting work, run everything already queued, then stop the worker thread.
@@ -288,13 +309,15 @@ class Batcher:
         called. Queued requests are dispatched without waiting for ``max_delay``. Idempotent.
         """
         self._closing = True
-        self._wakeup.set()
-        if self._dispatcher is not None:
-            # Shielded so that a cancelled close() still lets the queued work drain.
-            await asyncio.shield(self._dispatcher)
-        if self._executor is not None:
-            # The dispatcher awaited the last batch, so the worker thread is idle: this only joins.
-            self._executor.shutdown(wait=True)
+        if self._loop is None or self._drained is None:
+            return  # never started
+        self._maybe_dispatch()
+        # Shielded so that a cancelled close() still lets the queued work drain.
+        await asyncio.shield(self._drained.wait())
+        if self._worker is not None and self._worker.is_alive():
+            self._jobs.put(None)
+            # The last batch has been delivered, so the worker is idle: this only joins.
+            await asyncio.to_thread(self._worker.join)
 
     @staticmethod
     def _validate_shape(images: NDArray[np.uint8]) -> None:
@@ -336,52 +359,67 @@ class Batcher:
                 DeadlineExpiredError("the deadline passed while the request was queued")
             )
 
-    async def _dispatch(self) -> None:
-        """The dispatcher task: wait for a batch to be due, take it, hand it to the worker."""
-        try:
-            while await self._wait_until_due():
-                if self._inflight is not None:
-                    # The queue keeps filling meanwhile; the batch is taken only once the worker
-                    # is free, so late arrivals join it and drops apply up to the last moment.
-                    await self._inflight
-                    self._inflight = None
-                batch = self._take_batch()
-                if batch:
-                    self._inflight = asyncio.get_running_loop().create_task(
-                        self._run_batch(batch), name="framecast-batch"
-                    )
-            if self._inflight is not None:
-                await self._inflight
-                self._inflight = None
-        except Exception:
-            logger.exception("the batcher's dispatcher failed; the batcher is closed")
-        finally:
-            # Normally the queue is empty here; after a crash or a cancellation (event loop
-            # shutting down), fail what is left rather than leave callers waiting forever.
-            self._closing = True
-            while self._queue:
-                req = self._queue[0]
-                self._remove(req)
-                if not req.future.done():
-                    req.future.set_exception(BatcherClosedError("the batcher stopped"))
+    def _maybe_dispatch(self) -> None:
+        """Hand the next due batch to the worker if it is free; else make sure a timer will ask.
 
-    async def _wait_until_due(self) -> bool:
-        """Wait until a batch is due; False when closing with nothing left to run."""
-        while True:
-            self._wakeup.clear()
-            if not self._queue:
-                if self._closing:
-                    return False
-                await self._wakeup.wait()
-                continue
-            if self._closing or self._queued >= self._settings.max_batch:
-                return True
-            # Recomputed on every wake-up: the oldest request may have been withdrawn meanwhile.
-            remaining_ns = self._queue[0].enqueued_ns + self._delay_ns - time.monotonic_ns()
-            if remaining_ns <= 0:
-                return True
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), remaining_ns / 1e9)
+        Called on the event loop whenever something changes: a request admitted, a batch done,
+        the delay timer fired, close(). No task sits in between, so an idle batcher costs a
+        request no event-loop hop on its way to the worker.
+        """
+        while self._running is None and self._queue:
+            if not self._closing and self._queued < self._settings.max_batch:
+                due_ns = self._queue[0].enqueued_ns + self._delay_ns
+                if due_ns > time.monotonic_ns():
+                    self._arm_timer(due_ns)
+                    return
+            batch = self._take_batch()
+            if batch:  # else every candidate was dropped: look again
+                self._running = _Batch(batch)
+                self._jobs.put(self._running)
+                return
+        if self._closing and self._running is None and not self._queue and self._drained:
+            self._drained.set()
+
+    def _arm_timer(self, due_ns: int) -> None:
+        if self._timer is not None:
+            if self._timer_due_ns <= due_ns:
+                return  # an earlier wake-up is coming; it re-evaluates
+            self._timer.cancel()
+        assert self._loop is not None
+        delay_s = (due_ns - time.monotonic_ns()) / 1e9
+        self._timer_due_ns = due_ns
+        self._timer = self._loop.call_later(max(delay_s, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._maybe_dispatch()
+
+    def _work(self) -> None:
+        """Worker thread: run each batch handed over, post the outcome back to the loop."""
+        while (batch := self._jobs.get()) is not None:
+            try:
+                outcome: tuple[NDArray[np.float32], int] | BaseException = self._compute(
+                    [req.images for req in batch.requests], batch.size
+                )
+            except BaseException as exc:  # delivered to the callers, never lost here
+                outcome = exc
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._on_batch_done, batch, outcome)
+            except RuntimeError:
+                return  # the event loop is closed: nobody is left to deliver to
+
+    def _on_batch_done(
+        self, batch: _Batch, outcome: tuple[NDArray[np.float32], int] | BaseException
+    ) -> None:
+        try:
+            if isinstance(outcome, BaseException):
+                self._fail_batch(batch, outcome)
+            else:
+                self._deliver(batch, *outcome)
+        finally:
+            self._running = None
+            self._maybe_dispatch()
 
     def _take_batch(self) -> list[_Request]:
         """Pop whole requests, first in first out, while they fit; drop expired ones on the way."""
@@ -414,44 +452,30 @@ class Batcher:
             size += req.n
         return batch
 
-    async def _run_batch(self, batch: list[_Request]) -> None:
-        """Run one batch on the worker thread and deliver each request's slice of the output."""
-        assert self._executor is not None
-        dispatched_ns = time.monotonic_ns()
-        size = sum(req.n for req in batch)
-        loop = asyncio.get_running_loop()
-        try:
-            probabilities, compute_ns = await loop.run_in_executor(
-                self._executor, self._compute, [req.images for req in batch], size
-            )
-        except asyncio.CancelledError:
-            # Only when the event loop is torn down under us; nobody will deliver results now.
-            for req in batch:
-                req.state = _State.DONE
-                if not req.future.done():
-                    req.future.set_exception(BatcherClosedError("the batcher stopped"))
-            raise
-        except Exception as exc:
-            self._failed_batches += 1
-            self._failed_images += size
-            logger.error("backend failed on a batch of %d images", size, exc_info=exc)
-            for req in batch:
-                req.state = _State.DONE
-                if not req.future.done():
-                    # One exception object per caller: a shared one would collect every
-                    # caller's traceback as each re-raises it.
-                    error = BackendError(f"inference failed for a batch of {size} images: {exc}")
-                    error.__cause__ = exc
-                    req.future.set_exception(error)
-            return
+    def _fail_batch(self, batch: _Batch, exc: BaseException) -> None:
+        size = batch.size
+        self._failed_batches += 1
+        self._failed_images += size
+        logger.error("backend failed on a batch of %d images: %r", size, exc)
+        for req in batch.requests:
+            req.state = _State.DONE
+            if not req.future.done():
+                # One exception object per caller: a shared one would collect every caller's
+                # traceback as each re-raises it.
+                error = BackendError(f"inference failed for a batch of {size} images: {exc}")
+                error.__cause__ = exc
+                req.future.set_exception(error)
+
+    def _deliver(self, batch: _Batch, probabilities: NDArray[np.float32], compute_ns: int) -> None:
+        size = batch.size
         self._batches_run += 1
         self._images_run += size
         compute_us = compute_ns // 1000
         offset = 0
-        for req in batch:
+        for req in batch.requests:
             req.state = _State.DONE
             if not req.future.done():  # a caller cancelled mid-compute gets nothing
-                queue_us = (dispatched_ns - req.enqueued_ns) // 1000
+                queue_us = (batch.dispatched_ns - req.enqueued_ns) // 1000
                 req.future.set_result(
                     [
                         ItemResult(probabilities[offset + i], queue_us, compute_us, size)

@@ -54,8 +54,9 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, port: int) -> Non
     parser.add_argument(
         "--max-delay-us",
         type=int,
-        default=2000,
-        help="longest wait for a batch to fill, microseconds (default 2000)",
+        default=0,
+        help="longest wait for a batch to fill, microseconds (default 0: batches form from "
+        "what queues while the backend computes)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=512, help="queued images before RESOURCE_EXHAUSTED"

@@ -35,7 +35,7 @@ class ServerSettings:
     model: ModelSource = field(default_factory=ModelSource)
     backend: BackendName = "auto"
     max_batch: int = 32
-    max_delay_us: int = 2000
+    max_delay_us: int = 0
     max_queue: int = 512
     threads: int | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,6 +28,16 @@ DEFAULT_TOP_K = 5
 # Frames of one stream admitted to the batcher before the servicer stops reading that stream:
 # flow control pushes back on the client instead of queueing without bound.
 STREAM_WINDOW = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingFrame:
+    """A stream frame between admission and its response: the batcher's future, or its error."""
+
+    frame_id: int
+    top_k: int
+    future: asyncio.Future[list[ItemResult]] | None
+    error: Exception | None
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -111,49 +122,57 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         except ModelNotReadyError as exc:
             await context.abort(*status_for(exc))
         deadline = _deadline(context)
-        # Each admitted frame becomes a task; the queue keeps them in arrival order and bounds
-        # how many one stream may have outstanding.
-        pending: asyncio.Queue[asyncio.Task[pb.StreamResponse] | None] = asyncio.Queue(
-            maxsize=STREAM_WINDOW
-        )
+        # Admitted frames wait here in arrival order, each as the batcher's future of its result
+        # (no task per frame); the bound caps how many one stream may have outstanding.
+        pending: asyncio.Queue[_PendingFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read_frames() -> None:
             try:
                 async for frame in request_iterator:
-                    task = asyncio.ensure_future(self._classify_frame(frame, serving, deadline))
-                    await pending.put(task)
+                    await pending.put(self._admit_frame(frame, serving, deadline))
             finally:
                 await pending.put(None)
 
         reader = asyncio.ensure_future(read_frames())
         try:
-            while (task := await pending.get()) is not None:
-                yield await task
+            while (entry := await pending.get()) is not None:
+                yield await self._frame_response(entry, serving)
             await reader  # re-raises a failure of the request stream
         finally:
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+                if leftover is not None and leftover.future is not None:
+                    leftover.future.cancel()  # withdraws it from the batcher's queue
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    async def _classify_frame(
+    def _admit_frame(
         self, frame: pb.StreamRequest, serving: ServingModel, deadline: float | None
-    ) -> pb.StreamResponse:
+    ) -> _PendingFrame:
         try:
             k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
             size = serving.model.preset.input_size
             image = wire.image_from_proto(frame.image, height=size, width=size)
-            (item,) = await serving.batcher.submit(image[None], deadline=deadline)
+            future = serving.batcher.submit_nowait(image[None], deadline=deadline)
+            return _PendingFrame(frame.frame_id, k, future, None)
+        except Exception as exc:
+            return _PendingFrame(frame.frame_id, 0, None, exc)
+
+    async def _frame_response(
+        self, entry: _PendingFrame, serving: ServingModel
+    ) -> pb.StreamResponse:
+        try:
+            if entry.future is None:
+                raise entry.error if entry.error is not None else RuntimeError("no work")
+            (item,) = await entry.future
             return pb.StreamResponse(
-                frame_id=frame.frame_id, classification=self._result(item, k, serving)
+                frame_id=entry.frame_id, classification=self._result(item, entry.top_k, serving)
             )
         except Exception as exc:
             code, message = status_for(exc)
             return pb.StreamResponse(
-                frame_id=frame.frame_id,
+                frame_id=entry.frame_id,
                 error=pb.FrameError(code=code.value[0], message=message),
             )
 
