@@ -92,7 +92,7 @@ class _BaseClient:
 
     @staticmethod
     def _request(batch: NDArray[np.uint8], top_k: int) -> pb.ClassifyRequest:
-        return pb.ClassifyRequest(images=[wire.image_to_proto(x) for x in batch], top_k=top_k)
+        return wire.classify_request(batch, top_k=top_k)
 
     def _stream_config(
         self,

@@ -12,6 +12,9 @@ def top_k(
     """Indices and probabilities of the k largest entries of a 1-D vector, best first."""
     if not 1 <= k <= probabilities.shape[-1]:
         raise ValueError(f"k must be in 1..{probabilities.shape[-1]}, got {k}")
+    if k == 1:  # the common case (cameras ask for the top class): argmax is ~10x cheaper
+        best = np.argmax(probabilities)
+        return np.array([best], dtype=np.int64), probabilities[[best]]
     # argpartition is O(C); only the k survivors get sorted.
     candidates = np.argpartition(probabilities, -k)[-k:]
     order = candidates[np.argsort(probabilities[candidates])[::-1]]
