@@ -4,8 +4,9 @@ Usage: uv run python scripts/typecheck.py [mypy args...]
 
 tensorrt-stubs (installed by the dev group) ships .pyi files without a py.typed marker, and its
 tensorrt_bindings/tensorrt.pyi does not parse: parameters named ``in`` and a parameter without a
-default after defaulted ones; its ``bool`` DataType shadows the builtin. This writes a repaired copy into .typings/ (git-ignored; mypy_path
-points there), then runs mypy. The copy is remade whenever the installed stubs change.
+default after defaulted ones; its ``bool`` DataType also shadows the builtin. This writes a
+repaired copy into .typings/ (git-ignored; mypy_path points there), then runs mypy. The copy is
+remade whenever the installed stubs change.
 """
 
 from __future__ import annotations

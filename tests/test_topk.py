@@ -20,5 +20,5 @@ def test_top_k_matches_a_full_sort(k: int) -> None:
 
 @pytest.mark.parametrize("k", [0, 1001])
 def test_top_k_outside_the_classes_is_refused(k: int) -> None:
-    with pytest.raises(ValueError, match="k must be in 1..1000"):
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.1000"):
         top_k(np.zeros(1000, dtype=np.float32), k)
