@@ -51,7 +51,8 @@ def normalize(images: NDArray[np.uint8], preset: Preset) -> NDArray[np.float64]:
     x = images.astype(np.float64)
     if preset.channel_order == "BGR":
         x = x[..., ::-1]
-    return (x - np.array(preset.mean)) / np.array(preset.std)
+    normalized: NDArray[np.float64] = (x - np.array(preset.mean)) / np.array(preset.std)
+    return normalized
 
 
 def softmax(logits: NDArray[np.float64]) -> NDArray[np.float64]:

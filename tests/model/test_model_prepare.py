@@ -192,7 +192,7 @@ def test_concurrent_preparations_build_once(
     path = tmp_path / "user.onnx"
     onnx.save_model(tiny.model, str(path))
     calls: list[float] = []
-    real_wrap = prepare_module.wrap_external_onnx
+    real_wrap = prepare_module.wrap_external_onnx  # type: ignore[attr-defined]
 
     def slow_wrap(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProto:
         calls.append(time.monotonic())
@@ -283,7 +283,7 @@ def test_user_file_that_is_not_onnx(tmp_path: Path) -> None:
 def test_missing_user_files(tmp_path: Path) -> None:
     for kind in ("onnx", "weights"):
         with pytest.raises(FileNotFoundError, match="absent"):
-            prepare_model(ModelSource(kind=kind, path=tmp_path / "absent"), tmp_path)  # type: ignore[arg-type]
+            prepare_model(ModelSource(kind=kind, path=tmp_path / "absent"), tmp_path)
 
 
 def test_model_source_validation() -> None:

@@ -70,4 +70,4 @@ def test_round_trip_through_dict() -> None:
 def test_invalid_presets_are_rejected(change: dict[str, object], message: str) -> None:
     values = {**PRESETS["torchvision"].to_dict(), **change}
     with pytest.raises(ValueError, match=message):
-        Preset(**values)  # type: ignore[arg-type]
+        Preset(**values)

@@ -82,7 +82,7 @@ def test_safetensors_round_trip_converts_to_float32(tmp_path: Path, tv_weights: 
     tensors["fc.bias"] = tv_weights["fc.bias"].astype(np.float64)
     tensors["bn1.num_batches_tracked"] = np.array(100, dtype=np.int64)
     path = tmp_path / "w.safetensors"
-    save_file(tensors, str(path))  # type: ignore[arg-type]
+    save_file(tensors, str(path))
     loaded = load_safetensors(path)
     assert set(loaded) == set(expected_shapes())
     assert all(w.dtype == np.float32 for w in loaded.values())
@@ -113,7 +113,7 @@ def test_integer_tensors_are_rejected(tmp_path: Path, tv_weights: Weights) -> No
     tensors: dict[str, NDArray[np.generic]] = dict(tv_weights)
     tensors["bn1.weight"] = np.ones(64, dtype=np.int32)
     path = tmp_path / "int.safetensors"
-    save_file(tensors, str(path))  # type: ignore[arg-type]
+    save_file(tensors, str(path))
     with pytest.raises(WeightsError, match=r"not floating point 1: bn1\.weight: dtype int32"):
         load_safetensors(path)
 
