@@ -53,9 +53,11 @@ def result_ids(results: Sequence[ItemResult]) -> list[int]:
 class FakeBackend:
     """Records every batch and the thread it ran on; can be held, slowed or made to fail."""
 
-    def __init__(self, max_batch: int = 64, *, delay: float = 0.0) -> None:
+    def __init__(self, max_batch: int = 64, *, delay: float = 0.0, concurrency: int = 1) -> None:
         self._loop = asyncio.get_running_loop()
         self._max_batch = max_batch
+        self._concurrency = concurrency
+        self._lock = threading.Lock()
         self.delay = delay  # simulated compute time in infer (not used to synchronize)
         self.gate = threading.Event()
         self.gate.set()
@@ -79,6 +81,10 @@ class FakeBackend:
     def max_batch(self) -> int:
         return self._max_batch
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self._concurrency
+
     def hold(self) -> None:
         """Make the next infer calls block until ``release``."""
         self.gate.clear()
@@ -87,8 +93,9 @@ class FakeBackend:
         self.gate.set()
 
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        self._active += 1
-        self.max_active = max(self.max_active, self._active)
+        with self._lock:
+            self._active += 1
+            self.max_active = max(self.max_active, self._active)
         try:
             assert 1 <= len(images) <= self._max_batch
             ids = ids_of(images)
@@ -109,7 +116,8 @@ class FakeBackend:
             output[:, 1] = len(ids)
             return output[:-1] if self.wrong_rows else output
         finally:
-            self._active -= 1
+            with self._lock:
+                self._active -= 1
 
     def close(self) -> None:
         self.closed = True
@@ -129,8 +137,9 @@ class Harness:
         max_delay_us: int = 0,
         max_queue: int = 256,
         delay: float = 0.0,
+        concurrency: int = 1,
     ) -> tuple[Batcher, FakeBackend]:
-        fake = FakeBackend(max_batch=max_batch, delay=delay)
+        fake = FakeBackend(max_batch=max_batch, delay=delay, concurrency=concurrency)
         batcher = Batcher(
             fake,
             BatcherSettings(max_batch=max_batch, max_delay_us=max_delay_us, max_queue=max_queue),
@@ -241,6 +250,37 @@ async def test_concurrent_callers_get_their_own_results(harness: Harness) -> Non
     assert fake.max_active == 1
     assert len(fake.threads) == 1
     assert threading.get_ident() not in fake.threads
+
+
+async def test_a_backend_that_overlaps_batches_gets_that_many_in_flight(
+    harness: Harness,
+) -> None:
+    batcher, fake = await harness.make(max_batch=2, concurrency=2)
+    fake.hold()
+    tasks = [spawn(batcher, i) for i in range(1, 7)]
+    await settle()
+    entered = [await asyncio.wait_for(fake.entered.get(), TIMEOUT) for _ in range(2)]
+    # Both workers are inside infer at once (each took what was due: one image, no delay);
+    # the rest waits for a free worker and then forms full batches.
+    assert sorted(entered) == [[1], [2]]
+    assert fake.max_active == 2
+    assert len(fake.threads) == 2
+    assert batcher.queued == 4
+    fake.release()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+    assert results == [[i] for i in range(1, 7)]
+    assert sorted(fake.batches[2:]) == [[3, 4], [5, 6]]
+    assert fake.max_active <= 2
+
+
+async def test_one_batch_at_a_time_for_other_backends(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=2, delay=0.01)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(spawn(batcher, i) for i in range(1, 21))), TIMEOUT
+    )
+    assert results == [[i] for i in range(1, 21)]
+    assert fake.max_active == 1
+    assert len(fake.threads) == 1
 
 
 async def test_requests_are_not_split_and_stay_first_in_first_out(harness: Harness) -> None:

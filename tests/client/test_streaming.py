@@ -76,6 +76,10 @@ class GatedBackend:
     def max_batch(self) -> int:
         return self._inner.max_batch
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
+
     def hold(self) -> None:
         self._open.clear()
 

@@ -47,6 +47,10 @@ class GatedBackend:
     def max_batch(self) -> int:
         return 8
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
+
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         self.entered.set()
         if not self.release.wait(30):

@@ -2,15 +2,14 @@
 
 Every image of every request and stream goes through one :class:`Batcher`. Callers ``await
 submit(images)`` on the event loop; the batcher gathers queued requests into batches of at
-most ``max_batch`` images and hands each batch to ONE dedicated worker thread, which makes ONE
-``backend.infer`` call per batch. The event loop never runs inference, and the backend only ever
-sees one thread (TensorRT and CUDA contexts are thread-affine).
+most ``max_batch`` images and hands each batch to a dedicated worker thread, which makes ONE
+``backend.infer`` call per batch. The event loop never runs inference.
 
 Policies:
 
 * **Batch formation.** A batch is dispatched when the queue holds at least ``max_batch`` images, or
   when ``max_delay_us`` has passed since the oldest queued request was admitted, whichever comes
-  first, and the worker is free. The delay is counted from admission, not from when the worker
+  first, and a worker is free. The delay is counted from admission, not from when the worker
   became free: items that already waited while the previous batch computed go at once.
 * **Requests are never split.** A request (1 <= n <= max_batch images) always rides in one batch.
   Batches are filled strictly first-in first-out: when the next request does not fit in the room
@@ -19,10 +18,12 @@ Policies:
   batch at most ``n - 1`` images short of full. Requests whose images differ in height or width
   also close the batch, since they cannot share one input array.
 * **Pipelining.** The queue keeps filling and the delay clock keeps running while a batch
-  computes; the next batch is taken from the queue the moment the worker posts its result back
+  computes; the next batch is taken from the queue the moment a worker posts its result back
   (no task in between: admission, completion and the delay timer each call the dispatch step
-  directly), so the backend is not idle while work is due. Only one batch is handed to the
-  worker at a time, so items can still be dropped (deadline, cancellation) until they run.
+  directly), so the backend is not idle while work is due. A backend runs
+  ``max_concurrent_batches`` batches at once, each handed to its own worker thread: 1 for
+  ONNX Runtime (infer only ever sees one thread), 2 for TensorRT (one batch's copies overlap
+  the other's compute). Items can be dropped (deadline, cancellation) until they run.
 * **Copies.** A batch of one request passes the caller's array to the backend as is (no copy if it
   is C-contiguous). A batch of several requests is concatenated once into a fresh array, on the
   worker thread. A fresh array rather than a reused buffer: it cannot alias anything a backend
@@ -195,8 +196,13 @@ class Batcher:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
-        self._running: _Batch | None = None  # the batch on the worker thread, if any
+        # Backends that overlap batches (TensorRT: copies of one under compute of another) get
+        # that many workers; the others get one, so infer is only ever called from one thread.
+        self._depth = backend.max_concurrent_batches
+        if self._depth < 1:
+            raise ValueError(f"backend max_concurrent_batches must be >= 1, got {self._depth}")
+        self._workers: list[threading.Thread] = []
+        self._running: set[_Batch] = set()  # batches handed to the workers
         self._timer: asyncio.TimerHandle | None = None  # fires when the oldest request is due
         self._timer_due_ns = 0
         self._drained: asyncio.Event | None = None
@@ -241,12 +247,16 @@ class Batcher:
         """Start the worker thread; the batcher then serves callers on the running event loop."""
         if self._closing:
             raise BatcherClosedError("the batcher is closed")
-        if self._worker is not None:
+        if self._workers:
             raise RuntimeError("the batcher is already started")
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
-        self._worker = threading.Thread(target=self._work, name="framecast-infer", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"framecast-infer-{i}", daemon=True)
+            for i in range(self._depth)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     async def submit(
         self, images: NDArray[np.uint8], *, deadline: float | None = None
@@ -314,10 +324,12 @@ class Batcher:
         self._maybe_dispatch()
         # Shielded so that a cancelled close() still lets the queued work drain.
         await asyncio.shield(self._drained.wait())
-        if self._worker is not None and self._worker.is_alive():
+        workers, self._workers = self._workers, []
+        for _ in workers:
             self._jobs.put(None)
-            # The last batch has been delivered, so the worker is idle: this only joins.
-            await asyncio.to_thread(self._worker.join)
+        # The last batch has been delivered, so the workers are idle: this only joins.
+        for worker in workers:
+            await asyncio.to_thread(worker.join)
 
     @staticmethod
     def _validate_shape(images: NDArray[np.uint8]) -> None:
@@ -360,13 +372,13 @@ class Batcher:
             )
 
     def _maybe_dispatch(self) -> None:
-        """Hand the next due batch to the worker if it is free; else make sure a timer will ask.
+        """Hand due batches to free workers; else make sure a timer will ask again.
 
         Called on the event loop whenever something changes: a request admitted, a batch done,
         the delay timer fired, close(). No task sits in between, so an idle batcher costs a
         request no event-loop hop on its way to the worker.
         """
-        while self._running is None and self._queue:
+        while len(self._running) < self._depth and self._queue:
             if not self._closing and self._queued < self._settings.max_batch:
                 due_ns = self._queue[0].enqueued_ns + self._delay_ns
                 if due_ns > time.monotonic_ns():
@@ -374,10 +386,10 @@ class Batcher:
                     return
             batch = self._take_batch()
             if batch:  # else every candidate was dropped: look again
-                self._running = _Batch(batch)
-                self._jobs.put(self._running)
-                return
-        if self._closing and self._running is None and not self._queue and self._drained:
+                running = _Batch(batch)
+                self._running.add(running)
+                self._jobs.put(running)
+        if self._closing and not self._running and not self._queue and self._drained:
             self._drained.set()
 
     def _arm_timer(self, due_ns: int) -> None:
@@ -418,7 +430,7 @@ class Batcher:
             else:
                 self._deliver(batch, *outcome)
         finally:
-            self._running = None
+            self._running.discard(batch)
             self._maybe_dispatch()
 
     def _take_batch(self) -> list[_Request]:

@@ -43,6 +43,14 @@ class Backend(Protocol):
         """Largest N that ``infer`` accepts."""
         ...
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """How many batches the backend overlaps: infer may run on that many threads at once.
+
+        1 for backends that run one batch at a time (their infer only ever sees one thread).
+        """
+        ...
+
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         """Classify one batch; 1 <= N <= max_batch. Raises BackendError on failure."""
         ...

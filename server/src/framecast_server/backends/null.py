@@ -53,6 +53,11 @@ class NullBackend:
         return self._max_batch
 
     @property
+    def max_concurrent_batches(self) -> int:
+        """One batch at a time."""
+        return 1
+
+    @property
     def num_classes(self) -> int:
         """Width C of each output row."""
         return self._num_classes

@@ -45,6 +45,11 @@ class OnnxRuntimeBackend:
     def max_batch(self) -> int:
         return self._max_batch
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        # One batch at a time: ONNX Runtime already spreads one batch over all the cores.
+        return 1
+
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         """Classify one batch of uint8 [N, H, W, 3] images."""
         if not 1 <= len(images) <= self._max_batch:

@@ -225,6 +225,11 @@ class TensorRTBackend:
         """Largest batch ``infer`` accepts (the engine profile's max)."""
         return self._settings.max_batch
 
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Two: one batch's copies overlap the other's compute, on two contexts and streams."""
+        return NUM_SLOTS
+
     def submit(self, images: NDArray[np.uint8]) -> Future[NDArray[np.float32]]:
         """Queue one batch and return at once; the future holds probabilities [N, 1000].
 
