@@ -19,7 +19,6 @@ from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .streaming import (
-    DEFAULT_MAX_IN_FLIGHT,
     AsyncStreamSession,
     Backoff,
     StreamConfig,
@@ -99,7 +98,7 @@ class _BaseClient:
         info: ModelInfo,
         *,
         top_k: int,
-        max_in_flight: int,
+        max_in_flight: int | None,
         mode: StreamMode,
         reconnect: bool,
         backoff: Backoff | None,
@@ -216,7 +215,7 @@ class Client(_BaseClient):
         frames: Iterable[ImageInput],
         *,
         top_k: int = 1,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight: int | None = None,
         mode: StreamMode = "realtime",
         reconnect: bool = True,
         backoff: Backoff | None = None,
@@ -233,7 +232,8 @@ class Client(_BaseClient):
                 :mod:`framecast_client.sources`. It is read on a thread of the session;
                 frames must not be modified after they are yielded.
             top_k: Classes per frame.
-            max_in_flight: Most frames sent and not answered at any time.
+            max_in_flight: Most frames sent and not answered at any time (default: 3 in
+                realtime mode, for latency; 8 in lossless mode, for throughput).
             mode: ``"realtime"`` drops the oldest unsent frames when the server falls behind
                 (the latest frame wins; latency stays bounded); ``"lossless"`` gives every
                 frame a result, in order, reading the source only as fast as the server
@@ -339,7 +339,7 @@ class AsyncClient(_BaseClient):
         frames: Iterable[ImageInput],
         *,
         top_k: int = 1,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_in_flight: int | None = None,
         mode: StreamMode = "realtime",
         reconnect: bool = True,
         backoff: Backoff | None = None,

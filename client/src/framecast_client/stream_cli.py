@@ -102,8 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--max-in-flight",
         type=_positive_int,
-        default=DEFAULT_MAX_IN_FLIGHT,
-        help=f"most frames sent and not answered (default {DEFAULT_MAX_IN_FLIGHT})",
+        default=None,
+        help="most frames sent and not answered (default: 3 in realtime mode, 8 in lossless)",
     )
     p.add_argument("--top-k", type=_positive_int, default=1, help="classes per frame (default 1)")
     p.set_defaults(handler=run)
@@ -135,18 +135,17 @@ def run(args: argparse.Namespace) -> int:
         info = client.model_info()
         if info.warning:
             logger.warning("%s", info.warning)
-        logger.info(
-            "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
-            source.description,
-            args.address,
-            info.name,
-            info.backend,
-            mode,
-            args.max_in_flight,
-        )
-        with client.stream(
-            source, top_k=args.top_k, max_in_flight=args.max_in_flight, mode=mode
-        ) as session:
+        in_flight = args.max_in_flight or DEFAULT_MAX_IN_FLIGHT[mode]
+        with client.stream(source, top_k=args.top_k, max_in_flight=in_flight, mode=mode) as session:
+            logger.info(
+                "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
+                source.description,
+                args.address,
+                info.name,
+                info.backend,
+                mode,
+                in_flight,
+            )
             watch = _Watch(session)
             outcome = watch.run(args.duration, sys.stdout)
             stats = session.stats

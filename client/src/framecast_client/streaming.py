@@ -67,7 +67,13 @@ logger = logging.getLogger(__name__)
 StreamMode: TypeAlias = Literal["realtime", "lossless"]
 STREAM_MODES: tuple[StreamMode, ...] = ("realtime", "lossless")
 
-DEFAULT_MAX_IN_FLIGHT = 8
+# Frames outstanding by default, per mode. Realtime: three keep the server busy (one
+# computing, one queued, one on the way) while latency stays a few frames' worth of server
+# time; more only add latency when the server is the bottleneck. Measured against ONNX Runtime
+# on 2 cores, synthetic camera at 30 fps: 3 in flight gave 15.5 fps out at p50 186 ms, 8 gave
+# the same 15.5 fps at p50 472 ms, 2 gave 13.3 fps at 165 ms. Lossless: more hide the round
+# trip for throughput.
+DEFAULT_MAX_IN_FLIGHT: dict[StreamMode, int] = {"realtime": 3, "lossless": 8}
 # Results the user has not taken yet, beyond the frames in flight: past that, answers are not
 # read, so in-flight slots stay taken and a slow consumer slows (realtime: drops) the stream
 # instead of queueing results without bound.
@@ -281,7 +287,7 @@ def make_stream_config(
     channel_order: ChannelOrder,
     num_classes: int,
     top_k: int,
-    max_in_flight: int,
+    max_in_flight: int | None,
     mode: str,
     reconnect: bool,
     backoff: Backoff | None,
@@ -289,11 +295,13 @@ def make_stream_config(
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
     if mode not in STREAM_MODES:
         raise ValueError(f"mode must be one of {', '.join(STREAM_MODES)}; got {mode!r}")
+    checked_mode: StreamMode = "realtime" if mode == "realtime" else "lossless"
+    if max_in_flight is None:
+        max_in_flight = DEFAULT_MAX_IN_FLIGHT[checked_mode]
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
         raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
         raise ValueError(f"top_k must be between 1 and {num_classes}, got {top_k!r}")
-    checked_mode: StreamMode = "realtime" if mode == "realtime" else "lossless"
     backoff = backoff or Backoff()
     # The channel reconnects on its own schedule, which by default starts at 1 s and grows to
     # 120 s: a stream retrying faster would only meet a channel still waiting. Align the
