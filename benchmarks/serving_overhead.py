@@ -168,18 +168,30 @@ async def _stream_rate(
     return received, received / (time.perf_counter() - started)
 
 
-async def _stream_echo(address: str, payload: bytes, seconds: float) -> float:
+async def _measured_stream(
+    open_stream: object, request: object, seconds: float, server_pid: int
+) -> tuple[float, float]:
+    """(frames/s, server CPU microseconds per frame) after a short warm-up stream."""
+    await _stream_rate(open_stream, request, 0.5)
+    cpu_before = _cpu_seconds(server_pid)
+    received, rate = await _stream_rate(open_stream, request, seconds)
+    return rate, (_cpu_seconds(server_pid) - cpu_before) / max(received, 1) * 1e6
+
+
+async def _stream_echo(
+    address: str, payload: bytes, seconds: float, pid: int
+) -> tuple[float, float]:
     async with grpc.aio.insecure_channel(address) as channel:
         stream = channel.stream_stream("/echo.Echo/Stream", None, None)
-        await _stream_rate(stream, payload, 0.5)
-        return (await _stream_rate(stream, payload, seconds))[1]
+        return await _measured_stream(stream, payload, seconds, pid)
 
 
-async def _stream_framecast(address: str, request: pb.StreamRequest, seconds: float) -> float:
+async def _stream_framecast(
+    address: str, request: pb.StreamRequest, seconds: float, pid: int
+) -> tuple[float, float]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
-        await _stream_rate(stub.ClassifyStream, request, 0.5)
-        return (await _stream_rate(stub.ClassifyStream, request, seconds))[1]
+        return await _measured_stream(stub.ClassifyStream, request, seconds, pid)
 
 
 # ---------------------------------------------------------------- ONNX Runtime served vs in-process
@@ -253,7 +265,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         echo_cmd = [sys.executable, __file__, "--echo-server", str(tmp / "echo.port")]
         with (
-            _process(echo_cmd, tmp / "echo.port") as (echo, _),
+            _process(echo_cmd, tmp / "echo.port") as (echo, echo_pid),
             _process(_framecast_server(tmp, "null", 32), tmp / "null.port") as (null, null_pid),
         ):
             _wait_serving(null)
@@ -269,20 +281,22 @@ def main() -> int:
             }
             _show("unary p50 latency (ms), concurrency 1", results["unary"])
 
-            echo_rates, fc_rates, cpu_per_frame = [], [], []
+            echo_runs, fc_runs = [], []
             for _ in range(ROUNDS):
-                echo_rates.append(asyncio.run(_stream_echo(echo, stream_payload, args.seconds)))
-                cpu0 = _cpu_seconds(null_pid)
-                t0 = time.perf_counter()
-                rate = asyncio.run(_stream_framecast(null, stream_request, args.seconds))
-                frames = rate * (time.perf_counter() - t0)
-                cpu_per_frame.append((_cpu_seconds(null_pid) - cpu0) / max(frames, 1) * 1e6)
-                fc_rates.append(rate)
+                echo_runs.append(
+                    asyncio.run(_stream_echo(echo, stream_payload, args.seconds, echo_pid))
+                )
+                fc_runs.append(
+                    asyncio.run(_stream_framecast(null, stream_request, args.seconds, null_pid))
+                )
+            echo_rate = statistics.median(r for r, _ in echo_runs)
+            fc_rate = statistics.median(r for r, _ in fc_runs)
             results["stream"] = {
-                "echo_frames_per_s": statistics.median(echo_rates),
-                "framecast_frames_per_s": statistics.median(fc_rates),
-                "ratio": statistics.median(fc_rates) / statistics.median(echo_rates),
-                "server_cpu_us_per_frame": statistics.median(cpu_per_frame),
+                "echo_frames_per_s": echo_rate,
+                "framecast_frames_per_s": fc_rate,
+                "ratio": fc_rate / echo_rate,
+                "echo_server_cpu_us_per_frame": statistics.median(c for _, c in echo_runs),
+                "framecast_server_cpu_us_per_frame": statistics.median(c for _, c in fc_runs),
                 "target": ">= 0.85",
             }
             _show("bidi stream, 8 in flight", results["stream"])
