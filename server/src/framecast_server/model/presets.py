@@ -57,6 +57,13 @@ class Preset:
                 f"got input_size={self.input_size}, resize_size={self.resize_size}"
             )
 
+    @property
+    def normalization(self) -> str:
+        """What the graph does to pixels, for people: order, mean and std (0..255 scale)."""
+        mean = "/".join(f"{v:g}" for v in self.mean)
+        std = "/".join(f"{v:g}" for v in self.std)
+        return f"{self.name}: {self.channel_order}, (x - {mean}) / {std}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form; :meth:`from_dict` inverts it."""
         return asdict(self)

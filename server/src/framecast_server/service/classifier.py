@@ -50,10 +50,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def __init__(self, *, max_message_bytes: int) -> None:
         self._serving: ServingModel | None = None
+        self._model_info: pb.ModelInfo | None = None
         self._max_message_bytes = max_message_bytes
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
+        self._model_info = self._describe(serving)
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -61,15 +63,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             raise ModelNotReadyError
         return self._serving
 
-    async def GetModelInfo(
-        self,
-        request: pb.GetModelInfoRequest,
-        context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.ModelInfo],
-    ) -> pb.ModelInfo:
-        try:
-            serving = self._require_serving()
-        except ModelNotReadyError as exc:
-            await context.abort(*status_for(exc))
+    def _describe(self, serving: ServingModel) -> pb.ModelInfo:
+        # Built once per model: it does not change while the model is served.
         model, preset, backend = serving.model, serving.model.preset, serving.backend.info
         spec = PreprocessSpec(
             input_height=preset.input_size,
@@ -84,13 +79,22 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             backend=backend.name,
             precision=backend.precision,
             max_batch=serving.batcher.settings.max_batch,
-            preprocessing=wire.preprocessing_to_proto(spec, normalization=preset.name),
+            preprocessing=wire.preprocessing_to_proto(spec, normalization=preset.normalization),
             pretrained=model.pretrained,
             weights_source=model.weights_source,
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
         )
+
+    async def GetModelInfo(
+        self,
+        request: pb.GetModelInfoRequest,
+        context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.ModelInfo],
+    ) -> pb.ModelInfo:
+        if self._model_info is None:
+            await context.abort(*status_for(ModelNotReadyError()))
+        return self._model_info
 
     async def Classify(
         self,
