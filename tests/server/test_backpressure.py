@@ -1,0 +1,114 @@
+"""Through gRPC: a full queue answers RESOURCE_EXHAUSTED at once, a passed deadline is never run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from framecast_client import Classification, Client, DeadlineExceededError, ResourceExhaustedError
+from framecast_server.backends.base import BackendInfo
+from framecast_server.background import BackgroundServer
+from numpy.typing import NDArray
+from support import make_settings, random_frames
+
+
+class HeldBackend:
+    """Holds every batch until released and records the first pixel of each image it ran."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.seen: list[int] = []
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo("held", "fp32", "cpu")
+
+    @property
+    def max_batch(self) -> int:
+        return 2
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        self.seen.extend(int(v) for v in images[:, 0, 0, 0])
+        self.entered.set()
+        if not self.release.wait(30):
+            raise RuntimeError("never released")
+        return np.full((len(images), 1000), 1e-3, dtype=np.float32)
+
+    def close(self) -> None:
+        self.release.set()
+
+
+def frame(key: int) -> NDArray[np.uint8]:
+    image = random_frames(1, seed=key)[0]
+    image[0, 0, 0] = key
+    batch: NDArray[np.uint8] = image[None]
+    return batch
+
+
+Held = tuple[HeldBackend, Client, ThreadPoolExecutor, BackgroundServer]
+
+
+@pytest.fixture
+def held(cache_dir: Path) -> Iterator[Held]:
+    backend = HeldBackend()
+    backend.release.set()  # the warm-up batch
+    settings = make_settings(cache_dir, backend="null", max_batch=2, max_queue=2)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        Client(server.address, timeout=30) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        client.model_info()
+        backend.release.clear()
+        backend.entered.clear()
+        backend.seen.clear()
+        yield backend, client, pool, server
+        backend.release.set()
+
+
+def wait_queued(server: BackgroundServer, images: int) -> None:
+    assert server.serving is not None
+    deadline = time.monotonic() + 10
+    while server.serving.batcher.queued != images:
+        assert time.monotonic() < deadline, "requests never reached the queue"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_is_refused_at_once_and_the_server_recovers(held: Held) -> None:
+    backend, client, pool, server = held
+    running = pool.submit(client.classify_preprocessed, frame(1))
+    assert backend.entered.wait(10)
+    queued: list[Future[list[Classification]]] = [
+        pool.submit(client.classify_preprocessed, frame(k)) for k in (2, 3)
+    ]
+    wait_queued(server, 2)
+    with pytest.raises(ResourceExhaustedError, match="at capacity"):
+        client.classify_preprocessed(frame(4))
+    backend.release.set()
+    for future in (running, *queued):
+        assert len(future.result(timeout=30)) == 1
+    assert client.classify_preprocessed(frame(5))[0].top.index >= 0
+    assert 4 not in backend.seen
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_run(held: Held) -> None:
+    backend, client, pool, _ = held
+    running = pool.submit(client.classify_preprocessed, frame(1))
+    assert backend.entered.wait(10)
+    with pytest.raises(DeadlineExceededError):
+        client.classify_preprocessed(frame(7), timeout=0.3)
+    backend.release.set()
+    assert len(running.result(timeout=30)) == 1
+    assert client.classify_preprocessed(frame(8))[0].predictions
+    assert 7 not in backend.seen
+    assert 8 in backend.seen
