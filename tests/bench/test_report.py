@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framecast_client.bench.histogram import LogHistogram
 from framecast_client.bench.report import (
     LATENCY_KEYS,
     SPLIT_COMPONENTS,
@@ -20,6 +19,7 @@ from framecast_client.bench.report import (
     csv_text,
     format_table,
 )
+from framecast_client.histogram import LogHistogram
 
 StepFactory = Callable[..., StepResult]
 ReportFactory = Callable[..., BenchReport]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from framecast_client.bench.histogram import LogHistogram
+from framecast_client.histogram import LogHistogram
 from numpy.typing import NDArray
 
 QS = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)

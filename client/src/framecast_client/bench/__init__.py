@@ -8,7 +8,6 @@ a constant-memory log-bucketed histogram, and reports as a table, JSON, CSV and 
 from __future__ import annotations
 
 from framecast_client.bench.compare import compare_reports
-from framecast_client.bench.histogram import LogHistogram
 from framecast_client.bench.report import BenchReport, StepResult, WindowResult
 from framecast_client.bench.runner import (
     BenchPlan,
@@ -19,6 +18,7 @@ from framecast_client.bench.runner import (
     run_plan,
 )
 from framecast_client.bench.schedule import constant_schedule, poisson_schedule
+from framecast_client.histogram import LogHistogram
 
 __all__ = [
     "BenchPlan",

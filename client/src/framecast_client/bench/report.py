@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from framecast_client.bench.histogram import LogHistogram
+from framecast_client.histogram import LogHistogram
 
 REPORT_FORMAT = "framecast-bench/1"
 #: Percentile keys of every latency summary, in display order.

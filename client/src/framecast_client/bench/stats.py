@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from framecast_client.bench.histogram import LogHistogram
 from framecast_client.bench.report import (
     SPLIT_COMPONENTS,
     StepResult,
@@ -19,6 +18,7 @@ from framecast_client.bench.report import (
     latency_summary,
     short_summary,
 )
+from framecast_client.histogram import LogHistogram
 
 
 @dataclass
