@@ -12,7 +12,6 @@ from typing import Any
 
 from framecast_client.bench.compare import compare_reports
 from framecast_client.bench.inputs import (
-    VIDEO_SUFFIXES,
     InputError,
     PreparedInputs,
     directory_sources,
@@ -32,6 +31,7 @@ from framecast_client.bench.runner import (
 )
 from framecast_client.bench.sessions import mode_steps, stream_supported
 from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
+from framecast_client.sources import VIDEO_SUFFIXES
 from framecast_client.types import ModelInfo
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16"
