@@ -1,0 +1,206 @@
+"""The asyncio session: the call runs on the event loop, reading and preprocessing on threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+
+from .._proto import classifier_pb2 as pb
+from .._proto import classifier_pb2_grpc as pb_grpc
+from ..preprocess import ImageInput
+from .config import StreamConfig, StreamMode
+from .pipeline import WAIT, Signal, StreamCore
+from .receiver import Receiver
+from .results import StreamResult, StreamStats, empty_latency
+
+T = TypeVar("T")
+
+
+class AsyncStreamSession:
+    """The asyncio twin of :class:`StreamSession`; iterate with ``async for``.
+
+    Made by :meth:`AsyncClient.stream`; it starts on ``async with`` (or on the first
+    ``async for`` step, or :meth:`start`)::
+
+        async with client.stream(frames, mode="lossless") as session:
+            async for result in session:
+                ...
+
+    Reading and preprocessing run on two threads of the session, as in the blocking session
+    (sources and preprocessing block); the call itself runs on the event loop.
+    """
+
+    def __init__(
+        self,
+        frames: Iterable[ImageInput],
+        configure: Callable[[], Awaitable[StreamConfig]],
+        *,
+        mode: StreamMode,
+    ) -> None:
+        """``configure`` fetches the server's preprocessing and builds the StreamConfig."""
+        self._frames = frames
+        self._configure = configure
+        self._mode: StreamMode = mode
+        self._core: StreamCore | None = None
+        self._call: Any = None
+        self._channel: grpc.aio.Channel | None = None
+        self._driver: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._starting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncStreamSession:
+        return self
+
+    async def __anext__(self) -> StreamResult:
+        core = await self._started_core()
+        item = await self._wait(core.pop_locked)
+        if isinstance(item, StreamResult):
+            return item
+        if isinstance(item, BaseException):
+            raise item
+        raise StopAsyncIteration
+
+    @property
+    def stats(self) -> StreamStats:
+        """Live counters and latency percentiles (all zero before the session starts)."""
+        if self._core is None:
+            empty = empty_latency()
+            return StreamStats(self._mode, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, empty, empty)
+        return self._core.stats()
+
+    async def start(self) -> None:
+        """Fetch the server's preprocessing and start streaming (idempotent)."""
+        await self._started_core()
+
+    async def _started_core(self) -> StreamCore:
+        if self._core is not None:
+            return self._core
+        if self._closed:
+            raise RuntimeError("this stream session is closed")
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._core is None:
+                config = await self._configure()
+                loop = asyncio.get_running_loop()
+                wakeup = asyncio.Event()
+
+                def wake() -> None:
+                    # RuntimeError: the loop is closed, and nobody is left to wake.
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(wakeup.set)
+
+                core = StreamCore(config)
+                core.add_listener(wake)
+                options = list(config.channel_options)
+                if config.credentials is None:
+                    channel = grpc.aio.insecure_channel(config.address, options=options)
+                else:
+                    channel = grpc.aio.secure_channel(config.address, config.credentials, options)
+                self._wakeup, self._channel = wakeup, channel
+                self._core = core
+                core.start_threads(self._frames)
+                self._driver = asyncio.ensure_future(self._drive(core, channel))
+        return self._core
+
+    async def aclose(self) -> None:
+        """Stop the source, the threads and the call; results not yet taken are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        core = self._core
+        if core is None:
+            return
+        core.stop(close=True)
+        if self._call is not None:
+            self._call.cancel()
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+        await asyncio.to_thread(core.join_threads)
+
+    async def _wait(self, attempt: Callable[[], T | Signal]) -> T | Signal:
+        """Call ``attempt`` under the lock until it returns something other than WAIT."""
+        core, wakeup = self._core, self._wakeup
+        assert core is not None
+        assert wakeup is not None
+        while True:
+            # Cleared before the check: a change after the check sets it again, so no wake-up
+            # is lost between the check and the wait.
+            wakeup.clear()
+            with core.lock:
+                item = attempt()
+            if item is not WAIT:
+                return item
+            await wakeup.wait()
+
+    async def _sleep_unless_stopped(self, core: StreamCore, delay: float) -> None:
+        deadline = time.monotonic() + delay
+        wakeup = self._wakeup
+        assert wakeup is not None
+        while not core.is_stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            wakeup.clear()
+            try:
+                await asyncio.wait_for(wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    async def _requests(self, core: StreamCore, generation: int) -> AsyncIterator[pb.StreamRequest]:
+        while True:
+            item = await self._wait(lambda: core.take_locked(generation))
+            if not isinstance(item, pb.StreamRequest):
+                return
+            yield item
+
+    async def _drive(self, core: StreamCore, channel: grpc.aio.Channel) -> None:
+        """The receiver task: one call after another until the stream ends."""
+        stub = pb_grpc.ClassifierStub(channel)
+        receiver = Receiver(core)
+
+        def room() -> bool | Signal:
+            return core.output_room_locked() or WAIT
+
+        try:
+            while not core.is_stopping():
+                generation = core.generation
+                call = stub.ClassifyStream(self._requests(core, generation))
+                self._call = call
+                error: grpc.RpcError | None = None
+                try:
+                    async for response in call:
+                        await self._wait(room)
+                        with core.lock:
+                            if not receiver.on_response_locked(generation, response):
+                                return
+                    if receiver.call_complete():
+                        return
+                except grpc.RpcError as exc:
+                    error = exc
+                delay = receiver.after_break(error)
+                if delay is None:
+                    return
+                await self._sleep_unless_stopped(core, delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            receiver.crashed(exc)
+        finally:
+            core.stop()
+            await channel.close(None)

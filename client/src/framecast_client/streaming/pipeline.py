@@ -1,0 +1,429 @@
+"""The pipeline of one session, shared by the blocking and the asyncio session.
+
+The buffers between the stages, the frames in flight, the drop policy (realtime) and the
+resend policy (lossless), the counters, and the reader and preprocess threads. The sessions
+only run the call: a thread (``StreamSession``) or a task (``AsyncStreamSession``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from .. import wire
+from .._proto import classifier_pb2 as pb
+from ..errors import InvalidImageError
+from ..preprocess import ImageInput, preprocess
+from ..types import Classification
+from .config import StreamConfig
+from .results import FrameError, Latencies, StreamResult, StreamStats
+
+logger = logging.getLogger(__name__)
+
+# Results the user has not taken yet, beyond the frames in flight: past that, answers are not
+# read, so in-flight slots stay taken and a slow consumer slows (realtime: drops) the stream
+# instead of queueing results without bound.
+_OUTPUT_SLACK = 8
+# How long close() waits for a source stuck in next() (a stalled camera) before leaving its
+# thread behind (it is a daemon thread, and exits as soon as the source returns).
+_SOURCE_JOIN_TIMEOUT_S = 2.0
+_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Signal:
+    """A sentinel returned by the non-blocking core methods."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+WAIT = Signal("WAIT")  # nothing to do yet: wait for the next change
+END = Signal("END")  # nothing more will come
+
+
+@dataclass(slots=True)
+class _Raw:
+    index: int
+    frame: Any
+    captured: float
+
+
+@dataclass(slots=True)
+class _Ready:
+    frame_id: int
+    index: int
+    captured: float
+    request: pb.StreamRequest | None  # None when preprocessing failed
+    error: FrameError | None
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    item: _Ready
+    sent: bool
+    result: StreamResult | None = None
+
+
+class StreamCore:
+    """The state of one session: buffers, in-flight frames, counters, and the two threads.
+
+    Every method whose name ends in ``_locked`` must be called with ``lock`` held; the others
+    take it. Every change calls the listeners (so an asyncio session can wake its coroutines)
+    and notifies ``cond`` (so threads can wait on it). The non-blocking methods return
+    ``WAIT`` when their caller must wait for a change.
+    """
+
+    def __init__(self, config: StreamConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self._realtime = config.mode == "realtime"
+        # Realtime: one frame per buffer, the newest. Lossless: a window's worth, so the
+        # server never waits on the client's preprocessing.
+        self._buffer_capacity = 1 if self._realtime else config.max_in_flight
+        self._output_capacity = config.max_in_flight + _OUTPUT_SLACK
+        self._listeners: list[Callable[[], None]] = []
+        self._raw: collections.deque[_Raw] = collections.deque()
+        self._ready: collections.deque[_Ready] = collections.deque()
+        self._outstanding: collections.OrderedDict[int, _Outstanding] = collections.OrderedDict()
+        self._resend: collections.deque[int] = collections.deque()
+        self._output: collections.deque[StreamResult] = collections.deque()
+        self.generation = 0
+        self._stopping = False
+        self._closed = False
+        self._source_done = False
+        self._preprocess_done = False
+        self._finished = False
+        self._failure: BaseException | None = None
+        self._source_failure: BaseException | None = None
+        self._next_frame_id = 0
+        self._started = time.monotonic()
+        self._latencies = Latencies()
+        self._read = 0
+        self._sent = 0
+        self._resent = 0
+        self._received = 0
+        self._errors = 0
+        self._dropped = 0
+        self._disconnects = 0
+        self._reconnects = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._threads: list[threading.Thread] = []
+
+    # -- plumbing
+
+    def is_stopping(self) -> bool:
+        """Whether the session is ending: every stage stops taking new work."""
+        return self._stopping
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        with self.lock:
+            self._listeners.append(listener)
+
+    def _changed_locked(self) -> None:
+        self.cond.notify_all()
+        for listener in self._listeners:
+            listener()
+
+    def start_threads(self, frames: Iterable[ImageInput]) -> None:
+        """Start reading and preprocessing ``frames``."""
+        reader = threading.Thread(
+            target=self._read_source, args=(frames,), name="framecast-stream-reader", daemon=True
+        )
+        worker = threading.Thread(
+            target=self._preprocess_frames, name="framecast-stream-preprocess", daemon=True
+        )
+        self._threads = [reader, worker]
+        for thread in self._threads:
+            thread.start()
+
+    def join_threads(self) -> None:
+        """Wait for the reader and preprocess threads (after stop()); blocking."""
+        reader, worker = self._threads or (None, None)
+        if worker is not None:
+            worker.join()
+        if reader is not None:
+            reader.join(_SOURCE_JOIN_TIMEOUT_S)
+            if reader.is_alive():
+                logger.warning(
+                    "the frame source did not return within %.0f s of closing the stream; "
+                    "its reader thread will exit when it does",
+                    _SOURCE_JOIN_TIMEOUT_S,
+                )
+
+    def stop(self, *, close: bool = False) -> None:
+        """Stop every stage; with close=True the user's iteration ends too."""
+        with self.lock:
+            self._stopping = True
+            self._closed = self._closed or close
+            self._changed_locked()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the session with ``exc``: results already out are delivered first."""
+        with self.lock:
+            if self._failure is None and not self._finished:
+                self._failure = exc
+            self._finished = True
+            self._stopping = True
+            self._changed_locked()
+
+    # -- reader thread
+
+    def _read_source(self, frames: Iterable[ImageInput]) -> None:
+        iterator: Iterator[ImageInput] | None = None
+        try:
+            iterator = iter(frames)
+            index = 0
+            while not self.is_stopping():
+                try:
+                    frame = next(iterator)
+                except StopIteration:
+                    break
+                captured = time.monotonic()
+                with self.lock:
+                    if not self._realtime:
+                        while len(self._raw) >= self._buffer_capacity and not self.is_stopping():
+                            self.cond.wait()
+                    if self.is_stopping():
+                        break
+                    self._read += 1
+                    if len(self._raw) >= self._buffer_capacity:
+                        self._raw.popleft()  # realtime: the latest frame wins
+                        self._dropped += 1
+                    self._raw.append(_Raw(index, frame, captured))
+                    self._changed_locked()
+                index += 1
+        except Exception as exc:
+            # Frames already read still get their results; the error ends the iteration.
+            logger.error("the frame source failed: %r", exc)
+            with self.lock:
+                self._source_failure = exc
+        finally:
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:
+                    logger.warning("closing the frame source failed: %r", exc)
+            with self.lock:
+                self._source_done = True
+                self._changed_locked()
+
+    # -- preprocess thread
+
+    def _preprocess_frames(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self.is_stopping() and not (
+                        (self._raw or self._source_done)
+                        and (self._realtime or len(self._ready) < self._buffer_capacity)
+                    ):
+                        self.cond.wait()
+                    if self.is_stopping() or not self._raw:
+                        return
+                    raw = self._raw.popleft()
+                    self._changed_locked()
+                request, error = self._prepare(raw)
+                with self.lock:
+                    if self.is_stopping():
+                        return
+                    frame_id = self._next_frame_id
+                    self._next_frame_id += 1
+                    if request is not None:
+                        request.frame_id = frame_id
+                    if len(self._ready) >= self._buffer_capacity:
+                        self._ready.popleft()  # realtime: the latest frame wins
+                        self._dropped += 1
+                    self._ready.append(_Ready(frame_id, raw.index, raw.captured, request, error))
+                    self._changed_locked()
+        except Exception as exc:
+            logger.exception("preprocessing failed unexpectedly")
+            self.fail(exc)
+        finally:
+            with self.lock:
+                self._preprocess_done = True
+                self._changed_locked()
+
+    def _prepare(self, raw: _Raw) -> tuple[pb.StreamRequest | None, FrameError | None]:
+        config = self.config
+        try:
+            image = preprocess(raw.frame, config.spec, channel_order=config.channel_order)
+        except (InvalidImageError, TypeError) as exc:
+            logger.debug("frame %d cannot be preprocessed: %s", raw.index, exc)
+            return None, FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "client")
+        request = pb.StreamRequest(image=wire.image_to_proto(image), top_k=config.top_k)
+        return request, None
+
+    # -- the request iterator of the current call
+
+    def take_locked(self, generation: int) -> pb.StreamRequest | Signal:
+        """The next frame to send on call ``generation``, WAIT, or END (half-close)."""
+        if self.is_stopping() or generation != self.generation:
+            return END
+        if self._resend:
+            slot = self._outstanding[self._resend.popleft()]
+            slot.sent = True
+            self._resent += 1
+            self._count_in_flight_locked()
+            assert slot.item.request is not None
+            return slot.item.request
+        while (
+            self._ready
+            and len(self._outstanding) < self.config.max_in_flight
+            and len(self._output) < self._output_capacity
+        ):
+            item = self._ready.popleft()
+            self._changed_locked()
+            if item.request is None:
+                # Never sent: its result is ready now, delivered once the frames before it are.
+                assert item.error is not None
+                self._outstanding[item.frame_id] = _Outstanding(item, sent=False)
+                self._complete_locked(item.frame_id, item.error)
+                continue
+            self._outstanding[item.frame_id] = _Outstanding(item, sent=True)
+            self._sent += 1
+            self._count_in_flight_locked()
+            return item.request
+        if self._source_done and self._preprocess_done and not self._raw and not self._ready:
+            return END
+        return WAIT
+
+    def _count_in_flight_locked(self) -> None:
+        self._in_flight += 1
+        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        self._changed_locked()
+
+    # -- the response reader of the current call
+
+    def output_room_locked(self) -> bool:
+        """Whether the next answer may be read (else results wait for the user)."""
+        return self.is_stopping() or len(self._output) < self._output_capacity
+
+    def on_response_locked(self, generation: int, response: pb.StreamResponse) -> None:
+        """Record the answer for one frame."""
+        if generation != self.generation:
+            return  # a late answer on a call already given up; its frames were dealt with
+        slot = self._outstanding.get(response.frame_id)
+        if slot is None or not slot.sent or slot.result is not None:
+            logger.warning(
+                "ignoring an answer for frame %d, which is not in flight", response.frame_id
+            )
+            return
+        outcome: Classification | FrameError
+        if response.HasField("classification"):
+            outcome = wire.classification_from_proto(response.classification)
+        else:
+            code = _CODE_BY_VALUE.get(response.error.code, grpc.StatusCode.UNKNOWN)
+            outcome = FrameError(code, response.error.message, "server")
+        self._in_flight -= 1
+        self._complete_locked(response.frame_id, outcome)
+
+    def _complete_locked(self, frame_id: int, outcome: Classification | FrameError) -> None:
+        slot = self._outstanding[frame_id]
+        latency_ms = (time.monotonic() - slot.item.captured) * 1000.0
+        slot.result = StreamResult(frame_id, slot.item.index, outcome, latency_ms)
+        self._received += 1
+        if isinstance(outcome, FrameError):
+            self._errors += 1
+        else:
+            self._latencies.record(latency_ms)
+        self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Move finished frames to the output, in source order."""
+        while self._outstanding:
+            frame_id, slot = next(iter(self._outstanding.items()))
+            if slot.result is None:
+                break
+            del self._outstanding[frame_id]
+            self._output.append(slot.result)
+        self._changed_locked()
+
+    def on_break_locked(self) -> int:
+        """The current call failed: give up its frames (realtime) or queue them again."""
+        self.generation += 1
+        self._disconnects += 1
+        self._in_flight = 0
+        waiting = [fid for fid, slot in self._outstanding.items() if slot.result is None]
+        if self._realtime:
+            for frame_id in waiting:
+                del self._outstanding[frame_id]
+            self._dropped += len(waiting)
+            self._flush_locked()
+        else:
+            for frame_id in waiting:
+                self._outstanding[frame_id].sent = False
+            self._resend = collections.deque(waiting)
+        self._changed_locked()
+        return len(waiting)
+
+    def on_reconnected_locked(self) -> None:
+        self._reconnects += 1
+        self._changed_locked()
+
+    def drained_locked(self) -> bool:
+        """Whether every frame of the source has its result (or was dropped)."""
+        return (
+            self._source_done
+            and self._preprocess_done
+            and not self._raw
+            and not self._ready
+            and not self._resend
+            and not self._outstanding
+        )
+
+    def finish(self) -> None:
+        """The last call ended with every frame answered."""
+        with self.lock:
+            if self._failure is None:
+                self._failure = self._source_failure
+            self._finished = True
+            self._stopping = True
+            self._changed_locked()
+
+    # -- the user's iteration
+
+    def pop_locked(self) -> StreamResult | BaseException | Signal:
+        """The next result, the failure that ended the stream (once), WAIT or END."""
+        if self._closed:
+            return END
+        if self._output:
+            result = self._output.popleft()
+            self._changed_locked()
+            return result
+        if self._finished:
+            failure, self._failure = self._failure, None
+            return END if failure is None else failure
+        return WAIT
+
+    def stats(self) -> StreamStats:
+        """A snapshot of the counters."""
+        with self.lock:
+            return StreamStats(
+                mode=self.config.mode,
+                elapsed_s=time.monotonic() - self._started,
+                read=self._read,
+                sent=self._sent,
+                resent=self._resent,
+                received=self._received,
+                errors=self._errors,
+                dropped=self._dropped,
+                disconnects=self._disconnects,
+                reconnects=self._reconnects,
+                in_flight=self._in_flight,
+                max_in_flight=self._max_in_flight,
+                latency_ms=self._latencies.summary(),
+                recent_latency_ms=self._latencies.recent_summary(),
+            )

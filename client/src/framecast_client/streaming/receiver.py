@@ -1,0 +1,151 @@
+"""What the response reader does with a call: record its answers, and decide after a break.
+
+:class:`Receiver` holds that logic once for both sessions; the blocking session runs it on a
+thread, the asyncio session in a task, and each only waits and iterates in its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import grpc
+
+from .._proto import classifier_pb2 as pb
+from .._rpc import from_status
+from ..errors import RpcError, UnavailableError
+from .config import StreamConfig
+from .pipeline import StreamCore
+
+logger = logging.getLogger(__name__)
+
+# How a reset connection shows when it is not reported as UNAVAILABLE.
+_RESET_MARKERS = ("stream removed", "rst_stream", "connection reset", "socket closed")
+# What a call that ended before answering every frame counts as.
+_ENDED_EARLY = (grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+
+
+def _retriable(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed stream means the server or the connection went away."""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        lowered = details.lower()
+        return any(marker in lowered for marker in _RESET_MARKERS)
+    return False
+
+
+def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return code, details or ""
+
+
+class _Reconnector:
+    """Decides, after a broken call, whether and when to try again."""
+
+    def __init__(self, config: StreamConfig) -> None:
+        self._config = config
+        self._rng = random.Random()
+        self._attempt = 0
+        self._outage_since: float | None = None
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since is not None
+
+    def recovered(self) -> None:
+        self._attempt = 0
+        self._outage_since = None
+
+    def next_delay(self, code: grpc.StatusCode, details: str) -> float | RpcError:
+        """Seconds to wait before the next attempt, or the error that ends the session."""
+        config = self._config
+        if not config.reconnect or not _retriable(code, details):
+            return from_status(code, details, address=config.address)
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        delay = config.backoff.delay(self._attempt, self._rng)
+        self._attempt += 1
+        give_up = config.backoff.give_up_after_s
+        if give_up is not None and now + delay - self._outage_since > give_up:
+            return UnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no Framecast server answers at {config.address} after trying for "
+                f"{now - self._outage_since:.1f} s ({details})",
+            )
+        return delay
+
+
+def _log_break(config: StreamConfig, code: grpc.StatusCode, details: str, lost: int) -> None:
+    what = "resent" if config.mode == "lossless" else "dropped"
+    logger.warning(
+        "the stream to %s broke (%s: %s); %d frame(s) in flight will be %s; reconnecting",
+        config.address,
+        code.name,
+        details,
+        lost,
+        what,
+    )
+
+
+class Receiver:
+    """The response reader of a session, from one call to the next until the stream ends.
+
+    The session makes the calls, waits for room in the output before reading each answer,
+    and waits ``after_break``'s delay before the next call; this decides everything else.
+    """
+
+    def __init__(self, core: StreamCore) -> None:
+        self._core = core
+        self._config = core.config
+        self._reconnector = _Reconnector(core.config)
+
+    def on_response_locked(self, generation: int, response: pb.StreamResponse) -> bool:
+        """Record an answer of call ``generation``; False when the session is stopping."""
+        core = self._core
+        if core.is_stopping():
+            return False
+        core.on_response_locked(generation, response)
+        if self._reconnector.in_outage:
+            # The first answer since the connection broke.
+            core.on_reconnected_locked()
+            logger.info("the stream to %s is back", self._config.address)
+        self._reconnector.recovered()
+        return True
+
+    def call_complete(self) -> bool:
+        """The call's answers ended: whether that was every frame's (the session finishes)."""
+        core = self._core
+        with core.lock:
+            drained = core.drained_locked()
+        if drained:
+            core.finish()
+        return drained
+
+    def after_break(self, error: grpc.RpcError | None) -> float | None:
+        """The call failed with ``error``, or (None) ended before every frame was answered.
+
+        Returns the seconds to wait before the next call, or None when the session ends: it
+        is stopping, or fails with the error (not retried, or the backoff gave up).
+        """
+        core = self._core
+        code, details = _ENDED_EARLY if error is None else rpc_status(error)
+        if core.is_stopping():
+            return None
+        delay = self._reconnector.next_delay(code, details)
+        if isinstance(delay, RpcError):
+            core.fail(delay)
+            return None
+        with core.lock:
+            lost = core.on_break_locked()
+        _log_break(self._config, code, details, lost)
+        return delay
+
+    def crashed(self, exc: Exception) -> None:
+        """The session's own code failed: log it with its traceback and end the session."""
+        logger.exception("the stream's receiver failed unexpectedly")
+        self._core.fail(exc)
