@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -105,6 +105,18 @@ class _Shared:
     # next() on itertools.count is atomic under the GIL: a lock-free ticket dispenser.
     tickets: itertools.count[int] = field(default_factory=itertools.count)
 
+    @classmethod
+    def for_step(
+        cls, payloads: Sequence[Payload], config: StepConfig, start: float, clock: Clock
+    ) -> _Shared:
+        """The state of a step whose load starts at ``start``, bounded as ``config`` says."""
+        return cls(
+            payloads=payloads,
+            recorder=Recorder(clock, config.max_requests_per_window),
+            budget=config.request_budget,
+            deadline=start + config.hard_stop_s,
+        )
+
 
 def error_name(exc: BaseException) -> str:
     """A failed request's key in the error counts: the status code name, else the type."""
@@ -161,22 +173,38 @@ def _send_and_record(
     _record(shared.recorder, payload, results, due=due, sent=sent, done=done)
 
 
-def _closed_worker(shared: _Shared, factory: SessionFactory, clock: Clock) -> None:
+def _work(
+    shared: _Shared, factory: SessionFactory, limit: int, send: Callable[[Session, int], bool]
+) -> None:
+    """A worker: open a session, then ``send`` for each ticket below ``limit``, then close.
+
+    The loop ends when the step stops, the tickets run out, or ``send`` returns False. A
+    session that cannot be opened counts as an error of the step.
+    """
     try:
         session = factory()
     except Exception as exc:
         shared.recorder.record_error(error_name(exc))
         return
     try:
-        n = len(shared.payloads)
         while not shared.stop.is_set():
             ticket = next(shared.tickets)
-            if ticket >= shared.budget or clock() >= shared.deadline:
+            if ticket >= limit or not send(session, ticket):
                 break
-            payload = shared.payloads[ticket % n]
-            _send_and_record(shared, session, payload, clock(), clock)
     finally:
         session.close()
+
+
+def _closed_worker(shared: _Shared, factory: SessionFactory, clock: Clock) -> None:
+    n = len(shared.payloads)
+
+    def send(session: Session, ticket: int) -> bool:
+        if clock() >= shared.deadline:
+            return False
+        _send_and_record(shared, session, shared.payloads[ticket % n], clock(), clock)
+        return True
+
+    _work(shared, factory, shared.budget, send)
 
 
 def _open_worker(
@@ -186,29 +214,22 @@ def _open_worker(
     schedule: Sequence[float],
     clock: Clock,
 ) -> None:
-    try:
-        session = factory()
-    except Exception as exc:
-        shared.recorder.record_error(error_name(exc))
-        return
-    try:
-        n = len(shared.payloads)
-        while not shared.stop.is_set():
-            ticket = next(shared.tickets)
-            if ticket >= len(schedule) or ticket >= shared.budget:
-                break
-            # Latency counts from the scheduled time, not the send: a request that waited
-            # for a free worker was late because the system was slow, and that wait is
-            # exactly the queueing a closed loop hides.
-            due = start + schedule[ticket]
-            delay = due - clock()
-            if delay > 0 and shared.stop.wait(delay):
-                break
-            if clock() >= shared.deadline:
-                break
-            _send_and_record(shared, session, shared.payloads[ticket % n], due, clock)
-    finally:
-        session.close()
+    n = len(shared.payloads)
+
+    def send(session: Session, ticket: int) -> bool:
+        # Latency counts from the scheduled time, not the send: a request that waited
+        # for a free worker was late because the system was slow, and that wait is
+        # exactly the queueing a closed loop hides.
+        due = start + schedule[ticket]
+        delay = due - clock()
+        if delay > 0 and shared.stop.wait(delay):
+            return False
+        if clock() >= shared.deadline:
+            return False
+        _send_and_record(shared, session, shared.payloads[ticket % n], due, clock)
+        return True
+
+    _work(shared, factory, min(len(schedule), shared.budget), send)
 
 
 def _measure(
@@ -281,6 +302,47 @@ def offered_rate(
     return arrivals / duration
 
 
+def arrival_offsets(
+    rate: float, config: StepConfig, arrival: Arrival, rng: np.random.Generator | None
+) -> list[float]:
+    """When each request of an open-loop step is due, in seconds from the step's start."""
+    if arrival == "poisson":
+        schedule = poisson_schedule(
+            rate, config.hard_stop_s, config.request_budget, rng or np.random.default_rng()
+        )
+    else:
+        schedule = constant_schedule(rate, config.hard_stop_s, config.request_budget)
+    return [float(x) for x in schedule]
+
+
+def _used_windows(windows: Sequence[Window], stable: bool, config: StepConfig) -> int:
+    """How many of the last windows the step's result is made of."""
+    return config.stability_windows if stable else min(config.stability_windows, len(windows))
+
+
+def closed_step_result(
+    windows: Sequence[Window], stable: bool, config: StepConfig, concurrency: int
+) -> StepResult:
+    """The result of a closed-loop step that measured ``windows``."""
+    used = _used_windows(windows, stable, config)
+    return step_result(windows, used=used, stable=stable, loop="closed", concurrency=concurrency)
+
+
+def open_step_result(
+    windows: Sequence[Window],
+    stable: bool,
+    config: StepConfig,
+    rate: float,
+    start: float,
+    offsets: Sequence[float],
+) -> StepResult:
+    """The result of an open-loop step at ``rate`` that measured ``windows``."""
+    used = _used_windows(windows, stable, config)
+    step = step_result(windows, used=used, stable=stable, loop="open", target_rate_rps=rate)
+    step.offered_rps = offered_rate(start, offsets, windows, used)
+    return step
+
+
 def run_closed_step(
     factory: SessionFactory,
     payloads: Sequence[Payload],
@@ -292,12 +354,7 @@ def run_closed_step(
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     start = clock()
-    shared = _Shared(
-        payloads=payloads,
-        recorder=Recorder(clock, config.max_requests_per_window),
-        budget=config.request_budget,
-        deadline=start + config.hard_stop_s,
-    )
+    shared = _Shared.for_step(payloads, config, start, clock)
     threads = [
         threading.Thread(
             target=_closed_worker, args=(shared, factory, clock), name=f"bench-c{i}", daemon=True
@@ -307,8 +364,7 @@ def run_closed_step(
     for th in threads:
         th.start()
     windows, stable = _measure(shared, threads, config, start, clock)
-    used = config.stability_windows if stable else min(config.stability_windows, len(windows))
-    return step_result(windows, used=used, stable=stable, loop="closed", concurrency=concurrency)
+    return closed_step_result(windows, stable, config, concurrency)
 
 
 def run_open_step(
@@ -329,22 +385,11 @@ def run_open_step(
     """
     if max_inflight < 1:
         raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
-    if arrival == "poisson":
-        schedule = poisson_schedule(
-            rate, config.hard_stop_s, config.request_budget, rng or np.random.default_rng()
-        )
-    else:
-        schedule = constant_schedule(rate, config.hard_stop_s, config.request_budget)
-    offsets = [float(x) for x in schedule]
+    offsets = arrival_offsets(rate, config, arrival, rng)
     threads_n = max(1, min(max_inflight, len(offsets)))
     # A short lead so every worker is up before the first arrival is due.
     start = clock() + 0.05
-    shared = _Shared(
-        payloads=payloads,
-        recorder=Recorder(clock, config.max_requests_per_window),
-        budget=config.request_budget,
-        deadline=start + config.hard_stop_s,
-    )
+    shared = _Shared.for_step(payloads, config, start, clock)
     threads = [
         threading.Thread(
             target=_open_worker,
@@ -357,10 +402,7 @@ def run_open_step(
     for th in threads:
         th.start()
     windows, stable = _measure(shared, threads, config, start, clock)
-    used = config.stability_windows if stable else min(config.stability_windows, len(windows))
-    step = step_result(windows, used=used, stable=stable, loop="open", target_rate_rps=rate)
-    step.offered_rps = offered_rate(start, offsets, windows, used)
-    return step
+    return open_step_result(windows, stable, config, rate, start, offsets)
 
 
 @dataclass(frozen=True)
@@ -386,17 +428,43 @@ ClosedStep = Callable[[int, StepConfig], StepResult]
 OpenStep = Callable[[float, StepConfig, np.random.Generator], StepResult]
 
 
-def unary_steps(
-    factory: SessionFactory, payloads: Sequence[Payload], plan: BenchPlan
+#: What a mode's step drivers load: a SessionFactory (unary, batch) or a StreamOpener (stream).
+Target = TypeVar("Target")
+_Target_contra = TypeVar("_Target_contra", contravariant=True)
+
+
+class _OpenStepRunner(Protocol[_Target_contra]):
+    """``run_open_step`` or ``run_stream_open_step``."""
+
+    def __call__(
+        self,
+        target: _Target_contra,
+        payloads: Sequence[Payload],
+        rate: float,
+        config: StepConfig,
+        /,
+        *,
+        max_inflight: int,
+        arrival: Arrival,
+        rng: np.random.Generator | None,
+    ) -> StepResult: ...
+
+
+def plan_steps(
+    run_closed: Callable[[Target, Sequence[Payload], int, StepConfig], StepResult],
+    run_open: _OpenStepRunner[Target],
+    target: Target,
+    payloads: Sequence[Payload],
+    plan: BenchPlan,
 ) -> tuple[ClosedStep, OpenStep]:
-    """The step drivers of the unary and batch modes (worker threads, one call each)."""
+    """A mode's step drivers: its closed and open step runners bound to ``target``."""
 
     def closed(concurrency: int, config: StepConfig) -> StepResult:
-        return run_closed_step(factory, payloads, concurrency, config)
+        return run_closed(target, payloads, concurrency, config)
 
     def open_(rate: float, config: StepConfig, rng: np.random.Generator) -> StepResult:
-        return run_open_step(
-            factory,
+        return run_open(
+            target,
             payloads,
             rate,
             config,
@@ -406,6 +474,13 @@ def unary_steps(
         )
 
     return closed, open_
+
+
+def unary_steps(
+    factory: SessionFactory, payloads: Sequence[Payload], plan: BenchPlan
+) -> tuple[ClosedStep, OpenStep]:
+    """The step drivers of the unary and batch modes (worker threads, one call each)."""
+    return plan_steps(run_closed_step, run_open_step, factory, payloads, plan)
 
 
 def run_plan(

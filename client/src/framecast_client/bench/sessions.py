@@ -9,7 +9,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from framecast_client.bench.inputs import Payload
-from framecast_client.bench.report import StepResult
 from framecast_client.bench.runner import (
     BenchPlan,
     BenchUnavailableError,
@@ -17,7 +16,7 @@ from framecast_client.bench.runner import (
     Mode,
     OpenStep,
     SessionFactory,
-    StepConfig,
+    plan_steps,
     unary_steps,
 )
 from framecast_client.bench.stream_runner import (
@@ -119,19 +118,4 @@ def mode_steps(
         )
     opener = client_stream_opener(client, top_k=top_k)
     payloads = stream_payloads(client, payloads)
-
-    def closed(concurrency: int, config: StepConfig) -> StepResult:
-        return run_stream_closed_step(opener, payloads, concurrency, config)
-
-    def open_(rate: float, config: StepConfig, rng: np.random.Generator) -> StepResult:
-        return run_stream_open_step(
-            opener,
-            payloads,
-            rate,
-            config,
-            max_inflight=plan.max_inflight,
-            arrival=plan.arrival,
-            rng=rng,
-        )
-
-    return closed, open_
+    return plan_steps(run_stream_closed_step, run_stream_open_step, opener, payloads, plan)

@@ -36,11 +36,12 @@ from framecast_client.bench.runner import (
     _measure,
     _record,
     _Shared,
+    arrival_offsets,
+    closed_step_result,
     error_name,
-    offered_rate,
+    open_step_result,
 )
-from framecast_client.bench.schedule import constant_schedule, poisson_schedule
-from framecast_client.bench.stats import Recorder, Window, step_result
+from framecast_client.bench.stats import Window
 from framecast_client.types import Classification
 
 #: Opens a session over ``frames`` with ``max_in_flight`` outstanding frames; the session is
@@ -141,12 +142,7 @@ def _run(
     clock: Clock,
 ) -> tuple[list[Window], bool, float]:
     start = clock() + 0.05
-    shared = _Shared(
-        payloads=payloads,
-        recorder=Recorder(clock, config.max_requests_per_window),
-        budget=config.request_budget,
-        deadline=start + config.hard_stop_s,
-    )
+    shared = _Shared.for_step(payloads, config, start, clock)
     feed = _Feed(shared, limit, clock)
     session = open_stream(frames(feed, start), max_in_flight)
     consumer = threading.Thread(
@@ -181,8 +177,7 @@ def run_stream_closed_step(
         concurrency,
         clock,
     )
-    used = config.stability_windows if stable else min(config.stability_windows, len(windows))
-    return step_result(windows, used=used, stable=stable, loop="closed", concurrency=concurrency)
+    return closed_step_result(windows, stable, config, concurrency)
 
 
 def run_stream_open_step(
@@ -197,13 +192,7 @@ def run_stream_open_step(
     clock: Clock = time.perf_counter,
 ) -> StepResult:
     """Frames on a schedule of ``rate`` per second fixed in advance, latency from it."""
-    if arrival == "poisson":
-        schedule = poisson_schedule(
-            rate, config.hard_stop_s, config.request_budget, rng or np.random.default_rng()
-        )
-    else:
-        schedule = constant_schedule(rate, config.hard_stop_s, config.request_budget)
-    offsets = [float(x) for x in schedule]
+    offsets = arrival_offsets(rate, config, arrival, rng)
     windows, stable, start = _run(
         open_stream,
         payloads,
@@ -213,7 +202,4 @@ def run_stream_open_step(
         None,
         clock,
     )
-    used = config.stability_windows if stable else min(config.stability_windows, len(windows))
-    step = step_result(windows, used=used, stable=stable, loop="open", target_rate_rps=rate)
-    step.offered_rps = offered_rate(start, offsets, windows, used)
-    return step
+    return open_step_result(windows, stable, config, rate, start, offsets)
