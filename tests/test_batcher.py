@@ -260,17 +260,26 @@ async def test_a_backend_that_overlaps_batches_gets_that_many_in_flight(
     tasks = [spawn(batcher, i) for i in range(1, 7)]
     await settle()
     entered = [await asyncio.wait_for(fake.entered.get(), TIMEOUT) for _ in range(2)]
-    # Both workers are inside infer at once (each took what was due: one image, no delay);
-    # the rest waits for a free worker and then forms full batches.
-    assert sorted(entered) == [[1], [2]]
+    # Both workers are inside infer at once (requests admitted in one event-loop iteration
+    # share a batch); the rest waits for a free worker.
+    assert sorted(entered) == [[1, 2], [3, 4]]
     assert fake.max_active == 2
     assert len(fake.threads) == 2
-    assert batcher.queued == 4
+    assert batcher.queued == 2
     fake.release()
     results = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
     assert results == [[i] for i in range(1, 7)]
-    assert sorted(fake.batches[2:]) == [[3, 4], [5, 6]]
+    assert fake.batches[2:] == [[5, 6]]
     assert fake.max_active <= 2
+
+
+async def test_requests_admitted_in_one_loop_iteration_share_a_batch(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=8, max_delay_us=0)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(spawn(batcher, i) for i in range(1, 4))), TIMEOUT
+    )
+    assert results == [[1], [2], [3]]
+    assert fake.batches == [[1, 2, 3]]
 
 
 async def test_one_batch_at_a_time_for_other_backends(harness: Harness) -> None:

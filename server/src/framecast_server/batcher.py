@@ -205,6 +205,7 @@ class Batcher:
         self._running: set[_Batch] = set()  # batches handed to the workers
         self._timer: asyncio.TimerHandle | None = None  # fires when the oldest request is due
         self._timer_due_ns = 0
+        self._dispatch_soon = False  # a _dispatch_soon_now callback is scheduled
         self._drained: asyncio.Event | None = None
         self._batches_run = 0
         self._images_run = 0
@@ -304,7 +305,14 @@ class Batcher:
         req.future.add_done_callback(lambda _: self._withdraw_if_cancelled(req))
         self._queue.append(req)
         self._queued += n
-        self._maybe_dispatch()
+        if self._queued >= self._settings.max_batch:
+            self._maybe_dispatch()
+        elif not self._dispatch_soon:
+            # Dispatch at the end of this event-loop iteration, not now: requests that arrive
+            # in the same iteration (gRPC delivers several messages per wake-up) then share
+            # one batch and one thread hand-off, for the cost of one callback.
+            self._dispatch_soon = True
+            loop.call_soon(self._dispatch_soon_now)
         return req.future
 
     def _withdraw_if_cancelled(self, req: _Request) -> None:
@@ -391,6 +399,10 @@ class Batcher:
                 self._jobs.put(running)
         if self._closing and not self._running and not self._queue and self._drained:
             self._drained.set()
+
+    def _dispatch_soon_now(self) -> None:
+        self._dispatch_soon = False
+        self._maybe_dispatch()
 
     def _arm_timer(self, due_ns: int) -> None:
         if self._timer is not None:
