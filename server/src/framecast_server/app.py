@@ -102,8 +102,6 @@ class FramecastServer:
                 threads=settings.threads,
                 cache_dir=settings.cache_dir,
             )
-        size = prepared.preset.input_size
-        await asyncio.to_thread(backend.infer, np.zeros((1, size, size, 3), dtype=np.uint8))
         batcher = Batcher(
             backend,
             BatcherSettings(
@@ -113,6 +111,15 @@ class FramecastServer:
             ),
         )
         await batcher.start()
+        try:
+            # Warm up through the batcher, so the first batch runs on the thread all later ones
+            # use (CUDA contexts and ORT's allocations are per thread).
+            size = prepared.preset.input_size
+            await batcher.submit(np.zeros((1, size, size, 3), dtype=np.uint8))
+        except BaseException:
+            await batcher.close()
+            backend.close()
+            raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
         self._classifier.attach(self._serving)
         for service in ("", SERVICE_NAME):
