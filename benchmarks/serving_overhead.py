@@ -40,7 +40,6 @@ from framecast_client.wire import image_to_proto
 
 SIZE = 224
 ECHO_REPLY = b"\x00" * 64
-ROUNDS = 3
 
 
 # ---------------------------------------------------------------- raw echo server (subprocess)
@@ -241,6 +240,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement window")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the ORT ratio")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per ratio")
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/serving_overhead.json")
     )
@@ -258,7 +258,7 @@ def main() -> int:
     stream_request = pb.StreamRequest(frame_id=1, image=image_to_proto(frame[0]), top_k=1)
     stream_payload = stream_request.SerializeToString()
     results: dict[str, dict[str, float | str]] = {
-        "settings": {"seconds_per_window": args.seconds, "rounds": ROUNDS}
+        "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds}
     }
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -270,7 +270,7 @@ def main() -> int:
         ):
             _wait_serving(null)
             echo_p50, fc_p50 = [], []
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 echo_p50.append(statistics.median(_unary_echo(echo, unary_payload, args.seconds)))
                 fc_p50.append(statistics.median(_unary_framecast(null, frame, args.seconds)))
             results["unary"] = {
@@ -282,7 +282,7 @@ def main() -> int:
             _show("unary p50 latency (ms), concurrency 1", results["unary"])
 
             echo_runs, fc_runs = [], []
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 echo_runs.append(
                     asyncio.run(_stream_echo(echo, stream_payload, args.seconds, echo_pid))
                 )
@@ -309,7 +309,7 @@ def main() -> int:
             onnx_path = next((tmp / "engines" / "prepared").glob("*.onnx"))
             served, local = [], []
             # Alternating; the idle server process uses no CPU while the in-process side runs.
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 served.append(_served_rate(ort_address, batch, args.seconds * 2))
                 local.append(_in_process_rate(onnx_path, batch, args.seconds * 2))
         results["onnxruntime"] = {
