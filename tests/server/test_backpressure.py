@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,41 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from framecast_client import Classification, Client, DeadlineExceededError, ResourceExhaustedError
-from framecast_server.backends.base import BackendInfo
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import make_settings, random_frames
-
-
-class HeldBackend:
-    """Holds every batch until released and records the first pixel of each image it ran."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.seen: list[int] = []
-
-    @property
-    def info(self) -> BackendInfo:
-        return BackendInfo("held", "fp32", "cpu")
-
-    @property
-    def max_batch(self) -> int:
-        return 2
-
-    @property
-    def max_concurrent_batches(self) -> int:
-        return 1
-
-    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        self.seen.extend(int(v) for v in images[:, 0, 0, 0])
-        self.entered.set()
-        if not self.release.wait(30):
-            raise RuntimeError("never released")
-        return np.full((len(images), 1000), 1e-3, dtype=np.float32)
-
-    def close(self) -> None:
-        self.release.set()
+from support import GatedBackend, make_settings, random_frames
 
 
 def frame(key: int) -> NDArray[np.uint8]:
@@ -55,12 +22,12 @@ def frame(key: int) -> NDArray[np.uint8]:
     return batch
 
 
-Held = tuple[HeldBackend, Client, ThreadPoolExecutor, BackgroundServer]
+Held = tuple[GatedBackend, Client, ThreadPoolExecutor, BackgroundServer]
 
 
 @pytest.fixture
 def held(cache_dir: Path) -> Iterator[Held]:
-    backend = HeldBackend()
+    backend = GatedBackend(max_batch=2)
     backend.release.set()  # the warm-up batch
     settings = make_settings(cache_dir, backend="null", max_batch=2, max_queue=2)
     with (

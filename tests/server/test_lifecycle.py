@@ -6,21 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 from framecast_client import Client, UnavailableError
-from framecast_server.backends.base import BackendInfo
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from numpy.typing import NDArray
-from support import make_settings, random_frames
+from support import GatedBackend, make_settings, random_frames
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -30,35 +26,6 @@ def health_status(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
-
-
-class GatedBackend:
-    """A backend that holds each batch until released: makes 'in flight' observable."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    @property
-    def info(self) -> BackendInfo:
-        return BackendInfo("gated", "fp32", "cpu")
-
-    @property
-    def max_batch(self) -> int:
-        return 8
-
-    @property
-    def max_concurrent_batches(self) -> int:
-        return 1
-
-    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        self.entered.set()
-        if not self.release.wait(30):
-            raise RuntimeError("never released")
-        return np.full((len(images), 1000), 1e-3, dtype=np.float32)
-
-    def close(self) -> None:
-        self.release.set()
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(cache_dir: Path) -> None:
