@@ -83,7 +83,7 @@ def images_from_proto(
 def image_from_proto(
     image: pb.Image, *, height: int, width: int, position: int = 0
 ) -> NDArray[np.uint8]:
-    """Validate one image message and view its bytes as uint8 [H, W, 3] (no copy)."""
+    """Validate one image message and view its bytes as uint8 [H, W, 3] (read out once)."""
     where = f"image {position}"
     if image.channels != CHANNELS:
         raise WireFormatError(
@@ -113,23 +113,26 @@ def top_k_from_proto(value: int | None, *, num_classes: int, default: int) -> in
     return value
 
 
-def classification_to_proto(
-    indices: NDArray[np.int64],
-    probabilities: NDArray[np.float32],
+def fill_classification(
+    message: pb.Classification,
+    indices: Sequence[int],
+    probabilities: Sequence[float],
     labels: Sequence[str],
     *,
     queue_us: int,
     compute_us: int,
     batch_size: int,
-) -> pb.Classification:
-    """Build one image's result from its top-k indices and probabilities (best first)."""
-    return pb.Classification(
-        predictions=[
-            pb.Prediction(index=int(i), label=labels[int(i)], probability=float(p))
-            for i, p in zip(indices, probabilities, strict=False)
-        ],
-        timing=pb.ServerTiming(queue_us=queue_us, compute_us=compute_us, batch_size=batch_size),
-    )
+) -> None:
+    """Fill one image's result in place from its top-k indices and probabilities (best first).
+
+    In place, inside the response being built: a finished Classification would be copied again.
+    """
+    for index, probability in zip(indices, probabilities, strict=True):
+        message.predictions.add(index=index, label=labels[index], probability=probability)
+    timing = message.timing
+    timing.queue_us = queue_us
+    timing.compute_us = compute_us
+    timing.batch_size = batch_size
 
 
 def classification_from_proto(message: pb.Classification) -> Classification:

@@ -112,7 +112,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 max_batch=serving.batcher.settings.max_batch,
             )
             items = await serving.batcher.submit(batch, deadline=_deadline(context))
-            return pb.ClassifyResponse(results=[self._result(item, k, serving) for item in items])
+            response = pb.ClassifyResponse()
+            for item in items:
+                self._fill_result(response.results.add(), item, k, serving)
+            return response
         except Exception as exc:
             await context.abort(*status_for(exc))
 
@@ -170,9 +173,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if entry.future is None:
                 raise entry.error if entry.error is not None else RuntimeError("no work")
             (item,) = await entry.future
-            return pb.StreamResponse(
-                frame_id=entry.frame_id, classification=self._result(item, entry.top_k, serving)
-            )
+            response = pb.StreamResponse(frame_id=entry.frame_id)
+            self._fill_result(response.classification, item, entry.top_k, serving)
+            return response
         except Exception as exc:
             code, message = status_for(exc)
             return pb.StreamResponse(
@@ -187,9 +190,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
 
     @staticmethod
-    def _result(item: ItemResult, k: int, serving: ServingModel) -> pb.Classification:
+    def _fill_result(
+        message: pb.Classification, item: ItemResult, k: int, serving: ServingModel
+    ) -> None:
         indices, probabilities = top_k(item.probabilities, k)
-        return wire.classification_to_proto(
+        wire.fill_classification(
+            message,
             indices,
             probabilities,
             serving.model.labels,
