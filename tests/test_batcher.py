@@ -378,6 +378,24 @@ async def test_cancelled_caller_is_dropped_before_compute(harness: Harness) -> N
     assert fake.batches == [[1], [4]]
 
 
+async def test_cancelling_a_nowait_future_withdraws_it_at_once(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=4, max_delay_us=0)
+    first = await busy(batcher, fake, 1)
+    doomed = batcher.submit_nowait(frames(2, 3))
+    kept = batcher.submit_nowait(frames(4))
+    assert batcher.queued == 3
+    assert doomed.cancel()
+    # No event-loop turn needed: the queue and the counters change in cancel() itself.
+    assert batcher.queued == 1
+    assert batcher.stats.dropped_cancelled == 2
+    assert not doomed.cancel()  # a second cancel changes nothing
+    assert batcher.stats.dropped_cancelled == 2
+    fake.release()
+    assert await asyncio.wait_for(first, TIMEOUT) == [1]
+    assert result_ids(await asyncio.wait_for(kept, TIMEOUT)) == [4]
+    assert fake.batches == [[1], [4]]
+
+
 async def test_caller_cancelled_mid_compute_does_not_break_the_batcher(harness: Harness) -> None:
     batcher, fake = await harness.make(max_batch=4, max_delay_us=0)
     first = await busy(batcher, fake, 1)

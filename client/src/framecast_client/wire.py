@@ -74,6 +74,8 @@ def images_from_proto(
             f"the request holds {len(images)} images, more than this server's max batch of "
             f"{max_batch}; split it into several requests"
         )
+    if len(images) == 1:  # the common case: a view of the received bytes, no copy
+        return image_from_proto(images[0], height=height, width=width)[None]
     batch = np.empty((len(images), height, width, CHANNELS), dtype=np.uint8)
     for i, image in enumerate(images):
         batch[i] = image_from_proto(image, height=height, width=width, position=i)
@@ -83,22 +85,21 @@ def images_from_proto(
 def image_from_proto(
     image: pb.Image, *, height: int, width: int, position: int = 0
 ) -> NDArray[np.uint8]:
-    """Validate one image message and view its bytes as uint8 [H, W, 3] (read out once)."""
-    where = f"image {position}"
+    """Validate one image message and view its bytes as uint8 [H, W, 3] (read-only, no copy)."""
     if image.channels != CHANNELS:
         raise WireFormatError(
-            f"{where} has {image.channels} channels; this model takes {CHANNELS} (RGB)"
+            f"image {position} has {image.channels} channels; this model takes {CHANNELS} (RGB)"
         )
     if (image.height, image.width) != (height, width):
         raise WireFormatError(
-            f"{where} is {image.height}x{image.width} (HxW); this model takes "
+            f"image {position} is {image.height}x{image.width} (HxW); this model takes "
             f"{height}x{width}: preprocess it as GetModelInfo's preprocessing says"
         )
     data = image.data  # each access of a bytes field makes a new copy: read it once
     expected = height * width * CHANNELS
     if len(data) != expected:
         raise WireFormatError(
-            f"{where} carries {len(data)} bytes; {height}x{width}x{CHANNELS} uint8 "
+            f"image {position} carries {len(data)} bytes; {height}x{width}x{CHANNELS} uint8 "
             f"needs exactly {expected}"
         )
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width, CHANNELS)

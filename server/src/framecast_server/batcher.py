@@ -143,24 +143,38 @@ class _State(enum.Enum):
     DONE = enum.auto()
 
 
-class _Request:
-    """One ``submit`` call: its images travel together through the queue and into one batch."""
+class _Request(asyncio.Future[list[ItemResult]]):
+    """One ``submit`` call, and the future of its results: its images travel together.
 
-    __slots__ = ("deadline", "enqueued_ns", "future", "images", "n", "state", "timer")
+    The request is its own future, so that cancelling it (directly, or by cancelling a task
+    awaiting it) withdraws it from the queue at once without a done-callback per request: a
+    callback costs a scheduled event-loop handle on every completion, paid by every frame.
+    """
+
+    __slots__ = ("batcher", "deadline", "enqueued_ns", "images", "n", "state", "timer")
 
     def __init__(
         self,
+        batcher: Batcher,
         images: NDArray[np.uint8],
         deadline: float | None,
-        future: asyncio.Future[list[ItemResult]],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__(loop=loop)
+        self.batcher = batcher
         self.images = images
         self.n: int = images.shape[0]
         self.deadline = deadline
-        self.future = future
         self.enqueued_ns = time.monotonic_ns()
         self.state = _State.QUEUED
         self.timer: asyncio.TimerHandle | None = None
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.state is _State.QUEUED:
+            self.batcher._withdraw(self)
+        return True
 
 
 class _Batch:
@@ -299,10 +313,9 @@ class Batcher:
                 f"queue full: {self._queued} of {self._settings.max_queue} images waiting, "
                 f"no room for {n} more"
             )
-        req = _Request(images, deadline, loop.create_future())
+        req = _Request(self, images, deadline, loop)
         if deadline is not None:
             req.timer = loop.call_later(deadline - now, self._expire, req)
-        req.future.add_done_callback(lambda _: self._withdraw_if_cancelled(req))
         self._queue.append(req)
         self._queued += n
         if self._queued >= self._settings.max_batch:
@@ -313,12 +326,12 @@ class Batcher:
             # one batch and one thread hand-off, for the cost of one callback.
             self._dispatch_soon = True
             loop.call_soon(self._dispatch_soon_now)
-        return req.future
+        return req
 
-    def _withdraw_if_cancelled(self, req: _Request) -> None:
-        if req.future.cancelled() and req.state is _State.QUEUED:
-            self._remove(req)
-            self._dropped_cancelled += req.n
+    def _withdraw(self, req: _Request) -> None:
+        """A queued request was cancelled: take it out of the queue now."""
+        self._remove(req)
+        self._dropped_cancelled += req.n
 
     async def close(self) -> None:
         """Stop admitting work, run everything already queued, then stop the worker thread.
@@ -374,8 +387,8 @@ class Batcher:
 
     def _fail_expired(self, req: _Request) -> None:
         self._dropped_expired += req.n
-        if not req.future.done():
-            req.future.set_exception(
+        if not req.done():
+            req.set_exception(
                 DeadlineExpiredError("the deadline passed while the request was queued")
             )
 
@@ -453,7 +466,7 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             req = self._queue[0]
-            if req.future.done():
+            if req.done():
                 # Defensive: cancelled without submit() seeing it; never compute it.
                 self._remove(req)
                 self._dropped_cancelled += req.n
@@ -483,12 +496,12 @@ class Batcher:
         logger.error("backend failed on a batch of %d images: %r", size, exc)
         for req in batch.requests:
             req.state = _State.DONE
-            if not req.future.done():
+            if not req.done():
                 # One exception object per caller: a shared one would collect every caller's
                 # traceback as each re-raises it.
                 error = BackendError(f"inference failed for a batch of {size} images: {exc}")
                 error.__cause__ = exc
-                req.future.set_exception(error)
+                req.set_exception(error)
 
     def _deliver(self, batch: _Batch, probabilities: NDArray[np.float32], compute_ns: int) -> None:
         size = batch.size
@@ -498,9 +511,9 @@ class Batcher:
         offset = 0
         for req in batch.requests:
             req.state = _State.DONE
-            if not req.future.done():  # a caller cancelled mid-compute gets nothing
+            if not req.done():  # a caller cancelled mid-compute gets nothing
                 queue_us = (batch.dispatched_ns - req.enqueued_ns) // 1000
-                req.future.set_result(
+                req.set_result(
                     [
                         ItemResult(probabilities[offset + i], queue_us, compute_us, size)
                         for i in range(req.n)

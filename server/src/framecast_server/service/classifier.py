@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -30,14 +29,9 @@ DEFAULT_TOP_K = 5
 STREAM_WINDOW = 64
 
 
-@dataclass(frozen=True, slots=True)
-class _PendingFrame:
-    """A stream frame between admission and its response: the batcher's future, or its error."""
-
-    frame_id: int
-    top_k: int
-    future: asyncio.Future[list[ItemResult]] | None
-    error: Exception | None
+# A stream frame between admission and its response: (frame_id, top_k, the batcher's future of
+# its result, or the error that refused it). A plain tuple: one is built for every frame.
+_AdmittedFrame = tuple[int, int, "asyncio.Future[list[ItemResult]] | Exception"]
 
 
 def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -128,15 +122,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             serving = self._require_serving()
         except ModelNotReadyError as exc:
             await context.abort(*status_for(exc))
-        deadline = _deadline(context)
+        admit = self._frame_admission(serving, _deadline(context))
         # Admitted frames wait here in arrival order, each as the batcher's future of its result
         # (no task per frame); the bound caps how many one stream may have outstanding.
-        pending: asyncio.Queue[_PendingFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+        pending: asyncio.Queue[_AdmittedFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read_frames() -> None:
             try:
                 async for frame in request_iterator:
-                    await pending.put(self._admit_frame(frame, serving, deadline))
+                    await pending.put(admit(frame))
             finally:
                 await pending.put(None)
 
@@ -149,38 +143,44 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if leftover is not None and leftover.future is not None:
-                    leftover.future.cancel()  # withdraws it from the batcher's queue
+                if leftover is not None and not isinstance(leftover[2], Exception):
+                    leftover[2].cancel()  # withdraws it from the batcher's queue
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    def _admit_frame(
-        self, frame: pb.StreamRequest, serving: ServingModel, deadline: float | None
-    ) -> _PendingFrame:
-        try:
-            k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
-            size = serving.model.preset.input_size
-            image = wire.image_from_proto(frame.image, height=size, width=size)
-            future = serving.batcher.submit_nowait(image[None], deadline=deadline)
-            return _PendingFrame(frame.frame_id, k, future, None)
-        except Exception as exc:
-            return _PendingFrame(frame.frame_id, 0, None, exc)
+    def _frame_admission(
+        self, serving: ServingModel, deadline: float | None
+    ) -> Callable[[pb.StreamRequest], _AdmittedFrame]:
+        """The per-frame admission step of one stream, with the stream's constants bound once."""
+        size = serving.model.preset.input_size
+        submit = serving.batcher.submit_nowait
+        image_from_proto = wire.image_from_proto
+
+        def admit(frame: pb.StreamRequest) -> _AdmittedFrame:
+            try:
+                k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
+                image = image_from_proto(frame.image, height=size, width=size)
+                return frame.frame_id, k, submit(image[None], deadline=deadline)
+            except Exception as exc:
+                return frame.frame_id, 0, exc
+
+        return admit
 
     async def _frame_response(
-        self, entry: _PendingFrame, serving: ServingModel
+        self, entry: _AdmittedFrame, serving: ServingModel
     ) -> pb.StreamResponse:
+        frame_id, k, outcome = entry
         try:
-            if entry.future is None:
-                raise entry.error if entry.error is not None else RuntimeError("no work")
-            (item,) = await entry.future
-            response = pb.StreamResponse(frame_id=entry.frame_id)
-            self._fill_result(response.classification, item, entry.top_k, serving)
+            if isinstance(outcome, Exception):
+                raise outcome
+            (item,) = await outcome
+            response = pb.StreamResponse(frame_id=frame_id)
+            self._fill_result(response.classification, item, k, serving)
             return response
         except Exception as exc:
             code, message = status_for(exc)
             return pb.StreamResponse(
-                frame_id=entry.frame_id,
-                error=pb.FrameError(code=code.value[0], message=message),
+                frame_id=frame_id, error=pb.FrameError(code=code.value[0], message=message)
             )
 
     @staticmethod
