@@ -1,19 +1,30 @@
 """Serving overhead, side by side in one run: Framecast vs raw gRPC echo, and served vs in-process.
 
-Usage: uv run python benchmarks/serving_overhead.py [--seconds 4] [--out FILE]
+Usage: uv run python benchmarks/serving_overhead.py [--seconds 2] [--rounds 9] [--out FILE]
 
 Three ratios, each measured against its baseline in the same run, with the servers in their own
 processes (as in production: client and server do not share a GIL):
 
 1. unary, concurrency 1: Framecast (null backend) p50 latency / raw gRPC unary echo p50;
 2. bidi stream, 8 frames in flight: Framecast (null backend) frames/s / raw gRPC bidi echo
-   frames/s, plus the Framecast server's CPU time per frame (from /proc);
+   frames/s, plus each server's CPU time per frame (from /proc);
 3. ONNX Runtime ResNet-50: served images/s / the same backend's in-process images/s, at the
    same batch size.
 
 The raw echo server is grpc.aio with generic handlers on bytes: it does not parse the request
 and answers a 64-byte reply, so it is the cheapest possible server for the same request bytes.
-Rounds alternate between the two sides so drift in machine load hits both.
+For ratios 1 and 2 the client is the same for both servers: it sends the same pre-serialized
+request bytes and does not parse the replies, so the ratio compares the servers alone (the
+client shares the machine's cores with the server, and protobuf work done only on one side's
+client would be charged to that server). The SDK's own figures (``Client.classify_preprocessed``,
+a protobuf stream client) are reported beside them, not used for the ratios.
+
+A third unary server hops through one worker thread per request and does nothing else: the
+floor for any server that keeps inference off its event loop, as Framecast does (on a
+virtual machine a cross-thread wake-up can cost more than the rest of the request).
+
+Rounds alternate between the sides so drift in machine load hits both; each ratio is the median
+of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +56,13 @@ ECHO_REPLY = b"\x00" * 64
 
 # ---------------------------------------------------------------- raw echo server (subprocess)
 async def _echo_server(port_file: Path) -> None:
+    hop = ThreadPoolExecutor(1)
+
     async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return ECHO_REPLY
+
+    async def unary_hop(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await asyncio.get_running_loop().run_in_executor(hop, len, request)
         return ECHO_REPLY
 
     async def stream(
@@ -57,6 +75,7 @@ async def _echo_server(port_file: Path) -> None:
         "echo.Echo",
         {
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "UnaryHop": grpc.unary_unary_rpc_method_handler(unary_hop),
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )
@@ -92,11 +111,11 @@ def _process(command: list[str], port_file: Path) -> Iterator[tuple[str, int]]:
         process.wait(timeout=60)
 
 
-def _framecast_server(tmp: Path, backend: str, max_batch: int) -> list[str]:
+def _framecast_server(tmp: Path, cache: Path, backend: str, max_batch: int) -> list[str]:
     return [
         sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
         "--port-file", str(tmp / f"{backend}.port"), "--backend", backend, "--offline",
-        "--max-batch", str(max_batch), "--cache-dir", str(tmp / "engines"),
+        "--max-batch", str(max_batch), "--cache-dir", str(cache),
     ]  # fmt: skip
 
 
@@ -113,26 +132,42 @@ def _wait_serving(address: str) -> None:
                 time.sleep(0.1)
 
 
+def _prepared_onnx(address: str, cache: Path) -> Path:
+    """The graph the server is serving: the prepared file named by its model version."""
+    with Client(address, timeout=10) as client:
+        version = client.model_info().version
+    matches = list((cache / "prepared").glob(f"{version}*.onnx"))
+    if len(matches) != 1:
+        raise RuntimeError(f"expected one prepared model for version {version}, got {matches}")
+    return matches[0]
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- unary, concurrency 1
-def _unary_echo(address: str, payload: bytes, seconds: float) -> list[float]:
+CLASSIFY = "/framecast.v1.Classifier/Classify"
+STREAM = "/framecast.v1.Classifier/ClassifyStream"
+
+
+def _unary_raw(address: str, method: str, payload: bytes, seconds: float) -> list[float]:
+    """Latencies (ms) of `payload` sent as is, the reply not parsed: the same client for all."""
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary("/echo.Echo/Unary", None, None)
+        call = channel.unary_unary(method, None, None)
+        if method == CLASSIFY:  # a result, not an error, before timing anything
+            pb.ClassifyResponse.FromString(call(payload, timeout=10)).results[0].predictions[0]
         return _timed_loop(lambda: call(payload, timeout=10), seconds)
 
 
-def _unary_framecast(address: str, frame: np.ndarray, seconds: float) -> list[float]:
+def _unary_sdk(address: str, frame: np.ndarray, seconds: float) -> list[float]:
     with Client(address, timeout=10) as client:
         client.model_info()
         return _timed_loop(lambda: client.classify_preprocessed(frame, top_k=1), seconds)
 
 
-def _timed_loop(call: object, seconds: float) -> list[float]:
-    assert callable(call)
+def _timed_loop(call: Callable[[], object], seconds: float) -> list[float]:
     for _ in range(50):  # warm-up
         call()
     latencies: list[float] = []
@@ -148,7 +183,7 @@ def _timed_loop(call: object, seconds: float) -> list[float]:
 async def _stream_rate(
     open_stream: object, request: object, seconds: float, in_flight: int = 8
 ) -> tuple[int, float]:
-    """Frames/s of a bidi stream keeping `in_flight` frames outstanding."""
+    """(frames received, frames/s) of a bidi stream keeping `in_flight` frames outstanding."""
     window = asyncio.Semaphore(in_flight)
     stop_at = time.monotonic() + seconds
 
@@ -161,10 +196,21 @@ async def _stream_rate(
     call = open_stream(requests())
     received = 0
     started = time.perf_counter()
-    async for _ in call:
+    last: object = None
+    async for reply in call:
         received += 1
         window.release()
+        last = reply
+    _check_reply(last)
     return received, received / (time.perf_counter() - started)
+
+
+def _check_reply(reply: object) -> None:
+    """A Framecast reply must be a result, not an error: a server failing fast is not fast."""
+    if isinstance(reply, bytes) and reply != ECHO_REPLY:
+        reply = pb.StreamResponse.FromString(reply)
+    if isinstance(reply, pb.StreamResponse) and not reply.HasField("classification"):
+        raise RuntimeError(f"Framecast answered with an error: {reply}")
 
 
 async def _measured_stream(
@@ -177,17 +223,19 @@ async def _measured_stream(
     return rate, (_cpu_seconds(server_pid) - cpu_before) / max(received, 1) * 1e6
 
 
-async def _stream_echo(
-    address: str, payload: bytes, seconds: float, pid: int
+async def _stream_raw(
+    address: str, method: str, payload: bytes, seconds: float, pid: int
 ) -> tuple[float, float]:
+    """`payload` sent as is, replies not parsed: the same client for the echo and Framecast."""
     async with grpc.aio.insecure_channel(address) as channel:
-        stream = channel.stream_stream("/echo.Echo/Stream", None, None)
+        stream = channel.stream_stream(method, None, None)
         return await _measured_stream(stream, payload, seconds, pid)
 
 
-async def _stream_framecast(
+async def _stream_sdk(
     address: str, request: pb.StreamRequest, seconds: float, pid: int
 ) -> tuple[float, float]:
+    """A protobuf client (requests serialized, replies parsed), as SDK users pay for."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         return await _measured_stream(stub.ClassifyStream, request, seconds, pid)
@@ -229,6 +277,19 @@ def _served_rate(address: str, batch: np.ndarray, seconds: float) -> float:
         return total / (time.perf_counter() - started)
 
 
+def _p50(latencies: list[float]) -> float:
+    return statistics.median(latencies)
+
+
+def _round_ratios(side: list[float], baseline: list[float]) -> str:
+    return " ".join(f"{a / b:.3f}" for a, b in zip(side, baseline, strict=True))
+
+
+def _paired_ratio(side: list[float], baseline: list[float]) -> float:
+    """Median of the per-round ratios: each round's two sides ran back to back."""
+    return statistics.median(a / b for a, b in zip(side, baseline, strict=True))
+
+
 def _show(title: str, figures: dict[str, float | str]) -> None:
     print(title)
     for key, value in figures.items():
@@ -238,11 +299,14 @@ def _show(title: str, figures: dict[str, float | str]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement window")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement window")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the ORT ratio")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per ratio")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per ratio")
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/serving_overhead.json")
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="model cache for the servers (default: a temporary one)"
     )
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,6 +314,7 @@ def main() -> int:
         asyncio.run(_echo_server(args.echo_server))
         return 0
 
+    secs = args.seconds
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     unary_payload = pb.ClassifyRequest(
@@ -263,50 +328,63 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        cache = args.cache_dir or tmp / "engines"
         echo_cmd = [sys.executable, __file__, "--echo-server", str(tmp / "echo.port")]
+        null_cmd = _framecast_server(tmp, cache, "null", 32)
         with (
             _process(echo_cmd, tmp / "echo.port") as (echo, echo_pid),
-            _process(_framecast_server(tmp, "null", 32), tmp / "null.port") as (null, null_pid),
+            _process(null_cmd, tmp / "null.port") as (null, null_pid),
         ):
             _wait_serving(null)
-            echo_p50, fc_p50 = [], []
+            echo_p50, hop_p50, fc_p50, sdk_p50 = [], [], [], []
             for _ in range(args.rounds):
-                echo_p50.append(statistics.median(_unary_echo(echo, unary_payload, args.seconds)))
-                fc_p50.append(statistics.median(_unary_framecast(null, frame, args.seconds)))
+                echo_p50.append(_p50(_unary_raw(echo, "/echo.Echo/Unary", unary_payload, secs)))
+                hop_p50.append(_p50(_unary_raw(echo, "/echo.Echo/UnaryHop", unary_payload, secs)))
+                fc_p50.append(_p50(_unary_raw(null, CLASSIFY, unary_payload, secs)))
+                sdk_p50.append(_p50(_unary_sdk(null, frame, secs)))
             results["unary"] = {
                 "echo_p50_ms": statistics.median(echo_p50),
                 "framecast_p50_ms": statistics.median(fc_p50),
-                "ratio": statistics.median(fc_p50) / statistics.median(echo_p50),
+                "ratio": _paired_ratio(fc_p50, echo_p50),
                 "target": "<= 1.2",
+                "echo_thread_hop_p50_ms": statistics.median(hop_p50),
+                "ratio_to_thread_hop_echo": _paired_ratio(fc_p50, hop_p50),
+                "sdk_client_p50_ms": statistics.median(sdk_p50),
+                "per_round_ratios": _round_ratios(fc_p50, echo_p50),
             }
             _show("unary p50 latency (ms), concurrency 1", results["unary"])
 
-            echo_runs, fc_runs = [], []
+            echo_runs, fc_runs, sdk_runs = [], [], []
             for _ in range(args.rounds):
                 echo_runs.append(
-                    asyncio.run(_stream_echo(echo, stream_payload, args.seconds, echo_pid))
+                    asyncio.run(
+                        _stream_raw(echo, "/echo.Echo/Stream", stream_payload, secs, echo_pid)
+                    )
                 )
                 fc_runs.append(
-                    asyncio.run(_stream_framecast(null, stream_request, args.seconds, null_pid))
+                    asyncio.run(_stream_raw(null, STREAM, stream_payload, secs, null_pid))
                 )
-            echo_rate = statistics.median(r for r, _ in echo_runs)
-            fc_rate = statistics.median(r for r, _ in fc_runs)
+                sdk_runs.append(asyncio.run(_stream_sdk(null, stream_request, secs, null_pid)))
+            echo_rates = [r for r, _ in echo_runs]
+            fc_rates = [r for r, _ in fc_runs]
             results["stream"] = {
-                "echo_frames_per_s": echo_rate,
-                "framecast_frames_per_s": fc_rate,
-                "ratio": fc_rate / echo_rate,
+                "echo_frames_per_s": statistics.median(echo_rates),
+                "framecast_frames_per_s": statistics.median(fc_rates),
+                "ratio": _paired_ratio(fc_rates, echo_rates),
+                "target": ">= 0.85",
                 "echo_server_cpu_us_per_frame": statistics.median(c for _, c in echo_runs),
                 "framecast_server_cpu_us_per_frame": statistics.median(c for _, c in fc_runs),
-                "target": ">= 0.85",
+                "sdk_client_frames_per_s": statistics.median(r for r, _ in sdk_runs),
+                "per_round_ratios": _round_ratios(fc_rates, echo_rates),
             }
             _show("bidi stream, 8 in flight", results["stream"])
 
         batch = rng.integers(0, 256, (args.batch, SIZE, SIZE, 3), dtype=np.uint8)
         with _process(
-            _framecast_server(tmp, "onnxruntime", args.batch), tmp / "onnxruntime.port"
+            _framecast_server(tmp, cache, "onnxruntime", args.batch), tmp / "onnxruntime.port"
         ) as (ort_address, _):
             _wait_serving(ort_address)
-            onnx_path = next((tmp / "engines" / "prepared").glob("*.onnx"))
+            onnx_path = _prepared_onnx(ort_address, cache)
             served, local = [], []
             # Alternating; the idle server process uses no CPU while the in-process side runs.
             for _ in range(args.rounds):

@@ -1,0 +1,32 @@
+"""The side-by-side benchmarks run end to end and report their ratios (figures not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "serving_overhead.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "serving_overhead.py"),
+        "--seconds", "0.3", "--rounds", "1", "--batch", "2",
+        "--cache-dir", str(cache_dir), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for section in ("unary", "stream", "onnxruntime"):
+        assert results[section]["ratio"] > 0, results[section]
+        assert "target" in results[section]
+    assert results["unary"]["echo_thread_hop_p50_ms"] > 0
+    assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
+    for title in ("unary p50 latency", "bidi stream", "ONNX Runtime ResNet-50"):
+        assert title in done.stdout
