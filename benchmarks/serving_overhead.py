@@ -11,8 +11,9 @@ processes (as in production: client and server do not share a GIL):
 3. ONNX Runtime ResNet-50: served images/s / the same backend's in-process images/s, at the
    same batch size.
 
-The raw echo server is grpc.aio with generic handlers on bytes: it does not parse the request
-and answers a 64-byte reply, so it is the cheapest possible server for the same request bytes.
+The raw echo server is grpc.aio with generic handlers on bytes, on the same event loop as
+Framecast's server (uvloop where available): it does not parse the request and answers a
+64-byte reply, so it is the cheapest possible server for the same request bytes.
 For ratios 1 and 2 the client is the same for both servers: it sends the same pre-serialized
 request bytes and does not parse the replies, so the ratio compares the servers alone (the
 client shares the machine's cores with the server, and protobuf work done only on one side's
@@ -49,6 +50,7 @@ from framecast_client import Client
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.wire import image_to_proto
+from framecast_server.event_loop import run
 
 SIZE = 224
 ECHO_REPLY = b"\x00" * 64
@@ -311,7 +313,9 @@ def main() -> int:
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        asyncio.run(_echo_server(args.echo_server))
+        # The same event loop as `framecast serve` (uvloop where available): the two servers
+        # differ in what they do per request, not in the loop under it.
+        run(_echo_server(args.echo_server))
         return 0
 
     secs = args.seconds

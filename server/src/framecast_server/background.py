@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from .app import FramecastServer
 from .backends.base import Backend
+from .event_loop import new_event_loop
 from .runtime import ServingModel
 from .settings import ServerSettings
 
@@ -33,7 +34,7 @@ class BackgroundServer:
     ) -> None:
         self.settings = settings
         self._load = load
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # the loop `framecast serve` runs on
         self._thread = threading.Thread(target=self._loop.run_forever, name="framecast-server")
         self._backend_factory = backend_factory
         self._server: FramecastServer | None = None

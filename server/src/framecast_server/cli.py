@@ -7,7 +7,6 @@ imports only the standard library at load time so `framecast --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import logging
 import sys
@@ -93,8 +92,9 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve
+    from .event_loop import run
 
-    return asyncio.run(serve(_settings(args), port_file=args.port_file))
+    return run(serve(_settings(args), port_file=args.port_file))
 
 
 def demo_images() -> list[tuple[str, bytes]]:
