@@ -19,6 +19,7 @@ from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .streaming import (
+    DEFAULT_KEEPALIVE_S,
     AsyncStreamSession,
     Backoff,
     StreamConfig,
@@ -102,6 +103,7 @@ class _BaseClient:
         mode: StreamMode,
         reconnect: bool,
         backoff: Backoff | None,
+        keepalive_s: float | None,
     ) -> StreamConfig:
         """What a stream session of this client needs; raises ValueError for bad arguments."""
         return make_stream_config(
@@ -116,6 +118,7 @@ class _BaseClient:
             mode=mode,
             reconnect=reconnect,
             backoff=backoff,
+            keepalive_s=keepalive_s,
         )
 
     @staticmethod
@@ -219,6 +222,7 @@ class Client(_BaseClient):
         mode: StreamMode = "realtime",
         reconnect: bool = True,
         backoff: Backoff | None = None,
+        keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
     ) -> StreamSession:
         """Classify a stream of frames over one ClassifyStream call; returns a running session.
 
@@ -241,6 +245,10 @@ class Client(_BaseClient):
             reconnect: Reconnect when the server goes away (UNAVAILABLE or a reset
                 connection) instead of ending the stream with UnavailableError.
             backoff: The schedule of reconnection attempts (default :class:`Backoff()`).
+            keepalive_s: While the stream is open, ping the server after this many seconds
+                without traffic and treat the connection as dead (and reconnect) when a ping
+                goes unanswered for as long: a network that silently stops delivering is
+                noticed in about twice this time instead of TCP's minutes. None: no pings.
 
         Raises:
             ValueError: An argument is out of range.
@@ -255,6 +263,7 @@ class Client(_BaseClient):
             mode=mode,
             reconnect=reconnect,
             backoff=backoff,
+            keepalive_s=keepalive_s,
         )
         return StreamSession(frames, config)
 
@@ -343,6 +352,7 @@ class AsyncClient(_BaseClient):
         mode: StreamMode = "realtime",
         reconnect: bool = True,
         backoff: Backoff | None = None,
+        keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
     ) -> AsyncStreamSession:
         """Classify a stream of frames; the same arguments and policies as Client.stream.
 
@@ -361,6 +371,7 @@ class AsyncClient(_BaseClient):
                 mode=mode,
                 reconnect=reconnect,
                 backoff=backoff,
+                keepalive_s=keepalive_s,
             )
 
         return AsyncStreamSession(frames, configure, mode=mode)

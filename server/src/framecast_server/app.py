@@ -53,6 +53,10 @@ class FramecastServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Stream clients ping every 10 s by default (keepalive, to notice a dead
+                # network); gRPC's default policy answers pings more often than one per 5 min
+                # without data with GOAWAY, which would break a paused camera's stream.
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ]
         )
         # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).

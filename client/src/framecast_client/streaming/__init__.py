@@ -32,6 +32,7 @@ reconnects), ``sync_session`` and ``async_session`` (the two ways to run the cal
 """
 
 from .async_session import AsyncStreamSession
+from .config import DEFAULT_KEEPALIVE_S as DEFAULT_KEEPALIVE_S
 from .config import DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_IN_FLIGHT
 from .config import STREAM_MODES as STREAM_MODES
 from .config import Backoff, StreamMode

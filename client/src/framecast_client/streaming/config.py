@@ -23,6 +23,10 @@ STREAM_MODES: tuple[StreamMode, ...] = ("realtime", "lossless")
 # trip for throughput.
 DEFAULT_MAX_IN_FLIGHT: dict[StreamMode, int] = {"realtime": 3, "lossless": 8}
 
+# Keepalive pings of a stream's channel, seconds. gRPC's guidance is not below 10 s; the server
+# accepts pings that often (it allows one per 5 s without data, see framecast_server.app).
+DEFAULT_KEEPALIVE_S = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
@@ -107,6 +111,7 @@ def make_stream_config(
     mode: str,
     reconnect: bool,
     backoff: Backoff | None,
+    keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
 ) -> StreamConfig:
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
     if mode not in STREAM_MODES:
@@ -118,6 +123,8 @@ def make_stream_config(
         raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
         raise ValueError(f"top_k must be between 1 and {num_classes}, got {top_k!r}")
+    if keepalive_s is not None and not keepalive_s > 0:
+        raise ValueError(f"keepalive_s must be positive or None, got {keepalive_s!r}")
     backoff = backoff or Backoff()
     # The channel reconnects on its own schedule, which by default starts at 1 s and grows to
     # 120 s: a stream retrying faster would only meet a channel still waiting. Align the
@@ -127,6 +134,21 @@ def make_stream_config(
         ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff.initial_s * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, round(backoff.max_s * 1000))),
     )
+    if keepalive_s is not None:
+        # Without pings a connection whose network silently stopped delivering (a pulled cable,
+        # a NAT that forgot the flow) looks open until TCP gives up, minutes later, and the
+        # camera's frames are all dropped meanwhile. A failed ping fails the call UNAVAILABLE,
+        # which the session handles like any lost server: reconnect with backoff.
+        interval_ms = max(1, round(keepalive_s * 1000))
+        options = (
+            *options,
+            ("grpc.keepalive_time_ms", interval_ms),
+            ("grpc.keepalive_timeout_ms", interval_ms),
+            # grpcio 1.85 waits for a ping's ack this long (default 60 s) whatever the
+            # keepalive timeout says: measured, a frozen connection took 60 s, not 2 s.
+            ("grpc.http2.ping_timeout_ms", interval_ms),
+            ("grpc.http2.max_pings_without_data", 0),  # also while no frames flow
+        )
     return StreamConfig(
         address=address,
         credentials=credentials,
