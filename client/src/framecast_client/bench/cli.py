@@ -20,7 +20,11 @@ from framecast_client.bench.inputs import (
     synthetic_sources,
     video_sources,
 )
-from framecast_client.bench.plot import PlotUnavailableError, plot_latency_vs_throughput
+from framecast_client.bench.plot import (
+    PlotUnavailableError,
+    plot_latency_vs_throughput,
+    require_matplotlib,
+)
 from framecast_client.bench.report import BenchReport, StepResult, format_table
 from framecast_client.bench.runner import (
     BenchPlan,
@@ -228,17 +232,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _check_plot_available() -> None:
-    # Fail before a run of several minutes, not after it.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise PlotUnavailableError(
-            "--plot needs matplotlib, the optional extra 'plot' of framecast-client: "
-            "pip install 'framecast-client[plot]'"
-        ) from exc
-
-
 def _load_inputs(args: argparse.Namespace, client: Client) -> PreparedInputs:
     if args.inputs < 1:
         raise InputError("--inputs must be >= 1")
@@ -327,7 +320,7 @@ def _meta(
 
 def _bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _check_plot_available()
+        require_matplotlib()  # fail before a run of several minutes, not after it
     config = StepConfig(
         warmup_s=args.warmup,
         window_s=args.window,

@@ -16,7 +16,8 @@ class PlotUnavailableError(RuntimeError):
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def require_matplotlib() -> Any:
+    """The matplotlib module; PlotUnavailableError, saying how to install it, when missing."""
     # Imported here, not at module import: matplotlib is the optional extra ``plot`` and
     # most runs never plot.
     try:
@@ -26,6 +27,11 @@ def _pyplot() -> Any:
             "--plot needs matplotlib, the optional extra 'plot' of framecast-client: "
             "pip install 'framecast-client[plot]'"
         ) from exc
+    return matplotlib
+
+
+def _pyplot() -> Any:
+    matplotlib = require_matplotlib()
     matplotlib.use("Agg")  # no display on a server or in CI
     import matplotlib.pyplot as plt
 
