@@ -264,6 +264,39 @@ def test_user_onnx(tmp_path: Path) -> None:
     assert changed.version != prepared.version
 
 
+def test_user_onnx_with_external_data_is_a_new_model_when_the_data_changes(
+    tmp_path: Path,
+) -> None:
+    # Large exports keep their weights beside the graph; new weights under the same file
+    # names must not be served from the cache as the old model.
+    path = tmp_path / "big.onnx"
+
+    def export(seed: int) -> None:
+        # As a fresh export would: onnx appends to a data file that is already there.
+        (tmp_path / "big.onnx.data").unlink(missing_ok=True)
+        onnx.save_model(
+            tiny_classifier(layout="NHWC", seed=seed).model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="big.onnx.data",
+            size_threshold=0,
+        )
+
+    export(seed=0)
+    graph_bytes = path.read_bytes()
+    first = prepare_model(ModelSource(kind="onnx", path=path), tmp_path / "c")
+    export(seed=1)
+    assert path.read_bytes() == graph_bytes  # only the data file differs
+    second = prepare_model(ModelSource(kind="onnx", path=path), tmp_path / "c")
+    assert second.version != first.version
+    images = photo_like(2, seed=3)
+    assert not np.allclose(run_onnx(first.onnx_path, images), run_onnx(second.onnx_path, images))
+    # Unchanged files are the same model.
+    again = prepare_model(ModelSource(kind="onnx", path=path), tmp_path / "c")
+    assert again.version == second.version
+
+
 def test_user_onnx_with_a_frozen_batch_size_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "batch1.onnx"
     onnx.save_model(tiny_classifier(baked_batch_reshape=True).model, str(path))

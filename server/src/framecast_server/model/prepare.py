@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 from filelock import FileLock
+from onnx.external_data_helper import ExternalDataInfo
 
 from framecast_server.model.download import (
     DEFAULT_REPO,
@@ -120,6 +121,47 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of a graph and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _all_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_tensors(subgraph)
+
+
+def _onnx_content(path: Path) -> str:
+    """A digest of an ONNX file and of every external-data file its tensors live in.
+
+    Large exports keep their weights beside the graph (``model.onnx`` + ``model.onnx.data``):
+    new weights under the same names must still be a new model, not a stale cache hit.
+    """
+    serialized = path.read_bytes()  # read once: hashed, then parsed without external data
+    digest = hashlib.sha256(hashlib.sha256(serialized).hexdigest().encode())
+    try:
+        model = onnx.load_model_from_string(serialized)
+    except Exception:  # unreadable: the build reports it; the file's own hash keys it
+        return digest.hexdigest()
+    locations = sorted(
+        {
+            ExternalDataInfo(tensor).location
+            for tensor in _all_tensors(model.graph)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+        }
+    )
+    for location in locations:
+        data = path.parent / location
+        # A missing file is the build's error to report; its absence still changes the key.
+        content = _file_sha256(data) if data.is_file() else "missing"
+        digest.update(f"\n{location}\n{content}".encode())
+    return digest.hexdigest()
+
+
 def _resolve(
     source: ModelSource, preset: Preset, cache_dir: Path, allow_download: bool, seed: int
 ) -> _Resolved:
@@ -149,7 +191,7 @@ def _resolve(
         # Pretrained-ness of a user's file cannot be known; it is their trained model.
         return _Resolved(
             kind=source.kind,
-            content=_file_sha256(path),
+            content=_onnx_content(path) if source.kind == "onnx" else _file_sha256(path),
             name=name,
             pretrained=True,
             weights_source=str(path),
