@@ -21,6 +21,7 @@ def test_exported_names() -> None:
         "ModelInfo",
         "Prediction",
         "PreprocessSpec",
+        "PreprocessingChangedError",
         "ResourceExhaustedError",
         "RpcError",
         "ServerError",

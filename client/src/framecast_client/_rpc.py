@@ -10,6 +10,7 @@ import grpc
 from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    PreprocessingChangedError,
     ResourceExhaustedError,
     RpcError,
     ServerError,
@@ -21,6 +22,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.FAILED_PRECONDITION: PreprocessingChangedError,
 }
 
 

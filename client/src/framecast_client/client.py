@@ -17,6 +17,7 @@ from . import wire
 from ._proto import classifier_pb2 as pb
 from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
+from .errors import PreprocessingChangedError
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
@@ -91,8 +92,10 @@ class _BaseClient:
             yield batch[start : start + per_request]
 
     @staticmethod
-    def _request(batch: NDArray[np.uint8], top_k: int) -> pb.ClassifyRequest:
-        return wire.classify_request(batch, top_k=top_k)
+    def _request(batch: NDArray[np.uint8], top_k: int, info: ModelInfo) -> pb.ClassifyRequest:
+        # Stating what the images were prepared for makes a server restarted with another
+        # model refuse them (PreprocessingChangedError) instead of classifying them wrongly.
+        return wire.classify_request(batch, top_k=top_k, preprocessing_id=info.preprocessing_id)
 
     def _stream_config(
         self,
@@ -111,6 +114,7 @@ class _BaseClient:
             credentials=self._credentials,
             channel_options=self._channel_options(),
             spec=info.preprocessing,
+            preprocessing_id=info.preprocessing_id,
             channel_order=self.channel_order,
             num_classes=len(info.labels),
             top_k=top_k,
@@ -195,20 +199,37 @@ class Client(_BaseClient):
         numpy frame in the client's channel_order.
         """
         single, images = self._as_list(x)
-        batch = self._preprocess_all(images, self.model_info())
-        results = self.classify_preprocessed(batch, top_k=top_k, timeout=timeout)
+        info = self.model_info()
+        try:
+            batch = self._preprocess_all(images, info)
+            results = self._classify_batch(batch, info, top_k, timeout)
+        except PreprocessingChangedError:
+            # The server was restarted with a model that wants other preprocessing: prepare
+            # the images as it says now, once.
+            info = self.model_info(refresh=True)
+            batch = self._preprocess_all(images, info)
+            results = self._classify_batch(batch, info, top_k, timeout)
         return results[0] if single else results
 
     def classify_preprocessed(
         self, batch: NDArray[np.uint8], *, top_k: int = DEFAULT_TOP_K, timeout: float | None = None
     ) -> list[Classification]:
-        """Classify already-preprocessed images, uint8 [N, H, W, 3] RGB, split as needed."""
+        """Classify already-preprocessed images, uint8 [N, H, W, 3] RGB, split as needed.
+
+        The images must be prepared as ``model_info()`` says (``preprocess`` does that); a
+        server that now wants other preprocessing raises PreprocessingChangedError.
+        """
+        return self._classify_batch(batch, self.model_info(), top_k, timeout)
+
+    def _classify_batch(
+        self, batch: NDArray[np.uint8], info: ModelInfo, top_k: int, timeout: float | None
+    ) -> list[Classification]:
         self._check_open()
         results: list[Classification] = []
-        for chunk in self._chunks(batch, self.model_info()):
+        for chunk in self._chunks(batch, info):
             with mapped_rpc_errors(self.address):
                 reply = self._stub.Classify(
-                    self._request(chunk, top_k), timeout=self._timeout(timeout)
+                    self._request(chunk, top_k, info), timeout=self._timeout(timeout)
                 )
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results
@@ -253,11 +274,13 @@ class Client(_BaseClient):
         Raises:
             ValueError: An argument is out of range.
             RpcError: The server's model info could not be fetched (the session needs its
-                preprocessing before it starts).
+                preprocessing before it starts; it reads it afresh, and again after every
+                reconnection, since a restarted server may serve a model that wants other
+                preprocessing).
         """
         self._check_open()
         config = self._stream_config(
-            self.model_info(),
+            self.model_info(refresh=True),  # a long-lived client may hold an outdated one
             top_k=top_k,
             max_in_flight=max_in_flight,
             mode=mode,
@@ -325,20 +348,32 @@ class AsyncClient(_BaseClient):
     ) -> Classification | list[Classification]:
         """Classify one image (returns one result) or a list of images (results in order)."""
         single, images = self._as_list(x)
-        batch = self._preprocess_all(images, await self.model_info())
-        results = await self.classify_preprocessed(batch, top_k=top_k, timeout=timeout)
+        info = await self.model_info()
+        try:
+            batch = self._preprocess_all(images, info)
+            results = await self._classify_batch(batch, info, top_k, timeout)
+        except PreprocessingChangedError:
+            # As in Client.classify: the server's model changed; prepare the images again, once.
+            info = await self.model_info(refresh=True)
+            batch = self._preprocess_all(images, info)
+            results = await self._classify_batch(batch, info, top_k, timeout)
         return results[0] if single else results
 
     async def classify_preprocessed(
         self, batch: NDArray[np.uint8], *, top_k: int = DEFAULT_TOP_K, timeout: float | None = None
     ) -> list[Classification]:
-        """Classify already-preprocessed images, uint8 [N, H, W, 3] RGB, split as needed."""
+        """Classify already-preprocessed images; as Client.classify_preprocessed."""
+        return await self._classify_batch(batch, await self.model_info(), top_k, timeout)
+
+    async def _classify_batch(
+        self, batch: NDArray[np.uint8], info: ModelInfo, top_k: int, timeout: float | None
+    ) -> list[Classification]:
         self._check_open()
         results: list[Classification] = []
-        for chunk in self._chunks(batch, await self.model_info()):
+        for chunk in self._chunks(batch, info):
             with mapped_rpc_errors(self.address):
                 reply = await self._stub.Classify(
-                    self._request(chunk, top_k), timeout=self._timeout(timeout)
+                    self._request(chunk, top_k, info), timeout=self._timeout(timeout)
                 )
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results
@@ -365,7 +400,7 @@ class AsyncClient(_BaseClient):
         async def configure() -> StreamConfig:
             self._check_open()
             return self._stream_config(
-                await self.model_info(),
+                await self.model_info(refresh=True),  # as in Client.stream
                 top_k=top_k,
                 max_in_flight=max_in_flight,
                 mode=mode,

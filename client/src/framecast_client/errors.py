@@ -7,6 +7,8 @@
         ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too large, or the server's queue is full
         ├── DeadlineExceededError   DEADLINE_EXCEEDED: no answer within the deadline
         ├── UnavailableError        UNAVAILABLE: no server answers at the address
+        ├── PreprocessingChangedError  FAILED_PRECONDITION: the server's model now wants other
+        │                           preprocessing (it was restarted with another model)
         └── ServerError             any other status
 
 ``RpcError`` subclasses are made from ``grpc.RpcError`` in one place, ``framecast_client._rpc``.
@@ -53,6 +55,16 @@ class DeadlineExceededError(RpcError):
 
 class UnavailableError(RpcError):
     """No server answered at the address (not running, wrong address, or shutting down)."""
+
+
+class PreprocessingChangedError(RpcError):
+    """The images were prepared for a model the server no longer serves.
+
+    The server was restarted with a model that wants other preprocessing. ``classify``
+    handles it itself (it reads the model info again and retries once); a caller of
+    ``classify_preprocessed`` with images from ``preprocess`` re-reads
+    ``model_info(refresh=True)`` and preprocesses again.
+    """
 
 
 class ServerError(RpcError):

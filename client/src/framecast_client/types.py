@@ -54,3 +54,5 @@ class ModelInfo:
     warning: str
     labels: tuple[str, ...]
     max_message_bytes: int
+    # What requests state so that images prepared for another model are refused ("": unknown).
+    preprocessing_id: str = ""

@@ -6,6 +6,7 @@ Both ends use it: the client to build requests and read results, the server to r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +39,15 @@ class WireFormatError(ValueError):
     """A message does not hold what the protocol requires; the text says what is wrong."""
 
 
+class PreprocessingMismatchError(Exception):
+    """Images were prepared for preprocessing other than the served model's.
+
+    Not a malformed message: the sender followed a ModelInfo that is no longer current (the
+    server was restarted with a model that wants other preprocessing). Re-reading
+    GetModelInfo and preparing the images again fixes it.
+    """
+
+
 def image_to_proto(image: NDArray[np.uint8]) -> pb.Image:
     """Wrap one preprocessed uint8 [H, W, 3] RGB image."""
     message = pb.Image()
@@ -45,9 +55,15 @@ def image_to_proto(image: NDArray[np.uint8]) -> pb.Image:
     return message
 
 
-def classify_request(batch: NDArray[np.uint8], *, top_k: int) -> pb.ClassifyRequest:
-    """A Classify request for preprocessed images uint8 [N, H, W, 3]."""
-    request = pb.ClassifyRequest(top_k=top_k)
+def classify_request(
+    batch: NDArray[np.uint8], *, top_k: int, preprocessing_id: str = ""
+) -> pb.ClassifyRequest:
+    """A Classify request for preprocessed images uint8 [N, H, W, 3].
+
+    ``preprocessing_id``: the ModelInfo.preprocessing_id the images were prepared for, or ""
+    when the caller cannot vouch for how they were prepared.
+    """
+    request = pb.ClassifyRequest(top_k=top_k, preprocessing_id=preprocessing_id)
     for image in batch:
         # Filled in place: wrapping a finished Image message would copy its 150 KB again.
         _fill_image(request.images.add(), image)
@@ -167,6 +183,28 @@ def preprocessing_to_proto(spec: PreprocessSpec, *, normalization: str) -> pb.Pr
     )
 
 
+def preprocessing_id(message: pb.Preprocessing) -> str:
+    """The fingerprint of a preprocessing description (ModelInfo.preprocessing_id).
+
+    Computed by the server only; clients echo it. Deterministic serialization: equal
+    descriptions give equal ids.
+    """
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def check_preprocessing(stated: str, served: str) -> None:
+    """Refuse images a request says were prepared for ``stated`` when the server wants ``served``.
+
+    An empty ``stated`` is not checked: raw clients that do not state it keep working.
+    """
+    if stated and stated != served:
+        raise PreprocessingMismatchError(
+            f"the images were prepared for preprocessing {stated}, but this server's model "
+            f"wants {served}: it was restarted with another model. Read GetModelInfo again "
+            "and preprocess the images as it says"
+        )
+
+
 def preprocessing_from_proto(message: pb.Preprocessing) -> PreprocessSpec:
     """Read the server's preprocessing; unknown enum values are an error, not a guess."""
     try:
@@ -201,4 +239,5 @@ def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
         warning=message.warning,
         labels=tuple(message.labels),
         max_message_bytes=message.max_message_bytes,
+        preprocessing_id=message.preprocessing_id,
     )

@@ -101,8 +101,14 @@ class ClassifyRequest(_message.Message):
 
     IMAGES_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
     top_k: _builtins.int
     """How many classes to return per image; the server's default (5) when unset."""
+    preprocessing_id: _builtins.str
+    """The ModelInfo.preprocessing_id the images were prepared for. When set and not the
+    server's, the call fails FAILED_PRECONDITION: the server now serves a model that wants
+    other preprocessing (it was restarted with another one). Empty: not checked.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     def __init__(
@@ -110,10 +116,11 @@ class ClassifyRequest(_message.Message):
         *,
         images: _abc.Iterable[Global___Image] | None = ...,
         top_k: _builtins.int | None = ...,
+        preprocessing_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "images", b"images", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "images", b"images", "preprocessing_id", b"preprocessing_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
@@ -228,9 +235,12 @@ class StreamRequest(_message.Message):
     FRAME_ID_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.int
     """Chosen by the client; echoed on the result."""
     top_k: _builtins.int
+    preprocessing_id: _builtins.str
+    """As in ClassifyRequest; a mismatch fails this frame (FAILED_PRECONDITION), not the stream."""
     @_builtins.property
     def image(self) -> Global___Image: ...
     def __init__(
@@ -239,10 +249,11 @@ class StreamRequest(_message.Message):
         frame_id: _builtins.int = ...,
         image: Global___Image | None = ...,
         top_k: _builtins.int | None = ...,
+        preprocessing_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "image", b"image", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "frame_id", b"frame_id", "image", b"image", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "frame_id", b"frame_id", "image", b"image", "preprocessing_id", b"preprocessing_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
@@ -372,6 +383,7 @@ class ModelInfo(_message.Message):
     WARNING_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     backend: _builtins.str
@@ -387,6 +399,10 @@ class ModelInfo(_message.Message):
     """A warning every client should show its user; empty when all is well."""
     max_message_bytes: _builtins.int
     """Largest request message the server accepts, in bytes."""
+    preprocessing_id: _builtins.str
+    """A fingerprint of `preprocessing`: requests state it to say what their images were
+    prepared for, so that images prepared for another model are refused, never misread.
+    """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing: ...
     @_builtins.property
@@ -405,10 +421,11 @@ class ModelInfo(_message.Message):
         warning: _builtins.str = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         max_message_bytes: _builtins.int = ...,
+        preprocessing_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "labels", b"labels", "max_batch", b"max_batch", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "labels", b"labels", "max_batch", b"max_batch", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "preprocessing_id", b"preprocessing_id", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,10 @@ Modes:
 
 When the server goes away (UNAVAILABLE, connection reset) the session reconnects with an
 exponential, capped, jittered :class:`Backoff` and carries on, unless ``reconnect=False``.
+Before each new call it reads GetModelInfo again: a server restarted with a model that wants
+other preprocessing gets frames prepared for it (lossless prepares the frames it holds again
+from their source frames; realtime drops them). Every frame states what it was prepared for,
+so a frame prepared for another model is refused, never classified wrongly.
 
 The modules: ``config`` (modes, :class:`Backoff`, what a session gets from its client),
 ``results`` (:class:`StreamResult`, :class:`StreamStats` and the latencies behind them),

@@ -15,7 +15,7 @@ from .._proto import classifier_pb2_grpc as pb_grpc
 from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
 from .pipeline import WAIT, Signal, StreamCore
-from .receiver import Receiver
+from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
 from .results import StreamResult, StreamStats, empty_latency
 
 T = TypeVar("T")
@@ -177,8 +177,21 @@ class AsyncStreamSession:
         def room() -> bool | Signal:
             return core.output_room_locked() or WAIT
 
+        reconnecting = False
         try:
             while not core.is_stopping():
+                if reconnecting:
+                    try:
+                        info = await stub.GetModelInfo(
+                            pb.GetModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S
+                        )
+                    except grpc.RpcError as exc:
+                        if (delay := receiver.after_break(exc)) is None:
+                            return
+                        await self._sleep_unless_stopped(core, delay)
+                        continue
+                    receiver.adopt(info)
+                    reconnecting = False
                 generation = core.generation
                 call = stub.ClassifyStream(self._requests(core, generation))
                 self._call = call
@@ -193,9 +206,9 @@ class AsyncStreamSession:
                         return
                 except grpc.RpcError as exc:
                     error = exc
-                delay = receiver.after_break(error)
-                if delay is None:
+                if (delay := receiver.after_break(error)) is None:
                     return
+                reconnecting = True  # the server may have been restarted with another model
                 await self._sleep_unless_stopped(core, delay)
         except asyncio.CancelledError:
             raise

@@ -89,7 +89,8 @@ class StreamConfig:
     address: str
     credentials: grpc.ChannelCredentials | None
     channel_options: tuple[tuple[str, Any], ...]
-    spec: PreprocessSpec
+    spec: PreprocessSpec  # as the server said when the session started; it may change
+    preprocessing_id: str
     channel_order: ChannelOrder
     top_k: int
     max_in_flight: int
@@ -104,6 +105,7 @@ def make_stream_config(
     credentials: grpc.ChannelCredentials | None,
     channel_options: Sequence[tuple[str, Any]],
     spec: PreprocessSpec,
+    preprocessing_id: str,
     channel_order: ChannelOrder,
     num_classes: int,
     top_k: int,
@@ -154,6 +156,7 @@ def make_stream_config(
         credentials=credentials,
         channel_options=options,
         spec=spec,
+        preprocessing_id=preprocessing_id,
         channel_order=channel_order,
         top_k=top_k,
         max_in_flight=max_in_flight,

@@ -20,7 +20,7 @@ import grpc
 from .. import wire
 from .._proto import classifier_pb2 as pb
 from ..errors import InvalidImageError
-from ..preprocess import ImageInput, preprocess
+from ..preprocess import ImageInput, PreprocessSpec, preprocess
 from ..types import Classification
 from .config import StreamConfig
 from .results import FrameError, Latencies, StreamResult, StreamStats
@@ -65,6 +65,9 @@ class _Ready:
     captured: float
     request: pb.StreamRequest | None  # None when preprocessing failed
     error: FrameError | None
+    # Lossless only: the source frame, kept until its answer so that it can be prepared again
+    # when the server comes back wanting other preprocessing (realtime drops such frames).
+    source: Any = None
 
 
 @dataclass(slots=True)
@@ -99,6 +102,12 @@ class StreamCore:
         self._resend: collections.deque[int] = collections.deque()
         self._output: collections.deque[StreamResult] = collections.deque()
         self.generation = 0
+        # What frames are prepared for now: the server's answer to GetModelInfo, read again
+        # after every break (a restarted server may serve another model). The version tells a
+        # frame prepared under an older one.
+        self._spec = config.spec
+        self._preprocessing_id = config.preprocessing_id
+        self._spec_version = 0
         self._stopping = False
         self._closed = False
         self._source_done = False
@@ -234,11 +243,18 @@ class StreamCore:
                     if self.is_stopping() or not self._raw:
                         return
                     raw = self._raw.popleft()
+                    spec, preprocessing_id = self._spec, self._preprocessing_id
+                    spec_version = self._spec_version
                     self._changed_locked()
-                request, error = self._prepare(raw)
+                request, error = self._prepare(raw.frame, spec, preprocessing_id)
                 with self.lock:
                     if self.is_stopping():
                         return
+                    if spec_version != self._spec_version:
+                        # The server's preprocessing changed meanwhile: prepare it again (in
+                        # realtime a newer frame may push it out first, counted as a drop).
+                        self._raw.appendleft(raw)
+                        continue
                     frame_id = self._next_frame_id
                     self._next_frame_id += 1
                     if request is not None:
@@ -246,7 +262,10 @@ class StreamCore:
                     if len(self._ready) >= self._buffer_capacity:
                         self._ready.popleft()  # realtime: the latest frame wins
                         self._dropped += 1
-                    self._ready.append(_Ready(frame_id, raw.index, raw.captured, request, error))
+                    source = None if self._realtime else raw.frame
+                    self._ready.append(
+                        _Ready(frame_id, raw.index, raw.captured, request, error, source)
+                    )
                     self._changed_locked()
         except Exception as exc:
             logger.exception("preprocessing failed unexpectedly")
@@ -256,15 +275,49 @@ class StreamCore:
                 self._preprocess_done = True
                 self._changed_locked()
 
-    def _prepare(self, raw: _Raw) -> tuple[pb.StreamRequest | None, FrameError | None]:
+    def _prepare(
+        self, frame: Any, spec: PreprocessSpec, preprocessing_id: str
+    ) -> tuple[pb.StreamRequest | None, FrameError | None]:
         config = self.config
         try:
-            image = preprocess(raw.frame, config.spec, channel_order=config.channel_order)
+            image = preprocess(frame, spec, channel_order=config.channel_order)
         except (InvalidImageError, TypeError) as exc:
-            logger.debug("frame %d cannot be preprocessed: %s", raw.index, exc)
+            logger.debug("a frame cannot be preprocessed: %s", exc)
             return None, FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "client")
-        request = pb.StreamRequest(image=wire.image_to_proto(image), top_k=config.top_k)
+        request = pb.StreamRequest(
+            image=wire.image_to_proto(image), top_k=config.top_k, preprocessing_id=preprocessing_id
+        )
         return request, None
+
+    def adopt_preprocessing(self, spec: PreprocessSpec, preprocessing_id: str) -> bool:
+        """Prepare frames as the server (back after a break) says; False if nothing changed.
+
+        Called between two calls, while no request iterator takes frames. Frames prepared for
+        the old preprocessing and not yet answered are prepared again from their source frames,
+        keeping their ids and order (lossless), or dropped and counted (realtime: the frames
+        after them come prepared anew). Blocking: lossless preprocesses up to a window's worth.
+        """
+        with self.lock:
+            if preprocessing_id == self._preprocessing_id:
+                return False
+            self._spec, self._preprocessing_id = spec, preprocessing_id
+            self._spec_version += 1
+            if self._realtime:
+                self._dropped += len(self._ready)
+                self._ready.clear()
+                self._changed_locked()
+                return True
+            stale = [*self._ready, *(self._outstanding[fid].item for fid in self._resend)]
+        # Outside the lock: the stale frames stay where they are (nothing takes frames between
+        # calls, and the preprocess thread only appends), so they are updated in place.
+        prepared = [self._prepare(item.source, spec, preprocessing_id) for item in stale]
+        with self.lock:
+            for item, (request, error) in zip(stale, prepared, strict=True):
+                if request is not None:
+                    request.frame_id = item.frame_id
+                item.request, item.error = request, error
+            self._changed_locked()
+        return True
 
     # -- the request iterator of the current call
 
@@ -272,12 +325,18 @@ class StreamCore:
         """The next frame to send on call ``generation``, WAIT, or END (half-close)."""
         if self.is_stopping() or generation != self.generation:
             return END
-        if self._resend:
-            slot = self._outstanding[self._resend.popleft()]
+        while self._resend:
+            frame_id = self._resend.popleft()
+            slot = self._outstanding[frame_id]
+            if slot.item.request is None:
+                # Its source frame failed to preprocess for the server's new model.
+                assert slot.item.error is not None
+                slot.sent = False
+                self._complete_locked(frame_id, slot.item.error)
+                continue
             slot.sent = True
             self._resent += 1
             self._count_in_flight_locked()
-            assert slot.item.request is not None
             return slot.item.request
         while (
             self._ready

@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from .. import wire
 from .._proto import classifier_pb2 as pb
 from .._rpc import from_status
 from ..errors import RpcError, UnavailableError
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 _RESET_MARKERS = ("stream removed", "rst_stream", "connection reset", "socket closed")
 # What a call that ended before answering every frame counts as.
 _ENDED_EARLY = (grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+# How long GetModelInfo may take before a reconnect attempt counts as failed.
+MODEL_INFO_TIMEOUT_S = 5.0
 
 
 def _retriable(code: grpc.StatusCode, details: str) -> bool:
@@ -144,6 +147,24 @@ class Receiver:
             lost = core.on_break_locked()
         _log_break(self._config, code, details, lost)
         return delay
+
+    def adopt(self, info: pb.ModelInfo) -> None:
+        """Before a call after a break: prepare frames as the (maybe restarted) server says.
+
+        A server restarted with another model may want other preprocessing; frames prepared
+        for the old one would be refused (FAILED_PRECONDITION) or, by a server that does not
+        check, classified wrongly.
+        """
+        spec = wire.preprocessing_from_proto(info.preprocessing)
+        if self._core.adopt_preprocessing(spec, info.preprocessing_id):
+            logger.warning(
+                "the server at %s now serves %s %s, which wants other preprocessing (%s); "
+                "frames are prepared for it from now on",
+                self._config.address,
+                info.name,
+                info.version,
+                info.preprocessing_id,
+            )
 
     def crashed(self, exc: Exception) -> None:
         """The session's own code failed: log it with its traceback and end the session."""

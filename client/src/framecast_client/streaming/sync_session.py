@@ -13,7 +13,7 @@ from .._proto import classifier_pb2_grpc as pb_grpc
 from ..preprocess import ImageInput
 from .config import StreamConfig
 from .pipeline import WAIT, StreamCore
-from .receiver import Receiver
+from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
 from .results import StreamResult, StreamStats
 
 
@@ -99,8 +99,26 @@ class StreamSession:
         """The receiver thread: one call after another until the stream ends."""
         core = self._core
         receiver = Receiver(core)
+        reconnecting = False
+
+        def pause(delay: float) -> None:
+            with core.lock:
+                core.cond.wait_for(core.is_stopping, delay)
+
         try:
             while True:
+                if reconnecting:
+                    try:
+                        info = self._stub.GetModelInfo(
+                            pb.GetModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S
+                        )
+                    except grpc.RpcError as exc:
+                        if (delay := receiver.after_break(exc)) is None:
+                            return
+                        pause(delay)
+                        continue
+                    receiver.adopt(info)
+                    reconnecting = False
                 generation = core.generation
                 call: Any = self._stub.ClassifyStream(self._requests(generation))
                 with core.lock:
@@ -122,11 +140,10 @@ class StreamSession:
                         return
                 except grpc.RpcError as exc:
                     error = exc
-                delay = receiver.after_break(error)
-                if delay is None:
+                if (delay := receiver.after_break(error)) is None:
                     return
-                with core.lock:
-                    core.cond.wait_for(core.is_stopping, delay)
+                reconnecting = True  # the server may have been restarted with another model
+                pause(delay)
         except Exception as exc:
             receiver.crashed(exc)
         finally:

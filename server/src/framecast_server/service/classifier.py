@@ -45,11 +45,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, *, max_message_bytes: int) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
+        self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
+        self._preprocessing_id = self._model_info.preprocessing_id
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -67,13 +69,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             resize_size=preset.resize_size,
             interpolation=preset.interpolation,
         )
+        preprocessing = wire.preprocessing_to_proto(spec, normalization=preset.normalization)
         return pb.ModelInfo(
             name=model.name,
             version=model.version,
             backend=backend.name,
             precision=backend.precision,
             max_batch=serving.batcher.settings.max_batch,
-            preprocessing=wire.preprocessing_to_proto(spec, normalization=preset.normalization),
+            preprocessing=preprocessing,
+            preprocessing_id=wire.preprocessing_id(preprocessing),
             pretrained=model.pretrained,
             weights_source=model.weights_source,
             warning=model.warning,
@@ -98,6 +102,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         try:
             serving = self._require_serving()
             k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
+            wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
             size = serving.model.preset.input_size
             batch = wire.images_from_proto(
                 request.images,
@@ -155,10 +160,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         size = serving.model.preset.input_size
         submit = serving.batcher.submit_nowait
         image_from_proto = wire.image_from_proto
+        check_preprocessing = wire.check_preprocessing
+        served = self._preprocessing_id
 
         def admit(frame: pb.StreamRequest) -> _AdmittedFrame:
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
+                check_preprocessing(frame.preprocessing_id, served)
                 image = image_from_proto(frame.image, height=size, width=size)
                 return frame.frame_id, k, submit(image[None], deadline=deadline)
             except Exception as exc:

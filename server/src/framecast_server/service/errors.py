@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from framecast_client.wire import WireFormatError
+from framecast_client.wire import PreprocessingMismatchError, WireFormatError
 
 from ..backends.base import BackendError
 from ..batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
@@ -21,6 +21,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the message a person reads for an exception raised serving a call."""
     if isinstance(exc, WireFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, PreprocessingMismatchError):
+        # The request is well formed; the server's state (its model) does not fit it.
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, QueueFullError):
         return (
             grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,0 +1,339 @@
+"""A server restarted with a model that wants other preprocessing, under a running client.
+
+The first server serves the default preset (shorter side to 232, center crop); the second, on
+the same port, the caffe preset (stretch). Each test frame is wide, with a band of value ``a``
+on its left and ``b`` elsewhere: the center crop's first pixel is ``b``, the stretch's is ``a``.
+The NullBackend's top class is that first pixel, so every result tells which preprocessing its
+frame got. A frame prepared for the first server and answered by the second would come back as
+``b`` (a server that did not check) or as an error (this one checks): both fail these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from framecast_client import (
+    AsyncClient,
+    Backoff,
+    Client,
+    PreprocessingChangedError,
+    StreamResult,
+    StreamSession,
+    wire,
+)
+from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_server.backends.null import NullBackend
+from framecast_server.background import BackgroundServer
+from framecast_server.model.prepare import ModelSource
+from numpy.typing import NDArray
+from support import make_settings
+
+TIMEOUT_S = 60.0
+BAND = 64  # the left band's width, of 448: outside the default preset's center crop
+
+
+def banded_frame(i: int) -> NDArray[np.uint8]:
+    frame = np.full((224, 448, 3), band_keys(i)[1], dtype=np.uint8)
+    frame[:, :BAND] = band_keys(i)[0]
+    return frame
+
+
+def band_keys(i: int) -> tuple[int, int]:
+    """(a, b) of frame i: the class under stretch, the class under center crop."""
+    return i % 100, 100 + i % 100
+
+
+def top_class(result: StreamResult) -> int:
+    return result.classification.top.index
+
+
+class HeldNullBackend(NullBackend):
+    """A NullBackend that blocks while ``held`` is set, so that frames are stuck in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch=32)
+        self.held = threading.Event()
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        if self.held.is_set():
+            self.entered.set()
+            self._released.wait(TIMEOUT_S)
+        return super().infer(images)
+
+
+def first_server(cache_dir: Path, backend: NullBackend | None = None) -> BackgroundServer:
+    settings = make_settings(cache_dir, backend="null", max_batch=32)
+    if backend is None:
+        return BackgroundServer(settings)
+    return BackgroundServer(settings, backend_factory=lambda _path: backend)
+
+
+def caffe_server(cache_dir: Path, port: int) -> BackgroundServer:
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=32, port=port, model=ModelSource(preset="caffe")
+    )
+    return BackgroundServer(settings)
+
+
+@pytest.fixture
+def stream_broke() -> Iterator[threading.Event]:
+    """Set when a session logs that its stream broke."""
+    event = threading.Event()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "broke" in record.getMessage():
+                event.set()
+
+    handler = Handler(logging.WARNING)
+    logger = logging.getLogger("framecast_client.streaming")
+    logger.addHandler(handler)
+    try:
+        yield event
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_two_presets_have_different_preprocessing_ids(cache_dir: Path) -> None:
+    with first_server(cache_dir) as first, Client(first.address) as client:
+        default = client.model_info()
+    with caffe_server(cache_dir, 0) as second, Client(second.address) as client:
+        caffe = client.model_info()
+    assert default.preprocessing != caffe.preprocessing
+    assert default.preprocessing_id
+    assert caffe.preprocessing_id
+    assert default.preprocessing_id != caffe.preprocessing_id
+
+
+def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> None:
+    with first_server(cache_dir) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        served = stub.GetModelInfo(pb.GetModelInfoRequest()).preprocessing_id
+        image = np.zeros((1, 224, 224, 3), dtype=np.uint8)
+        request = wire.classify_request(image, top_k=1, preprocessing_id="0123456789abcdef")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(request)
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        details = refused.value.details() or ""
+        assert "0123456789abcdef" in details
+        assert served in details
+        # Stated right, or not stated at all (raw clients): served.
+        for stated in (served, ""):
+            request = wire.classify_request(image, top_k=1, preprocessing_id=stated)
+            assert len(stub.Classify(request).results) == 1
+
+        # In a stream only the frame fails; the frames around it are answered.
+        def frames() -> Iterator[pb.StreamRequest]:
+            for frame_id, stated in enumerate((served, "0123456789abcdef", "")):
+                yield pb.StreamRequest(
+                    frame_id=frame_id, image=wire.image_to_proto(image[0]), preprocessing_id=stated
+                )
+
+        answers = list(stub.ClassifyStream(frames()))
+        assert [a.frame_id for a in answers] == [0, 1, 2]
+        assert [a.WhichOneof("outcome") for a in answers] == [
+            "classification",
+            "error",
+            "classification",
+        ]
+        assert answers[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+def test_classify_follows_a_server_restarted_with_other_preprocessing(cache_dir: Path) -> None:
+    first = first_server(cache_dir).__enter__()
+    port = first.port
+    second: BackgroundServer | None = None
+    try:
+        with Client(first.address) as client, Client(first.address) as other:
+            stale = other.preprocess(banded_frame(1))  # `other` holds the first model's info
+            assert client.classify(banded_frame(1), top_k=1).top.index == band_keys(1)[1]
+            first.close(grace=0)
+            second = caffe_server(cache_dir, port).__enter__()
+            # `client` still holds the first server's model info: classify finds out, reads it
+            # again and prepares the image anew (stretch), by itself.
+            assert client.classify(banded_frame(2), top_k=1).top.index == band_keys(2)[0]
+            assert client.model_info().preprocessing.resize_policy == "stretch"
+            # Images a caller prepared for the old model are refused, not misread...
+            with pytest.raises(PreprocessingChangedError, match="GetModelInfo"):
+                other.classify_preprocessed(stale[None], top_k=1)
+            # ...and what the error says to do works.
+            other.model_info(refresh=True)
+            fresh = other.preprocess(banded_frame(1))
+            assert other.classify_preprocessed(fresh[None], top_k=1)[0].top.index == band_keys(1)[0]
+    finally:
+        first.close(grace=0)
+        if second is not None:
+            second.close(grace=0)
+
+
+def check_switch(results: list[StreamResult], answered_by_first: int) -> None:
+    """Results the first server gave are center crops (b), the second server's stretches (a)."""
+    before, after = results[:answered_by_first], results[answered_by_first:]
+    assert [top_class(r) for r in before] == [band_keys(r.index)[1] for r in before]
+    assert [top_class(r) for r in after] == [band_keys(r.index)[0] for r in after]
+
+
+def test_lossless_stream_prepares_its_frames_again_for_the_restarted_server(
+    cache_dir: Path, stream_broke: threading.Event
+) -> None:
+    count = 60
+    backend = HeldNullBackend()
+    first = first_server(cache_dir, backend).__enter__()
+    port = first.port
+    reached = threading.Event()
+    sessions: list[StreamSession] = []
+    answered_by_first: list[int] = []
+    second: list[BackgroundServer] = []
+    failures: list[BaseException] = []
+
+    def restart_with_caffe() -> None:
+        try:
+            assert reached.wait(TIMEOUT_S)
+            backend.held.set()
+            # A frame, prepared for the first server, is now stuck in it: it must be resent,
+            # prepared again. So must the frames prepared meanwhile and not yet sent.
+            assert backend.entered.wait(TIMEOUT_S)
+            killer = threading.Thread(target=first.close, kwargs={"grace": 0})
+            killer.start()
+            assert stream_broke.wait(TIMEOUT_S)
+            answered_by_first.append(sessions[0].stats.received)
+            backend.release()
+            killer.join(TIMEOUT_S)
+            second.append(caffe_server(cache_dir, port).__enter__())
+        except BaseException as exc:
+            failures.append(exc)
+            backend.release()
+
+    helper = threading.Thread(target=restart_with_caffe)
+    results: list[StreamResult] = []
+    try:
+        with Client(first.address) as client:
+            frames = (banded_frame(i) for i in range(count))
+            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            with client.stream(frames, top_k=1, mode="lossless", backoff=backoff) as session:
+                sessions.append(session)
+                helper.start()
+                for result in session:
+                    results.append(result)
+                    if result.index == 9:
+                        reached.set()
+                stats = session.stats
+    finally:
+        reached.set()
+        backend.release()
+        if helper.is_alive():
+            helper.join(TIMEOUT_S)
+        first.close(grace=0)
+        for server in second:
+            server.close(grace=0)
+    assert not failures
+    assert [r.index for r in results] == list(range(count))
+    check_switch(results, answered_by_first[0])
+    assert answered_by_first[0] < count
+    assert stats.resent >= 1
+    assert stats.errors == stats.dropped == 0
+
+
+def test_realtime_stream_switches_to_the_restarted_servers_preprocessing(
+    cache_dir: Path, stream_broke: threading.Event
+) -> None:
+    first = first_server(cache_dir)
+    first.__enter__()
+    port = first.port
+    stop = threading.Event()
+    reached = threading.Event()
+    sessions: list[StreamSession] = []
+    answered_by_first: list[int] = []
+    second: list[BackgroundServer] = []
+    failures: list[BaseException] = []
+
+    def camera() -> Iterator[NDArray[np.uint8]]:
+        i = 0
+        while not stop.wait(0.005):
+            yield banded_frame(i)
+            i += 1
+
+    def restart_with_caffe() -> None:
+        try:
+            assert reached.wait(TIMEOUT_S)
+            first.close(grace=0)
+            assert stream_broke.wait(TIMEOUT_S)
+            answered_by_first.append(sessions[0].stats.received)
+            second.append(caffe_server(cache_dir, port).__enter__())
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+
+    helper = threading.Thread(target=restart_with_caffe)
+    results: list[StreamResult] = []
+    try:
+        with Client(first.address) as client:
+            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            with client.stream(camera(), top_k=1, mode="realtime", backoff=backoff) as session:
+                sessions.append(session)
+                helper.start()
+                for result in session:
+                    results.append(result)
+                    if len(results) == 10:
+                        reached.set()
+                    if answered_by_first and len(results) >= answered_by_first[0] + 20:
+                        break
+                stats = session.stats
+    finally:
+        stop.set()
+        reached.set()
+        if helper.is_alive():
+            helper.join(TIMEOUT_S)
+        first.close(grace=0)
+        for server in second:
+            server.close(grace=0)
+    assert not failures
+    check_switch(results, answered_by_first[0])
+    assert stats.errors == 0
+    assert stats.reconnects >= 1
+
+
+async def test_async_stream_prepares_its_frames_again_for_the_restarted_server(
+    cache_dir: Path, stream_broke: threading.Event
+) -> None:
+    count = 40
+    first = first_server(cache_dir)
+    await asyncio.to_thread(first.__enter__)
+    port = first.port
+    second: list[BackgroundServer] = []
+    results: list[StreamResult] = []
+    try:
+        async with AsyncClient(first.address) as client:
+            frames = (banded_frame(i) for i in range(count))
+            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            async with client.stream(frames, top_k=1, mode="lossless", backoff=backoff) as session:
+                async for result in session:
+                    results.append(result)
+                    if result.index == 9:
+                        await asyncio.to_thread(first.close, grace=0)
+                        assert await asyncio.to_thread(stream_broke.wait, TIMEOUT_S)
+                        answered_by_first = session.stats.received
+                        restarted = caffe_server(cache_dir, port)
+                        await asyncio.to_thread(restarted.__enter__)
+                        second.append(restarted)
+                stats = session.stats
+    finally:
+        await asyncio.to_thread(first.close, grace=0)
+        for server in second:
+            await asyncio.to_thread(server.close, grace=0)
+    assert [r.index for r in results] == list(range(count))
+    check_switch(results, answered_by_first)
+    assert stats.errors == stats.dropped == 0
