@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from framecast_client import Client, StreamSession
 from framecast_client.cli import main
+from framecast_client.streaming import DEFAULT_KEEPALIVE_S
 from framecast_server.background import BackgroundServer
 from PIL import Image
 from support import make_settings
@@ -69,6 +72,33 @@ def test_stream_a_directory_is_lossless_and_ends_with_the_source(
         "errors": 0,
         "dropped": 0,
     }
+
+
+def test_keepalive_can_be_set_or_turned_off(
+    null_server: BackgroundServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    passed: list[float | None] = []
+    real_stream = Client.stream
+
+    def spy(self: Client, *args: Any, **kwargs: Any) -> StreamSession:
+        passed.append(kwargs["keepalive_s"])
+        return real_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "stream", spy)
+    for keepalive in ("5", "off", None):
+        args = ["stream", "synthetic:64x48@30", "--address", null_server.address]
+        args += ["--duration", "0.5"] + (["--keepalive", keepalive] if keepalive else [])
+        code = main(args)
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert summary_numbers(out)["errors"] == 0
+    assert passed == [5.0, None, DEFAULT_KEEPALIVE_S]
+    with pytest.raises(SystemExit) as bad:
+        main(["stream", "synthetic", "--keepalive", "-1"])
+    assert bad.value.code == 2
+    assert "expected a positive number" in capsys.readouterr().err
 
 
 def test_a_bad_source_exits_2_with_the_reason(

@@ -21,7 +21,13 @@ import numpy as np
 from .client import DEFAULT_ADDRESS, Client
 from .errors import FramecastError
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
-from .streaming import DEFAULT_MAX_IN_FLIGHT, StreamMode, StreamSession, StreamStats
+from .streaming import (
+    DEFAULT_KEEPALIVE_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    StreamMode,
+    StreamSession,
+    StreamStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,12 @@ def _positive_float(text: str) -> float:
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _keepalive(text: str) -> float | None:
+    if text.strip().lower() in ("off", "0"):
+        return None
+    return _positive_float(text)
 
 
 def _positive_int(text: str) -> int:
@@ -106,6 +118,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="most frames sent and not answered (default: 3 in realtime mode, 8 in lossless)",
     )
     p.add_argument("--top-k", type=_positive_int, default=1, help="classes per frame (default 1)")
+    p.add_argument(
+        "--keepalive",
+        type=_keepalive,
+        default=DEFAULT_KEEPALIVE_S,
+        metavar="SECONDS",
+        help="ping the server after this many seconds without traffic and reconnect when a "
+        f"ping goes unanswered as long (default {DEFAULT_KEEPALIVE_S:g}; 'off' for none). "
+        "The server takes pings at most every 5 s while no frames flow",
+    )
     p.set_defaults(handler=run)
 
 
@@ -136,7 +157,13 @@ def run(args: argparse.Namespace) -> int:
         if info.warning:
             logger.warning("%s", info.warning)
         in_flight = args.max_in_flight or DEFAULT_MAX_IN_FLIGHT[mode]
-        with client.stream(source, top_k=args.top_k, max_in_flight=in_flight, mode=mode) as session:
+        with client.stream(
+            source,
+            top_k=args.top_k,
+            max_in_flight=in_flight,
+            mode=mode,
+            keepalive_s=args.keepalive,
+        ) as session:
             logger.info(
                 "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
                 source.description,
