@@ -186,63 +186,93 @@ def check_switch(results: list[StreamResult], answered_by_first: int) -> None:
     assert [top_class(r) for r in after] == [band_keys(r.index)[0] for r in after]
 
 
+class CaffeRestart:
+    """Once ``reached`` is set: stop the first server, note how many answers the session had
+    by then (all the first server's), and start the caffe server on the same port; in a thread.
+
+    With a HeldNullBackend, a frame is first stuck in the first server, so that it dies with
+    frames in flight for sure.
+    """
+
+    def __init__(
+        self,
+        first: BackgroundServer,
+        cache_dir: Path,
+        stream_broke: threading.Event,
+        held: HeldNullBackend | None = None,
+    ) -> None:
+        self.reached = threading.Event()
+        self.answered_by_first = -1
+        self.failures: list[BaseException] = []
+        self._first, self._cache_dir, self._broke, self._held = first, cache_dir, stream_broke, held
+        self._second: list[BackgroundServer] = []
+        self._session: StreamSession | None = None
+        self._thread = threading.Thread(target=self._run)
+
+    def start(self, session: StreamSession) -> None:
+        self._session = session
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            assert self.reached.wait(TIMEOUT_S)
+            if self._held is not None:
+                self._held.held.set()
+                assert self._held.entered.wait(TIMEOUT_S)
+            port = self._first.port
+            killer = threading.Thread(target=self._first.close, kwargs={"grace": 0})
+            killer.start()
+            assert self._broke.wait(TIMEOUT_S)
+            assert self._session is not None
+            self.answered_by_first = self._session.stats.received
+            self._release()
+            killer.join(TIMEOUT_S)
+            self._second.append(caffe_server(self._cache_dir, port).__enter__())
+        except BaseException as exc:
+            self.failures.append(exc)
+            self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+
+    def finish(self) -> None:
+        self.reached.set()
+        self._release()
+        if self._thread.is_alive():
+            self._thread.join(TIMEOUT_S)
+        self._first.close(grace=0)
+        for server in self._second:
+            server.close(grace=0)
+        assert not self.failures
+
+
 def test_lossless_stream_prepares_its_frames_again_for_the_restarted_server(
     cache_dir: Path, stream_broke: threading.Event
 ) -> None:
     count = 60
     backend = HeldNullBackend()
     first = first_server(cache_dir, backend).__enter__()
-    port = first.port
-    reached = threading.Event()
-    sessions: list[StreamSession] = []
-    answered_by_first: list[int] = []
-    second: list[BackgroundServer] = []
-    failures: list[BaseException] = []
-
-    def restart_with_caffe() -> None:
-        try:
-            assert reached.wait(TIMEOUT_S)
-            backend.held.set()
-            # A frame, prepared for the first server, is now stuck in it: it must be resent,
-            # prepared again. So must the frames prepared meanwhile and not yet sent.
-            assert backend.entered.wait(TIMEOUT_S)
-            killer = threading.Thread(target=first.close, kwargs={"grace": 0})
-            killer.start()
-            assert stream_broke.wait(TIMEOUT_S)
-            answered_by_first.append(sessions[0].stats.received)
-            backend.release()
-            killer.join(TIMEOUT_S)
-            second.append(caffe_server(cache_dir, port).__enter__())
-        except BaseException as exc:
-            failures.append(exc)
-            backend.release()
-
-    helper = threading.Thread(target=restart_with_caffe)
+    # The frame stuck in the dying server was prepared for it: it must be resent prepared
+    # again. So must the frames prepared meanwhile and not yet sent.
+    restart = CaffeRestart(first, cache_dir, stream_broke, held=backend)
     results: list[StreamResult] = []
     try:
         with Client(first.address) as client:
             frames = (banded_frame(i) for i in range(count))
-            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            backoff = Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=TIMEOUT_S)
             with client.stream(frames, top_k=1, mode="lossless", backoff=backoff) as session:
-                sessions.append(session)
-                helper.start()
+                restart.start(session)
                 for result in session:
                     results.append(result)
                     if result.index == 9:
-                        reached.set()
+                        restart.reached.set()
                 stats = session.stats
     finally:
-        reached.set()
-        backend.release()
-        if helper.is_alive():
-            helper.join(TIMEOUT_S)
-        first.close(grace=0)
-        for server in second:
-            server.close(grace=0)
-    assert not failures
+        restart.finish()
     assert [r.index for r in results] == list(range(count))
-    check_switch(results, answered_by_first[0])
-    assert answered_by_first[0] < count
+    check_switch(results, restart.answered_by_first)
+    assert restart.answered_by_first < count
     assert stats.resent >= 1
     assert stats.errors == stats.dropped == 0
 
@@ -250,15 +280,9 @@ def test_lossless_stream_prepares_its_frames_again_for_the_restarted_server(
 def test_realtime_stream_switches_to_the_restarted_servers_preprocessing(
     cache_dir: Path, stream_broke: threading.Event
 ) -> None:
-    first = first_server(cache_dir)
-    first.__enter__()
-    port = first.port
+    first = first_server(cache_dir).__enter__()
+    restart = CaffeRestart(first, cache_dir, stream_broke)
     stop = threading.Event()
-    reached = threading.Event()
-    sessions: list[StreamSession] = []
-    answered_by_first: list[int] = []
-    second: list[BackgroundServer] = []
-    failures: list[BaseException] = []
 
     def camera() -> Iterator[NDArray[np.uint8]]:
         i = 0
@@ -266,42 +290,23 @@ def test_realtime_stream_switches_to_the_restarted_servers_preprocessing(
             yield banded_frame(i)
             i += 1
 
-    def restart_with_caffe() -> None:
-        try:
-            assert reached.wait(TIMEOUT_S)
-            first.close(grace=0)
-            assert stream_broke.wait(TIMEOUT_S)
-            answered_by_first.append(sessions[0].stats.received)
-            second.append(caffe_server(cache_dir, port).__enter__())
-        except BaseException as exc:
-            failures.append(exc)
-            stop.set()
-
-    helper = threading.Thread(target=restart_with_caffe)
     results: list[StreamResult] = []
     try:
         with Client(first.address) as client:
-            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            backoff = Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=TIMEOUT_S)
             with client.stream(camera(), top_k=1, mode="realtime", backoff=backoff) as session:
-                sessions.append(session)
-                helper.start()
+                restart.start(session)
                 for result in session:
                     results.append(result)
                     if len(results) == 10:
-                        reached.set()
-                    if answered_by_first and len(results) >= answered_by_first[0] + 20:
+                        restart.reached.set()
+                    if restart.failures or 0 <= restart.answered_by_first <= len(results) - 20:
                         break
                 stats = session.stats
     finally:
         stop.set()
-        reached.set()
-        if helper.is_alive():
-            helper.join(TIMEOUT_S)
-        first.close(grace=0)
-        for server in second:
-            server.close(grace=0)
-    assert not failures
-    check_switch(results, answered_by_first[0])
+        restart.finish()
+    check_switch(results, restart.answered_by_first)
     assert stats.errors == 0
     assert stats.reconnects >= 1
 
@@ -318,7 +323,7 @@ async def test_async_stream_prepares_its_frames_again_for_the_restarted_server(
     try:
         async with AsyncClient(first.address) as client:
             frames = (banded_frame(i) for i in range(count))
-            backoff = Backoff(initial_s=0.05, max_s=0.5)
+            backoff = Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=TIMEOUT_S)
             async with client.stream(frames, top_k=1, mode="lossless", backoff=backoff) as session:
                 async for result in session:
                     results.append(result)
