@@ -8,7 +8,6 @@ against the frame it claims to be.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -28,11 +27,10 @@ from framecast_client import (
     StreamSession,
     UnavailableError,
 )
-from framecast_server.backends.base import BackendError, BackendInfo
-from framecast_server.backends.null import NullBackend
+from framecast_client.streaming.receiver import _retriable
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import make_settings
+from support import HoldableNullBackend, make_settings
 
 TIMEOUT_S = 60.0
 FRAME_SIZE = 32
@@ -54,77 +52,11 @@ def null_server(cache_dir: Path) -> Iterator[BackgroundServer]:
         yield server
 
 
-class GatedBackend:
-    """A NullBackend whose infer() can be held: hold() makes the next calls block until release().
-
-    ``entered`` is set when a call is blocked, so a test knows a frame is stuck in the server.
-    ``fail_key`` makes images with that key fail, as a broken backend would.
-    """
-
-    def __init__(self, fail_key: int | None = None) -> None:
-        self._inner = NullBackend(max_batch=32)
-        self._open = threading.Event()
-        self._open.set()
-        self.entered = threading.Event()
-        self._fail_key = fail_key
-
-    @property
-    def info(self) -> BackendInfo:
-        return self._inner.info
-
-    @property
-    def max_batch(self) -> int:
-        return self._inner.max_batch
-
-    @property
-    def max_concurrent_batches(self) -> int:
-        return 1
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        if not self._open.is_set():
-            self.entered.set()
-            if not self._open.wait(TIMEOUT_S):
-                raise BackendError("the test never released the gate")
-        if self._fail_key is not None and self._fail_key in images[:, 0, 0, 0]:
-            raise BackendError(f"cannot classify key {self._fail_key}")
-        return self._inner.infer(images)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-def gated_server(cache_dir: Path, backend: GatedBackend, *, port: int = 0) -> BackgroundServer:
+def gated_server(
+    cache_dir: Path, backend: HoldableNullBackend, *, port: int = 0
+) -> BackgroundServer:
     settings = make_settings(cache_dir, backend="null", max_batch=32, port=port)
     return BackgroundServer(settings, backend_factory=lambda _path: backend)
-
-
-class StreamBroke(logging.Handler):
-    """Sets ``event`` when a session logs that its stream broke."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.event = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "broke" in record.getMessage():
-            self.event.set()
-
-
-@pytest.fixture
-def stream_broke() -> Iterator[threading.Event]:
-    handler = StreamBroke()
-    logger = logging.getLogger("framecast_client.streaming")
-    logger.addHandler(handler)
-    try:
-        yield handler.event
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_lossless_1000_frames_over_8_streams_lose_nothing(null_server: BackgroundServer) -> None:
@@ -177,7 +109,7 @@ async def test_64_concurrent_async_streams_all_get_their_results(
 
 
 def test_realtime_drops_the_oldest_frames_and_the_latest_wins(cache_dir: Path) -> None:
-    backend = GatedBackend()
+    backend = HoldableNullBackend()
     count, max_in_flight = 200, 2
     source_done = threading.Event()
 
@@ -218,7 +150,7 @@ def test_lossless_stream_survives_a_server_restart_and_loses_nothing(
     cache_dir: Path, stream_broke: threading.Event
 ) -> None:
     count = 60
-    backend = GatedBackend()
+    backend = HoldableNullBackend()
     first = gated_server(cache_dir, backend).__enter__()
     port = first.port
     reached = threading.Event()
@@ -390,7 +322,7 @@ def test_a_frame_the_client_cannot_read_is_a_per_frame_error(
 
 
 def test_a_frame_the_server_fails_is_a_per_frame_error(cache_dir: Path) -> None:
-    backend = GatedBackend(fail_key=13)
+    backend = HoldableNullBackend(fail_key=13)
     keys = [10, 11, 12, 13, 14, 15]
     with gated_server(cache_dir, backend) as server, Client(server.address) as client:
         frames = [keyed_frame(k) for k in keys]
@@ -494,3 +426,20 @@ def test_backoff_grows_exponentially_up_to_its_cap_with_jitter() -> None:
 def test_backoff_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
         Backoff(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "retried"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", True),
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", True),
+        # grpc.aio's report of a write to a stream whose server went away (grpc/grpc#36066).
+        (grpc.StatusCode.INTERNAL, "Internal error from Core", True),
+        (grpc.StatusCode.INTERNAL, "inference failed on the server", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "connection reset", False),
+    ],
+)
+def test_which_failures_count_as_a_lost_server(
+    code: grpc.StatusCode, details: str, retried: bool
+) -> None:
+    assert _retriable(code, details) is retried

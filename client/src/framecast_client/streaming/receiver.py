@@ -21,8 +21,18 @@ from .pipeline import StreamCore
 
 logger = logging.getLogger(__name__)
 
-# How a reset connection shows when it is not reported as UNAVAILABLE.
-_RESET_MARKERS = ("stream removed", "rst_stream", "connection reset", "socket closed")
+# How a reset connection shows when it is not reported as UNAVAILABLE. The last: grpc.aio
+# reports a write that failed because the server's end went away (a server shut down
+# mid-stream) as INTERNAL "Internal error from Core", in place of the status the connection
+# ended with (grpc/grpc#36066, open in grpcio 1.85); seen here when a server was stopped under
+# an asyncio session.
+_RESET_MARKERS = (
+    "stream removed",
+    "rst_stream",
+    "connection reset",
+    "socket closed",
+    "internal error from core",
+)
 # What a call that ended before answering every frame counts as.
 _ENDED_EARLY = (grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
 # How long GetModelInfo may take before a reconnect attempt counts as failed.
