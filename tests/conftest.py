@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,3 +31,26 @@ def client(onnx_server: BackgroundServer) -> Iterator[Client]:
     """A real client on a real channel to the session's server."""
     with Client(onnx_server.address, timeout=60.0) as c:
         yield c
+
+
+class StreamBroke(logging.Handler):
+    """Sets ``event`` when a session logs that its stream broke."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "broke" in record.getMessage():
+            self.event.set()
+
+
+@pytest.fixture
+def stream_broke() -> Iterator[threading.Event]:
+    handler = StreamBroke()
+    logger = logging.getLogger("framecast_client.streaming")
+    logger.addHandler(handler)
+    try:
+        yield handler.event
+    finally:
+        logger.removeHandler(handler)

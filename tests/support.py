@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from framecast_server.backends.base import BackendInfo
+from framecast_server.backends.base import BackendError, BackendInfo
+from framecast_server.backends.null import NullBackend
 from framecast_server.settings import ServerSettings
 from numpy.typing import NDArray
 
 INPUT_SIZE = 224
+HOLD_TIMEOUT_S = 60.0  # how long a held backend waits for its test to release it
 
 
 def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
@@ -68,3 +70,48 @@ class GatedBackend:
 
     def close(self) -> None:
         self.release.set()
+
+
+class HoldableNullBackend:
+    """A NullBackend whose infer() can be held: hold() makes the next calls block until release().
+
+    ``entered`` is set when a call is blocked, so a test knows a frame is stuck in the server.
+    ``fail_key`` makes images with that key fail, as a broken backend would.
+    """
+
+    def __init__(self, fail_key: int | None = None) -> None:
+        self._inner = NullBackend(max_batch=32)
+        self._open = threading.Event()
+        self._open.set()
+        self.entered = threading.Event()
+        self._fail_key = fail_key
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._inner.info
+
+    @property
+    def max_batch(self) -> int:
+        return self._inner.max_batch
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return 1
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        if not self._open.is_set():
+            self.entered.set()
+            if not self._open.wait(HOLD_TIMEOUT_S):
+                raise BackendError("the test never released the gate")
+        if self._fail_key is not None and self._fail_key in images[:, 0, 0, 0]:
+            raise BackendError(f"cannot classify key {self._fail_key}")
+        return self._inner.infer(images)
+
+    def close(self) -> None:
+        self._inner.close()

@@ -11,7 +11,6 @@ frame got. A frame prepared for the first server and answered by the second woul
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from framecast_client import (
     AsyncClient,
+    AsyncStreamSession,
     Backoff,
     Client,
     PreprocessingChangedError,
@@ -30,11 +30,10 @@ from framecast_client import (
 )
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
-from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
 from framecast_server.model.prepare import ModelSource
 from numpy.typing import NDArray
-from support import make_settings
+from support import HoldableNullBackend, make_settings
 
 TIMEOUT_S = 60.0
 BAND = 64  # the left band's width, of 448: outside the default preset's center crop
@@ -55,26 +54,7 @@ def top_class(result: StreamResult) -> int:
     return result.classification.top.index
 
 
-class HeldNullBackend(NullBackend):
-    """A NullBackend that blocks while ``held`` is set, so that frames are stuck in flight."""
-
-    def __init__(self) -> None:
-        super().__init__(max_batch=32)
-        self.held = threading.Event()
-        self.entered = threading.Event()
-        self._released = threading.Event()
-
-    def release(self) -> None:
-        self._released.set()
-
-    def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        if self.held.is_set():
-            self.entered.set()
-            self._released.wait(TIMEOUT_S)
-        return super().infer(images)
-
-
-def first_server(cache_dir: Path, backend: NullBackend | None = None) -> BackgroundServer:
+def first_server(cache_dir: Path, backend: HoldableNullBackend | None = None) -> BackgroundServer:
     settings = make_settings(cache_dir, backend="null", max_batch=32)
     if backend is None:
         return BackgroundServer(settings)
@@ -86,25 +66,6 @@ def caffe_server(cache_dir: Path, port: int) -> BackgroundServer:
         cache_dir, backend="null", max_batch=32, port=port, model=ModelSource(preset="caffe")
     )
     return BackgroundServer(settings)
-
-
-@pytest.fixture
-def stream_broke() -> Iterator[threading.Event]:
-    """Set when a session logs that its stream broke."""
-    event = threading.Event()
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "broke" in record.getMessage():
-                event.set()
-
-    handler = Handler(logging.WARNING)
-    logger = logging.getLogger("framecast_client.streaming")
-    logger.addHandler(handler)
-    try:
-        yield event
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_the_two_presets_have_different_preprocessing_ids(cache_dir: Path) -> None:
@@ -190,7 +151,7 @@ class CaffeRestart:
     """Once ``reached`` is set: stop the first server, note how many answers the session had
     by then (all the first server's), and start the caffe server on the same port; in a thread.
 
-    With a HeldNullBackend, a frame is first stuck in the first server, so that it dies with
+    With a held backend, a frame is first stuck in the first server, so that it dies with
     frames in flight for sure.
     """
 
@@ -199,17 +160,17 @@ class CaffeRestart:
         first: BackgroundServer,
         cache_dir: Path,
         stream_broke: threading.Event,
-        held: HeldNullBackend | None = None,
+        held: HoldableNullBackend | None = None,
     ) -> None:
         self.reached = threading.Event()
         self.answered_by_first = -1
         self.failures: list[BaseException] = []
         self._first, self._cache_dir, self._broke, self._held = first, cache_dir, stream_broke, held
         self._second: list[BackgroundServer] = []
-        self._session: StreamSession | None = None
+        self._session: StreamSession | AsyncStreamSession | None = None
         self._thread = threading.Thread(target=self._run)
 
-    def start(self, session: StreamSession) -> None:
+    def start(self, session: StreamSession | AsyncStreamSession) -> None:
         self._session = session
         self._thread.start()
 
@@ -217,7 +178,7 @@ class CaffeRestart:
         try:
             assert self.reached.wait(TIMEOUT_S)
             if self._held is not None:
-                self._held.held.set()
+                self._held.hold()
                 assert self._held.entered.wait(TIMEOUT_S)
             port = self._first.port
             killer = threading.Thread(target=self._first.close, kwargs={"grace": 0})
@@ -251,7 +212,7 @@ def test_lossless_stream_prepares_its_frames_again_for_the_restarted_server(
     cache_dir: Path, stream_broke: threading.Event
 ) -> None:
     count = 60
-    backend = HeldNullBackend()
+    backend = HoldableNullBackend()
     first = first_server(cache_dir, backend).__enter__()
     # The frame stuck in the dying server was prepared for it: it must be resent prepared
     # again. So must the frames prepared meanwhile and not yet sent.
@@ -317,28 +278,23 @@ async def test_async_stream_prepares_its_frames_again_for_the_restarted_server(
     count = 40
     first = first_server(cache_dir)
     await asyncio.to_thread(first.__enter__)
-    port = first.port
-    second: list[BackgroundServer] = []
+    restart = CaffeRestart(first, cache_dir, stream_broke)
     results: list[StreamResult] = []
     try:
         async with AsyncClient(first.address) as client:
             frames = (banded_frame(i) for i in range(count))
             backoff = Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=TIMEOUT_S)
             async with client.stream(frames, top_k=1, mode="lossless", backoff=backoff) as session:
+                restart.start(session)
+                # Results are taken all along: a consumer that stopped taking them would stop
+                # the session reading answers, and so from noticing the break.
                 async for result in session:
                     results.append(result)
                     if result.index == 9:
-                        await asyncio.to_thread(first.close, grace=0)
-                        assert await asyncio.to_thread(stream_broke.wait, TIMEOUT_S)
-                        answered_by_first = session.stats.received
-                        restarted = caffe_server(cache_dir, port)
-                        await asyncio.to_thread(restarted.__enter__)
-                        second.append(restarted)
+                        restart.reached.set()
                 stats = session.stats
     finally:
-        await asyncio.to_thread(first.close, grace=0)
-        for server in second:
-            await asyncio.to_thread(server.close, grace=0)
+        await asyncio.to_thread(restart.finish)
     assert [r.index for r in results] == list(range(count))
-    check_switch(results, answered_by_first)
+    check_switch(results, restart.answered_by_first)
     assert stats.errors == stats.dropped == 0
