@@ -30,6 +30,10 @@ from framecast_client import (
 )
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_client.preprocess import PreprocessSpec
+from framecast_client.streaming import make_stream_config
+from framecast_client.streaming.pipeline import StreamCore
+from framecast_client.streaming.receiver import Receiver
 from framecast_server.background import BackgroundServer
 from framecast_server.model.prepare import ModelSource
 from numpy.typing import NDArray
@@ -298,3 +302,31 @@ async def test_async_stream_prepares_its_frames_again_for_the_restarted_server(
     assert [r.index for r in results] == list(range(count))
     check_switch(results, restart.answered_by_first)
     assert stats.errors == stats.dropped == 0
+
+
+def test_a_preprocessing_this_client_does_not_know_ends_the_session_with_the_reason() -> None:
+    config = make_stream_config(
+        address="127.0.0.1:1",
+        credentials=None,
+        channel_options=(),
+        spec=PreprocessSpec(),
+        preprocessing_id="old",
+        channel_order="RGB",
+        num_classes=1000,
+        top_k=1,
+        max_in_flight=None,
+        mode="lossless",
+        reconnect=True,
+        backoff=None,
+    )
+    core = StreamCore(config)
+    # A resize policy added to the protocol after this client was written.
+    unknown = pb.ResizePolicy.ValueType(99)
+    newer = pb.ModelInfo(
+        preprocessing=pb.Preprocessing(resize_policy=unknown), preprocessing_id="new"
+    )
+    assert Receiver(core).adopt(newer) is False
+    with core.lock:
+        failure = core.pop_locked()
+    assert isinstance(failure, wire.WireFormatError)
+    assert "upgrade framecast-client" in str(failure)

@@ -190,7 +190,8 @@ class AsyncStreamSession:
                             return
                         await self._sleep_unless_stopped(core, delay)
                         continue
-                    receiver.adopt(info)
+                    if not receiver.adopt(info):
+                        return
                     reconnecting = False
                 generation = core.generation
                 call = stub.ClassifyStream(self._requests(core, generation))

@@ -158,14 +158,20 @@ class Receiver:
         _log_break(self._config, code, details, lost)
         return delay
 
-    def adopt(self, info: pb.ModelInfo) -> None:
+    def adopt(self, info: pb.ModelInfo) -> bool:
         """Before a call after a break: prepare frames as the (maybe restarted) server says.
 
         A server restarted with another model may want other preprocessing; frames prepared
         for the old one would be refused (FAILED_PRECONDITION) or, by a server that does not
-        check, classified wrongly.
+        check, classified wrongly. False when the session ends instead: the server asks for a
+        preprocessing this client does not know.
         """
-        spec = wire.preprocessing_from_proto(info.preprocessing)
+        try:
+            spec = wire.preprocessing_from_proto(info.preprocessing)
+        except wire.WireFormatError as exc:
+            logger.error("the stream to %s cannot go on: %s", self._config.address, exc)
+            self._core.fail(exc)
+            return False
         if self._core.adopt_preprocessing(spec, info.preprocessing_id):
             logger.warning(
                 "the server at %s now serves %s %s, which wants other preprocessing (%s); "
@@ -175,6 +181,7 @@ class Receiver:
                 info.version,
                 info.preprocessing_id,
             )
+        return True
 
     def crashed(self, exc: Exception) -> None:
         """The session's own code failed: log it with its traceback and end the session."""

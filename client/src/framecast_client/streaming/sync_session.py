@@ -117,7 +117,8 @@ class StreamSession:
                             return
                         pause(delay)
                         continue
-                    receiver.adopt(info)
+                    if not receiver.adopt(info):
+                        return
                     reconnecting = False
                 generation = core.generation
                 call: Any = self._stub.ClassifyStream(self._requests(generation))
