@@ -83,6 +83,18 @@ def test_the_two_presets_have_different_preprocessing_ids(cache_dir: Path) -> No
     assert default.preprocessing_id != caffe.preprocessing_id
 
 
+def test_the_preprocessing_id_covers_what_the_client_does_to_the_pixels() -> None:
+    spec = PreprocessSpec()
+    torchvision = wire.preprocessing_to_proto(spec, normalization="torchvision")
+    caffe = wire.preprocessing_to_proto(spec, normalization="caffe")
+    # Normalization happens in the server's engine: the same images serve both.
+    assert wire.preprocessing_id(torchvision) == wire.preprocessing_id(caffe)
+    stretched = wire.preprocessing_to_proto(
+        PreprocessSpec(resize_policy="stretch", resize_size=224), normalization="torchvision"
+    )
+    assert wire.preprocessing_id(stretched) != wire.preprocessing_id(torchvision)
+
+
 def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> None:
     with first_server(cache_dir) as server, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ClassifierStub(channel)

@@ -186,10 +186,15 @@ def preprocessing_to_proto(spec: PreprocessSpec, *, normalization: str) -> pb.Pr
 def preprocessing_id(message: pb.Preprocessing) -> str:
     """The fingerprint of a preprocessing description (ModelInfo.preprocessing_id).
 
-    Computed by the server only; clients echo it. Deterministic serialization: equal
+    Computed by the server only; clients echo it. It covers what the client does to the
+    pixels, not the normalization, which the server applies itself: a model that only
+    normalizes differently takes the same images. Deterministic serialization: equal
     descriptions give equal ids.
     """
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()[:16]
+    pixels = pb.Preprocessing()
+    pixels.CopyFrom(message)
+    pixels.ClearField("normalization")
+    return hashlib.sha256(pixels.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
 def check_preprocessing(stated: str, served: str) -> None:
