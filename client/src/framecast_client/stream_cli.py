@@ -153,9 +153,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     mode = _mode(args.mode, source)
     with source, Client(args.address) as client:
-        info = client.model_info()
-        if info.warning:
-            logger.warning("%s", info.warning)
         in_flight = args.max_in_flight or DEFAULT_MAX_IN_FLIGHT[mode]
         with client.stream(
             source,
@@ -164,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
             mode=mode,
             keepalive_s=args.keepalive,
         ) as session:
+            info = client.model_info()  # as stream() just read it: no second call
+            if info.warning:
+                logger.warning("%s", info.warning)
             logger.info(
                 "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
                 source.description,
