@@ -6,13 +6,16 @@ from .errors import (
     FramecastError,
     InvalidArgumentError,
     InvalidImageError,
+    PermissionDeniedError,
     PreprocessingChangedError,
     ResourceExhaustedError,
     RpcError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from .preprocess import PreprocessSpec, preprocess
+from .security import TLS
 from .sources import SourceError, open_source
 from .streaming import (
     AsyncStreamSession,
@@ -26,6 +29,7 @@ from .streaming import (
 from .types import Classification, ModelInfo, Prediction, ServerTiming
 
 __all__ = [
+    "TLS",
     "AsyncClient",
     "AsyncStreamSession",
     "Backoff",
@@ -38,6 +42,7 @@ __all__ = [
     "InvalidImageError",
     "LatencySummary",
     "ModelInfo",
+    "PermissionDeniedError",
     "Prediction",
     "PreprocessSpec",
     "PreprocessingChangedError",
@@ -49,6 +54,7 @@ __all__ = [
     "StreamResult",
     "StreamSession",
     "StreamStats",
+    "UnauthenticatedError",
     "UnavailableError",
     "open_source",
     "preprocess",

@@ -10,10 +10,12 @@ import grpc
 from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    PermissionDeniedError,
     PreprocessingChangedError,
     ResourceExhaustedError,
     RpcError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -23,6 +25,8 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: PreprocessingChangedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
@@ -30,6 +34,13 @@ def from_status(code: grpc.StatusCode, details: str, *, address: str) -> RpcErro
     """The most specific exception for a status; UNAVAILABLE names the address."""
     if code is grpc.StatusCode.UNAVAILABLE:
         details = f"no Framecast server answers at {address} ({details})"
+        if "Socket closed" in details or "handshake" in details.lower():
+            # What a TLS server does to a plaintext client, and a mutual-TLS server to a client
+            # without a certificate it trusts: say what to try, not only what happened.
+            details += (
+                "; a server that closes the connection while it is set up may require TLS "
+                "(--tls-ca, tls=TLS(ca=...)) or a client certificate (--tls-cert, --tls-key)"
+            )
     return _BY_CODE.get(code, ServerError)(code, details)
 
 

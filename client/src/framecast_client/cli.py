@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __name__ as _package
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
 from .errors import FramecastError
+from .security_cli import add_security_arguments, client_security
 from .types import Classification, ModelInfo
 
 logger = logging.getLogger(_package)
@@ -34,6 +35,7 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per call, seconds"
     )
+    add_security_arguments(parser)
 
 
 def format_warning(info: ModelInfo) -> str:
@@ -62,7 +64,12 @@ def format_predictions(
 
 
 def _classify(args: argparse.Namespace) -> int:
-    with Client(args.address, timeout=args.timeout, channel_order=args.channel_order) as client:
+    with Client(
+        args.address,
+        timeout=args.timeout,
+        channel_order=args.channel_order,
+        **client_security(args),
+    ) as client:
         info = client.model_info()
         rows: list[tuple[str, Classification, float | None]] = []
         for path in args.images:
@@ -99,7 +106,7 @@ def format_model_info(info: ModelInfo, address: str) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, **client_security(args)) as client:
         info = client.model_info()
     print(format_model_info(info, args.address))
     return 0
@@ -172,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FramecastError as exc:
         print(f"framecast {args.command}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        # An option the SDK refused (an unreadable certificate, a token in plaintext...).
+        if args.verbose:
+            raise
+        print(f"framecast {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -19,6 +19,7 @@ from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .errors import PreprocessingChangedError
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
+from .security import TLS, channel_security
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
     AsyncStreamSession,
@@ -49,7 +50,9 @@ class _BaseClient:
         timeout: float | None = DEFAULT_TIMEOUT_S,
         channel_order: ChannelOrder = "RGB",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TLS | None = None,
+        token: str | None = None,
+        allow_insecure_token: bool = False,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
@@ -59,7 +62,12 @@ class _BaseClient:
         self.timeout = timeout
         self.channel_order: ChannelOrder = channel_order
         self.max_message_bytes = max_message_bytes
-        self._credentials = credentials
+        # Raises ValueError for unreadable files or a token that would travel in plaintext.
+        self._security = channel_security(
+            address, tls=tls, token=token, allow_insecure_token=allow_insecure_token
+        )
+        self._credentials = self._security.credentials
+        self._metadata = self._security.metadata
         self._model_info: ModelInfo | None = None
         self._closed = False
 
@@ -67,6 +75,7 @@ class _BaseClient:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            *self._security.options,
         ]
 
     def _check_open(self) -> None:
@@ -112,6 +121,7 @@ class _BaseClient:
         return make_stream_config(
             address=self.address,
             credentials=self._credentials,
+            metadata=self._metadata,
             channel_options=self._channel_options(),
             spec=info.preprocessing,
             preprocessing_id=info.preprocessing_id,
@@ -167,7 +177,9 @@ class Client(_BaseClient):
         if self._model_info is None or refresh:
             with mapped_rpc_errors(self.address):
                 reply = self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
+                    pb.GetModelInfoRequest(),
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata,
                 )
             self._model_info = wire.model_info_from_proto(reply)
         return self._model_info
@@ -229,7 +241,9 @@ class Client(_BaseClient):
         for chunk in self._chunks(batch, info):
             with mapped_rpc_errors(self.address):
                 reply = self._stub.Classify(
-                    self._request(chunk, top_k, info), timeout=self._timeout(timeout)
+                    self._request(chunk, top_k, info),
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata,
                 )
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results
@@ -321,7 +335,9 @@ class AsyncClient(_BaseClient):
         if self._model_info is None or refresh:
             with mapped_rpc_errors(self.address):
                 reply = await self._stub.GetModelInfo(
-                    pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
+                    pb.GetModelInfoRequest(),
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata,
                 )
             self._model_info = wire.model_info_from_proto(reply)
         return self._model_info
@@ -373,7 +389,9 @@ class AsyncClient(_BaseClient):
         for chunk in self._chunks(batch, info):
             with mapped_rpc_errors(self.address):
                 reply = await self._stub.Classify(
-                    self._request(chunk, top_k, info), timeout=self._timeout(timeout)
+                    self._request(chunk, top_k, info),
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata,
                 )
             results.extend(wire.classification_from_proto(r) for r in reply.results)
         return results

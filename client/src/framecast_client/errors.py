@@ -7,6 +7,8 @@
         ├── ResourceExhaustedError  RESOURCE_EXHAUSTED: too large, or the server's queue is full
         ├── DeadlineExceededError   DEADLINE_EXCEEDED: no answer within the deadline
         ├── UnavailableError        UNAVAILABLE: no server answers at the address
+        ├── UnauthenticatedError    UNAUTHENTICATED: no token, or one the server does not know
+        ├── PermissionDeniedError   PERMISSION_DENIED: the caller is known but not allowed
         ├── PreprocessingChangedError  FAILED_PRECONDITION: the server's model now wants other
         │                           preprocessing (it was restarted with another model)
         └── ServerError             any other status
@@ -55,6 +57,14 @@ class DeadlineExceededError(RpcError):
 
 class UnavailableError(RpcError):
     """No server answered at the address (not running, wrong address, or shutting down)."""
+
+
+class UnauthenticatedError(RpcError):
+    """The server does not know the caller: its token is missing or wrong (``token=``)."""
+
+
+class PermissionDeniedError(RpcError):
+    """The server knows the caller but does not allow it this call."""
 
 
 class PreprocessingChangedError(RpcError):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .client import DEFAULT_ADDRESS, Client
 from .errors import FramecastError
+from .security_cli import add_security_arguments, client_security
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
@@ -127,6 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         f"ping goes unanswered as long (default {DEFAULT_KEEPALIVE_S:g}; 'off' for none). "
         "The server takes pings at most every 5 s while no frames flow",
     )
+    add_security_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"framecast stream: {exc}", file=sys.stderr)
         return 2
     mode = _mode(args.mode, source)
-    with source, Client(args.address) as client:
+    with source, Client(args.address, **client_security(args)) as client:
         in_flight = args.max_in_flight or DEFAULT_MAX_IN_FLIGHT[mode]
         with client.stream(
             source,

@@ -56,6 +56,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .backends.base import Backend, BackendError
+from .recorder import NULL_RECORDER, Recorder
 
 __all__ = [
     "Batcher",
@@ -196,7 +197,10 @@ class Batcher:
     after ``close()`` returns. See the module docstring for the batching policies.
     """
 
-    def __init__(self, backend: Backend, settings: BatcherSettings) -> None:
+    def __init__(
+        self, backend: Backend, settings: BatcherSettings, recorder: Recorder = NULL_RECORDER
+    ) -> None:
+        """``recorder`` is told of every batch run (metrics); counters are in ``stats``."""
         if settings.max_batch > backend.max_batch:
             raise ValueError(
                 f"max_batch {settings.max_batch} exceeds the backend's max_batch "
@@ -204,6 +208,7 @@ class Batcher:
             )
         self._backend = backend
         self._settings = settings
+        self._recorder = recorder
         self._delay_ns = settings.max_delay_us * 1000
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0
@@ -509,10 +514,13 @@ class Batcher:
         self._images_run += size
         compute_us = compute_ns // 1000
         offset = 0
+        waits: list[int] = []
         for req in batch.requests:
             req.state = _State.DONE
+            queue_ns = batch.dispatched_ns - req.enqueued_ns
+            waits += [queue_ns] * req.n
             if not req.done():  # a caller cancelled mid-compute gets nothing
-                queue_us = (batch.dispatched_ns - req.enqueued_ns) // 1000
+                queue_us = queue_ns // 1000
                 req.set_result(
                     [
                         ItemResult(probabilities[offset + i], queue_us, compute_us, size)
@@ -520,6 +528,7 @@ class Batcher:
                     ]
                 )
             offset += req.n
+        self._recorder.batch_done(size, compute_ns, waits)
 
     def _compute(
         self, arrays: list[NDArray[np.uint8]], size: int

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .model import ModelSource
-    from .settings import ServerSettings
+    from .settings import ServerSettings, ServerTLS
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,55 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, port: int) -> Non
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
 
 
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security and metrics")
+    group.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate"
+    )
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
+    group.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates signed by these CAs (mutual TLS)",
+    )
+    group.add_argument(
+        "--auth-tokens",
+        type=Path,
+        metavar="FILE",
+        help="require a bearer token from this file (one per line, or name:token; re-read "
+        "when it changes)",
+    )
+    group.add_argument(
+        "--auth-health", action="store_true", help="require a token for health checks too"
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback --host (e.g. behind a TLS-terminating proxy)",
+    )
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 = any)",
+    )
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    from .settings import ServerTLS
+
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    client_ca = getattr(args, "tls_client_ca", None)
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return ServerTLS(cert=cert, key=key, client_ca=client_ca)
+
+
 def _model_source(args: argparse.Namespace) -> ModelSource:
     from .model import ModelSource
 
@@ -87,6 +136,11 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         threads=args.threads,
         cache_dir=args.cache_dir or default_cache_dir(),
         allow_download=not args.offline,
+        tls=_server_tls(args),
+        auth_tokens=getattr(args, "auth_tokens", None),
+        auth_health=getattr(args, "auth_health", False),
+        insecure=getattr(args, "insecure", False),
+        metrics_port=getattr(args, "metrics_port", None),
     )
 
 
@@ -94,7 +148,16 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import serve
     from .event_loop import run
 
-    return run(serve(_settings(args), port_file=args.port_file))
+    try:
+        settings = _settings(args)
+        return run(serve(settings, port_file=args.port_file))
+    except ValueError as exc:
+        # Refused settings, unusable TLS files or token file: one line, never a traceback.
+        print(f"framecast serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"framecast serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def demo_images() -> list[tuple[str, bytes]]:
@@ -186,6 +249,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     """Add serve, demo and build-engine to the `framecast` command."""
     serve = commands.add_parser("serve", help="run the gRPC server")
     _add_serving_arguments(serve, port=50051)
+    _add_security_arguments(serve)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,29 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "framecast" / "engines"
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps the port on this machine (``localhost``, 127/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerTLS:
+    """The server's certificate and key (PEM files), re-read when they change on disk.
+
+    ``client_ca``, when given, turns on mutual TLS: every client must present a certificate
+    signed by one of these CAs, and its subject becomes the caller's identity.
+    """
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSettings:
     """Everything `framecast serve` takes."""
@@ -41,6 +65,12 @@ class ServerSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     allow_download: bool = True
     grace_s: float = 10.0
+    tls: ServerTLS | None = None
+    # One token per line, or name:token; re-read when the file changes. None: no tokens.
+    auth_tokens: Path | None = None
+    auth_health: bool = False  # tokens for grpc.health.v1 too (probes then need one)
+    insecure: bool = False  # allow plaintext on a non-loopback address
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -55,6 +85,14 @@ class ServerSettings:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.tls is None and not self.insecure and not is_loopback_host(self.host):
+            raise ValueError(
+                f"refusing to serve plaintext on {self.host}: anyone on the network could read "
+                "the frames and results. Give --tls-cert and --tls-key, or --insecure to serve "
+                "plaintext on a network you trust (e.g. behind a TLS-terminating proxy)"
+            )
 
     @property
     def address(self) -> str:

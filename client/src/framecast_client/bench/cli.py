@@ -35,6 +35,7 @@ from framecast_client.bench.runner import (
 )
 from framecast_client.bench.sessions import mode_steps, stream_supported
 from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
+from framecast_client.security_cli import add_security_arguments, client_security
 from framecast_client.sources import VIDEO_SUFFIXES
 from framecast_client.types import ModelInfo
 
@@ -216,6 +217,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=5.0,
         help="--compare: smallest change in percent called better/worse (5)",
     )
+    add_security_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -338,7 +340,7 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     mode: Mode = args.mode
-    with Client(args.address, timeout=args.timeout) as client:
+    with Client(args.address, timeout=args.timeout, **client_security(args)) as client:
         info = client.model_info()
         if info.warning:
             print(f"WARNING: {info.warning}", file=sys.stderr)

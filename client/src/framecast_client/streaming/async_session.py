@@ -183,7 +183,9 @@ class AsyncStreamSession:
                 if reconnecting:
                     try:
                         info = await stub.GetModelInfo(
-                            pb.GetModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S
+                            pb.GetModelInfoRequest(),
+                            timeout=MODEL_INFO_TIMEOUT_S,
+                            metadata=core.config.metadata,
                         )
                     except grpc.RpcError as exc:
                         if (delay := receiver.after_break(exc)) is None:
@@ -194,7 +196,9 @@ class AsyncStreamSession:
                         return
                     reconnecting = False
                 generation = core.generation
-                call = stub.ClassifyStream(self._requests(core, generation))
+                call = stub.ClassifyStream(
+                    self._requests(core, generation), metadata=core.config.metadata
+                )
                 self._call = call
                 error: grpc.RpcError | None = None
                 try:

@@ -88,6 +88,7 @@ class StreamConfig:
 
     address: str
     credentials: grpc.ChannelCredentials | None
+    metadata: tuple[tuple[str, str], ...]  # sent with every call (the bearer token)
     channel_options: tuple[tuple[str, Any], ...]
     spec: PreprocessSpec  # as the server said when the session started; it may change
     preprocessing_id: str
@@ -104,6 +105,7 @@ def make_stream_config(
     address: str,
     credentials: grpc.ChannelCredentials | None,
     channel_options: Sequence[tuple[str, Any]],
+    metadata: Sequence[tuple[str, str]] = (),
     spec: PreprocessSpec,
     preprocessing_id: str,
     channel_order: ChannelOrder,
@@ -154,6 +156,7 @@ def make_stream_config(
     return StreamConfig(
         address=address,
         credentials=credentials,
+        metadata=tuple(metadata),
         channel_options=options,
         spec=spec,
         preprocessing_id=preprocessing_id,

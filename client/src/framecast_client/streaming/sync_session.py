@@ -110,7 +110,9 @@ class StreamSession:
                 if reconnecting:
                     try:
                         info = self._stub.GetModelInfo(
-                            pb.GetModelInfoRequest(), timeout=MODEL_INFO_TIMEOUT_S
+                            pb.GetModelInfoRequest(),
+                            timeout=MODEL_INFO_TIMEOUT_S,
+                            metadata=self._core.config.metadata,
                         )
                     except grpc.RpcError as exc:
                         if (delay := receiver.after_break(exc)) is None:
@@ -121,7 +123,9 @@ class StreamSession:
                         return
                     reconnecting = False
                 generation = core.generation
-                call: Any = self._stub.ClassifyStream(self._requests(generation))
+                call: Any = self._stub.ClassifyStream(
+                    self._requests(generation), metadata=core.config.metadata
+                )
                 with core.lock:
                     # close() cancels the call it finds here; a call made after it looked is
                     # cancelled by this check instead.

@@ -19,6 +19,7 @@ from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.preprocess import PreprocessSpec
 
 from ..batcher import ItemResult
+from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .errors import ModelNotReadyError, status_for
@@ -27,6 +28,10 @@ DEFAULT_TOP_K = 5
 # Frames of one stream admitted to the batcher before the servicer stops reading that stream:
 # flow control pushes back on the client instead of queueing without bound.
 STREAM_WINDOW = 64
+# Method names as gRPC (and the metrics' method label) spell them.
+_SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+CLASSIFY = f"/{_SERVICE}/Classify"
+CLASSIFY_STREAM = f"/{_SERVICE}/ClassifyStream"
 
 
 # A stream frame between admission and its response: (frame_id, top_k, the batcher's future of
@@ -42,11 +47,12 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """Serves framecast.v1.Classifier; answers UNAVAILABLE until a model is attached."""
 
-    def __init__(self, *, max_message_bytes: int) -> None:
+    def __init__(self, *, max_message_bytes: int, recorder: Recorder = NULL_RECORDER) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
+        self._answered = recorder.frames_answered
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
@@ -114,9 +120,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             response = pb.ClassifyResponse()
             for item in items:
                 self._fill_result(response.results.add(), item, k, serving)
+            self._answered(CLASSIFY, "OK", len(items))
             return response
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            code, message = status_for(exc)
+            self._answered(CLASSIFY, code.name, len(request.images))
+            await context.abort(code, message)
 
     async def ClassifyStream(
         self,
@@ -184,9 +193,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             (item,) = await outcome
             response = pb.StreamResponse(frame_id=frame_id)
             self._fill_result(response.classification, item, k, serving)
+            self._answered(CLASSIFY_STREAM, "OK", 1)
             return response
         except Exception as exc:
             code, message = status_for(exc)
+            self._answered(CLASSIFY_STREAM, code.name, 1)
             return pb.StreamResponse(
                 frame_id=frame_id, error=pb.FrameError(code=code.value[0], message=message)
             )

@@ -1,0 +1,203 @@
+"""Every metric Framecast exports, named in one place, and the Recorder that fills them.
+
+Conventions (Prometheus'): the ``framecast_`` prefix, base units (seconds, bytes), ``_total``
+for counters, histograms rather than summaries (they aggregate across replicas). Labels are
+bounded: method names come from the registered services only, codes from gRPC's list, reasons
+from a fixed set, callers from the operator's token file or CA. Never a frame id or a string a
+client chose.
+
+What the batcher already counts (queue depth, drops by reason, backend failures) is read from
+its ``stats`` at scrape time rather than recorded as it happens: free on the serving path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from ..batcher import BatcherStats
+from .nvml import register_gpu_metrics
+
+# Request latency and queue/compute time: 100 us to 10 s, about 2.5x apart (a CPU backend's
+# batch takes tens of ms, a GPU's a few ms, a queued frame anything up to the deadline).
+LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# Status codes that mean "the caller's input was wrong" (counted as failures by reason invalid).
+INVALID_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
+UNKNOWN_METHOD = "unknown"
+
+
+def _batch_buckets(max_batch: int) -> tuple[float, ...]:
+    buckets = [1.0]
+    while buckets[-1] < max_batch:
+        buckets.append(min(buckets[-1] * 2, float(max_batch)))
+    return tuple(buckets)
+
+
+class _ServingCollector(Collector):
+    """Figures read at scrape time: the batcher's counters and queue, auth refusals."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics
+        failures = CounterMetricFamily(
+            "framecast_failures",
+            "Images that got no result, by reason: queue_full (refused at admission), "
+            "deadline (expired before compute), cancelled (caller left while queued), "
+            "backend (inference failed), invalid (malformed or for another preprocessing)",
+            labels=["reason"],
+        )
+        queue = GaugeMetricFamily(
+            "framecast_queue_images", "Images waiting in the batcher's queue now"
+        )
+        stats = metrics.batcher_stats() if metrics.batcher_stats is not None else None
+        if stats is not None:
+            failures.add_metric(["queue_full"], stats.rejected_full)
+            failures.add_metric(["deadline"], stats.dropped_expired)
+            failures.add_metric(["cancelled"], stats.dropped_cancelled)
+            failures.add_metric(["backend"], stats.failed_images)
+            queue.add_metric([], stats.queued)
+        failures.add_metric(["invalid"], metrics.invalid_frames)
+        yield failures
+        yield queue
+        auth = CounterMetricFamily(
+            "framecast_auth_failures",
+            "Calls refused before any servicer ran: a missing or an invalid token",
+            labels=["reason"],
+        )
+        for reason in ("missing", "invalid"):
+            auth.add_metric([reason], metrics.auth_failures.get(reason, 0))
+        yield auth
+
+
+class Metrics:
+    """The app's metrics: a registry, the Recorder the core calls, and the metric objects.
+
+    Everything runs on the server's event loop except scrapes, which only read.
+    """
+
+    def __init__(self, *, max_batch: int = 32, gpu: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "framecast_requests",
+            "gRPC calls finished, by method and status code (a stream counts once)",
+            ["method", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "framecast_request_duration_seconds",
+            "Duration of unary calls as the server saw them, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "framecast_active_streams",
+            "Streaming calls open now, by method",
+            ["method"],
+            registry=r,
+        )
+        self.caller_requests = Counter(
+            "framecast_caller_requests",
+            "Authenticated calls by caller (a token's name or a client certificate's subject)",
+            ["caller"],
+            registry=r,
+        )
+        self.frames = Counter(
+            "framecast_frames",
+            "Images answered, by method and status code (each stream frame on its own)",
+            ["method", "code"],
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "framecast_queue_duration_seconds",
+            "Time each image waited in the batcher's queue before its batch started",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "framecast_compute_duration_seconds",
+            "Time of one backend inference call (one batch)",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "framecast_batch_size",
+            "Images per batch run by the backend",
+            buckets=_batch_buckets(max_batch),
+            registry=r,
+        )
+        self.model = Info(
+            "framecast_model", "The model served and the backend serving it", registry=r
+        )
+        ProcessCollector(registry=r)
+        self.gpu = register_gpu_metrics(r) if gpu else False
+        # Read at scrape time (see _ServingCollector); set once the model is loaded.
+        self.batcher_stats: Callable[[], BatcherStats] | None = None
+        self.invalid_frames = 0
+        self.auth_failures: dict[str, int] = {}
+        r.register(_ServingCollector(self))
+        # Label children are looked up once per (method, code): a frame pays a dict lookup.
+        self._frame_counters: dict[tuple[str, str], Counter] = {}
+        self._observe_queue = self.queue_duration.observe
+        self._observe_compute = self.compute_duration.observe
+        self._observe_batch = self.batch_size.observe
+
+    def serving(
+        self,
+        stats: Callable[[], BatcherStats],
+        *,
+        model: str,
+        version: str,
+        backend: str,
+        precision: str,
+        device: str,
+        pretrained: bool,
+    ) -> None:
+        """The model is loaded: describe it and read the batcher's counters from now on."""
+        self.batcher_stats = stats
+        self.model.info(
+            {
+                "model": model,
+                "version": version,
+                "backend": backend,
+                "precision": precision,
+                "device": device,
+                "pretrained": str(pretrained).lower(),
+            }
+        )
+
+    # The Recorder interface (framecast_server.recorder), called by the core and servicers.
+
+    def batch_done(self, size: int, compute_ns: int, queue_ns: Sequence[int]) -> None:
+        """One batch ran: its size, its backend time and each image's queue time."""
+        self._observe_batch(size)
+        self._observe_compute(compute_ns / 1e9)
+        observe = self._observe_queue
+        for wait in queue_ns:
+            observe(wait / 1e9)
+
+    def frames_answered(self, method: str, code: str, n: int) -> None:
+        """``n`` images of ``method`` answered with ``code``."""
+        key = (method, code)
+        counter = self._frame_counters.get(key)
+        if counter is None:
+            counter = self._frame_counters[key] = self.frames.labels(method, code)
+        counter.inc(n)
+        if code in INVALID_CODES:
+            self.invalid_frames += n
+
+    # Told by the auth interceptor.
+
+    def auth_failed(self, reason: str) -> None:
+        """A call was refused for a ``reason`` token ("missing" or "invalid")."""
+        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
