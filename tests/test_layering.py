@@ -17,6 +17,8 @@ CORE = [
     SERVER / "topk.py",
     SERVER / "runtime.py",
     SERVER / "settings.py",
+    SERVER / "recorder.py",  # what the core tells the metrics
+    SERVER / "caller.py",  # who is calling, as the auth layer established it
 ]
 
 
@@ -41,7 +43,7 @@ def test_server_core_never_imports_grpc() -> None:
         (str(f.relative_to(ROOT)), m)
         for part in CORE
         for f, m in imports(part)
-        if m.split(".")[0] in {"grpc", "grpc_health", "grpc_reflection"}
+        if m.split(".")[0] in {"grpc", "grpc_health", "grpc_reflection", "prometheus_client"}
         or m.startswith("framecast_client")
     ]
     assert not offenders
@@ -53,3 +55,11 @@ def test_client_depends_only_on_its_four_libraries() -> None:
     stdlib = __import__("sys").stdlib_module_names
     third_party = {m.split(".")[0] for _, m in imports(CLIENT) if m.split(".")[0] not in stdlib}
     assert third_party <= allowed | optional
+
+
+def test_servicers_never_look_at_credentials_or_metrics_libraries() -> None:
+    # Auth is an interceptor, metrics an exporter fed through the Recorder interface.
+    for file in (SERVER / "service").rglob("*.py"):
+        text = file.read_text().lower()
+        for word in ("authorization", "peer_identities", "auth_context", "prometheus", "..auth"):
+            assert word not in text, f"{file.relative_to(ROOT)} mentions {word}"

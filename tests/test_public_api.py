@@ -6,7 +6,9 @@ import framecast_client
 
 
 def test_exported_names() -> None:
+    # Sorted as ruff's RUF022 does (isort style): all-caps names first.
     assert framecast_client.__all__ == [
+        "TLS",
         "AsyncClient",
         "AsyncStreamSession",
         "Backoff",
@@ -31,7 +33,6 @@ def test_exported_names() -> None:
         "StreamResult",
         "StreamSession",
         "StreamStats",
-        "TLS",
         "UnauthenticatedError",
         "UnavailableError",
         "open_source",

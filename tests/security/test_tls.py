@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,13 +28,11 @@ def tls_server(cache_dir: Path, tls_files: tuple[Path, Path]) -> Iterator[Backgr
 
 
 @pytest.fixture(scope="module")
-def mtls_server(
-    cache_dir: Path, certificates: Certificates
-) -> Iterator[BackgroundServer]:
+def mtls_server(cache_dir: Path, certificates: Certificates) -> Iterator[BackgroundServer]:
     tls = ServerTLS(
         cert=certificates.server.cert, key=certificates.server.key, client_ca=certificates.ca.cert
     )
-    with _server(cache_dir, tls) as server:
+    with _server(cache_dir, tls, metrics_port=0) as server:
         yield server
 
 
@@ -57,8 +56,9 @@ def test_server_name_override_is_what_the_certificate_is_checked_against(
     with Client(tls_server.address, tls=named, timeout=30) as client:
         assert _classifies(client)
     wrong = TLS(ca=certificates.ca.cert, server_name="not-the-server.test")
-    with Client(tls_server.address, tls=wrong, timeout=10) as client, pytest.raises(
-        UnavailableError
+    with (
+        Client(tls_server.address, tls=wrong, timeout=10) as client,
+        pytest.raises(UnavailableError),
     ):
         client.model_info()
 
@@ -73,9 +73,10 @@ def test_plaintext_to_a_tls_port_fails_clearly(tls_server: BackgroundServer) -> 
 def test_a_client_that_does_not_trust_the_ca_is_refused(
     tls_server: BackgroundServer, certificates: Certificates
 ) -> None:
-    with Client(
-        tls_server.address, tls=TLS(ca=certificates.other_ca.cert), timeout=10
-    ) as client, pytest.raises(UnavailableError):
+    with (
+        Client(tls_server.address, tls=TLS(ca=certificates.other_ca.cert), timeout=10) as client,
+        pytest.raises(UnavailableError),
+    ):
         client.model_info()
 
 
@@ -89,6 +90,11 @@ def test_mutual_tls_serves_a_client_certificate_from_the_ca(
         frames = [np.full((224, 224, 3), i, dtype=np.uint8) for i in range(5)]
         with client.stream(frames, mode="lossless") as session:
             assert [r.ok for r in session] == [True] * 5
+    # The certificate's subject is the caller's identity (in the metrics, never a secret).
+    port = mtls_server.server.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    assert 'framecast_caller_requests_total{caller="camera-7"}' in text
 
 
 @pytest.mark.parametrize("which", ["none", "foreign", "expired"])
@@ -100,8 +106,9 @@ def test_mutual_tls_refuses_a_missing_foreign_or_expired_certificate(
     else:
         issued = certificates.foreign_camera if which == "foreign" else certificates.expired_camera
         tls = TLS(ca=certificates.ca.cert, cert=issued.cert, key=issued.key)
-    with Client(mtls_server.address, tls=tls, timeout=10) as client, pytest.raises(
-        UnavailableError
+    with (
+        Client(mtls_server.address, tls=tls, timeout=10) as client,
+        pytest.raises(UnavailableError),
     ):
         client.model_info()
 
@@ -135,6 +142,5 @@ def test_a_key_that_does_not_fit_the_certificate_is_refused_at_start(
     cache_dir: Path, certificates: Certificates
 ) -> None:
     tls = ServerTLS(cert=certificates.server.cert, key=certificates.camera.key)
-    with pytest.raises(ValueError, match="cannot be used together"):
-        with _server(cache_dir, tls):
-            pass
+    with pytest.raises(ValueError, match="cannot be used together"), _server(cache_dir, tls):
+        pass

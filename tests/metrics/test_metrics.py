@@ -1,0 +1,221 @@
+"""The /metrics endpoint, scraped over real HTTP after known traffic: the numbers add up."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from framecast_client import (
+    Client,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServerError,
+    UnauthenticatedError,
+    wire,
+)
+from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_server.background import BackgroundServer
+from framecast_server.batcher import BatcherStats
+from framecast_server.metrics import Metrics
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from support import HoldableNullBackend, make_settings, random_frames
+
+TOKEN = "metrics-test-token"
+CLASSIFY = "/framecast.v1.Classifier/Classify"
+STREAM = "/framecast.v1.Classifier/ClassifyStream"
+INFO = "/framecast.v1.Classifier/GetModelInfo"
+FAIL_KEY = 77
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        return parse(reply.read().decode())
+
+
+@pytest.fixture
+def backend() -> HoldableNullBackend:
+    return HoldableNullBackend(fail_key=FAIL_KEY)
+
+
+@pytest.fixture
+def server(
+    cache_dir: Path, tmp_path: Path, backend: HoldableNullBackend
+) -> Iterator[BackgroundServer]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"cam-a:{TOKEN}\n")
+    settings = make_settings(
+        cache_dir, metrics_port=0, auth_tokens=tokens, max_batch=8, max_queue=8
+    )
+    with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
+        yield server
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_scrape_after_known_traffic_adds_up(
+    server: BackgroundServer, backend: HoldableNullBackend
+) -> None:
+    port = server.server.metrics_port
+    assert port is not None
+    before = scrape(port)
+    assert value(before, "framecast_queue_duration_seconds_count") == 1  # the warm-up image
+    batcher = server.serving.batcher if server.serving else None
+    assert batcher is not None
+
+    with Client(server.address, token=TOKEN, timeout=30) as client:
+        info = client.model_info()
+        client.classify_preprocessed(random_frames(5))
+        for seed in range(3):
+            client.classify_preprocessed(random_frames(2, seed=seed))
+        # Invalid: an image of the wrong size.
+        with pytest.raises(InvalidArgumentError):
+            client.classify_preprocessed(np.zeros((1, 10, 10, 3), np.uint8))
+        # A backend failure: the backend refuses images whose first byte is FAIL_KEY.
+        failing = np.full((1, 224, 224, 3), FAIL_KEY, np.uint8)
+        with pytest.raises(ServerError):
+            client.classify_preprocessed(failing)
+        frames = [np.full((224, 224, 3), i, np.uint8) for i in range(6)]
+        with client.stream(frames, mode="lossless") as session:
+            assert sum(r.ok for r in session) == 6
+
+        # Queue full and cancelled: hold the backend with one batch, fill the queue with another.
+        backend.hold()
+        held = threading.Thread(target=client.classify_preprocessed, args=(random_frames(8),))
+        held.start()
+        assert backend.entered.wait(30)
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            queued = stub.Classify.future(
+                wire.classify_request(
+                    random_frames(8), top_k=1, preprocessing_id=info.preprocessing_id
+                ),
+                timeout=60,
+                metadata=metadata,
+            )
+            _wait_for(lambda: batcher.queued == 8, "8 queued images")
+            with pytest.raises(ResourceExhaustedError):
+                client.classify_preprocessed(random_frames(1))
+            queued.cancel()  # type: ignore[no-untyped-call]
+            _wait_for(lambda: batcher.queued == 0, "the cancelled request to leave the queue")
+        backend.release()
+        held.join(30)
+
+    with Client(server.address, timeout=30) as anonymous, pytest.raises(UnauthenticatedError):
+        anonymous.model_info()
+
+    after = scrape(port)
+    # Calls by method and code.
+    assert value(after, "framecast_requests_total", method=CLASSIFY, code="OK") == 4 + 1
+    assert value(after, "framecast_requests_total", method=CLASSIFY, code="INVALID_ARGUMENT") == 1
+    assert value(after, "framecast_requests_total", method=CLASSIFY, code="INTERNAL") == 1
+    assert value(after, "framecast_requests_total", method=CLASSIFY, code="RESOURCE_EXHAUSTED") == 1
+    assert value(after, "framecast_requests_total", method=CLASSIFY, code="CANCELLED") == 1
+    assert value(after, "framecast_requests_total", method=STREAM, code="OK") == 1
+    assert value(after, "framecast_requests_total", method=INFO, code="UNAUTHENTICATED") == 1
+    assert value(after, "framecast_request_duration_seconds_count", method=CLASSIFY) == 9
+    assert value(after, "framecast_active_streams", method=STREAM) == 0
+    # Frames by method and code.
+    ok_frames = 5 + 3 * 2 + 8
+    assert value(after, "framecast_frames_total", method=CLASSIFY, code="OK") == ok_frames
+    assert value(after, "framecast_frames_total", method=STREAM, code="OK") == 6
+    assert value(after, "framecast_frames_total", method=CLASSIFY, code="INVALID_ARGUMENT") == 1
+    assert value(after, "framecast_frames_total", method=CLASSIFY, code="INTERNAL") == 1
+    # Failures by reason.
+    assert value(after, "framecast_failures_total", reason="queue_full") == 1
+    assert value(after, "framecast_failures_total", reason="cancelled") == 8
+    assert value(after, "framecast_failures_total", reason="backend") == 1
+    assert value(after, "framecast_failures_total", reason="invalid") == 1
+    assert value(after, "framecast_failures_total", reason="deadline") == 0
+    assert value(after, "framecast_auth_failures_total", reason="missing") == 1
+    # Histograms: every image that ran, once; every batch once.
+    ran = 1 + ok_frames + 6  # the warm-up, the unary images, the stream frames
+    assert value(after, "framecast_queue_duration_seconds_count") == ran
+    assert value(after, "framecast_batch_size_sum") == ran
+    batches = value(after, "framecast_batch_size_count")
+    assert 1 < batches <= ran
+    assert value(after, "framecast_compute_duration_seconds_count") == batches
+    assert value(after, "framecast_queue_images") == 0
+    # Who called, and what is served.
+    authenticated_calls = sum(
+        v
+        for (name, labels), v in after.items()
+        if name == "framecast_requests_total" and ("code", "UNAUTHENTICATED") not in labels
+    )
+    assert value(after, "framecast_caller_requests_total", caller="cam-a") == authenticated_calls
+    model = {k: v for k, v in next(labels for (n, labels) in after if n == "framecast_model_info")}
+    assert model["backend"] == "null"
+    assert model["pretrained"] == "false"
+    assert value(after, "process_cpu_seconds_total") > 0
+
+
+def test_batcher_counters_map_onto_failure_reasons() -> None:
+    metrics = Metrics(max_batch=8, gpu=False)
+    stats = BatcherStats(
+        queued=3,
+        batches_run=0,
+        images_run=0,
+        failed_batches=1,
+        failed_images=4,
+        dropped_expired=5,
+        dropped_cancelled=6,
+        rejected_full=7,
+    )
+    metrics.serving(
+        lambda: stats,
+        model="m",
+        version="v",
+        backend="b",
+        precision="fp16",
+        device="gpu",
+        pretrained=True,
+    )
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "framecast_failures_total", reason="deadline") == 5
+    assert value(samples, "framecast_failures_total", reason="cancelled") == 6
+    assert value(samples, "framecast_failures_total", reason="queue_full") == 7
+    assert value(samples, "framecast_failures_total", reason="backend") == 4
+    assert value(samples, "framecast_queue_images") == 3
+
+
+def test_an_unknown_method_does_not_grow_the_labels(server: BackgroundServer) -> None:
+    port = server.server.metrics_port
+    assert port is not None
+    with grpc.insecure_channel(server.address) as channel:
+        for name in ("/x.Y/Z1", "/x.Y/Z2"):
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(name, None, None)(b"", timeout=30)
+            assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    samples = scrape(port)
+    methods = {
+        dict(labels)["method"] for (name, labels) in samples if name == "framecast_requests_total"
+    }
+    assert methods == {"unknown"}
+    assert value(samples, "framecast_requests_total", method="unknown", code="UNIMPLEMENTED") == 2

@@ -1,0 +1,171 @@
+"""Bearer tokens: the token file, the interceptor against a real server, the client's refusals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from framecast_client import Client, UnauthenticatedError
+from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_client.security import token_from
+from framecast_server.auth import TokenFileError, TokenStore, parse_tokens
+from framecast_server.background import BackgroundServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import make_settings, random_frames
+
+SECRET = "s3cr3t-camera-token"
+OTHER = "another-one"
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    path.write_text(f"# cameras\ncamera-1:{SECRET}\n\n{OTHER}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def token_server(cache_dir: Path, token_file: Path) -> Iterator[BackgroundServer]:
+    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file)
+    with BackgroundServer(settings) as server:
+        yield server
+
+
+def test_parse_tokens_names_them_and_rejects_malformed_lines() -> None:
+    assert parse_tokens("a:x\ny\n# c\n\nb: z \n") == {"a": b"x", "token2": b"y", "b": b"z"}
+    with pytest.raises(TokenFileError, match="line 2"):
+        parse_tokens("a:x\n:nameless\n")
+    with pytest.raises(TokenFileError, match="twice"):
+        parse_tokens("a:x\na:y\n")
+    with pytest.raises(TokenFileError, match="no token"):
+        parse_tokens("# only a comment\n")
+
+
+def test_token_store_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text("old:first\n")
+    now = [0.0]
+    store = TokenStore(path, clock=lambda: now[0])
+    assert store.identify("first") == "old"
+    path.write_text("new:second-token\n")
+    assert store.identify("second-token") is None  # not looked at again within a second
+    now[0] = 5.0
+    assert store.identify("second-token") == "new"
+    assert store.identify("first") is None
+    path.write_text("broken:\n")  # a bad edit keeps the tokens in force
+    now[0] = 10.0
+    assert store.identify("second-token") == "new"
+
+
+def test_a_known_token_is_served(token_server: BackgroundServer) -> None:
+    for token in (SECRET, OTHER):
+        with Client(token_server.address, token=token, timeout=30) as client:
+            assert len(client.classify_preprocessed(random_frames(1))) == 1
+
+
+def test_a_missing_token_gets_unauthenticated_with_a_clear_message(
+    token_server: BackgroundServer,
+) -> None:
+    with (
+        Client(token_server.address, timeout=30) as client,
+        pytest.raises(UnauthenticatedError) as e,
+    ):
+        client.model_info()
+    assert e.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer" in e.value.message
+
+
+def test_a_wrong_token_is_refused_and_never_logged(
+    token_server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "wrong-token-do-not-log-me"
+    with (
+        caplog.at_level(logging.DEBUG),
+        Client(token_server.address, token=wrong, timeout=30) as client,
+        pytest.raises(UnauthenticatedError, match="not valid"),
+    ):
+        client.model_info()
+    assert "refused" in caplog.text
+    assert wrong not in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_health_is_open_while_the_classifier_and_reflection_are_closed(
+    token_server: BackgroundServer,
+) -> None:
+    with grpc.insecure_channel(token_server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.ClassifierStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as e:
+            list(reflection.ServerReflectionInfo(iter([request]), timeout=30))
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_auth_health_protects_health_too(cache_dir: Path, token_file: Path) -> None:
+    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file, auth_health=True)
+    with BackgroundServer(settings) as server, grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = health.Check(
+            health_pb2.HealthCheckRequest(),
+            timeout=30,
+            metadata=(("authorization", f"Bearer {SECRET}"),),
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_stream_is_authenticated_once(
+    token_server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks: list[str] = []
+    identify = TokenStore.identify
+
+    def counting(self: TokenStore, token: str) -> str | None:
+        checks.append(token)
+        return identify(self, token)
+
+    monkeypatch.setattr(TokenStore, "identify", counting)
+    frames = [np.full((224, 224, 3), i, dtype=np.uint8) for i in range(20)]
+    with (
+        Client(token_server.address, token=SECRET, timeout=30) as client,
+        client.stream(frames, mode="lossless") as session,
+    ):
+        assert sum(r.ok for r in session) == 20
+    # One GetModelInfo (the session reads the model first) and one ClassifyStream: 2 checks
+    # for 20 frames.
+    assert len(checks) == 2
+
+
+def test_the_client_refuses_a_token_in_plaintext_to_another_host() -> None:
+    with pytest.raises(ValueError, match="plaintext"):
+        Client("192.0.2.10:50051", token=SECRET)
+    # Asked for, or on loopback, it is allowed (no connection is made until a call).
+    Client("192.0.2.10:50051", token=SECRET, allow_insecure_token=True).close()
+    Client("localhost:50051", token=SECRET).close()
+    Client("[::1]:50051", token=SECRET).close()
+
+
+def test_token_from_flag_file_or_environment(tmp_path: Path) -> None:
+    file = tmp_path / "token"
+    file.write_text("from-file\n")
+    env = {"FRAMECAST_TOKEN": "from-env"}
+    assert token_from("given", file, env) == "given"
+    assert token_from(None, file, env) == "from-file"
+    assert token_from(None, None, env) == "from-env"
+    assert token_from(None, None, {}) is None
+    with pytest.raises(ValueError, match="whitespace"):
+        token_from("two words")
