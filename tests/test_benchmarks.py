@@ -30,3 +30,20 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
     assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
     for title in ("unary p50 latency", "bidi stream", "ONNX Runtime ResNet-50"):
         assert title in done.stdout
+
+
+@pytest.mark.slow
+def test_security_overhead_reports_each_side_against_plain(cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "security_overhead.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "security_overhead.py"),
+        "--seconds", "0.3", "--rounds", "1", "--cache-dir", str(cache_dir), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["plain"]["ratio_to_plain"] == 1.0
+    for side in ("tls", "tokens+metrics", "all"):
+        assert results[side]["frames_per_s"] > 0, results[side]
+        assert results[side]["server_cpu_us_per_frame"] > 0, results[side]
+    assert "TLS + tokens + metrics:" in done.stdout
