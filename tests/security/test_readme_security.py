@@ -1,0 +1,171 @@
+"""The README's Security and Metrics sections: their commands and examples run here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from certs import Certificates
+from framecast_client.cli import main
+from framecast_server.background import BackgroundServer
+from framecast_server.settings import ServerTLS
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from support import make_settings
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    start = README.index(f"\n## {title}")
+    end = README.index("\n## ", start + 1)
+    return README[start:end]
+
+
+SECURITY = section("Security")
+METRICS = section("Metrics")
+
+
+def blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def commands(text: str) -> list[list[str]]:
+    """The `$ uv run framecast ...` lines of the console blocks, as argv after `framecast`."""
+    found = []
+    for block in blocks(text, "console"):
+        for line in block.splitlines():
+            if line.startswith("$ uv run framecast "):
+                argv = shlex.split(line.removeprefix("$ uv run framecast ").split("#")[0])
+                found.append(argv)
+    return found
+
+
+def test_the_tls_example_runs_with_mutual_tls_and_a_token(
+    cache_dir: Path,
+    certificates: Certificates,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (code,) = [block for block in blocks(SECURITY, "python") if "TLS(" in block]
+    tokens = tmp_path / "tokens"
+    tokens.write_text("camera-7:readme-token\n")
+    tls = ServerTLS(
+        cert=certificates.server.cert, key=certificates.server.key, client_ca=certificates.ca.cert
+    )
+    settings = make_settings(cache_dir, backend="null", tls=tls, auth_tokens=tokens)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(certificates.ca.cert.read_bytes())
+    (tmp_path / "camera.pem").write_bytes(certificates.camera.cert.read_bytes())
+    (tmp_path / "camera.key").write_bytes(certificates.camera.key.read_bytes())
+    Image.new("RGB", (640, 480), (120, 120, 110)).save("elephant.jpg")
+    monkeypatch.setenv("FRAMECAST_TOKEN", "readme-token")
+    with BackgroundServer(settings) as server:
+        exec(compile(code.replace("framecast.example:50051", server.address), "README", "exec"))
+    assert capsys.readouterr().out.strip()
+
+
+def _serving(address: str, credentials: grpc.ChannelCredentials) -> bool:
+    try:
+        with grpc.secure_channel(address, credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def test_the_tls_commands_run(
+    cache_dir: Path,
+    certificates: Certificates,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    serve, classify = commands(SECURITY)
+    assert serve[0] == "serve"
+    assert classify[0] == "classify"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "server.pem").write_bytes(certificates.server.cert.read_bytes())
+    (tmp_path / "server.key").write_bytes(certificates.server.key.read_bytes())
+    (tmp_path / "ca.pem").write_bytes(certificates.ca.cert.read_bytes())
+    Image.new("RGB", (320, 240), (20, 90, 200)).save("cat.jpg")
+    port_file = tmp_path / "port"
+    # The README's command as shown, on a free port, with the test's model and cache.
+    test_flags = ["--port", "0", "--port-file", str(port_file), "--backend", "null", "--offline"]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "framecast_client.cli",
+            *serve,
+            *test_flags,
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert process.poll() is None, "server exited before listening"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        credentials = grpc.ssl_channel_credentials(certificates.ca.cert.read_bytes())
+        while not _serving(address, credentials):
+            assert process.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        capsys.readouterr()
+        argv = [address if arg == "framecast.example:50051" else arg for arg in classify]
+        assert main(argv) == 0
+        assert "cat.jpg" in capsys.readouterr().out
+    finally:
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+
+
+def test_the_metrics_scrape_and_every_documented_metric_exists(cache_dir: Path) -> None:
+    (serve, *_) = commands(METRICS)
+    assert serve[:2] == ["serve", "--metrics-port"]
+    (curl,) = [line for line in blocks(METRICS, "console")[0].splitlines() if "curl" in line]
+    wanted = curl.split("grep ")[1].strip().lstrip("^")
+    with BackgroundServer(make_settings(cache_dir, backend="null", metrics_port=0)) as server:
+        from framecast_client import Client
+        from support import random_frames
+
+        with Client(server.address, timeout=30) as client:
+            client.classify_preprocessed(random_frames(1))
+        url = f"http://localhost:{server.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            text = reply.read().decode()
+    assert any(line.startswith(wanted) for line in text.splitlines())
+    exported = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
+    documented = set(re.findall(r"`((?:framecast|process)_[a-z_]+)", METRICS))
+    alerts = blocks(METRICS, "yaml")[1]
+    used_in_alerts = set(re.findall(r"\b(framecast_[a-z_]+)", alerts))
+    gpu = {name for name in documented if name.startswith("framecast_gpu_")}
+    for name in (documented | used_in_alerts) - gpu:
+        if name == "process_":
+            continue
+        family = re.sub(r"_(total|bucket)$", "", name)
+        assert family in exported or name in exported, f"{name} is documented, not exported"
+    undocumented = {
+        name
+        for name in exported
+        if name.startswith("framecast_")
+        and not name.endswith("_created")  # prometheus_client's creation timestamps
+        and not any(d.startswith(name) for d in documented)
+    }
+    assert not undocumented, undocumented
