@@ -39,6 +39,9 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 BEARER = "bearer "
 # The token file is looked at (one stat) at most this often; a change is seen within this time.
 RELOAD_CHECK_S = 1.0
+# Refusals are logged at most once per this many seconds (with a count of those left out): a
+# client retrying with a wrong token must not flood the log.
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 class TokenFileError(ValueError):
@@ -171,6 +174,7 @@ class AuthInterceptor(_ServerInterceptor):
         self._mutual_tls = mutual_tls
         self._protect_health = protect_health
         self._on_failure = on_failure
+        self._log_refusal = _RateLimitedLog(REFUSAL_LOG_INTERVAL_S)
 
     async def intercept_service(
         self,
@@ -195,7 +199,7 @@ class AuthInterceptor(_ServerInterceptor):
                 if self._on_failure is not None:
                     self._on_failure(reason)
                 # Never the token itself: it may be a real one with a typo, or someone's guess.
-                logger.warning("refused %s: %s token", method, reason)
+                self._log_refusal(f"refused {method}: {reason} token")
                 message = (
                     "this server needs a token: send 'authorization: Bearer <token>' "
                     "(framecast --token or $FRAMECAST_TOKEN; Client(token=...))"
@@ -207,6 +211,7 @@ class AuthInterceptor(_ServerInterceptor):
                 )
                 return rejected
             current_caller.set(name)
+            logger.debug("%s called %s", name, method)
         if self._mutual_tls:
             adopting: grpc.RpcMethodHandler[Any, Any] = wrapped(
                 handler, before=_adopt_certificate_identity
@@ -220,3 +225,25 @@ async def _adopt_certificate_identity(context: grpc.aio.ServicerContext[Any, Any
     identity = certificate_identity(context)
     if identity:
         current_caller.set(identity)
+        logger.debug("certificate %s connected", identity)
+
+
+class _RateLimitedLog:
+    """Logs a warning at most once per interval, saying how many were left out meanwhile."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, message: str) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += f" ({self._suppressed} more refused since the last report)"
+        logger.warning("%s", message)
+        self._next = now + self._interval_s
+        self._suppressed = 0
