@@ -200,19 +200,26 @@ def main() -> int:
         "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds, "in_flight": 8}
     }
     print("bidi stream, 8 in flight, null backend: frames/s and server CPU per frame")
-    print(f"  {'side':<16} {'frames/s':>10} {'vs plain':>9} {'server us/frame':>16}  per round")
+    print(
+        f"  {'side':<16} {'frames/s':>10} {'vs plain':>9} {'server us/frame':>16} "
+        f"{'vs plain':>9}  frames/s ratio per round"
+    )
     for name in SIDES:
         ratios = [a / b for a, b in zip(rates[name], rates["plain"], strict=True)]
+        cpu_ratios = [a / b for a, b in zip(cpu[name], cpu["plain"], strict=True)]
         results[name] = {
             "frames_per_s": statistics.median(rates[name]),
             "ratio_to_plain": statistics.median(ratios),
             "server_cpu_us_per_frame": statistics.median(cpu[name]),
+            # Server CPU per frame is less sensitive than frames/s to what else the machine runs.
+            "cpu_ratio_to_plain": statistics.median(cpu_ratios),
             "per_round_ratios": [round(r, 3) for r in ratios],
         }
         row = results[name]
         print(
             f"  {name:<16} {row['frames_per_s']:>10.0f} {row['ratio_to_plain']:>9.3f} "
-            f"{row['server_cpu_us_per_frame']:>16.1f}  {' '.join(f'{r:.3f}' for r in ratios)}"
+            f"{row['server_cpu_us_per_frame']:>16.1f} {row['cpu_ratio_to_plain']:>9.3f}  "
+            f"{' '.join(f'{r:.3f}' for r in ratios)}"
         )
     results["all"]["target"] = ">= 0.90"
     print(

@@ -19,6 +19,7 @@ from framecast_client import (
     UnauthenticatedError,
     wire,
 )
+from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_server.background import BackgroundServer
 from framecast_server.batcher import BatcherStats
@@ -31,6 +32,7 @@ TOKEN = "metrics-test-token"
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 STREAM = "/framecast.v1.Classifier/ClassifyStream"
 INFO = "/framecast.v1.Classifier/GetModelInfo"
+WATCH = "/grpc.health.v1.Health/Watch"
 FAIL_KEY = 77
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -101,16 +103,32 @@ def test_scrape_after_known_traffic_adds_up(
         failing = np.full((1, 224, 224, 3), FAIL_KEY, np.uint8)
         with pytest.raises(ServerError):
             client.classify_preprocessed(failing)
-        frames = [np.full((224, 224, 3), i, np.uint8) for i in range(6)]
-        with client.stream(frames, mode="lossless") as session:
-            assert sum(r.ok for r in session) == 6
+        # A raw stream read to its end, so that it ends OK on both sides (a session may close
+        # its call once every result is in, which the server can see as CANCELLED).
+        metadata = (("authorization", f"Bearer {TOKEN}"),)
+        requests = [
+            pb.StreamRequest(
+                frame_id=i,
+                image=wire.image_to_proto(np.full((224, 224, 3), i, np.uint8)),
+                top_k=1,
+                preprocessing_id=info.preprocessing_id,
+            )
+            for i in range(6)
+        ]
+        with grpc.insecure_channel(server.address) as channel:
+            replies = list(
+                pb_grpc.ClassifierStub(channel).ClassifyStream(
+                    iter(requests), timeout=30, metadata=metadata
+                )
+            )
+        assert all(r.HasField("classification") for r in replies)
+        assert len(replies) == 6
 
         # Queue full and cancelled: hold the backend with one batch, fill the queue with another.
         backend.hold()
         held = threading.Thread(target=client.classify_preprocessed, args=(random_frames(8),))
         held.start()
         assert backend.entered.wait(30)
-        metadata = (("authorization", f"Bearer {TOKEN}"),)
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             queued = stub.Classify.future(
@@ -124,7 +142,15 @@ def test_scrape_after_known_traffic_adds_up(
             with pytest.raises(ResourceExhaustedError):
                 client.classify_preprocessed(random_frames(1))
             queued.cancel()  # type: ignore[no-untyped-call]
-            _wait_for(lambda: batcher.queued == 0, "the cancelled request to leave the queue")
+            _wait_for(
+                lambda: (
+                    value(
+                        scrape(port), "framecast_requests_total", method=CLASSIFY, code="CANCELLED"
+                    )
+                    == 1
+                ),
+                "the cancelled call to be counted",
+            )
         backend.release()
         held.join(30)
 
@@ -219,3 +245,26 @@ def test_an_unknown_method_does_not_grow_the_labels(server: BackgroundServer) ->
     }
     assert methods == {"unknown"}
     assert value(samples, "framecast_requests_total", method="unknown", code="UNIMPLEMENTED") == 2
+
+
+def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
+    server: BackgroundServer,
+) -> None:
+    # Health.Watch writes with context.write (no generator): the interceptor must drive it so.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = server.server.metrics_port
+    assert port is not None
+    with grpc.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=30
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert value(scrape(port), "framecast_active_streams", method=WATCH) == 1
+        watch.cancel()
+        _wait_for(
+            lambda: value(scrape(port), "framecast_active_streams", method=WATCH) == 0,
+            "the watch to end",
+        )
+    samples = scrape(port)
+    assert value(samples, "framecast_requests_total", method=WATCH, code="CANCELLED") == 1

@@ -186,3 +186,18 @@ def test_refusals_are_logged_at_most_once_per_interval(caplog: pytest.LogCapture
         "refused X: invalid token",
         "refused Y: missing token (4 more refused since the last report)",
     ]
+
+
+async def test_the_async_client_and_its_streams_send_the_token(
+    token_server: BackgroundServer,
+) -> None:
+    from framecast_client import AsyncClient
+
+    frames = [np.full((224, 224, 3), i, dtype=np.uint8) for i in range(4)]
+    async with AsyncClient(token_server.address, token=SECRET, timeout=30) as client:
+        assert len(await client.classify_preprocessed(random_frames(1))) == 1
+        async with client.stream(frames, mode="lossless") as session:
+            assert [r.ok async for r in session] == [True] * 4
+    async with AsyncClient(token_server.address, timeout=30) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            await anonymous.model_info()
