@@ -189,6 +189,7 @@ def test_scrape_after_known_traffic_adds_up(
     assert 1 < batches <= ran
     assert value(after, "framecast_compute_duration_seconds_count") == batches
     assert value(after, "framecast_queue_images") == 0
+    assert value(after, "framecast_connections_active") == 0
     # Who called, and what is served.
     authenticated_calls = sum(
         v
@@ -260,7 +261,9 @@ def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
             health_pb2.HealthCheckRequest(), timeout=30
         )
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        assert value(scrape(port), "framecast_active_streams", method=WATCH) == 1
+        during = scrape(port)
+        assert value(during, "framecast_active_streams", method=WATCH) == 1
+        assert value(during, "framecast_connections_active") == 1
         watch.cancel()
         _wait_for(
             lambda: value(scrape(port), "framecast_active_streams", method=WATCH) == 0,
@@ -268,3 +271,4 @@ def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
         )
     samples = scrape(port)
     assert value(samples, "framecast_requests_total", method=WATCH, code="CANCELLED") == 1
+    assert value(samples, "framecast_connections_active") == 0

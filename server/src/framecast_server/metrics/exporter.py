@@ -68,6 +68,11 @@ class _ServingCollector(Collector):
         failures.add_metric(["invalid"], metrics.invalid_frames)
         yield failures
         yield queue
+        yield GaugeMetricFamily(
+            "framecast_connections_active",
+            "Client connections (peer addresses) with at least one call open now",
+            value=len(metrics.open_calls_by_peer),
+        )
         auth = CounterMetricFamily(
             "framecast_auth_failures",
             "Calls refused before any servicer ran: a missing or an invalid token",
@@ -145,6 +150,8 @@ class Metrics:
         self.batcher_stats: Callable[[], BatcherStats] | None = None
         self.invalid_frames = 0
         self.auth_failures: dict[str, int] = {}
+        # Calls open per peer address (ip:port, one per connection); never a label, only counted.
+        self.open_calls_by_peer: dict[str, int] = {}
         r.register(_ServingCollector(self))
         # Label children are looked up once per (method, code): a frame pays a dict lookup.
         self._frame_counters: dict[tuple[str, str], Counter] = {}
@@ -196,7 +203,19 @@ class Metrics:
         if code in INVALID_CODES:
             self.invalid_frames += n
 
-    # Told by the auth interceptor.
+    # Told by the interceptors.
+
+    def call_opened(self, peer: str) -> None:
+        """A call from ``peer`` (its connection's address) started."""
+        self.open_calls_by_peer[peer] = self.open_calls_by_peer.get(peer, 0) + 1
+
+    def call_closed(self, peer: str) -> None:
+        """A call from ``peer`` ended."""
+        left = self.open_calls_by_peer.get(peer, 0) - 1
+        if left > 0:
+            self.open_calls_by_peer[peer] = left
+        else:
+            self.open_calls_by_peer.pop(peer, None)
 
     def auth_failed(self, reason: str) -> None:
         """A call was refused for a ``reason`` token ("missing" or "invalid")."""

@@ -63,7 +63,12 @@ class MetricsInterceptor(_ServerInterceptor):
         started = time.perf_counter()
         active = metrics.active_streams.labels(method) if streaming else None
 
+        peer = ""
+
         async def began(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            nonlocal peer
+            peer = context.peer()
+            metrics.call_opened(peer)
             if active is not None:
                 active.inc()
 
@@ -71,6 +76,7 @@ class MetricsInterceptor(_ServerInterceptor):
             context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
         ) -> None:
             metrics.requests.labels(method, _code_name(context, error)).inc()
+            metrics.call_closed(peer)
             if active is not None:
                 active.dec()
             else:
