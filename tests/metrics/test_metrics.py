@@ -21,9 +21,12 @@ from framecast_client import (
 )
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_server.backends.base import BackendInfo
 from framecast_server.background import BackgroundServer
 from framecast_server.batcher import BatcherStats
 from framecast_server.metrics import Metrics
+from framecast_server.model import PreparedModel
+from framecast_server.model.presets import TORCHVISION
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import HoldableNullBackend, make_settings, random_frames
@@ -84,7 +87,7 @@ def _wait_for(condition: Callable[[], bool], what: str) -> None:
 def test_scrape_after_known_traffic_adds_up(
     server: BackgroundServer, backend: HoldableNullBackend
 ) -> None:
-    port = server.server.metrics_port
+    port = server.server.wiring.metrics_port
     assert port is not None
     before = scrape(port)
     assert value(before, "framecast_queue_duration_seconds_count") == 1  # the warm-up image
@@ -215,25 +218,35 @@ def test_batcher_counters_map_onto_failure_reasons() -> None:
         dropped_cancelled=6,
         rejected_full=7,
     )
-    metrics.serving(
-        lambda: stats,
-        model="m",
+    model = PreparedModel(
+        onnx_path=Path("m.onnx"),
+        name="m",
         version="v",
-        backend="b",
-        precision="fp16",
-        device="gpu",
+        preset=TORCHVISION,
         pretrained=True,
+        weights_source="test",
+        warning="",
     )
+    metrics.serving(lambda: stats, model, BackendInfo("b", "fp16", "gpu"))
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "framecast_failures_total", reason="deadline") == 5
     assert value(samples, "framecast_failures_total", reason="cancelled") == 6
     assert value(samples, "framecast_failures_total", reason="queue_full") == 7
     assert value(samples, "framecast_failures_total", reason="backend") == 4
     assert value(samples, "framecast_queue_images") == 3
+    info = dict(next(labels for (n, labels) in samples if n == "framecast_model_info"))
+    assert info == {
+        "model": "m",
+        "version": "v",
+        "backend": "b",
+        "precision": "fp16",
+        "device": "gpu",
+        "pretrained": "true",
+    }
 
 
 def test_an_unknown_method_does_not_grow_the_labels(server: BackgroundServer) -> None:
-    port = server.server.metrics_port
+    port = server.server.wiring.metrics_port
     assert port is not None
     with grpc.insecure_channel(server.address) as channel:
         for name in ("/x.Y/Z1", "/x.Y/Z2"):
@@ -254,7 +267,7 @@ def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
     # Health.Watch writes with context.write (no generator): the interceptor must drive it so.
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = server.server.metrics_port
+    port = server.server.wiring.metrics_port
     assert port is not None
     with grpc.insecure_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(

@@ -147,7 +147,7 @@ def test_the_metrics_scrape_and_every_documented_metric_exists(cache_dir: Path) 
 
         with Client(server.address, timeout=30) as client:
             client.classify_preprocessed(random_frames(1))
-        url = f"http://localhost:{server.server.metrics_port}/metrics"
+        url = f"http://localhost:{server.server.wiring.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=30) as reply:
             text = reply.read().decode()
     assert any(line.startswith(wanted) for line in text.splitlines())

@@ -91,7 +91,7 @@ def test_mutual_tls_serves_a_client_certificate_from_the_ca(
         with client.stream(frames, mode="lossless") as session:
             assert [r.ok for r in session] == [True] * 5
     # The certificate's subject is the caller's identity (in the metrics, never a secret).
-    port = mtls_server.server.metrics_port
+    port = mtls_server.server.wiring.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
         text = reply.read().decode()
     assert 'framecast_caller_requests_total{caller="camera-7"}' in text
@@ -133,8 +133,8 @@ def test_a_certificate_rotated_on_disk_is_used_by_new_connections(
         os.utime(cert, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
         with Client(tls_server.address, tls=TLS(ca=new_ca.cert), timeout=30) as fresh:
             assert _classifies(fresh)  # a new connection gets the new certificate
-        assert tls_server.server.tls_reloader is not None
-        assert tls_server.server.tls_reloader.reloads == 1
+        assert tls_server.server.wiring.tls_reloader is not None
+        assert tls_server.server.wiring.tls_reloader.reloads == 1
         assert _classifies(old)  # the open connection was not dropped
 
 

@@ -8,7 +8,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -17,17 +16,14 @@ from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .auth import AuthInterceptor, TokenStore
 from .backends.base import Backend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
-from .metrics import Metrics, MetricsInterceptor, MetricsServer
 from .model import prepare_model
-from .recorder import NULL_RECORDER, Recorder
 from .runtime import ServingModel
 from .service.classifier import ClassifierServicer
 from .settings import ServerSettings
-from .tls import CertificateReloader, server_credentials
+from .wiring import Wiring
 
 logger = logging.getLogger(__name__)
 
@@ -53,29 +49,10 @@ class FramecastServer:
         self.settings = settings
         self._backend_factory = backend_factory
         self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.metrics: Metrics | None = None
-        self.tls_reloader: CertificateReloader | None = None
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        if settings.metrics_port is not None:
-            self.metrics = Metrics(max_batch=settings.max_batch)
-            # First, so that calls the auth layer refuses are counted too.
-            interceptors.append(MetricsInterceptor(self.metrics))
-        mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
-        if settings.auth_tokens is not None or mutual_tls:
-            tokens = TokenStore(settings.auth_tokens) if settings.auth_tokens else None
-            interceptors.append(
-                AuthInterceptor(
-                    tokens,
-                    mutual_tls=mutual_tls,
-                    protect_health=settings.auth_health,
-                    on_failure=self.metrics.auth_failed if self.metrics else None,
-                )
-            )
-        self._recorder: Recorder = self.metrics if self.metrics is not None else NULL_RECORDER
-        self._metrics_server: MetricsServer | None = None
+        # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
+        self.wiring = Wiring.for_settings(settings)
         self._server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=self.wiring.interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -89,7 +66,7 @@ class FramecastServer:
         # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(
-            max_message_bytes=settings.max_message_bytes, recorder=self._recorder
+            max_message_bytes=settings.max_message_bytes, recorder=self.wiring.recorder
         )
         self._serving: ServingModel | None = None
         pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)
@@ -102,27 +79,16 @@ class FramecastServer:
         """Bind and start answering; returns the bound port (useful with port 0)."""
         for service in ("", SERVICE_NAME):
             await self._health.set(service, NOT_SERVING)
-        settings = self.settings
-        if settings.tls is None:
-            self.port = self._server.add_insecure_port(settings.address)
-        else:
-            credentials, self.tls_reloader = server_credentials(settings.tls)
-            self.port = self._server.add_secure_port(settings.address, credentials)
+        self.port = self.wiring.add_port(self._server)
         if self.port == 0:
-            raise OSError(f"could not bind {settings.address}")
-        if self.metrics is not None and settings.metrics_port is not None:
-            # Bound like the gRPC port: on the same host, loopback unless told otherwise.
-            self._metrics_server = MetricsServer(
-                self.metrics.registry, settings.host, settings.metrics_port
-            )
-            self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
+            raise OSError(f"could not bind {self.settings.address}")
+        await self.wiring.start_metrics()
         await self._server.start()
         logger.info(
-            "listening on %s:%d, %s%s (NOT_SERVING until the model is loaded)",
-            settings.host,
+            "listening on %s:%d, %s (NOT_SERVING until the model is loaded)",
+            self.settings.host,
             self.port,
-            _describe_security(settings),
-            f", metrics on port {self.metrics_port}" if self.metrics_port is not None else "",
+            self.wiring.describe(),
         )
         return self.port
 
@@ -155,7 +121,7 @@ class FramecastServer:
                 max_delay_us=settings.max_delay_us,
                 max_queue=settings.max_queue,
             ),
-            recorder=self._recorder,
+            recorder=self.wiring.recorder,
         )
         await batcher.start()
         try:
@@ -168,16 +134,8 @@ class FramecastServer:
             backend.close()
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
-        if self.metrics is not None:
-            self.metrics.serving(
-                lambda: batcher.stats,
-                model=prepared.name,
-                version=prepared.version,
-                backend=backend.info.name,
-                precision=backend.info.precision,
-                device=backend.info.device,
-                pretrained=prepared.pretrained,
-            )
+        if self.wiring.metrics is not None:
+            self.wiring.metrics.serving(lambda: batcher.stats, prepared, backend.info)
         self._classifier.attach(self._serving)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, SERVING)
@@ -200,20 +158,8 @@ class FramecastServer:
             await self._serving.batcher.close()
             self._serving.backend.close()
             self._serving = None
-        if self._metrics_server is not None:
-            await asyncio.to_thread(self._metrics_server.stop)
-            self._metrics_server = None
+        await self.wiring.stop_metrics()
         logger.info("stopped")
-
-
-def _describe_security(settings: ServerSettings) -> str:
-    if settings.tls is None:
-        transport = "plaintext"
-    elif settings.tls.client_ca is None:
-        transport = "TLS"
-    else:
-        transport = "mutual TLS"
-    return f"{transport}, {'tokens required' if settings.auth_tokens else 'no tokens'}"
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -19,7 +19,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from ..backends.base import BackendInfo
 from ..batcher import BatcherStats
+from ..model import PreparedModel
 from .nvml import register_gpu_metrics
 
 # Request latency and queue/compute time: 100 us to 10 s, about 2.5x apart (a CPU backend's
@@ -160,26 +162,18 @@ class Metrics:
         self._observe_batch = self.batch_size.observe
 
     def serving(
-        self,
-        stats: Callable[[], BatcherStats],
-        *,
-        model: str,
-        version: str,
-        backend: str,
-        precision: str,
-        device: str,
-        pretrained: bool,
+        self, stats: Callable[[], BatcherStats], model: PreparedModel, backend: BackendInfo
     ) -> None:
         """The model is loaded: describe it and read the batcher's counters from now on."""
         self.batcher_stats = stats
         self.model.info(
             {
-                "model": model,
-                "version": version,
-                "backend": backend,
-                "precision": precision,
-                "device": device,
-                "pretrained": str(pretrained).lower(),
+                "model": model.name,
+                "version": model.version,
+                "backend": backend.name,
+                "precision": backend.precision,
+                "device": backend.device,
+                "pretrained": str(model.pretrained).lower(),
             }
         )
 

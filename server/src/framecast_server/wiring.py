@@ -1,0 +1,99 @@
+"""What a server's security and metrics settings add to it: interceptors, the bound port, /metrics.
+
+Kept out of app.py so that the app reads as the lifecycle (start, load, stop) and this module
+as the one place that turns ``--tls-*``, ``--auth-*`` and ``--metrics-port`` into gRPC objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .auth import AuthInterceptor, TokenStore
+from .metrics import Metrics, MetricsInterceptor, MetricsServer
+from .recorder import NULL_RECORDER, Recorder
+from .settings import ServerSettings
+from .tls import CertificateReloader, server_credentials
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Wiring:
+    """The interceptors, recorder and metrics endpoint that a server's settings ask for."""
+
+    settings: ServerSettings
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = field(default_factory=list)
+    metrics: Metrics | None = None
+    tls_reloader: CertificateReloader | None = None
+    metrics_port: int | None = None
+    _metrics_server: MetricsServer | None = None
+
+    @classmethod
+    def for_settings(cls, settings: ServerSettings) -> Wiring:
+        """Build the interceptors (metrics first, so refused calls are counted too, then auth).
+
+        Raises TokenFileError (a ValueError) when the token file cannot be used.
+        """
+        wiring = cls(settings)
+        if settings.metrics_port is not None:
+            wiring.metrics = Metrics(max_batch=settings.max_batch)
+            wiring.interceptors.append(MetricsInterceptor(wiring.metrics))
+        mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
+        if settings.auth_tokens is not None or mutual_tls:
+            tokens = TokenStore(settings.auth_tokens) if settings.auth_tokens else None
+            metrics = wiring.metrics
+            wiring.interceptors.append(
+                AuthInterceptor(
+                    tokens,
+                    mutual_tls=mutual_tls,
+                    protect_health=settings.auth_health,
+                    on_failure=metrics.auth_failed if metrics is not None else None,
+                )
+            )
+        return wiring
+
+    @property
+    def recorder(self) -> Recorder:
+        """What the core records into: the metrics, or nothing."""
+        return self.metrics if self.metrics is not None else NULL_RECORDER
+
+    def add_port(self, server: grpc.aio.Server) -> int:
+        """Bind the gRPC port, with TLS when configured; 0 when it could not be bound."""
+        settings = self.settings
+        if settings.tls is None:
+            return server.add_insecure_port(settings.address)
+        credentials, self.tls_reloader = server_credentials(settings.tls)
+        return server.add_secure_port(settings.address, credentials)
+
+    async def start_metrics(self) -> None:
+        """Serve /metrics on the gRPC port's host (loopback unless told otherwise), if asked."""
+        if self.metrics is None or self.settings.metrics_port is None:
+            return
+        self._metrics_server = MetricsServer(
+            self.metrics.registry, self.settings.host, self.settings.metrics_port
+        )
+        self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
+
+    async def stop_metrics(self) -> None:
+        """Stop serving /metrics."""
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.stop)
+            self._metrics_server = None
+
+    def describe(self) -> str:
+        """A few words for the start-up log: transport, tokens, metrics port."""
+        settings = self.settings
+        if settings.tls is None:
+            transport = "plaintext"
+        elif settings.tls.client_ca is None:
+            transport = "TLS"
+        else:
+            transport = "mutual TLS"
+        tokens = "tokens required" if settings.auth_tokens else "no tokens"
+        metrics = f", metrics on port {self.metrics_port}" if self.metrics_port is not None else ""
+        return f"{transport}, {tokens}{metrics}"
