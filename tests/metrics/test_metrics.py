@@ -285,3 +285,59 @@ def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
     samples = scrape(port)
     assert value(samples, "framecast_requests_total", method=WATCH, code="CANCELLED") == 1
     assert value(samples, "framecast_connections_active") == 0
+
+
+class _FakeNVML:
+    """A strict stand-in for pynvml on a machine with one GPU (we have none here)."""
+
+    class _Util:
+        gpu = 87
+
+    class _Memory:
+        used = 3 * 2**30
+        total = 80 * 2**30
+
+    def nvmlInit(self) -> None:  # noqa: N802 (pynvml's names)
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802
+        if index != 0:
+            raise ValueError(f"no GPU {index}")
+        return "gpu0"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: str) -> _Util:  # noqa: N802
+        assert handle == "gpu0"
+        return self._Util()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> _Memory:  # noqa: N802
+        assert handle == "gpu0"
+        return self._Memory()
+
+    def nvmlDeviceGetPowerUsage(self, handle: str) -> int:  # noqa: N802
+        assert handle == "gpu0"
+        return 312_500  # milliwatts
+
+
+def test_gpu_metrics_come_from_nvml_where_it_is_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNVML())
+    metrics = Metrics(max_batch=8)
+    assert metrics.gpu
+    samples = parse(generate_latest(metrics.registry).decode())
+    assert value(samples, "framecast_gpu_utilization_ratio", gpu="0") == pytest.approx(0.87)
+    assert value(samples, "framecast_gpu_memory_used_bytes", gpu="0") == 3 * 2**30
+    assert value(samples, "framecast_gpu_memory_total_bytes", gpu="0") == 80 * 2**30
+    assert value(samples, "framecast_gpu_power_watts", gpu="0") == pytest.approx(312.5)
+
+
+def test_without_nvml_there_are_no_gpu_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails, as where it is absent
+    metrics = Metrics(max_batch=8)
+    assert not metrics.gpu
+    assert "framecast_gpu_" not in generate_latest(metrics.registry).decode()
