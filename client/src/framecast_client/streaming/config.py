@@ -140,6 +140,10 @@ def make_stream_config(
         *(option for option in channel_options if option[0] not in _BACKOFF_OPTIONS),
         ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff.initial_s * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, round(backoff.max_s * 1000))),
+        # Its own connection, not one shared with the client's other channels (gRPC shares
+        # connections between channels of equal settings): servers that spread connections
+        # (`framecast serve --workers`, an L4 load balancer) then spread streams too.
+        ("grpc.use_local_subchannel_pool", 1),
     )
     if keepalive_s is not None:
         # Without pings a connection whose network silently stopped delivering (a pulled cable,
