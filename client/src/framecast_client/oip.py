@@ -171,17 +171,23 @@ def infer_request(
     model_version: str = "",
     request_id: str = "",
     class_count: int | None = None,
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
 ) -> oip.ModelInferRequest:
-    """A ModelInfer request for preprocessed images uint8 [N, H, W, 3], inputs as raw bytes."""
+    """A ModelInfer request for preprocessed images uint8 [N, H, W, 3], inputs as raw bytes.
+
+    ``class_count`` asks for the top k classes (the classification extension) instead of the
+    whole probability vector.
+    """
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != CHANNELS:
         raise WireFormatError(f"expected uint8 [N, H, W, 3], got {batch.dtype} {batch.shape}")
     request = oip.ModelInferRequest(
         model_name=model_name, model_version=model_version, id=request_id
     )
-    tensor = request.inputs.add(name=INPUT_NAME, datatype="UINT8")
+    tensor = request.inputs.add(name=input_name, datatype="UINT8")
     tensor.shape.extend(batch.shape)
     request.raw_input_contents.append(np.ascontiguousarray(batch).tobytes())
-    output = request.outputs.add(name=OUTPUT_NAME)
+    output = request.outputs.add(name=output_name)
     if class_count is not None:
         output.parameters[CLASSIFICATION].int64_param = class_count
     return request
