@@ -51,16 +51,17 @@ def images_from_request(
     request: oip.ModelInferRequest, *, height: int, width: int, max_batch: int
 ) -> NDArray[np.uint8]:
     """Validate the request's one input and view it as uint8 [N, H, W, 3] (raw: no copy)."""
-    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        names = [t.name for t in request.inputs]
+    inputs = request.inputs  # each access of a field builds a new wrapper: read it once
+    tensor = inputs[0] if len(inputs) == 1 else None
+    if tensor is None or tensor.name != INPUT_NAME:
+        names = [t.name for t in inputs]
         raise WireFormatError(f"the model takes one input named {INPUT_NAME!r}, got {names}")
-    tensor = request.inputs[0]
     if tensor.datatype != "UINT8":
         raise WireFormatError(
             f"input {INPUT_NAME!r} must be UINT8 (preprocessed RGB pixels), not "
             f"{tensor.datatype or 'an empty datatype'}"
         )
-    shape = list(tensor.shape)
+    shape = tensor.shape[:]
     if len(shape) != 4 or shape[1:] != [height, width, CHANNELS]:
         raise WireFormatError(
             f"input {INPUT_NAME!r} has shape {shape}; this model takes "
@@ -72,14 +73,13 @@ def images_from_request(
             f"input {INPUT_NAME!r} holds {n} images; this server takes 1 to {max_batch} per request"
         )
     expected = n * height * width * CHANNELS
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise WireFormatError(
-                f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input"
-            )
+    raw = request.raw_input_contents
+    if raw:
+        if len(raw) != 1:
+            raise WireFormatError(f"raw_input_contents has {len(raw)} entries for 1 input")
         if tensor.HasField("contents"):
             raise WireFormatError("an input has both raw_input_contents and typed contents")
-        data = request.raw_input_contents[0]  # each access copies a bytes field: read it once
+        data = raw[0]  # each access copies a bytes field: read it once
         if len(data) != expected:
             raise WireFormatError(
                 f"input {INPUT_NAME!r} carries {len(data)} bytes; shape {shape} of UINT8 needs "

@@ -282,16 +282,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     deadline = own if deadline is None else min(deadline, own)
         return deadline
 
-    def _response(
-        self,
+    @staticmethod
+    def _fill_response(
+        response: pb.ModelInferResponse,
         serving: ServingModel,
         request_id: str,
         outputs: Sequence[oip.RequestedOutput],
         items: Sequence[ItemResult],
-    ) -> pb.ModelInferResponse:
-        response = pb.ModelInferResponse(
-            model_name=MODEL_NAME, model_version=serving.model.version, id=request_id
-        )
+    ) -> None:
+        """Fill ``response`` in place (inside a stream response: no copy of a finished one)."""
+        response.model_name = MODEL_NAME
+        response.model_version = serving.model.version
+        response.id = request_id
         probabilities: NDArray[np.float32] = (
             items[0].probabilities[None]
             if len(items) == 1
@@ -313,7 +315,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ]
                 )
             oip.add_classes(response, output.name, rows)
-        return response
 
     async def ModelInfer(
         self,
@@ -322,7 +323,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         try:
             serving, outputs, future = self._admit(request, self._deadline(request, context))
-            return self._response(serving, request.id, outputs, await future)
+            response = pb.ModelInferResponse()
+            self._fill_response(response, serving, request.id, outputs, await future)
+            return response
         except Exception as exc:
             await context.abort(*status_for(exc))
 
@@ -356,13 +359,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if len(entry) == 2:
                         raise entry[1]
                     _, serving, outputs, future = entry
-                    response = self._response(serving, request.id, outputs, await future)
-                    yield pb.ModelStreamInferResponse(infer_response=response)
+                    message = pb.ModelStreamInferResponse()
+                    items = await future
+                    self._fill_response(message.infer_response, serving, request.id, outputs, items)
+                    yield message
                 except Exception as exc:
                     # Triton's stream error: the text, and the request's id to match it by.
-                    _, message = status_for(exc)
+                    _, text = status_for(exc)
                     yield pb.ModelStreamInferResponse(
-                        error_message=message,
+                        error_message=text,
                         infer_response=pb.ModelInferResponse(
                             model_name=request.model_name,
                             model_version=request.model_version,
