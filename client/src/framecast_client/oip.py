@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,12 +30,11 @@ CLASSIFICATION = "classification"  # the requested-output parameter of the exten
 _LENGTH = struct.Struct("<I")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     """One output a request asks for: its name, and k when it wants the top k classes."""
 
     name: str
-    class_count: int | None = None
+    class_count: int | None = None  # a NamedTuple: one is built for every request
 
 
 def _int_parameter(parameter: oip.InferParameter, what: str) -> int:
@@ -61,10 +60,10 @@ def images_from_request(
             f"input {INPUT_NAME!r} must be UINT8 (preprocessed RGB pixels), not "
             f"{tensor.datatype or 'an empty datatype'}"
         )
-    shape = tensor.shape[:]
-    if len(shape) != 4 or shape[1:] != [height, width, CHANNELS]:
+    shape = tensor.shape  # compared in place: a copy costs more than the checks
+    if len(shape) != 4 or shape[1] != height or shape[2] != width or shape[3] != CHANNELS:
         raise WireFormatError(
-            f"input {INPUT_NAME!r} has shape {shape}; this model takes "
+            f"input {INPUT_NAME!r} has shape {list(shape)}; this model takes "
             f"[N, {height}, {width}, {CHANNELS}] (batch, height, width, RGB)"
         )
     n = shape[0]
@@ -73,6 +72,7 @@ def images_from_request(
             f"input {INPUT_NAME!r} holds {n} images; this server takes 1 to {max_batch} per request"
         )
     expected = n * height * width * CHANNELS
+    dims = [n, height, width, CHANNELS]  # for the messages below
     raw = request.raw_input_contents
     if raw:
         if len(raw) != 1:
@@ -82,7 +82,7 @@ def images_from_request(
         data = raw[0]  # each access copies a bytes field: read it once
         if len(data) != expected:
             raise WireFormatError(
-                f"input {INPUT_NAME!r} carries {len(data)} bytes; shape {shape} of UINT8 needs "
+                f"input {INPUT_NAME!r} carries {len(data)} bytes; shape {dims} of UINT8 needs "
                 f"exactly {expected}"
             )
         return np.frombuffer(data, dtype=np.uint8).reshape(n, height, width, CHANNELS)
@@ -90,7 +90,7 @@ def images_from_request(
     if len(values) != expected:
         raise WireFormatError(
             f"input {INPUT_NAME!r} carries {len(values)} values in uint_contents; shape "
-            f"{shape} needs exactly {expected} (or send raw_input_contents)"
+            f"{dims} needs exactly {expected} (or send raw_input_contents)"
         )
     array = np.asarray(values, dtype=np.uint32)
     if array.size and int(array.max()) > 255:

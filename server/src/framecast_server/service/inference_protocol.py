@@ -23,6 +23,7 @@ import numpy as np
 from framecast_client import oip
 from framecast_client._proto import open_inference_pb2 as pb
 from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
+from framecast_client.wire import WireFormatError
 from numpy.typing import NDArray
 
 from ..batcher import ItemResult
@@ -39,18 +40,18 @@ EXTENSIONS = ("classification", "model_configuration", "statistics")
 STREAM_WINDOW = 64
 TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the server may take
 
-# A stream request between admission and its response: the request, the model it was admitted
-# to with its requested outputs, and the batcher's future of its results; or the request and
-# the error that refused it.
-_Admitted = (
-    tuple[
-        pb.ModelInferRequest,
-        ServingModel,
-        list[oip.RequestedOutput],
-        "asyncio.Future[list[ItemResult]]",
-    ]
-    | tuple[pb.ModelInferRequest, Exception]
-)
+# A stream request between admission and its response: its id, model name and version, the
+# model it was admitted to (None if refused) with its requested outputs, and the batcher's
+# future of its results or the error that refused it. Not the request itself: its 150 KB
+# would stay alive beside the image the batcher holds. A plain tuple: one is built per request.
+_Admitted = tuple[
+    str,
+    str,
+    str,
+    ServingModel | None,
+    list[oip.RequestedOutput],
+    "asyncio.Future[list[ItemResult]] | Exception",
+]
 
 
 def _server_version() -> str:
@@ -266,21 +267,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return serving, outputs, serving.batcher.submit_nowait(batch, deadline=deadline)
 
     @staticmethod
-    def _deadline(
-        request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> float | None:
-        """The earlier of the call's deadline and the request's ``timeout`` parameter (us)."""
-        now = time.monotonic()
+    def _call_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
         remaining = context.time_remaining()
-        deadline = None if remaining is None else now + remaining
-        if TIMEOUT_PARAMETER in request.parameters:
-            parameter = request.parameters[TIMEOUT_PARAMETER]
-            if parameter.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
-                timeout_us = parameter.int64_param or parameter.uint64_param
-                if timeout_us > 0:
-                    own = now + timeout_us / 1e6
-                    deadline = own if deadline is None else min(deadline, own)
-        return deadline
+        return None if remaining is None else time.monotonic() + remaining
+
+    @staticmethod
+    def _deadline(request: pb.ModelInferRequest, call_deadline: float | None) -> float | None:
+        """The earlier of the call's deadline and the request's ``timeout`` parameter (us)."""
+        parameters = request.parameters
+        if TIMEOUT_PARAMETER not in parameters:
+            return call_deadline
+        parameter = parameters[TIMEOUT_PARAMETER]
+        if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+            raise WireFormatError("the timeout parameter must be an integer (microseconds)")
+        timeout_us = parameter.int64_param or parameter.uint64_param
+        if timeout_us <= 0:
+            return call_deadline
+        own = time.monotonic() + timeout_us / 1e6
+        return own if call_deadline is None else min(call_deadline, own)
 
     @staticmethod
     def _fill_response(
@@ -322,7 +326,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse:
         try:
-            serving, outputs, future = self._admit(request, self._deadline(request, context))
+            deadline = self._deadline(request, self._call_deadline(context))
+            serving, outputs, future = self._admit(request, deadline)
             response = pb.ModelInferResponse()
             self._fill_response(response, serving, request.id, outputs, await future)
             return response
@@ -338,11 +343,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # order); the bound caps how many one stream may have outstanding.
         pending: asyncio.Queue[_Admitted | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
+        call_deadline = self._call_deadline(context)  # a stream's deadline is fixed
+
         def admit(request: pb.ModelInferRequest) -> _Admitted:
+            name, version = request.model_name, request.model_version
             try:
-                return (request, *self._admit(request, self._deadline(request, context)))
+                serving, outputs, future = self._admit(
+                    request, self._deadline(request, call_deadline)
+                )
+                return request.id, name, version, serving, outputs, future
             except Exception as exc:
-                return request, exc
+                return request.id, name, version, None, [], exc
 
         async def read_requests() -> None:
             try:
@@ -354,14 +365,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.ensure_future(read_requests())
         try:
             while (entry := await pending.get()) is not None:
-                request = entry[0]
+                request_id, name, version, serving, outputs, outcome = entry
                 try:
-                    if len(entry) == 2:
-                        raise entry[1]
-                    _, serving, outputs, future = entry
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    assert serving is not None  # admitted
                     message = pb.ModelStreamInferResponse()
-                    items = await future
-                    self._fill_response(message.infer_response, serving, request.id, outputs, items)
+                    items = await outcome
+                    self._fill_response(message.infer_response, serving, request_id, outputs, items)
                     yield message
                 except Exception as exc:
                     # Triton's stream error: the text, and the request's id to match it by.
@@ -369,9 +380,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield pb.ModelStreamInferResponse(
                         error_message=text,
                         infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name,
-                            model_version=request.model_version,
-                            id=request.id,
+                            model_name=name, model_version=version, id=request_id
                         ),
                     )
             await reader  # re-raises a failure of the request stream
@@ -379,7 +388,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if leftover is not None and len(leftover) == 4:
-                    leftover[3].cancel()  # withdraws it from the batcher's queue
+                if leftover is not None and not isinstance(leftover[5], Exception):
+                    leftover[5].cancel()  # withdraws it from the batcher's queue
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
