@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from framecast_client._proto import open_inference_pb2 as pb
 from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
-from support import make_settings, random_frames
+from support import HoldableNullBackend, make_settings, random_frames
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
@@ -437,3 +438,36 @@ def test_reflection_describes_the_inference_service(null_server: BackgroundServe
     assert {"inference.GRPCInferenceService", "framecast.v1.Classifier"} <= names
     assert inference_file.file_descriptor_response.file_descriptor_proto
     assert classifier_file.file_descriptor_response.file_descriptor_proto
+
+
+def test_the_timeout_parameter_drops_a_request_that_waits_too_long(cache_dir: Path) -> None:
+    """Triton's `timeout` request parameter (microseconds) is a deadline in the batcher."""
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_batch=1)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        triton.InferenceServerClient(server.address) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        backend.hold()
+        running = pool.submit(client.infer, MODEL, [images_input(keyed_frames([1]))])
+        assert backend.entered.wait(10)  # the first request holds the backend
+        error = _infer_error(
+            client, model_name=MODEL, inputs=[images_input(keyed_frames([2]))], timeout=50_000
+        )
+        backend.release()
+        assert status_of(error) == "StatusCode.DEADLINE_EXCEEDED"
+        assert int(running.result(timeout=30).as_numpy("probabilities").argmax()) == 1
+
+
+def test_a_timeout_parameter_must_be_an_integer(null_server: BackgroundServer) -> None:
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 224, 224, 3])
+    request.raw_input_contents.append(random_frames(1).tobytes())
+    request.parameters["timeout"].string_param = "soon"
+    with grpc.insecure_channel(null_server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout parameter must be an integer" in str(caught.value.details())
