@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -400,23 +399,18 @@ def test_every_field_matches_tritons_definition() -> None:
 def test_a_stream_closed_by_the_client_leaves_the_server_serving(
     null_server: BackgroundServer,
 ) -> None:
-    started = threading.Event()
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 224, 224, 3])
+    request.raw_input_contents.append(keyed_frames([4]).tobytes())
     with grpc.insecure_channel(null_server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name=MODEL)
-        request.inputs.add(name="images", datatype="UINT8", shape=[1, 224, 224, 3])
-        request.raw_input_contents.append(random_frames(1).tobytes())
-
-        def requests() -> Iterator[pb.ModelInferRequest]:
-            yield request
-            started.set()
-            yield request
-
-        call = stub.ModelStreamInfer(requests(), timeout=30)
+        # Requests still on their way in and answers still on their way out when it is cut.
+        call = stub.ModelStreamInfer(iter([request] * 50), timeout=30)
         assert next(iter(call)).infer_response.model_name == MODEL
         call.cancel()  # type: ignore[no-untyped-call]
-        assert started.wait(10)
         assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        response = stub.ModelInfer(request, timeout=10)
+    assert int(np.frombuffer(response.raw_output_contents[0], dtype="<f4").argmax()) == 4
 
 
 def test_reflection_describes_the_inference_service(null_server: BackgroundServer) -> None:
