@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,11 +24,14 @@ from .batcher import Batcher, BatcherSettings
 from .model import prepare_model
 from .runtime import ServingModel
 from .service.classifier import ClassifierServicer
+from .service.inference_protocol import InferenceServicer
+from .service.reflection import reflection_pool
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -68,10 +73,14 @@ class FramecastServer:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(max_message_bytes=settings.max_message_bytes)
         self._serving: ServingModel | None = None
+        self._inference = InferenceServicer()
         pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self._inference, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+            pool=reflection_pool(pb.DESCRIPTOR, oip_pb.DESCRIPTOR),
         )
 
     async def start(self) -> int:
@@ -80,7 +89,7 @@ class FramecastServer:
         Health says NOT_SERVING until load(), or SERVING at once when load() came first.
         """
         if self._serving is None:
-            for service in ("", SERVICE_NAME):
+            for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
                 await self._health.set(service, NOT_SERVING)
         self.port = self._server.add_insecure_port(self.settings.address)
         if self.port == 0:
@@ -136,7 +145,8 @@ class FramecastServer:
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
         self._classifier.attach(self._serving)
-        for service in ("", SERVICE_NAME):
+        self._inference.attach(self._serving)
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self._health.set(service, SERVING)
         logger.info(
             "serving %s %s on %s (%s, %s) after %.1f s",
