@@ -465,3 +465,13 @@ def test_a_timeout_parameter_must_be_an_integer(null_server: BackgroundServer) -
             stub.ModelInfer(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "timeout parameter must be an integer" in str(caught.value.details())
+
+
+def test_statistics_of_every_model_and_of_an_unknown_one(
+    null_client: triton.InferenceServerClient,
+) -> None:
+    (model,) = null_client.get_inference_statistics("").model_stats  # "": every model
+    assert model.name == MODEL
+    with pytest.raises(InferenceServerException) as caught:
+        null_client.get_inference_statistics("vgg16")
+    assert status_of(caught.value) == "StatusCode.NOT_FOUND"
