@@ -63,3 +63,25 @@ def test_servicers_never_look_at_credentials_or_metrics_libraries() -> None:
         text = file.read_text().lower()
         for word in ("authorization", "peer_identities", "auth_context", "prometheus", "..auth"):
             assert word not in text, f"{file.relative_to(ROOT)} mentions {word}"
+
+
+def test_each_protocol_is_its_own_servicer_module() -> None:
+    """Servicers share the core and the one error mapping, never each other."""
+    service = SERVER / "service"
+    servicers = {"classifier", "inference_protocol"}
+    offenders = [
+        (f.name, m)
+        for name in servicers
+        for f, m in imports(service / f"{name}.py")
+        if m.rsplit(".", 1)[-1] in servicers - {name}
+    ]
+    relative = [
+        (name, node.module)
+        for name in servicers
+        for node in ast.walk(ast.parse((service / f"{name}.py").read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.level > 0
+        and (node.module or "").split(".")[-1] in servicers - {name}
+    ]
+    assert not offenders
+    assert not relative

@@ -341,3 +341,29 @@ def test_without_nvml_there_are_no_gpu_metrics(monkeypatch: pytest.MonkeyPatch) 
     metrics = Metrics(max_batch=8)
     assert not metrics.gpu
     assert "framecast_gpu_" not in generate_latest(metrics.registry).decode()
+
+
+def test_the_open_inference_protocol_gets_the_same_auth_and_metrics(
+    server: BackgroundServer,
+) -> None:
+    from framecast_client import oip
+    from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+
+    port = server.server.wiring.metrics_port
+    assert port is not None
+    request = oip.infer_request(random_frames(3), model_name="resnet50", class_count=1)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30)
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.ModelInfer(
+            request, timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        assert reply.outputs
+    samples = scrape(port)
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    assert value(samples, "framecast_requests_total", method=method, code="OK") == 1
+    assert value(samples, "framecast_requests_total", method=method, code="UNAUTHENTICATED") == 1
+    assert value(samples, "framecast_frames_total", method=method, code="OK") == 3
+    assert value(samples, "framecast_caller_requests_total", caller="cam-a") == 1

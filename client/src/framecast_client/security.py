@@ -120,10 +120,20 @@ def address_host(address: str) -> str:
 
 
 def is_local(address: str) -> bool:
-    """Whether a target stays on this machine (loopback or a Unix socket)."""
+    """Whether a target stays on this machine: loopback hosts only, or a Unix socket.
+
+    ``ipv4:``/``ipv6:`` lists and comma-separated addresses are local when every entry is.
+    """
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = address_host(address)
+    for prefix in ("ipv4:", "ipv6:"):
+        if address.startswith(prefix):
+            address = address[len(prefix) :]
+            break
+    return all(_is_loopback(address_host(entry.strip())) for entry in address.split(","))
+
+
+def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:

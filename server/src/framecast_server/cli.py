@@ -144,12 +144,32 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def _workers(value: str) -> int:
+    from .workers import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve
     from .event_loop import run
+    from .wiring import check_files
 
     try:
         settings = _settings(args)
+        if args.workers > 1:
+            from .workers import Supervisor
+
+            if settings.metrics_port is not None:
+                raise ValueError(
+                    "--metrics-port does not work with --workers yet: each worker would export "
+                    "only its own figures. Run one worker per process (or pod) to scrape it"
+                )
+            check_files(settings)  # here, once, rather than in every worker
+            return Supervisor(settings, args.workers, port_file=args.port_file).run()
         return run(serve(settings, port_file=args.port_file))
     except ValueError as exc:
         # Refused settings, unusable TLS files or token file: one line, never a traceback.
@@ -252,6 +272,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_security_arguments(serve)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="server processes sharing the port, each with its own backend (default 1; auto: "
+        "one per usable core)",
     )
     _add_model_arguments(serve)
     serve.set_defaults(handler=_serve)

@@ -22,6 +22,14 @@ from .tls import CertificateReloader, server_credentials
 logger = logging.getLogger(__name__)
 
 
+def check_files(settings: ServerSettings) -> None:
+    """Read and check the TLS and token files now; ValueError says what is wrong."""
+    if settings.auth_tokens is not None:
+        TokenStore(settings.auth_tokens)
+    if settings.tls is not None:
+        CertificateReloader(settings.tls).load()
+
+
 @dataclass
 class Wiring:
     """The interceptors, recorder and metrics endpoint that a server's settings ask for."""
