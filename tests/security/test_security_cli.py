@@ -42,6 +42,8 @@ def test_serving_plaintext_beyond_loopback_needs_insecure(
         (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
         (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "cannot read"),
         (["--auth-tokens", "missing-tokens.txt"], "cannot read the token file"),
+        (["--workers", "2", "--metrics-port", "0"], "--metrics-port does not work with --workers"),
+        (["--workers", "2", "--auth-tokens", "missing-tokens.txt"], "cannot read the token file"),
     ],
 )
 def test_unusable_security_flags_are_one_line(

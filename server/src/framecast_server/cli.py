@@ -175,7 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Refused settings, unusable TLS files or token file: one line, never a traceback.
         print(f"framecast serve: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # a port that cannot be had (PortUnavailableError among them)
         print(f"framecast serve: {exc}", file=sys.stderr)
         return 1
 
