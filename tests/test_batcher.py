@@ -170,11 +170,18 @@ async def settle() -> None:
     await asyncio.sleep(0)
 
 
-def spawn(batcher: Batcher, *ids: int, deadline: float | None = None) -> asyncio.Task[list[int]]:
-    """Submit ``frames(*ids)`` in a task that returns the ids found in the results."""
+def spawn(
+    batcher: Batcher, *ids: int, deadline: float | None = None, caller: object = None
+) -> asyncio.Task[list[int]]:
+    """Submit ``frames(*ids)`` in a task that returns the ids found in the results.
+
+    Each spawned request is its own caller unless told (callers with one request each are
+    served in arrival order, and none of them is over its fair share).
+    """
+    key = object() if caller is None else caller
 
     async def run() -> list[int]:
-        return result_ids(await batcher.submit(frames(*ids), deadline=deadline))
+        return result_ids(await batcher.submit(frames(*ids), deadline=deadline, caller=key))
 
     return asyncio.ensure_future(run())
 
