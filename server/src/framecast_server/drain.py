@@ -1,10 +1,11 @@
 """Calls in progress, and the drain that ends them on shutdown: part of the core, no gRPC.
 
 Every servicer brackets each call with :meth:`CallGate.enter` and :meth:`CallGate.leave`.
-Until :meth:`CallGate.drain` is called the gate only counts; afterwards new calls are refused with :class:`ShuttingDownError`
-(the servicer maps it to UNAVAILABLE, which tells clients to go elsewhere or retry), and
-streams learn through :meth:`CallGate.on_drain` that they must stop reading new work, answer
-what they hold and end. :meth:`CallGate.wait_idle` returns once every call has left.
+Until :meth:`CallGate.drain` is called the gate only counts; afterwards new calls are refused
+with :class:`ShuttingDownError` (the servicer maps it to UNAVAILABLE, which tells clients to
+go elsewhere or retry), and streams learn through :meth:`CallGate.on_drain` that they must
+stop reading new work, answer what they hold and end. :meth:`CallGate.wait_idle` returns
+once every call has left.
 """
 
 from __future__ import annotations
