@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,11 +21,9 @@ from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import HoldableNullBackend, make_settings, random_frames
+from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
 
 FAIL_KEY = 7  # images with this key make the backend fail
-CLASSIFY = "/framecast.v1.Classifier/Classify"
-STREAM = "/framecast.v1.Classifier/ClassifyStream"
 
 
 def keyed(key: int) -> NDArray[np.uint8]:
@@ -52,16 +50,10 @@ class Server:
     def __init__(self, server: BackgroundServer, backend: HoldableNullBackend) -> None:
         self.server = server
         self.backend = backend
-        self.channel = grpc.insecure_channel(server.address)
-        self.classify: Callable[..., bytes] = self.channel.unary_unary(CLASSIFY)
-        self.stream: Callable[..., Iterator[bytes]] = self.channel.stream_stream(STREAM)
+        self.raw = RawClassifier(server.address)
 
     def code(self, raw: bytes, timeout: float = 30) -> grpc.StatusCode:
-        try:
-            self.classify(raw, timeout=timeout)
-        except grpc.RpcError as error:
-            return error.code()  # type: ignore[attr-defined, no-any-return]
-        return grpc.StatusCode.OK
+        return self.raw.status("classify", raw, timeout)[0]
 
 
 @pytest.fixture
@@ -72,7 +64,7 @@ def served(cache_dir: Path) -> Iterator[Server]:
         s = Server(server, backend)
         yield s
         backend.release()
-        s.channel.close()
+        s.raw.close()
 
 
 def refuse_fail_and_expire(s: Server) -> None:
@@ -113,7 +105,7 @@ def refuse_fail_and_expire(s: Server) -> None:
         frame(5, 5, top_k=5000),
         frame(6, 6),
     ]
-    answers = [pb.StreamResponse.FromString(r) for r in s.stream(iter(frames), timeout=30)]
+    answers = [pb.StreamResponse.FromString(r) for r in s.raw.stream(iter(frames), timeout=30)]
     assert [a.WhichOneof("outcome") for a in answers] == [
         "classification",
         "error",

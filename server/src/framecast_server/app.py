@@ -29,6 +29,7 @@ from .drain import CallGate
 from .model import prepare_model
 from .runtime import ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
+from .service.decoding import guarded
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, ServerSettings
 
@@ -83,7 +84,7 @@ class FramecastServer:
         self._serving: ServingModel | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._classifier.add_to_server(self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
         add_reflection(self._server, (pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 
     @property

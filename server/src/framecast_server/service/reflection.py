@@ -17,6 +17,8 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from .decoding import guarded
+
 V1_PACKAGE = "grpc.reflection.v1"
 V1_SERVICE_NAME = f"{V1_PACKAGE}.ServerReflection"
 
@@ -58,12 +60,13 @@ def add_reflection(server: grpc.aio.Server, files: Iterable[FileDescriptor]) -> 
     names = [service.full_name for file in files for service in file.services_by_name.values()]
     names += [reflection.SERVICE_NAME, V1_SERVICE_NAME]
     servicer = ReflectionServicer(names, pool=reflection_pool(files))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    registrar = guarded(server)  # malformed requests get INVALID_ARGUMENT
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, registrar)
     v1 = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers(
+    registrar.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(V1_SERVICE_NAME, {"ServerReflectionInfo": v1}),)
     )
