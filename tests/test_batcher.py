@@ -722,10 +722,9 @@ async def test_a_greedy_caller_cannot_take_the_last_quarter(harness: Harness) ->
         fake,
         1,
     )
-    greedy = []
+    greedy = [batcher.submit_nowait(frames(100 + i), caller="greedy") for i in range(12)]
     with pytest.raises(QueueFullError, match="kept for others"):
-        for i in range(16):
-            greedy.append(batcher.submit_nowait(frames(100 + i), caller="greedy"))
+        batcher.submit_nowait(frames(112), caller="greedy")
     assert batcher.queued == 12  # 16 - 16 // 4: the rest is kept for modest callers
     polite = [batcher.submit_nowait(frames(200 + i), caller=f"camera-{i}") for i in range(4)]
     assert batcher.queued == 16
@@ -771,4 +770,5 @@ async def test_finished_and_withdrawn_requests_let_go_of_their_images(harness: H
     fake.release()
     await asyncio.wait_for(asyncio.gather(first, done), TIMEOUT)
     # The results are still held here; the images they came from are not.
-    assert done.result() and [ref() for ref in refs] == [None, None]
+    assert done.result()
+    assert [ref() for ref in refs] == [None, None]
