@@ -90,10 +90,13 @@ def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path
             yield frame.SerializeToString()
             finish[i].wait(WAIT_S)
 
+        def run(i: int) -> list[bytes]:
+            return list(raw.stream(requests(i), timeout=60))
+
         with ThreadPoolExecutor(3) as pool:
             streams = []
             for i in range(3):
-                streams.append(pool.submit(lambda i=i: list(raw.stream(requests(i), timeout=60))))
+                streams.append(pool.submit(run, i))
                 opened[i].wait(WAIT_S)
             wait_until(lambda: gate.active >= 2, "two streams never started")
             time.sleep(0.2)  # let a third stream start if the limit failed to hold it back
@@ -115,7 +118,8 @@ def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:
         ]
         try:
             stubs = [RawInfo(channel) for channel in channels]
-            assert stubs[0].ok() and stubs[1].ok()
+            assert stubs[0].ok()
+            assert stubs[1].ok()
             assert not stubs[2].ok(timeout=2)
             channels[0].close()
             wait_until(lambda: stubs[2].ok(timeout=2), "a freed slot was never reused")
