@@ -163,3 +163,49 @@ class RawInfo:
         except grpc.RpcError:
             return False
         return True
+
+
+def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() -> None:
+    import argparse
+    import dataclasses
+
+    from framecast_server.cli import _add_limit_arguments, _limits
+    from framecast_server.settings import MIB, ServerSettings
+
+    parser = argparse.ArgumentParser()
+    _add_limit_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--memory-budget-mb",
+            "64",
+            "--max-connections",
+            "7",
+            "--max-streams-per-connection",
+            "3",
+            "--idle-timeout-s",
+            "2.5",
+            "--drain-delay-s",
+            "1",
+            "--grace-s",
+            "4",
+        ]
+    )
+    assert _limits(args) == {
+        "memory_budget_bytes": 64 * MIB,
+        "max_connections": 7,
+        "max_streams_per_connection": 3,
+        "idle_timeout_s": 2.5,
+        "drain_delay_s": 1,
+        "grace_s": 4,
+    }
+    assert _limits(parser.parse_args([])) == {}
+    defaults: dict[str, int | float] = {
+        f.name: f.default
+        for f in dataclasses.fields(ServerSettings)
+        if isinstance(f.default, (int, float))
+    }
+    helps = {a.dest: a.help or "" for a in parser._actions}
+    assert f"(default {defaults['memory_budget_bytes'] // MIB})" in helps["memory_budget_mb"]
+    for name in ("max_connections", "max_streams_per_connection", "idle_timeout_s", "grace_s"):
+        assert f"(default {defaults[name]:g})" in helps[name], name
+    assert f"(default {defaults['drain_delay_s']:g};" in helps["drain_delay_s"]
