@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,18 +36,12 @@ from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from serve_process import rss_mb, start_server, wait_serving
 
 BATCH = 100  # cases between good requests
 MAX_DETAILS = 512  # the server's bound on an error message
 CONCURRENCY = 16
 SERVER_MAX_BATCH = 8
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @dataclass
@@ -302,44 +295,11 @@ def fuzz(address: str, total: int, seed: int, report: Report) -> None:
 # --- the server process ----------------------------------------------------------------------
 
 
-def start_server(cache_dir: Path, port_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-        "--port-file", str(port_file), "--backend", "null", "--offline",
-        "--cache-dir", str(cache_dir), "--max-batch", str(SERVER_MAX_BATCH),
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_serving(process: subprocess.Popen[bytes], port_file: Path) -> str:
-    deadline = time.monotonic() + 300
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    with grpc.insecure_channel(address) as channel:
-        from grpc_health.v1 import health_pb2_grpc
-
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return address
-            except grpc.RpcError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server never became SERVING")
-            time.sleep(0.05)
-
-
 def run(cases: int, seed: int, cache_dir: Path) -> Report:
     report = Report()
     with tempfile.TemporaryDirectory() as tmp:
         port_file, log = Path(tmp) / "port", Path(tmp) / "server.log"
-        process = start_server(cache_dir, port_file, log)
+        process = start_server(cache_dir, port_file, log, "--max-batch", str(SERVER_MAX_BATCH))
         try:
             address = wait_serving(process, port_file)
             # Warm up with a few good requests so the baseline includes what serving needs.
