@@ -31,13 +31,16 @@ from .runtime import ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
 from .service.decoding import guarded
 from .service.reflection import add_reflection
-from .settings import HANDSHAKE_TIMEOUT_S, ServerSettings
+from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SERVICE_NAME", "FramecastServer", "serve"]
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
+# Before gRPC's own stop (which cancels calls that arrive meanwhile), wait until refused
+# clients have gone quiet for this long, but no longer than the cap.
+QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,6 +76,12 @@ class FramecastServer:
                 ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
                 ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
                 ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_TIMEOUT_S * 1000)),
+                # What a stream may have on its way before the server reads it. gRPC grows each
+                # stream's window to 4 MiB or more by default: 50 flooding streams then held
+                # 300 MB beyond the memory budget. A fixed 1 MiB (7 frames) still fills a
+                # 20 MB/s link at 50 ms round trip.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ]
         )
         self._gate = CallGate()
@@ -191,6 +200,7 @@ class FramecastServer:
         self._gate.drain()
         if self._gate.active:
             logger.info("draining %d call(s) (grace %.1f s)", self._gate.active, grace)
+        started = time.monotonic()
         if not await self._gate.wait_idle(grace):
             logger.warning(
                 "%d call(s) still running after the %.1f s grace period: cancelled",
@@ -199,6 +209,8 @@ class FramecastServer:
             )
             await self._server.stop(0)
         else:
+            left = max(0.0, grace - (time.monotonic() - started))
+            await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
             await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
         if self._serving is not None:
             await self._serving.batcher.close()

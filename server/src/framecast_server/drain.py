@@ -11,6 +11,7 @@ once every call has left.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 __all__ = ["CallGate", "ShuttingDownError"]
@@ -32,6 +33,7 @@ class CallGate:
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_drain: dict[object, Callable[[], None]] = {}
+        self._last_refused = 0.0  # time.monotonic() of the last call refused while draining
 
     @property
     def draining(self) -> bool:
@@ -50,6 +52,7 @@ class CallGate:
         than a generator-based context manager: nothing extra is kept alive by an exception.
         """
         if self._draining:
+            self._last_refused = time.monotonic()
             raise ShuttingDownError("the server is shutting down")
         self._active += 1
         self._idle.clear()
@@ -89,3 +92,19 @@ class CallGate:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def wait_quiet(self, quiet_s: float, limit_s: float) -> bool:
+        """Wait until no call was refused for ``quiet_s``, at most ``limit_s``; True if quiet.
+
+        Clients told to go elsewhere stop sending; a call still on its way would be cancelled
+        by the transport's own shutdown, so the server waits for the refusals to stop first.
+        """
+        deadline = time.monotonic() + limit_s
+        while True:
+            now = time.monotonic()
+            quiet_at = self._last_refused + quiet_s
+            if quiet_at <= now:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(quiet_at, deadline) - now)

@@ -17,6 +17,8 @@ MIB = 1024 * 1024
 # A connection must finish its TLS/HTTP2 handshake within this long, so silent sockets do not
 # hold descriptors (gRPC's default is 120 s).
 HANDSHAKE_TIMEOUT_S = 10.0
+# HTTP/2 flow-control window of one stream: bytes a client may send before the server reads.
+STREAM_WINDOW_BYTES = 1 * MIB
 
 
 def default_cache_dir() -> Path:
