@@ -91,6 +91,9 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=200, help="the greedy client's calls")
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--serve-flags", default="", help="more `framecast serve` flags, e.g. limits to try"
+    )
     parser.add_argument("--greedy", metavar="ADDRESS", help=argparse.SUPPRESS)  # child role
     args = parser.parse_args()
     if args.greedy:
@@ -99,7 +102,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         port_file, log = tmp / "port", tmp / "server.log"
-        server = start_server(args.cache_dir or tmp / "engines", port_file, log)
+        server = start_server(
+            args.cache_dir or tmp / "engines", port_file, log, *args.serve_flags.split()
+        )
         try:
             address = wait_serving(server, port_file)
             idle_before = polite(address, args.seconds)

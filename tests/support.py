@@ -124,8 +124,11 @@ class RawClassifier:
     What a test needs to send bytes that are not a valid message.
     """
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, *, own_connection: bool = False) -> None:
+        # Channels with equal settings in one process share a connection (and so are one
+        # caller to the server) unless each keeps its own.
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        self.channel = grpc.insecure_channel(address, options=options)
         # grpc-stubs wants serializers; without them the channel passes bytes through.
         self.get_model_info = self.channel.unary_unary(  # type: ignore[call-arg]
             "/framecast.v1.Classifier/GetModelInfo"
