@@ -34,11 +34,17 @@ def test_reflection_lists_our_services_and_describes_only_our_files(
     listed = ask(address, version, list_services="").list_services_response.service
     assert {s.name for s in listed} == {
         "framecast.v1.Classifier",
+        "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     }
-    for symbol in ("framecast.v1.Classifier", "grpc.reflection.v1.ServerReflection"):
+    symbols = (
+        "framecast.v1.Classifier",
+        "inference.GRPCInferenceService",
+        "grpc.reflection.v1.ServerReflection",
+    )
+    for symbol in symbols:
         reply = ask(address, version, file_containing_symbol=symbol)
         (raw,) = reply.file_descriptor_response.file_descriptor_proto
         assert (

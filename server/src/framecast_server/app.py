@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .backends.base import Backend
@@ -30,12 +32,14 @@ from .model import prepare_model
 from .runtime import ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
 from .service.decoding import guarded
+from .service.inference_protocol import InferenceServicer
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "FramecastServer", "serve"]
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
+OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
 # Before gRPC's own stop (which cancels calls that arrive meanwhile), wait until refused
@@ -90,11 +94,18 @@ class FramecastServer:
         self._classifier = ClassifierServicer(
             max_message_bytes=settings.max_message_bytes, gate=self._gate
         )
+        self._inference = InferenceServicer()
         self._serving: ServingModel | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._classifier.add_to_server(self._server)
+        # Generated registrations go through guarded(): malformed requests get
+        # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
+        # answer throughout a drain).
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            self._inference, guarded(self._server, self._gate)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
-        add_reflection(self._server, (pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
+        add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 
     @property
     def gate(self) -> CallGate:
@@ -103,7 +114,7 @@ class FramecastServer:
 
     async def start(self) -> int:
         """Bind and start answering; returns the bound port (useful with port 0)."""
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self._health.set(service, NOT_SERVING)
         self.port = self._server.add_insecure_port(self.settings.address)
         if self.port == 0:
@@ -159,7 +170,8 @@ class FramecastServer:
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
         self._classifier.attach(self._serving)
-        for service in ("", SERVICE_NAME):
+        self._inference.attach(self._serving)
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self._health.set(service, SERVING)
         logger.info(
             "serving %s %s on %s (%s, %s) after %.1f s",

@@ -1,11 +1,15 @@
-"""Malformed requests to services that are not ours (health, reflection) get INVALID_ARGUMENT.
+"""Services registered from generated code (health, reflection, the Open Inference Protocol)
+get what our own servicer does by hand: malformed requests get INVALID_ARGUMENT, and, for a
+protocol servicer, its calls pass the call gate (counted for the drain, refused once draining).
 
 gRPC parses a request before the handler runs; bytes that do not parse make it answer UNKNOWN
 and log a traceback, for every such message. Our own servicers take raw bytes and parse them
 with ``wire.decode``. Services from libraries are registered through :func:`guarded`, which
 hands them the same treatment: their handlers receive raw bytes, parse them with the service's
 own deserializer, and a failure ends the call with INVALID_ARGUMENT through the one error
-mapping (a short message, a rate-limited log line, no traceback).
+mapping (a short message, a rate-limited log line, no traceback). Given a gate, each call
+enters it first (UNAVAILABLE once draining) and leaves it when it ends; health stays ungated,
+so it answers throughout a drain.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from framecast_client.wire import WireFormatError
 
+from ..drain import CallGate
 from .errors import set_status
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -32,11 +37,22 @@ def _malformed(method: str, raw: bytes) -> WireFormatError:
     return WireFormatError(f"the bytes received ({len(raw)}) are not a valid {method} request")
 
 
-def _guard_handler(method: str, handler: _Handler) -> _Handler:
-    deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
-    if deserialize is None:
-        return handler
+def _entered(gate: CallGate | None, context: _Context) -> bool:
+    """Enter ``gate`` (if any) for a call; False, with the call's status set, when refused."""
+    if gate is None:
+        return True
+    try:
+        gate.enter()
+    except Exception as exc:
+        set_status(context, exc)
+        return False
+    return True
+
+
+def _guard_handler(method: str, handler: _Handler, gate: CallGate | None) -> _Handler:
+    deserialize: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
     serialize = handler.response_serializer
+    leave = gate.leave if gate is not None else lambda: None
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 
@@ -46,7 +62,12 @@ def _guard_handler(method: str, handler: _Handler) -> _Handler:
             except Exception:
                 set_status(context, _malformed(method, raw))
                 return None
-            return await unary_unary(request, context)
+            if not _entered(gate, context):
+                return None
+            try:
+                return await unary_unary(request, context)
+            finally:
+                leave()
 
         return grpc.unary_unary_rpc_method_handler(unary, response_serializer=serialize)
     if handler.unary_stream is not None:
@@ -59,8 +80,13 @@ def _guard_handler(method: str, handler: _Handler) -> _Handler:
                 except Exception:
                     set_status(context, _malformed(method, raw))
                     return
-                async for response in unary_stream(request, context):
-                    yield response
+                if not _entered(gate, context):
+                    return
+                try:
+                    async for response in unary_stream(request, context):
+                        yield response
+                finally:
+                    leave()
 
             return grpc.unary_stream_rpc_method_handler(generated, response_serializer=serialize)
 
@@ -70,7 +96,12 @@ def _guard_handler(method: str, handler: _Handler) -> _Handler:
             except Exception:
                 set_status(context, _malformed(method, raw))
                 return
-            await unary_stream(request, context)
+            if not _entered(gate, context):
+                return
+            try:
+                await unary_stream(request, context)
+            finally:
+                leave()
 
         return grpc.unary_stream_rpc_method_handler(writing, response_serializer=serialize)
     if handler.stream_stream is not None:
@@ -88,16 +119,22 @@ def _guard_handler(method: str, handler: _Handler) -> _Handler:
                 yield request
 
         async def streaming(raw_iterator: AsyncIterator[bytes], context: _Context) -> Any:
-            async for response in stream_stream(requests(raw_iterator, context), context):
-                yield response
+            if not _entered(gate, context):
+                return
+            try:
+                async for response in stream_stream(requests(raw_iterator, context), context):
+                    yield response
+            finally:
+                leave()
 
         return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=serialize)
     return handler  # stream-unary: none among the services registered through here
 
 
 class _GuardedHandler(_Generic):
-    def __init__(self, inner: _Generic) -> None:
+    def __init__(self, inner: _Generic, gate: CallGate | None) -> None:
         self._inner = inner
+        self._gate = gate
         # Only the methods the inner handler serves are kept: a fixed, small set.
         self._cache: dict[str, _Handler] = {}
 
@@ -108,24 +145,31 @@ class _GuardedHandler(_Generic):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None
-            guarded = self._cache[method] = _guard_handler(method, handler)
+            guarded = self._cache[method] = _guard_handler(method, handler, self._gate)
         return guarded
 
 
 class _GuardedServer:
     """What a library's ``add_..._to_server`` sees: registrations pass through, guarded."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, gate: CallGate | None) -> None:
         self._server = server
+        self._gate = gate
 
     def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GuardedHandler(h) for h in handlers))
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedHandler(h, self._gate) for h in handlers)
+        )
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, _Handler]) -> None:
         # Served through the generic path instead, where the guard applies.
         self.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
-def guarded(server: grpc.aio.Server) -> Any:
-    """A stand-in for ``server`` to pass to a library's ``add_..._to_server`` function."""
-    return _GuardedServer(server)
+def guarded(server: grpc.aio.Server, gate: CallGate | None = None) -> Any:
+    """A stand-in for ``server`` to pass to a generated ``add_..._to_server`` function.
+
+    With ``gate``, every call of the service passes it (a protocol servicer's calls); without,
+    calls only get their malformed requests handled (health, reflection).
+    """
+    return _GuardedServer(server, gate)

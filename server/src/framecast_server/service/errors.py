@@ -38,6 +38,10 @@ class ModelNotReadyError(Exception):
     """A call arrived while the model is still loading or warming up."""
 
 
+class ModelNotFoundError(LookupError):
+    """A call names a model or model version this server does not serve; the text says which."""
+
+
 class _MalformedLog:
     """Logs malformed requests at most once per interval, with how many came meanwhile."""
 
@@ -103,6 +107,8 @@ def _map(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             grpc.StatusCode.UNAVAILABLE,
             "the server is shutting down; reconnect (another replica, or this one restarted)",
         )
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
     if isinstance(exc, BackendError):

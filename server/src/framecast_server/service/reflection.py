@@ -4,7 +4,9 @@ grpcio-reflection serves ``grpc.reflection.v1alpha`` from the process's default 
 pool, which holds every .proto any library loaded (ONNX's among them). Ours answers from a
 pool of our files and their dependencies alone, and serves ``grpc.reflection.v1`` too: the two
 versions are the same messages on the wire under another package name, so one servicer
-answers both, and the pool describes both.
+answers both, and the pool describes both. The files may come from any pool: the Open
+Inference Protocol's messages live in a pool of their own (see scripts/generate_protos.py), so
+that Triton's client can share a process with Framecast.
 """
 
 from __future__ import annotations
