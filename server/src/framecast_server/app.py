@@ -61,8 +61,13 @@ class FramecastServer:
         settings: ServerSettings,
         *,
         backend_factory: Callable[[Path], Backend] | None = None,
+        reuse_port: bool = False,
     ) -> None:
-        """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests."""
+        """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests.
+
+        reuse_port: share the port with other processes on purpose (the workers of
+        ``--workers``, see workers.py); otherwise a second server on a taken port fails.
+        """
         self.settings = settings
         self._backend_factory = backend_factory
         self.port: int | None = None
@@ -70,7 +75,7 @@ class FramecastServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # Stream clients ping every 10 s by default (keepalive, to notice a dead
                 # network); gRPC's default policy answers pings more often than one per 5 min
                 # without data with GOAWAY, which would break a paused camera's stream.
@@ -113,17 +118,22 @@ class FramecastServer:
         return self._gate
 
     async def start(self) -> int:
-        """Bind and start answering; returns the bound port (useful with port 0)."""
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
-            await self._health.set(service, NOT_SERVING)
+        """Bind and start answering; returns the bound port (useful with port 0).
+
+        Health says NOT_SERVING until load(), or SERVING at once when load() came first.
+        """
+        if self._serving is None:
+            for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+                await self._health.set(service, NOT_SERVING)
         self.port = self._server.add_insecure_port(self.settings.address)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self._server.start()
         logger.info(
-            "listening on %s:%d (NOT_SERVING until the model is loaded)",
+            "listening on %s:%d%s",
             self.settings.host,
             self.port,
+            " (NOT_SERVING until the model is loaded)" if self._serving is None else "",
         )
         return self.port
 
