@@ -152,9 +152,13 @@ def _workers(value: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
-        from .workers import Supervisor
+        from .workers import PortUnavailableError, Supervisor
 
-        return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
+        try:
+            return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
+        except PortUnavailableError as exc:
+            print(f"framecast serve: {exc}", file=sys.stderr)
+            return 1
     from .app import serve
     from .event_loop import run
 
