@@ -127,7 +127,9 @@ def test_scrape_after_known_traffic_adds_up(
         assert all(r.HasField("classification") for r in replies)
         assert len(replies) == 6
 
-        # Queue full and cancelled: hold the backend with one batch, fill the queue with another.
+        # Queue full and cancelled: hold the backend with one batch of 8, queue 4 more; this
+        # caller then has more than a max batch admitted, so the last quarter of the queue (2
+        # of 8) is kept for others and 4 more do not fit.
         backend.hold()
         held = threading.Thread(target=client.classify_preprocessed, args=(random_frames(8),))
         held.start()
@@ -136,14 +138,14 @@ def test_scrape_after_known_traffic_adds_up(
             stub = pb_grpc.ClassifierStub(channel)
             queued = stub.Classify.future(
                 wire.classify_request(
-                    random_frames(8), top_k=1, preprocessing_id=info.preprocessing_id
+                    random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
                 ),
                 timeout=60,
                 metadata=metadata,
             )
-            _wait_for(lambda: batcher.queued == 8, "8 queued images")
+            _wait_for(lambda: batcher.queued == 4, "4 queued images")
             with pytest.raises(ResourceExhaustedError):
-                client.classify_preprocessed(random_frames(1))
+                client.classify_preprocessed(random_frames(4))
             queued.cancel()  # type: ignore[no-untyped-call]
             _wait_for(
                 lambda: (
@@ -177,9 +179,10 @@ def test_scrape_after_known_traffic_adds_up(
     assert value(after, "framecast_frames_total", method=STREAM, code="OK") == 6
     assert value(after, "framecast_frames_total", method=CLASSIFY, code="INVALID_ARGUMENT") == 1
     assert value(after, "framecast_frames_total", method=CLASSIFY, code="INTERNAL") == 1
+    assert value(after, "framecast_frames_total", method=CLASSIFY, code="RESOURCE_EXHAUSTED") == 4
     # Failures by reason.
-    assert value(after, "framecast_failures_total", reason="queue_full") == 1
-    assert value(after, "framecast_failures_total", reason="cancelled") == 8
+    assert value(after, "framecast_failures_total", reason="queue_full") == 4
+    assert value(after, "framecast_failures_total", reason="cancelled") == 4
     assert value(after, "framecast_failures_total", reason="backend") == 1
     assert value(after, "framecast_failures_total", reason="invalid") == 1
     assert value(after, "framecast_failures_total", reason="deadline") == 0
@@ -217,6 +220,8 @@ def test_batcher_counters_map_onto_failure_reasons() -> None:
         dropped_expired=5,
         dropped_cancelled=6,
         rejected_full=7,
+        admitted_bytes=150528,
+        callers=1,
     )
     model = PreparedModel(
         onnx_path=Path("m.onnx"),
@@ -234,6 +239,7 @@ def test_batcher_counters_map_onto_failure_reasons() -> None:
     assert value(samples, "framecast_failures_total", reason="queue_full") == 7
     assert value(samples, "framecast_failures_total", reason="backend") == 4
     assert value(samples, "framecast_queue_images") == 3
+    assert value(samples, "framecast_admitted_bytes") == 150528
     info = dict(next(labels for (n, labels) in samples if n == "framecast_model_info"))
     assert info == {
         "model": "m",

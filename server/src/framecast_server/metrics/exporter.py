@@ -52,13 +52,18 @@ class _ServingCollector(Collector):
         metrics = self._metrics
         failures = CounterMetricFamily(
             "framecast_failures",
-            "Images that got no result, by reason: queue_full (refused at admission), "
+            "Images that got no result, by reason: queue_full (refused at admission: the queue "
+            "or the memory budget was full), "
             "deadline (expired before compute), cancelled (caller left while queued), "
             "backend (inference failed), invalid (malformed or for another preprocessing)",
             labels=["reason"],
         )
         queue = GaugeMetricFamily(
             "framecast_queue_images", "Images waiting in the batcher's queue now"
+        )
+        admitted = GaugeMetricFamily(
+            "framecast_admitted_bytes",
+            "Bytes of images admitted now, waiting or computing (what the memory budget counts)",
         )
         stats = metrics.batcher_stats() if metrics.batcher_stats is not None else None
         if stats is not None:
@@ -67,9 +72,11 @@ class _ServingCollector(Collector):
             failures.add_metric(["cancelled"], stats.dropped_cancelled)
             failures.add_metric(["backend"], stats.failed_images)
             queue.add_metric([], stats.queued)
+            admitted.add_metric([], stats.admitted_bytes)
         failures.add_metric(["invalid"], metrics.invalid_frames)
         yield failures
         yield queue
+        yield admitted
         yield GaugeMetricFamily(
             "framecast_connections_active",
             "Client connections (peer addresses) with at least one call open now",
