@@ -16,7 +16,7 @@ from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .backends.base import Backend
+from .backends.base import Backend, BreakableBackend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .model import prepare_model
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
+EXIT_BACKEND_BROKEN = 3
 
 
 class FramecastServer:
@@ -63,6 +65,10 @@ class FramecastServer:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(max_message_bytes=settings.max_message_bytes)
         self._serving: ServingModel | None = None
+        # Set when the backend breaks for the life of the process (a sticky CUDA error).
+        self.broken = asyncio.Event()
+        self.broken_reason: str | None = None
+        self._health_tasks: set[asyncio.Future[None]] = set()
         pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -106,6 +112,9 @@ class FramecastServer:
                 threads=settings.threads,
                 cache_dir=settings.cache_dir,
             )
+        if isinstance(backend, BreakableBackend):
+            loop = asyncio.get_running_loop()
+            backend.on_broken(lambda reason: loop.call_soon_threadsafe(self._backend_broke, reason))
         batcher = Batcher(
             backend,
             BatcherSettings(
@@ -138,6 +147,16 @@ class FramecastServer:
             time.monotonic() - started,
         )
         return self._serving
+
+    def _backend_broke(self, reason: str) -> None:
+        # Calls already fail with UNAVAILABLE (the service's error mapping); tell health
+        # watchers at once, and serve() exits non-zero so the supervisor restarts the process.
+        self.broken_reason = reason
+        self.broken.set()
+        for service in ("", SERVICE_NAME):
+            task = asyncio.ensure_future(self._health.set(service, NOT_SERVING))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, then let in-flight calls finish within the grace period."""
@@ -177,7 +196,14 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
         await server.stop(0)
         logger.error("could not load the model: %s", load.exception())
         return 1
-    await stopping
+    broken = asyncio.ensure_future(server.broken.wait())
+    await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        stopping.cancel()
+        logger.critical("exiting so that the server is restarted: %s", server.broken_reason)
+        await server.stop(0)
+        return EXIT_BACKEND_BROKEN
+    broken.cancel()
     logger.info("signal received: finishing in-flight calls (grace %.0f s)", settings.grace_s)
     if not load.done():
         load.cancel()

@@ -32,7 +32,7 @@ class BackendBrokenError(BackendError):
 class BreakableBackend(Protocol):
     """A backend that can break for the life of the process (the TensorRT one)."""
 
-    def on_broken(self, callback: Callable[[str], None]) -> None:
+    def on_broken(self, callback: Callable[[str], object]) -> None:
         """Call ``callback(reason)`` once, from any thread, when the backend breaks."""
         ...
 

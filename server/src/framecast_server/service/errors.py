@@ -7,7 +7,7 @@ import logging
 import grpc
 from framecast_client.wire import PreprocessingMismatchError, WireFormatError
 
-from ..backends.base import BackendError
+from ..backends.base import BackendBrokenError, BackendError
 from ..batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,23 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
     if isinstance(exc, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
+    broken = _broken_cause(exc)
+    if broken is not None:
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server's backend is broken and must restart: {broken}",
+        )
     if isinstance(exc, BackendError):
         logger.error("backend failure: %s", exc)
         return grpc.StatusCode.INTERNAL, f"inference failed on the server: {exc}"
     logger.exception("unexpected error serving a call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})"
+
+
+def _broken_cause(exc: BaseException | None) -> BackendBrokenError | None:
+    # The batcher wraps a backend's exception in its own BackendError (the cause).
+    while exc is not None:
+        if isinstance(exc, BackendBrokenError):
+            return exc
+        exc = exc.__cause__
+    return None

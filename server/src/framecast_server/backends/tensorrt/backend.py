@@ -209,7 +209,7 @@ class TensorRTBackend:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._broken: str | None = None
-        self._on_broken: list[Callable[[str], None]] = []
+        self._on_broken: list[Callable[[str], object]] = []
         self._close_lock = threading.Lock()
         self._device_index = device_index
         self._slots: list[_Slot] = []
@@ -248,7 +248,7 @@ class TensorRTBackend:
         """Why the backend is broken for the life of the process, or None while it works."""
         return self._broken
 
-    def on_broken(self, callback: Callable[[str], None]) -> None:
+    def on_broken(self, callback: Callable[[str], object]) -> None:
         """Call ``callback(reason)`` once when a sticky CUDA error breaks the backend (on the
         worker thread), or at once if it already has."""
         with self._close_lock:
