@@ -79,6 +79,7 @@ def test_build_configures_profile_limits_and_timing_cache(
     assert profile.shapes == {"images": ([1, 224, 224, 3], [16, 224, 224, 3], [64, 224, 224, 3])}
     assert config.pools == {"WORKSPACE": 123 << 20}
     assert config.builder_optimization_level == 4
+    assert config.profiling_verbosity is fake_trt.ProfilingVerbosity.DETAILED
     assert config.progress_monitor is not None
     assert result.timing_cache == b"old-timings+timed"
     assert result.plan.startswith(b"PLAN")

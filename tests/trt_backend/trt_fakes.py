@@ -356,6 +356,7 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
         1 << v.value for v in vars(trt.NetworkDefinitionCreationFlag).values()
     )
     trt.MemoryPoolType = _enum("WORKSPACE")
+    trt.ProfilingVerbosity = _enum("LAYER_NAMES_ONLY", "NONE", "DETAILED")
     trt.DataType = types.SimpleNamespace(
         FLOAT=_Enum("FLOAT", 0), HALF=_Enum("HALF", 1), UINT8=_Enum("UINT8", 5)
     )
@@ -463,6 +464,7 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
             self.pools: dict[str, int] = {}
             self.flags: set[str] = set()
             self.builder_optimization_level = -1
+            self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             self.profiles: list[_Profile] = []
             self.timing_cache: _TimingCache | None = None
             self.progress_monitor: Any = None
