@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def kernel_trt(cuda_ready: None, monkeypatch: pytest.MonkeyPatch) -> Any:
 
     def register(self: cuda.CudaStream) -> None:
         original(self)
-        engine.streams[self.handle] = self.raw
+        engine.streams[self.handle] = weakref.ref(self)
 
     monkeypatch.setattr(cuda.CudaStream, "__init__", register)
     return fake

@@ -95,8 +95,10 @@ class KernelEngine:
     """``execute`` for the fake tensorrt's engines: runs ``stats`` (or ``poison``) for real.
 
     Streams are found by their raw handle (what execute_async_v3 gets) in ``streams``, which the
-    suite fills as the backend creates them. The kernels are compiled on first use, on the
-    backend's worker thread, where its CUDA context is current.
+    suite fills, as the backend creates them, with weak references to its CudaStream objects (so
+    that the streams still die with the backend's slots, while its context is current). The
+    kernels are compiled on first use, on the backend's worker thread, where its CUDA context is
+    current.
     """
 
     def __init__(self) -> None:
@@ -112,7 +114,10 @@ class KernelEngine:
         with self._lock:
             if self._kernels is None:
                 self._kernels = Kernels()
-        stream = self.streams[stream_handle]
+        owner = self.streams[stream_handle]()
+        if owner is None:
+            raise LookupError(f"stream {stream_handle:#x} is gone")
+        stream = owner.raw
         if self.spin_ms:
             self._kernels.launch_spin(stream, self.spin_ms)
         if self.bad_launch:

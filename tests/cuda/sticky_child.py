@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def main() -> int:
 
     def register(self: cuda.CudaStream) -> None:
         original(self)
-        engine.streams[self.handle] = self.raw
+        engine.streams[self.handle] = weakref.ref(self)
 
     cuda.CudaStream.__init__ = register  # type: ignore[method-assign]
     backend = TensorRTBackend(
