@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download what scripts/gpu_check.sh installs on a GPU host without network, for CPython 3.12 on
-# x86-64 Linux: pycuda's source distribution, its build and run dependencies, and the wheels
-# Framecast's server and test suites need beyond what such a host already has.
+# x86-64 Linux (TARGET_PYTHON=3.11 etc. for another): pycuda's source distribution, its build and
+# run dependencies, and the wheels Framecast's server and test suites need beyond what such a
+# host already has.
 #
 #   scripts/download_gpu_wheels.sh [--full] DIR
 #
@@ -23,6 +24,8 @@ dir=$1
 mkdir -p "$dir"
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+target_python=${TARGET_PYTHON:-3.12}
+abi="cp${target_python/./}"
 
 # The pycuda the workspace locks (uv.lock), so the GPU host builds the version we test with.
 pycuda=$(awk '/^name = "pycuda"$/ {getline; gsub(/"/, "", $3); print $3; exit}' uv.lock)
@@ -33,7 +36,7 @@ fi
 
 # Binary wheels for the target, not for this machine.
 target=(
-    --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3
+    --only-binary=:all: --python-version "$target_python" --implementation cp --abi "$abi" --abi abi3
     --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64 --platform any
 )
@@ -49,7 +52,7 @@ small=(
 )
 big=(numpy onnx "onnxruntime>=1.19" "grpcio>=1.66" protobuf pillow "pytest>=8.3")
 
-echo "downloading pycuda $pycuda (source) and the wheels for CPython 3.12 x86-64 into $dir"
+echo "downloading pycuda $pycuda (source) and the wheels for CPython $target_python x86-64 into $dir"
 # The source distribution: pip reads its metadata (setup.py egg_info), which needs no CUDA.
 "$python" -m pip download --quiet --no-deps --no-binary pycuda "pycuda==$pycuda" -d "$dir"
 if [[ $full -eq 1 ]]; then

@@ -85,7 +85,8 @@ if [[ -z "$pycuda_sdist" ]]; then
     exit 2
 fi
 if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
-    echo "gpu_check: warning: $python is not CPython 3.12; the downloaded wheels are for 3.12" >&2
+    echo "gpu_check: note: $python is not CPython 3.12; the wheels must have been downloaded" \
+        "for its version (TARGET_PYTHON=X.Y scripts/download_gpu_wheels.sh)" >&2
 fi
 
 # --- environment: a venv over the system's packages; install only what is missing ----------

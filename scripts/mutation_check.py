@@ -58,7 +58,8 @@ MUTATIONS = (
 
 
 def run_tests(source_root: Path) -> tuple[int, str]:
-    """Run TESTS with ``source_root`` first on the path; return pytest's status and last line."""
+    """Run TESTS with ``source_root`` first on the path; return pytest's status and the first
+    failing test (pytest's own counts are not repeated: CI reads the suite's closing line)."""
     env = dict(os.environ, PYTHONPATH=str(source_root))
     check = subprocess.run(
         [sys.executable, "-c", "import framecast_server; print(framecast_server.__file__)"],
@@ -70,14 +71,16 @@ def run_tests(source_root: Path) -> tuple[int, str]:
     if not check.stdout.strip().startswith(str(source_root)):
         raise SystemExit(f"the copy is not the package imported: {check.stdout.strip()}")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *TESTS],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    return result.returncode, lines[-1] if lines else result.stderr.strip()
+    failing = [line for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+    if failing:
+        return result.returncode, "first failing test " + failing[0].split()[1]
+    return result.returncode, f"pytest exit status {result.returncode}"
 
 
 def main() -> int:
