@@ -57,14 +57,20 @@ def test_container_image_is_pinned_non_root_with_a_cache_volume() -> None:
     assert tag in README
     assert tag in GPU_DOC
     assert re.search(r"^FROM \$\{TENSORRT_IMAGE\}$", DOCKERFILE, flags=re.M)
-    assert re.search(r"^USER framecast$", DOCKERFILE, flags=re.M)
-    assert 'VOLUME ["/var/cache/framecast"]' in DOCKERFILE
-    entry = re.search(r"^ENTRYPOINT (\[.*\])$", DOCKERFILE, flags=re.M)
-    assert entry is not None
-    assert '"serve", "--backend", "tensorrt"' in entry.group(1)
-    assert '"--cache-dir", "/var/cache/framecast"' in entry.group(1)
+    assert re.search(r"^USER 10001:10001$", DOCKERFILE, flags=re.M)
+    assert re.search(r"^VOLUME /var/cache/framecast$", DOCKERFILE, flags=re.M)
+    assert "FRAMECAST_CACHE_DIR=/var/cache/framecast" in DOCKERFILE
+    # Entrypoint and command as the CPU image has them: the Kubernetes GPU overlay replaces the
+    # command (args) and keeps `framecast`.
+    assert re.search(r'^ENTRYPOINT \["framecast"\]$', DOCKERFILE, flags=re.M)
+    cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE, flags=re.M)
+    assert cmd is not None
+    assert cmd.group(1).startswith('["serve"')
+    assert '"--backend", "tensorrt"' in cmd.group(1)
     for copied in re.findall(r"^COPY (\S+) ", DOCKERFILE, flags=re.M):
-        assert (ROOT / copied / "pyproject.toml").is_file(), copied
+        assert (ROOT / copied).exists(), copied
+    assert "deploy/install.sh /opt/framecast" in DOCKERFILE
+    assert "--system-site-packages /opt/framecast" in DOCKERFILE
     assert '"pycuda>=2024.1.2"' in DOCKERFILE
 
 

@@ -90,7 +90,20 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def _workers(value: str) -> int:
+    from .workers import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
     from .app import serve
     from .event_loop import run
 
@@ -188,6 +201,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_serving_arguments(serve, port=50051)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="server processes sharing the port, each with its own backend (default 1; auto: "
+        "one per usable core)",
     )
     _add_model_arguments(serve)
     serve.set_defaults(handler=_serve)
