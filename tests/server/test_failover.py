@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from framecast_client import Client, StreamResult
+from framecast_client import AsyncClient, Client, StreamResult
 from framecast_server.backends.base import BackendInfo
 from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
@@ -152,6 +152,35 @@ def test_round_robin_gives_every_replica_a_fair_share(
         shares = [r.count(UNARY_KEY) - b for r, b in zip(recorders, before, strict=True)]
     assert sum(shares) == calls
     assert all(0.9 * calls / 3 <= share <= 1.1 * calls / 3 for share in shares), shares
+
+
+def test_a_dns_target_balances_over_what_the_name_resolves_to(
+    three_replicas: list[tuple[BackgroundServer, KeyRecorder]],
+) -> None:
+    # localhost resolves to 127.0.0.1 (and ::1, where nothing listens on this port): round
+    # robin uses the addresses that answer.
+    server, recorder = three_replicas[0]
+    key = UNARY_KEY - 2
+    with Client(f"dns:///localhost:{server.port}", timeout=30) as client:
+        for _ in range(10):
+            client.classify_preprocessed(frame(key)[None])
+    assert recorder.count(key) == 10
+
+
+async def test_the_async_client_balances_the_same_way(
+    three_replicas: list[tuple[BackgroundServer, KeyRecorder]],
+) -> None:
+    recorders = [recorder for _, recorder in three_replicas]
+    addresses = [server.address for server, _ in three_replicas]
+    async with AsyncClient(addresses, timeout=30) as client:
+        batch = frame(UNARY_KEY - 1)[None]
+        calls = 90
+        for _ in range(calls):
+            await client.classify_preprocessed(batch)
+    shares = [r.count(UNARY_KEY - 1) for r in recorders]
+    assert sum(shares) == calls
+    # Connections come up one by one at first; then the rotation is exact.
+    assert all(share >= calls / 3 / 2 for share in shares), shares
 
 
 def test_streams_spread_over_the_replicas(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,34 @@ def test_a_bad_worker_count_is_one_line_of_usage(value: str) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert "workers must be" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+             "--port", str(port), "--backend", "null", "--offline"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"framecast serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_workers_that_cannot_load_stop_the_host_instead_of_restarting(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2", "--port", "0",
+         "--onnx", str(tmp_path / "missing.onnx"), "--offline", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "before serving; stopping" in done.stderr
+    assert "restarting" not in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -61,6 +61,56 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, port: int) -> Non
         "--max-queue", type=int, default=512, help="queued images before RESOURCE_EXHAUSTED"
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    _add_limit_arguments(parser)
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in ServerSettings (one place); the README's "Limits and behaviour under
+    # load" says what a client sees when each is hit.
+    group = parser.add_argument_group("limits under load")
+    group.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        help="images admitted, waiting or computing, in MiB (default 256); beyond it streams "
+        "stop reading and unary calls get RESOURCE_EXHAUSTED",
+    )
+    group.add_argument("--max-connections", type=int, help="open connections (default 1000)")
+    group.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        help="concurrent calls on one connection (default 100); more wait on the client",
+    )
+    group.add_argument(
+        "--idle-timeout-s", type=float, help="close connections idle this long (default 60)"
+    )
+    group.add_argument(
+        "--drain-delay-s",
+        type=float,
+        help="on SIGTERM, health says NOT_SERVING this long before calls are refused "
+        "(default 0; about 5 under a load balancer)",
+    )
+    group.add_argument(
+        "--grace-s",
+        type=float,
+        help="on SIGTERM, calls in flight get this long to finish (default 10)",
+    )
+
+
+def _limits(args: argparse.Namespace) -> dict[str, float | int]:
+    """The limit flags given, as ServerSettings fields (the others keep their defaults)."""
+    limits: dict[str, float | int] = {}
+    if args.memory_budget_mb is not None:
+        limits["memory_budget_bytes"] = round(args.memory_budget_mb * 1024 * 1024)
+    for name in (
+        "max_connections",
+        "max_streams_per_connection",
+        "idle_timeout_s",
+        "drain_delay_s",
+        "grace_s",
+    ):
+        if getattr(args, name) is not None:
+            limits[name] = getattr(args, name)
+    return limits
 
 
 def _model_source(args: argparse.Namespace) -> ModelSource:
@@ -87,6 +137,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         threads=args.threads,
         cache_dir=args.cache_dir or default_cache_dir(),
         allow_download=not args.offline,
+        **_limits(args),  # type: ignore[arg-type]
     )
 
 
@@ -101,9 +152,13 @@ def _workers(value: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
-        from .workers import Supervisor
+        from .workers import PortUnavailableError, Supervisor
 
-        return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
+        try:
+            return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
+        except PortUnavailableError as exc:
+            print(f"framecast serve: {exc}", file=sys.stderr)
+            return 1
     from .app import serve
     from .event_loop import run
 

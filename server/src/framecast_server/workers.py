@@ -59,6 +59,10 @@ _STOP_MARGIN_S = 5.0
 _SERVING = "serving"
 
 
+class PortUnavailableError(OSError):
+    """The port cannot be had (another program holds it, or the address is not this host's)."""
+
+
 def usable_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -183,7 +187,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until a signal (exit 0) or until workers cannot start (exit 1)."""
-        reserved = reserve_port(self.settings.host, self.settings.port)
+        try:
+            reserved = reserve_port(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise PortUnavailableError(
+                f"cannot listen on {self.settings.address}: {exc.strerror or exc}"
+            ) from exc
         port = int(reserved.getsockname()[1])
         settings = worker_settings(self.settings, self.workers, port)
         wake_read, wake_write = socket.socketpair()
@@ -331,7 +340,9 @@ class Supervisor:
         for worker in workers:
             if worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.grace_s + _STOP_MARGIN_S
+        # A worker's drain: NOT_SERVING for the drain delay, then calls get the grace period.
+        drain_s = self.settings.drain_delay_s + self.settings.grace_s
+        deadline = time.monotonic() + drain_s + _STOP_MARGIN_S
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
