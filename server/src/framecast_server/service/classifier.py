@@ -25,12 +25,12 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.preprocess import PreprocessSpec
 from numpy.typing import NDArray
 
-from ..batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
-from ..caller import current_caller
+from ..batcher import BatcherClosedError, ItemResult, QueueFullError
 from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
+from .callers import caller_of
 from .errors import ModelNotReadyError, set_status, status_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -54,16 +54,6 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 def _deadline(context: _Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def caller_of(context: _Context) -> Caller:
-    """Whose work a call is, for the batcher's fair order and reserves.
-
-    The authenticated identity where there is one (a token's name, a client certificate's
-    subject: the auth interceptor sets it), so that one client is one caller over all its
-    connections; else the connection, since a client's calls and streams share one.
-    """
-    return current_caller.get() or context.peer()
 
 
 class ClassifierServicer:
