@@ -30,3 +30,11 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
     assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
     for title in ("unary p50 latency", "bidi stream", "ONNX Runtime ResNet-50"):
         assert title in done.stdout
+
+
+def test_preprocess_speed_reports_every_candidate() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "preprocess_speed.py"), "--runs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    for row in ("JPEG bytes", "numpy frame (RGB)", "draft to output", "reducing_gap 2"):
+        assert row in done.stdout
