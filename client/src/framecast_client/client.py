@@ -6,6 +6,7 @@ result reading and preprocessing. The subclasses only make the calls, sync or on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
 
@@ -29,6 +30,8 @@ from .streaming import (
     make_stream_config,
 )
 from .types import Classification, ModelInfo
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TIMEOUT_S = 10.0
@@ -61,7 +64,15 @@ class _BaseClient:
         self.max_message_bytes = max_message_bytes
         self._credentials = credentials
         self._model_info: ModelInfo | None = None
+        self._warned = False
         self._closed = False
+
+    def _remember(self, info: ModelInfo) -> ModelInfo:
+        """Keep the model info; log its warning (random weights) once per client."""
+        if info.warning and not self._warned:
+            self._warned = True
+            logger.warning("server at %s: %s", self.address, info.warning)
+        return info
 
     def _channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -169,7 +180,7 @@ class Client(_BaseClient):
                 reply = self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
                 )
-            self._model_info = wire.model_info_from_proto(reply)
+            self._model_info = self._remember(wire.model_info_from_proto(reply))
         return self._model_info
 
     def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
@@ -323,7 +334,7 @@ class AsyncClient(_BaseClient):
                 reply = await self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
                 )
-            self._model_info = wire.model_info_from_proto(reply)
+            self._model_info = self._remember(wire.model_info_from_proto(reply))
         return self._model_info
 
     async def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:

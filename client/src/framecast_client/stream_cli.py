@@ -18,6 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
+from .cli_args import positive_float, positive_int
 from .client import DEFAULT_ADDRESS, Client
 from .errors import FramecastError
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
@@ -47,30 +48,10 @@ gets a result, in order).
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _keepalive(text: str) -> float | None:
     if text.strip().lower() in ("off", "0"):
         return None
-    return _positive_float(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return positive_float(text)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +61,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="classify a camera, video or image directory live over ClassifyStream",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "source",
@@ -88,18 +68,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="synthetic[:WxH][@FPS], a directory of images, an image or video file, a URL "
         "(rtsp://, http://, ...) or webcam[:N]",
     )
-    p.add_argument(
-        "--address", default=DEFAULT_ADDRESS, help=f"server address (default {DEFAULT_ADDRESS})"
-    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     p.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="stop after this many seconds (default: when the source ends, or Ctrl-C)",
     )
     p.add_argument(
         "--fps",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="frame rate of the source: the synthetic camera's, or a pace for files "
         "(default: the camera's own; files as fast as the server takes them)",
@@ -113,11 +91,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most frames sent and not answered (default: 3 in realtime mode, 8 in lossless)",
     )
-    p.add_argument("--top-k", type=_positive_int, default=1, help="classes per frame (default 1)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="classes per frame")
     p.add_argument(
         "--keepalive",
         type=_keepalive,
@@ -161,9 +139,8 @@ def run(args: argparse.Namespace) -> int:
             mode=mode,
             keepalive_s=args.keepalive,
         ) as session:
-            info = client.model_info()  # as stream() just read it: no second call
-            if info.warning:
-                logger.warning("%s", info.warning)
+            # As stream() just read it: no second call. (The client logged its warning.)
+            info = client.model_info()
             logger.info(
                 "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
                 source.description,
