@@ -33,7 +33,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from framecast_server.model.download import (
     DEFAULT_REPO,
     WeightsUnavailableError,
-    cached_default_weights,
+    check_cached_weights,
     download_default_weights,
 )
 from framecast_server.model.labels import NUM_CLASSES, imagenet_labels
@@ -217,11 +217,11 @@ def _resolve(
         )
 
     weights_dir = cache_dir / "weights"
-    weights_path = cached_default_weights(weights_dir)
+    weights_path, cache_reason = check_cached_weights(weights_dir)
     reason = ""
     if weights_path is None:
         if not allow_download:
-            reason = "downloads are disabled and the weights are not cached"
+            reason = f"downloads are disabled and {cache_reason}"
         else:
             try:
                 weights_path = download_default_weights(weights_dir)
