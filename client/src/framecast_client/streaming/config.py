@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeAlias
 import grpc
 
 from ..preprocess import ChannelOrder, PreprocessSpec
+from ..wire import RAW, Encoding
 
 StreamMode: TypeAlias = Literal["realtime", "lossless"]
 STREAM_MODES: tuple[StreamMode, ...] = ("realtime", "lossless")
@@ -97,6 +98,7 @@ class StreamConfig:
     mode: StreamMode
     reconnect: bool
     backoff: Backoff
+    encoding: Encoding = RAW  # how frames travel (Client(wire=..., quality=...))
 
 
 def make_stream_config(
@@ -114,6 +116,7 @@ def make_stream_config(
     reconnect: bool,
     backoff: Backoff | None,
     keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+    encoding: Encoding = RAW,
 ) -> StreamConfig:
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
     if mode not in STREAM_MODES:
@@ -163,4 +166,5 @@ def make_stream_config(
         mode=checked_mode,
         reconnect=reconnect,
         backoff=backoff,
+        encoding=encoding,
     )

@@ -285,7 +285,9 @@ class StreamCore:
             logger.debug("a frame cannot be preprocessed: %s", exc)
             return None, FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "client")
         request = pb.StreamRequest(
-            image=wire.image_to_proto(image), top_k=config.top_k, preprocessing_id=preprocessing_id
+            image=wire.image_to_proto(image, config.encoding),
+            top_k=config.top_k,
+            preprocessing_id=preprocessing_id,
         )
         return request, None
 

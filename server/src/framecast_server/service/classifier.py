@@ -21,6 +21,7 @@ from framecast_client.preprocess import PreprocessSpec
 from ..batcher import ItemResult
 from ..runtime import ServingModel
 from ..topk import top_k
+from .decoding import ImageDecoder
 from .errors import ModelNotReadyError, status_for
 
 DEFAULT_TOP_K = 5
@@ -47,6 +48,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
+        self._decoder = ImageDecoder()
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
@@ -83,6 +85,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
+            encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
         )
 
     async def GetModelInfo(
@@ -104,7 +107,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
             wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
             size = serving.model.preset.input_size
-            batch = wire.images_from_proto(
+            batch = await self._decoder.batch(
                 request.images,
                 height=size,
                 width=size,
@@ -163,10 +166,20 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         check_preprocessing = wire.check_preprocessing
         served = self._preprocessing_id
 
+        decode = self._decoder.image
+
+        async def decode_then_submit(image: pb.Image) -> list[ItemResult]:
+            # Cancelling this task (the stream ended) cancels the batcher's future too.
+            array = await decode(image, height=size, width=size)
+            return await submit(array[None], deadline=deadline)
+
         def admit(frame: pb.StreamRequest) -> _AdmittedFrame:
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
+                if wire.is_encoded(frame.image):
+                    # Decoded on the decoder's threads; frames still answer in arrival order.
+                    return frame.frame_id, k, asyncio.ensure_future(decode_then_submit(frame.image))
                 image = image_from_proto(frame.image, height=size, width=size)
                 return frame.frame_id, k, submit(image[None], deadline=deadline)
             except Exception as exc:
