@@ -38,3 +38,20 @@ def test_preprocess_speed_reports_every_candidate() -> None:
     assert done.returncode == 0, done.stderr
     for row in ("JPEG bytes", "numpy frame (RGB)", "draft to output", "reducing_gap 2"):
         assert row in done.stdout
+
+
+@pytest.mark.slow
+def test_wire_encodings_prints_its_table(cache_dir: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "wire_encodings.py"),
+        "--frames", "8", "--rounds", "1", "--passes", "1", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = {line[:10].strip(): line[10:].split() for line in done.stdout.splitlines()[2:]}
+    assert list(rows) == ["raw", "png", "jpeg q95", "jpeg q90", "jpeg q75"]
+    assert rows["raw"][0] == "150,528"
+    # Lossless encodings match raw exactly; JPEG is smaller and close.
+    for name in ("raw", "png"):
+        assert rows[name][-3:] == ["0.00", "100%", "100%"]
+    assert 0 < float(rows["jpeg q90"][-3]) < 3

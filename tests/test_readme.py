@@ -13,8 +13,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_the_readme_has_the_three_examples() -> None:
-    assert len(BLOCKS) == 3
+def test_the_readme_has_the_four_examples() -> None:
+    assert len(BLOCKS) == 4
+    assert 'wire="jpeg", quality=90' in BLOCKS[2]
     assert 'classify("elephant.jpg").top' in BLOCKS[0]
 
 
@@ -43,3 +44,5 @@ def test_readme_example_runs(
     out = capsys.readouterr().out
     if index == 0:
         assert out.startswith("Predicted: ")
+    if index == 2:
+        assert out.strip() == "('raw', 'jpeg', 'png')"
