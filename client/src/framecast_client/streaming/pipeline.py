@@ -126,6 +126,9 @@ class StreamCore:
         self._dropped = 0
         self._disconnects = 0
         self._reconnects = 0
+        # True from a break until a call is answered again: the failed attempts in between
+        # belong to the same outage, which counts as one disconnect.
+        self._broken = False
         self._in_flight = 0
         self._max_in_flight = 0
         self._threads: list[threading.Thread] = []
@@ -415,7 +418,9 @@ class StreamCore:
     def on_break_locked(self) -> int:
         """The current call failed: give up its frames (realtime) or queue them again."""
         self.generation += 1
-        self._disconnects += 1
+        if not self._broken:
+            self._broken = True
+            self._disconnects += 1
         self._in_flight = 0
         waiting = [fid for fid, slot in self._outstanding.items() if slot.result is None]
         if self._realtime:
@@ -431,6 +436,7 @@ class StreamCore:
         return len(waiting)
 
     def on_reconnected_locked(self) -> None:
+        self._broken = False
         self._reconnects += 1
         self._changed_locked()
 
