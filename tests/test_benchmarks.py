@@ -55,3 +55,30 @@ def test_wire_encodings_prints_its_table(cache_dir: Path) -> None:
     for name in ("raw", "png"):
         assert rows[name][-3:] == ["0.00", "100%", "100%"]
     assert 0 < float(rows["jpeg q90"][-3]) < 3
+
+
+@pytest.mark.slow
+def test_protocols_benchmark_prints_its_table(cache_dir: Path, tmp_path: Path) -> None:
+    """Framecast's two protocols measured; Triton skipped with a reason where it cannot run."""
+    out = tmp_path / "protocols.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "protocols.py"),
+        "--seconds", "0.3", "--rounds", "1", "--triton-python", sys.executable,
+        "--cache-dir", str(cache_dir), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for side in ("framecast", "oip"):
+        medians = results["medians"][side]
+        assert medians["p50"] > 0
+        assert medians["rps"] > 0
+        assert medians["fps"] > 0
+        assert medians["fps_cpu"] > 0
+    assert results["checks"]["oip_stream_fps / framecast_stream_fps"] > 0
+    assert "Framecast OIP" in done.stdout
+    assert "stream, 8 in flight (frames/s)" in done.stdout
+    if results["triton_skipped"]:  # this environment has no nvidia-pytriton
+        assert "Triton skipped: nvidia-pytriton is not importable" in done.stdout
+    else:
+        assert results["medians"]["triton"]["fps"] > 0

@@ -53,3 +53,25 @@ def test_client_depends_only_on_its_four_libraries() -> None:
     stdlib = __import__("sys").stdlib_module_names
     third_party = {m.split(".")[0] for _, m in imports(CLIENT) if m.split(".")[0] not in stdlib}
     assert third_party <= allowed | optional
+
+
+def test_each_protocol_is_its_own_servicer_module() -> None:
+    """Servicers share the core and the one error mapping, never each other."""
+    service = SERVER / "service"
+    servicers = {"classifier", "inference_protocol"}
+    offenders = [
+        (f.name, m)
+        for name in servicers
+        for f, m in imports(service / f"{name}.py")
+        if m.rsplit(".", 1)[-1] in servicers - {name}
+    ]
+    relative = [
+        (name, node.module)
+        for name in servicers
+        for node in ast.walk(ast.parse((service / f"{name}.py").read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and node.level > 0
+        and (node.module or "").split(".")[-1] in servicers - {name}
+    ]
+    assert not offenders
+    assert not relative

@@ -18,6 +18,7 @@ from . import wire
 from ._proto import classifier_pb2 as pb
 from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
+from .balancing import Address, balancing_options, channel_target, display_address
 from .errors import InvalidArgumentError, PreprocessingChangedError
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .streaming import (
@@ -48,7 +49,7 @@ class _BaseClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Address = DEFAULT_ADDRESS,
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         channel_order: ChannelOrder = "RGB",
@@ -63,7 +64,9 @@ class _BaseClient:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-        self.address = address
+        # One server, a dns:/// name of many, or a list: see framecast_client.balancing.
+        self.target = channel_target(address)
+        self.address = display_address(address)
         self.timeout = timeout
         self.channel_order: ChannelOrder = channel_order
         self.max_message_bytes = max_message_bytes
@@ -83,6 +86,7 @@ class _BaseClient:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            *balancing_options(self.target, self.max_message_bytes),
         ]
 
     def _check_open(self) -> None:
@@ -146,6 +150,7 @@ class _BaseClient:
         self._check_encoding(info)
         return make_stream_config(
             address=self.address,
+            target=self.target,
             credentials=self._credentials,
             channel_options=self._channel_options(),
             spec=info.preprocessing,
@@ -176,13 +181,14 @@ class Client(_BaseClient):
     ...     print(top.label, top.probability)
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+    def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        """``address``: ``host:port``, ``dns:///name:port`` or a list of ``host:port``."""
         super().__init__(address, **kwargs)
         options = self._channel_options()
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(address, self._credentials, options=options)
+            self._channel = grpc.secure_channel(self.target, self._credentials, options=options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -330,13 +336,14 @@ class Client(_BaseClient):
 class AsyncClient(_BaseClient):
     """The same surface as Client on grpc.aio; use it as an async context manager."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+    def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
+        """``address``: as for Client."""
         super().__init__(address, **kwargs)
         options = self._channel_options()
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(address, self._credentials, options=options)
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

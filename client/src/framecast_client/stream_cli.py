@@ -246,7 +246,7 @@ class _Watch:
             # The last, partial interval: its frames would otherwise be in no live line.
             now = time.monotonic()
             stats = self.session.stats
-            if now - last_tick >= 0.05 and (stats.read, stats.received) != (
+            if now > last_tick and (stats.read, stats.received) != (
                 last.read,
                 last.received,
             ):

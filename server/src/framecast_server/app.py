@@ -13,6 +13,8 @@ import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,11 +24,14 @@ from .batcher import Batcher, BatcherSettings
 from .model import prepare_model
 from .runtime import ServingModel
 from .service.classifier import ClassifierServicer
+from .service.inference_protocol import InferenceServicer
+from .service.reflection import reflection_pool
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -43,8 +48,13 @@ class FramecastServer:
         settings: ServerSettings,
         *,
         backend_factory: Callable[[Path], Backend] | None = None,
+        reuse_port: bool = False,
     ) -> None:
-        """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests."""
+        """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests.
+
+        reuse_port: share the port with other processes on purpose (the workers of
+        ``--workers``, see workers.py); otherwise a second server on a taken port fails.
+        """
         self.settings = settings
         self._backend_factory = backend_factory
         self.port: int | None = None
@@ -52,7 +62,7 @@ class FramecastServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
                 # Stream clients ping every 10 s by default (keepalive, to notice a dead
                 # network); gRPC's default policy answers pings more often than one per 5 min
                 # without data with GOAWAY, which would break a paused camera's stream.
@@ -63,24 +73,33 @@ class FramecastServer:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(max_message_bytes=settings.max_message_bytes)
         self._serving: ServingModel | None = None
+        self._inference = InferenceServicer()
         pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self._inference, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+            pool=reflection_pool(pb.DESCRIPTOR, oip_pb.DESCRIPTOR),
         )
 
     async def start(self) -> int:
-        """Bind and start answering; returns the bound port (useful with port 0)."""
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, NOT_SERVING)
+        """Bind and start answering; returns the bound port (useful with port 0).
+
+        Health says NOT_SERVING until load(), or SERVING at once when load() came first.
+        """
+        if self._serving is None:
+            for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+                await self._health.set(service, NOT_SERVING)
         self.port = self._server.add_insecure_port(self.settings.address)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self._server.start()
         logger.info(
-            "listening on %s:%d (NOT_SERVING until the model is loaded)",
+            "listening on %s:%d%s",
             self.settings.host,
             self.port,
+            " (NOT_SERVING until the model is loaded)" if self._serving is None else "",
         )
         return self.port
 
@@ -126,7 +145,8 @@ class FramecastServer:
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
         self._classifier.attach(self._serving)
-        for service in ("", SERVICE_NAME):
+        self._inference.attach(self._serving)
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self._health.set(service, SERVING)
         logger.info(
             "serving %s %s on %s (%s, %s) after %.1f s",

@@ -135,6 +135,10 @@ class BatcherStats:
     dropped_expired: int  # deadline passed before compute (including on arrival)
     dropped_cancelled: int  # caller cancelled while queued
     rejected_full: int  # refused with QueueFullError
+    # Cumulative durations of the images run, in nanoseconds (for protocols' statistics):
+    queue_ns: int = 0  # admission to dispatch, summed over images
+    compute_ns: int = 0  # their batch's backend.infer, summed over images
+    last_run_unix_ns: int = 0  # wall-clock time the last batch finished; 0 before the first
 
 
 class _State(enum.Enum):
@@ -228,6 +232,9 @@ class Batcher:
         self._dropped_expired = 0
         self._dropped_cancelled = 0
         self._rejected_full = 0
+        self._queue_ns = 0
+        self._compute_ns = 0
+        self._last_run_unix_ns = 0
 
     @property
     def settings(self) -> BatcherSettings:
@@ -256,6 +263,9 @@ class Batcher:
             dropped_expired=self._dropped_expired,
             dropped_cancelled=self._dropped_cancelled,
             rejected_full=self._rejected_full,
+            queue_ns=self._queue_ns,
+            compute_ns=self._compute_ns,
+            last_run_unix_ns=self._last_run_unix_ns,
         )
 
     async def start(self) -> None:
@@ -507,10 +517,13 @@ class Batcher:
         size = batch.size
         self._batches_run += 1
         self._images_run += size
+        self._compute_ns += compute_ns * size
+        self._last_run_unix_ns = time.time_ns()
         compute_us = compute_ns // 1000
         offset = 0
         for req in batch.requests:
             req.state = _State.DONE
+            self._queue_ns += (batch.dispatched_ns - req.enqueued_ns) * req.n
             if not req.done():  # a caller cancelled mid-compute gets nothing
                 queue_us = (batch.dispatched_ns - req.enqueued_ns) // 1000
                 req.set_result(

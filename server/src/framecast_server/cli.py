@@ -198,12 +198,29 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     return run
 
 
+def _workers(value: str) -> int:
+    from .workers import parse_workers
+
+    try:
+        return parse_workers(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _check_bindable(settings.host, settings.port)
+    if args.workers > 1:
+        from .workers import PortUnavailableError, Supervisor
+
+        try:
+            return Supervisor(settings, args.workers, port_file=args.port_file).run()
+        except PortUnavailableError as exc:
+            print(f"framecast serve: {exc}", file=sys.stderr)
+            return 1
     from .app import serve
     from .event_loop import run
 
-    settings = _settings(args)
-    _check_bindable(settings.host, settings.port)
     return run(serve(settings, port_file=args.port_file))
 
 
@@ -306,6 +323,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _add_serving_arguments(serve, default_port=50051)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="server processes sharing the port, each with its own backend (default 1; auto: "
+        "one per usable core)",
     )
     _add_model_arguments(serve)
     serve.set_defaults(handler=_run(_serve))

@@ -20,6 +20,7 @@ from framecast_client.bench.inputs import (
     synthetic_sources,
     video_sources,
 )
+from framecast_client.bench.oip_sessions import DEFAULT_MODEL, OipTarget, oip_steps
 from framecast_client.bench.plot import (
     PlotUnavailableError,
     plot_latency_vs_throughput,
@@ -29,7 +30,9 @@ from framecast_client.bench.report import BenchReport, StepResult, format_table
 from framecast_client.bench.runner import (
     BenchPlan,
     BenchUnavailableError,
+    ClosedStep,
     Mode,
+    OpenStep,
     StepConfig,
     run_plan,
 )
@@ -41,6 +44,7 @@ from framecast_client.cli_args import (
     positive_int,
 )
 from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
+from framecast_client.preprocess import preprocess
 from framecast_client.sources import VIDEO_SUFFIXES
 from framecast_client.types import ModelInfo
 
@@ -53,6 +57,7 @@ examples:
   framecast bench HOST:PORT --mode batch --batch-size 16 --concurrency 1,2,4
   framecast bench HOST:PORT --rate 50,100,200 --json open.json   # open loop, Poisson arrivals
   framecast bench HOST:PORT --input photos/ --csv run.csv --plot run.png
+  framecast bench HOST:PORT --protocol oip --mode stream    # any Open Inference Protocol server
   framecast bench --compare before.json after.json
 
 closed loop (--concurrency): N workers, each sends its next request when the last returns.
@@ -109,6 +114,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help=f"server address (default {DEFAULT_ADDRESS})",
     )
     load = p.add_argument_group("load")
+    load.add_argument(
+        "--protocol",
+        choices=("framecast", "oip"),
+        default="framecast",
+        help="framecast: Framecast's own protocol; oip: the Open Inference Protocol (KServe v2 "
+        "gRPC, Triton's streaming), spoken by Triton, KServe and Framecast (default framecast)",
+    )
+    load.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"--protocol oip: the model's name on the server (default {DEFAULT_MODEL})",
+    )
     load.add_argument(
         "--mode",
         choices=("unary", "batch", "stream"),
@@ -240,21 +257,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _load_inputs(args: argparse.Namespace, client: Client) -> PreparedInputs:
+def _load_inputs(args: argparse.Namespace, prepare: Any) -> PreparedInputs:
     if args.inputs < 1:
         raise InputError("--inputs must be >= 1")
     if args.input == "synthetic":
         w, h = args.frame_size
         return prepare_inputs(
-            synthetic_sources(args.inputs, w, h, seed=args.seed),
-            client.preprocess,
-            f"synthetic {w}x{h}",
+            synthetic_sources(args.inputs, w, h, seed=args.seed), prepare, f"synthetic {w}x{h}"
         )
     path = Path(args.input)
     if path.is_dir():
-        return prepare_inputs(directory_sources(path, args.inputs), client.preprocess, str(path))
+        return prepare_inputs(directory_sources(path, args.inputs), prepare, str(path))
     if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
-        return prepare_inputs(video_sources(path, args.inputs), client.preprocess, str(path))
+        return prepare_inputs(video_sources(path, args.inputs), prepare, str(path))
     raise InputError(
         f"--input {args.input!r} is neither 'synthetic', a directory nor a video file "
         f"({', '.join(sorted(VIDEO_SUFFIXES))})"
@@ -298,6 +313,7 @@ def _meta(
         version = "unknown"
     return {
         "address": args.address,
+        "protocol": args.protocol,
         "mode": args.mode,
         "loop": "open" if args.rate else "closed",
         "batch_size": batch_size,
@@ -326,6 +342,28 @@ def _meta(
     }
 
 
+def _run(
+    args: argparse.Namespace,
+    plan: BenchPlan,
+    config: StepConfig,
+    info: ModelInfo,
+    inputs: PreparedInputs,
+    batch_size: int,
+    steps: tuple[ClosedStep, OpenStep],
+) -> BenchReport:
+    if info.warning:
+        print(f"WARNING: {info.warning}", file=sys.stderr)
+    precision = f" ({info.precision})" if info.precision else ""
+    print(
+        f"framecast bench {args.address} ({args.protocol}): {info.name} on {info.backend}"
+        f"{precision}, mode {args.mode}, {batch_size} image(s)/request, {len(inputs)} inputs "
+        f"({inputs.source}), preprocessing {inputs.preprocess_ms.mean():.2f} ms/image",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run_plan(steps, plan, config, _meta(args, info, inputs, batch_size), _progress)
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         require_matplotlib()  # fail before a run of several minutes, not after it
@@ -346,28 +384,28 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     mode: Mode = args.mode
-    with Client(args.address, timeout=args.timeout) as client:
-        info = client.model_info()
-        if info.warning:
-            print(f"WARNING: {info.warning}", file=sys.stderr)
-        batch_size = _batch_size(args, info)
-        if mode == "stream" and not stream_supported(client):
-            # Before preprocessing the inputs: say so at once.
-            raise BenchUnavailableError(
-                "stream mode needs Client.stream (the ClassifyStream API), which this "
-                "framecast-client does not have yet; use --mode unary or --mode batch"
-            )
-        inputs = _load_inputs(args, client)
-        payloads = make_payloads(inputs, batch_size)
-        steps = mode_steps(client, mode, payloads, plan, top_k=args.top_k, timeout=args.timeout)
-        print(
-            f"framecast bench {args.address}: {info.name} on {info.backend} ({info.precision}), "
-            f"mode {mode}, {batch_size} image(s)/request, {len(inputs)} inputs "
-            f"({inputs.source}), preprocessing {inputs.preprocess_ms.mean():.2f} ms/image",
-            file=sys.stderr,
-            flush=True,
-        )
-        report = run_plan(steps, plan, config, _meta(args, info, inputs, batch_size), _progress)
+    if args.protocol == "oip":
+        with OipTarget(args.address, model=args.model, timeout=args.timeout) as target:
+            info = target.discover()
+            batch_size = _batch_size(args, info)
+            inputs = _load_inputs(args, lambda image: preprocess(image, info.preprocessing))
+            payloads = make_payloads(inputs, batch_size)
+            steps = oip_steps(target, mode, payloads, plan, top_k=args.top_k)
+            report = _run(args, plan, config, info, inputs, batch_size, steps)
+    else:
+        with Client(args.address, timeout=args.timeout) as client:
+            info = client.model_info()
+            batch_size = _batch_size(args, info)
+            if mode == "stream" and not stream_supported(client):
+                # Before preprocessing the inputs: say so at once.
+                raise BenchUnavailableError(
+                    "stream mode needs Client.stream (the ClassifyStream API), which this "
+                    "framecast-client does not have yet; use --mode unary or --mode batch"
+                )
+            inputs = _load_inputs(args, client.preprocess)
+            payloads = make_payloads(inputs, batch_size)
+            steps = mode_steps(client, mode, payloads, plan, top_k=args.top_k, timeout=args.timeout)
+            report = _run(args, plan, config, info, inputs, batch_size, steps)
     print(format_table(report.steps))
     if args.json is not None:
         report.write_json(args.json)

@@ -107,9 +107,9 @@ class AsyncStreamSession:
                 core.add_listener(wake)
                 options = list(config.channel_options)
                 if config.credentials is None:
-                    channel = grpc.aio.insecure_channel(config.address, options=options)
+                    channel = grpc.aio.insecure_channel(config.target, options=options)
                 else:
-                    channel = grpc.aio.secure_channel(config.address, config.credentials, options)
+                    channel = grpc.aio.secure_channel(config.target, config.credentials, options)
                 self._wakeup, self._channel = wakeup, channel
                 self._core = core
                 core.start_threads(self._frames)

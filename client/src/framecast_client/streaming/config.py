@@ -27,6 +27,9 @@ DEFAULT_MAX_IN_FLIGHT: dict[StreamMode, int] = {"realtime": 3, "lossless": 8}
 # Keepalive pings of a stream's channel, seconds. gRPC's guidance is not below 10 s; the server
 # accepts pings that often (it allows one per 5 s without data, see framecast_server.app).
 DEFAULT_KEEPALIVE_S = 10.0
+# The channel's reconnection schedule, which a session sets from its Backoff (replacing the
+# client's, see framecast_client.balancing).
+_BACKOFF_OPTIONS = frozenset({"grpc.initial_reconnect_backoff_ms", "grpc.max_reconnect_backoff_ms"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,8 @@ class Backoff:
 class StreamConfig:
     """Everything a session needs from its client; built by ``_BaseClient._stream_config``."""
 
-    address: str
+    address: str  # as people read it, for messages
+    target: str  # what the channel connects to (see framecast_client.balancing)
     credentials: grpc.ChannelCredentials | None
     channel_options: tuple[tuple[str, Any], ...]
     spec: PreprocessSpec  # as the server said when the session started; it may change
@@ -117,6 +121,7 @@ def make_stream_config(
     backoff: Backoff | None,
     keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
     encoding: Encoding = RAW,
+    target: str | None = None,
 ) -> StreamConfig:
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
     if mode not in STREAM_MODES:
@@ -135,9 +140,13 @@ def make_stream_config(
     # 120 s: a stream retrying faster would only meet a channel still waiting. Align the
     # channel's schedule with the session's so that a restarted server is found promptly.
     options = (
-        *channel_options,
+        *(option for option in channel_options if option[0] not in _BACKOFF_OPTIONS),
         ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff.initial_s * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, round(backoff.max_s * 1000))),
+        # Its own connection, not one shared with the client's other channels (gRPC shares
+        # connections between channels of equal settings): servers that spread connections
+        # (`framecast serve --workers`, an L4 load balancer) then spread streams too.
+        ("grpc.use_local_subchannel_pool", 1),
     )
     if keepalive_s is not None:
         # Without pings a connection whose network silently stopped delivering (a pulled cable,
@@ -156,6 +165,7 @@ def make_stream_config(
         )
     return StreamConfig(
         address=address,
+        target=address if target is None else target,
         credentials=credentials,
         channel_options=options,
         spec=spec,

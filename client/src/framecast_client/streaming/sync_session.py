@@ -39,9 +39,9 @@ class StreamSession:
         self._call: Any = None
         options = list(config.channel_options)
         if config.credentials is None:
-            self._channel = grpc.insecure_channel(config.address, options=options)
+            self._channel = grpc.insecure_channel(config.target, options=options)
         else:
-            self._channel = grpc.secure_channel(config.address, config.credentials, options)
+            self._channel = grpc.secure_channel(config.target, config.credentials, options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._core.start_threads(frames)
         self._driver = threading.Thread(

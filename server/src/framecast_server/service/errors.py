@@ -17,6 +17,10 @@ class ModelNotReadyError(Exception):
     """A call arrived while the model is still loading or warming up."""
 
 
+class ModelNotFoundError(LookupError):
+    """A call names a model or model version this server does not serve; the text says which."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the message a person reads for an exception raised serving a call."""
     if isinstance(exc, WireFormatError):
@@ -33,6 +37,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the image was run"
     if isinstance(exc, BatcherClosedError):
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
     if isinstance(exc, BackendError):

@@ -1,0 +1,410 @@
+"""Protocols side by side in one run: Framecast's own, Framecast's OIP endpoint, a local Triton.
+
+Usage: uv run python benchmarks/protocols.py [--seconds 2] [--rounds 5] [--triton-python PY]
+       [--out FILE]
+
+Three servers' sides, each measured with the same raw client (pre-serialized request bytes,
+replies not parsed but for a check that the last one is a result, not an error), so the
+figures compare the servers, not client libraries:
+
+* ``framecast``: framecast.v1.Classifier (Classify, ClassifyStream) of a ``framecast serve``
+  process on the null backend;
+* ``oip``: inference.GRPCInferenceService (ModelInfer, ModelStreamInfer) of that same process:
+  the same batcher behind another protocol;
+* ``triton``: a local Triton (nvidia-pytriton's bundled tritonserver) with a Python model that
+  returns a fixed distribution, the null backend's counterpart (benchmarks/triton_null_model.py).
+  nvidia-pytriton pins numpy<2, so it lives in an environment of its own, named by
+  ``--triton-python`` (or FRAMECAST_TRITON_PYTHON); its tritonserver needs a Python whose
+  libpython matches its standard library (a distribution's python3, not a pyenv build):
+
+      uv venv --python /usr/bin/python3.11 .venv-triton
+      uv pip install --python .venv-triton/bin/python nvidia-pytriton
+
+  Without one, or if Triton does not start, the Triton side is skipped and the reason printed.
+
+Every side asks for the top class (Classify top_k=1; OIP's classification extension, k=1).
+Measured: unary p50 latency at concurrency 1; unary requests/s at concurrency 8; bidi stream
+frames/s with 8 frames in flight; server CPU time per frame on the stream and per request at
+concurrency 8 (from /proc, summed over the server's process tree: Triton runs tritonserver, a
+Python stub and PyTriton's proxy). Rounds alternate between the sides so drift in machine load
+hits all of them; figures are medians over rounds, ratios medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from framecast_client import oip
+from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client.wire import image_to_proto
+
+ROOT = Path(__file__).resolve().parent
+SIZE = 224
+IN_FLIGHT = 8
+CONCURRENCY = 8
+MODEL = "resnet50"
+CLASSIFY = "/framecast.v1.Classifier/Classify"
+CLASSIFY_STREAM = "/framecast.v1.Classifier/ClassifyStream"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
+LIMIT = 64 * 1024 * 1024
+OPTIONS = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One protocol endpoint: where it is, what to send, and how to check an answer."""
+
+    name: str
+    address: str
+    pid: int
+    unary_method: str
+    unary_payload: bytes
+    stream_method: str
+    stream_payload: bytes
+    check: Callable[[bytes, bool], None]  # (reply, from a stream) -> raises on an error reply
+
+
+def _check_framecast(reply: bytes, stream: bool) -> None:
+    if stream:
+        message = pb.StreamResponse.FromString(reply)
+        if not message.HasField("classification"):
+            raise RuntimeError(f"Framecast answered a frame with an error: {message.error}")
+    else:
+        if not pb.ClassifyResponse.FromString(reply).results[0].predictions:
+            raise RuntimeError("Framecast's answer holds no class")
+
+
+def _check_oip(reply: bytes, stream: bool) -> None:
+    if stream:
+        message = oip_pb.ModelStreamInferResponse.FromString(reply)
+        if message.error_message:
+            raise RuntimeError(f"the OIP stream answered with an error: {message.error_message}")
+        response = message.infer_response
+    else:
+        response = oip_pb.ModelInferResponse.FromString(reply)
+    (result,) = oip.classifications_from_response(response)
+    if not result.predictions:
+        raise RuntimeError("the OIP answer holds no class")
+
+
+# ---------------------------------------------------------------- servers (subprocesses)
+def _free_port() -> int:
+    """A port free now (Triton cannot bind port 0 and report it); the benchmark, not a test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _process(command: list[str], port_file: Path, log: Path) -> Iterator[tuple[str, int]]:
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not port_file.exists() or not port_file.read_text().strip():
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text().strip().splitlines()[-3:]
+                raise RuntimeError(f"{Path(command[1]).name} did not start: {' | '.join(tail)}")
+            time.sleep(0.1)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=300)
+        yield address, process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _framecast(tmp: Path, cache: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
+        "--port-file", str(tmp / "framecast.port"), "--backend", "null", "--offline",
+        "--max-batch", "32", "--cache-dir", str(cache),
+    ]  # fmt: skip
+
+
+def _wait_ready(address: str) -> None:
+    """Until the OIP endpoint says the model is ready (both servers speak it)."""
+    deadline = time.monotonic() + 300
+    with grpc.insecure_channel(address) as channel:
+        ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelReady",
+            request_serializer=oip_pb.ModelReadyRequest.SerializeToString,
+            response_deserializer=oip_pb.ModelReadyResponse.FromString,
+        )
+        while not ready(oip_pb.ModelReadyRequest(name=MODEL), timeout=10).ready:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"model {MODEL} at {address} never became ready")
+            time.sleep(0.1)
+
+
+def _triton_python(requested: str | None) -> tuple[str | None, str]:
+    """(interpreter with nvidia-pytriton, "") or (None, why not)."""
+    candidates = [requested or os.environ.get("FRAMECAST_TRITON_PYTHON") or sys.executable]
+    for python in candidates:
+        probe = subprocess.run(
+            [python, "-c", "import pytriton"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0:
+            return python, ""
+    return None, (
+        f"nvidia-pytriton is not importable by {candidates[0]} (give --triton-python; see "
+        "this file's docstring)"
+    )
+
+
+def _tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of a process and all its descendants, now."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+# ---------------------------------------------------------------- the three measurements
+def _unary_p50(side: Side, seconds: float) -> float:
+    with grpc.insecure_channel(side.address, options=OPTIONS) as channel:
+        call = channel.unary_unary(side.unary_method, None, None)
+        side.check(call(side.unary_payload, timeout=10), False)
+        for _ in range(50):
+            call(side.unary_payload, timeout=10)
+        latencies: list[float] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            call(side.unary_payload, timeout=10)
+            latencies.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(latencies)
+
+
+async def _unary_rate(side: Side, seconds: float) -> tuple[float, float]:
+    """(requests/s, server CPU microseconds per request) with CONCURRENCY calls outstanding."""
+    async with grpc.aio.insecure_channel(side.address, options=OPTIONS) as channel:
+        call = channel.unary_unary(side.unary_method, None, None)
+
+        async def worker(stop_at: float) -> int:
+            done = 0
+            reply = b""
+            while time.monotonic() < stop_at:
+                reply = await call(side.unary_payload, timeout=10)
+                done += 1
+            side.check(reply, False)
+            return done
+
+        await asyncio.gather(*(worker(time.monotonic() + 0.3) for _ in range(CONCURRENCY)))
+        cpu = _tree_cpu_seconds(side.pid)
+        started = time.perf_counter()
+        stop_at = time.monotonic() + seconds
+        done = sum(await asyncio.gather(*(worker(stop_at) for _ in range(CONCURRENCY))))
+        elapsed = time.perf_counter() - started
+        return done / elapsed, (_tree_cpu_seconds(side.pid) - cpu) / max(done, 1) * 1e6
+
+
+async def _stream_once(side: Side, seconds: float) -> int:
+    window = asyncio.Semaphore(IN_FLIGHT)
+    stop_at = time.monotonic() + seconds
+
+    async def requests() -> AsyncIterator[bytes]:
+        while time.monotonic() < stop_at:
+            await window.acquire()
+            yield side.stream_payload
+
+    async with grpc.aio.insecure_channel(side.address, options=OPTIONS) as channel:
+        call = channel.stream_stream(side.stream_method, None, None)(requests())
+        received = 0
+        last = b""
+        async for reply in call:
+            received += 1
+            window.release()
+            last = reply
+    side.check(last, True)
+    return received
+
+
+async def _stream_rate(side: Side, seconds: float) -> tuple[float, float]:
+    """(frames/s, server CPU microseconds per frame) of a stream with IN_FLIGHT outstanding."""
+    await _stream_once(side, 0.3)
+    cpu = _tree_cpu_seconds(side.pid)
+    started = time.perf_counter()
+    received = await _stream_once(side, seconds)
+    elapsed = time.perf_counter() - started
+    return received / elapsed, (_tree_cpu_seconds(side.pid) - cpu) / max(received, 1) * 1e6
+
+
+# ---------------------------------------------------------------- the run
+def _sides(framecast: tuple[str, int], triton: tuple[str, int] | None) -> list[Side]:
+    frame = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    classify = pb.ClassifyRequest(images=[image_to_proto(frame[0])], top_k=1)
+    stream = pb.StreamRequest(frame_id=1, image=image_to_proto(frame[0]), top_k=1)
+    infer = oip.infer_request(frame, model_name=MODEL, request_id="1", class_count=1)
+    sides = [
+        Side(
+            "framecast", *framecast, CLASSIFY, classify.SerializeToString(),
+            CLASSIFY_STREAM, stream.SerializeToString(), _check_framecast,
+        ),
+        Side(
+            "oip", *framecast, MODEL_INFER, infer.SerializeToString(),
+            MODEL_STREAM_INFER, infer.SerializeToString(), _check_oip,
+        ),
+    ]  # fmt: skip
+    if triton is not None:
+        sides.append(
+            Side(
+                "triton", *triton, MODEL_INFER, infer.SerializeToString(),
+                MODEL_STREAM_INFER, infer.SerializeToString(), _check_oip,
+            )
+        )  # fmt: skip
+    return sides
+
+
+def _measure(sides: list[Side], seconds: float, rounds: int) -> dict[str, dict[str, list[float]]]:
+    figures: dict[str, dict[str, list[float]]] = {
+        s.name: {k: [] for k in ("p50", "rps", "rps_cpu", "fps", "fps_cpu")} for s in sides
+    }
+    for r in range(rounds):
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]  # who goes first rotates
+        for side in order:
+            figures[side.name]["p50"].append(_unary_p50(side, seconds))
+        for side in order:
+            rps, cpu = asyncio.run(_unary_rate(side, seconds))
+            figures[side.name]["rps"].append(rps)
+            figures[side.name]["rps_cpu"].append(cpu)
+        for side in order:
+            fps, cpu = asyncio.run(_stream_rate(side, seconds))
+            figures[side.name]["fps"].append(fps)
+            figures[side.name]["fps_cpu"].append(cpu)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return figures
+
+
+def _ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _table(figures: dict[str, dict[str, list[float]]], triton_note: str) -> str:
+    rows = [
+        ("unary p50, concurrency 1 (ms)", "p50", "{:.3f}"),
+        (f"unary, concurrency {CONCURRENCY} (req/s)", "rps", "{:,.0f}"),
+        ("  server CPU per request (us)", "rps_cpu", "{:,.0f}"),
+        (f"stream, {IN_FLIGHT} in flight (frames/s)", "fps", "{:,.0f}"),
+        ("  server CPU per frame (us)", "fps_cpu", "{:,.0f}"),
+    ]
+    names = {"framecast": "framecast.v1", "oip": "Framecast OIP", "triton": "Triton python"}
+    header = f"{'':<34}" + "".join(f"{names[n]:>16}" for n in ("framecast", "oip", "triton"))
+    lines = [header]
+    for title, key, fmt in rows:
+        cells = []
+        for name in ("framecast", "oip", "triton"):
+            values = figures.get(name, {}).get(key)
+            cells.append(fmt.format(statistics.median(values)) if values else "skipped")
+        lines.append(f"{title:<34}" + "".join(f"{c:>16}" for c in cells))
+    if triton_note:
+        lines.append(f"Triton skipped: {triton_note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement window")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton installed")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "protocols.json")
+    parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
+    args = parser.parse_args()
+
+    triton_python, triton_note = _triton_python(args.triton_python)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        cache = args.cache_dir or tmp / "engines"
+        with _process(_framecast(tmp, cache), tmp / "framecast.port", tmp / "fc.log") as fc:
+            _wait_ready(fc[0])
+            with _maybe_triton(triton_python, tmp) as (triton, note):
+                triton_note = triton_note or note
+                figures = _measure(_sides(fc, triton), args.seconds, args.rounds)
+
+    results: dict[str, object] = {
+        "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds},
+        "medians": {n: {k: statistics.median(v) for k, v in f.items()} for n, f in figures.items()},
+        "per_round": figures,
+        "triton_skipped": triton_note or None,
+    }
+    oip_vs_framecast = _ratio(figures["oip"]["fps"], figures["framecast"]["fps"])
+    checks = {
+        "oip_stream_fps / framecast_stream_fps": round(oip_vs_framecast, 3),
+        "target >= 0.85 (within 15%)": oip_vs_framecast >= 0.85,
+    }
+    if "triton" in figures:
+        oip_vs_triton = _ratio(figures["oip"]["fps"], figures["triton"]["fps"])
+        checks["oip_stream_fps / triton_stream_fps"] = round(oip_vs_triton, 3)
+        checks["target > 1 (ahead of Triton's python backend)"] = oip_vs_triton > 1.0
+    results["checks"] = checks
+    print(_table(figures, triton_note))
+    for key, value in checks.items():
+        print(f"{key:<48} {value}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {args.out}")
+    return 0
+
+
+@contextmanager
+def _maybe_triton(python: str | None, tmp: Path) -> Iterator[tuple[tuple[str, int] | None, str]]:
+    """The Triton side if it starts, else None and why not."""
+    if python is None:
+        yield None, ""
+        return
+    ports = [str(_free_port()) for _ in range(3)]
+    command = [python, str(ROOT / "triton_null_model.py"), str(tmp / "triton.port"), *ports]
+    started = False
+    try:
+        with _process(command, tmp / "triton.port", tmp / "triton.log") as triton:
+            _wait_ready(triton[0])
+            started = True
+            yield triton, ""
+    except RuntimeError as exc:
+        if started:
+            raise  # a failure while measuring, not a Triton that could not start
+        print(f"Triton skipped: {exc}", file=sys.stderr)
+        yield None, str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

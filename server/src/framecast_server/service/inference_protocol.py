@@ -1,0 +1,394 @@
+"""The Open Inference Protocol servicer (KServe v2 gRPC, Triton's extensions): translation only.
+
+``inference.GRPCInferenceService`` on the same port as ``framecast.v1.Classifier``, through the
+same batcher and the same exception -> status mapping, so Triton's clients, perf_analyzer and
+KServe tooling talk to Framecast. Tensors are read and written by :mod:`framecast_client.oip`;
+this module maps requests to batcher calls and describes the model in the protocol's terms.
+
+The model is served as ``resnet50`` (the architecture, a stable name for tools and configs);
+its version is the prepared model's version, which changes whenever the served graph does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from importlib import metadata
+from typing import Any
+
+import grpc
+import numpy as np
+from framecast_client import oip
+from framecast_client._proto import open_inference_pb2 as pb
+from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
+from framecast_client.wire import WireFormatError
+from numpy.typing import NDArray
+
+from ..batcher import ItemResult
+from ..runtime import ServingModel
+from ..topk import top_k
+from .errors import ModelNotFoundError, ModelNotReadyError, status_for
+
+MODEL_NAME = "resnet50"
+SERVER_NAME = "framecast"
+# Triton's names for the extensions served here ("classification" is the one clients check).
+EXTENSIONS = ("classification", "model_configuration", "statistics")
+# Requests of one stream admitted to the batcher before the servicer stops reading that stream
+# (as the Classifier's streams): flow control pushes back on the client.
+STREAM_WINDOW = 64
+TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the server may take
+
+# A stream request between admission and its response: its id, model name and version, the
+# model it was admitted to (None if refused) with its requested outputs, and the batcher's
+# future of its results or the error that refused it. Not the request itself: its 150 KB
+# would stay alive beside the image the batcher holds. A plain tuple: one is built per request.
+_Admitted = tuple[
+    str,
+    str,
+    str,
+    ServingModel | None,
+    list[oip.RequestedOutput],
+    "asyncio.Future[list[ItemResult]] | Exception",
+]
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("framecast-server")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves inference.GRPCInferenceService; not ready (UNAVAILABLE) until a model is attached."""
+
+    def __init__(self) -> None:
+        self._serving: ServingModel | None = None
+        self._metadata: pb.ModelMetadataResponse | None = None
+        self._config: pb.ModelConfigResponse | None = None
+        self._server_metadata = pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS
+        )
+
+    def attach(self, serving: ServingModel) -> None:
+        """Start serving this model (after it has been loaded and warmed up)."""
+        self._metadata = self._describe(serving)
+        self._config = self._configure(serving)
+        self._serving = serving
+
+    # ------------------------------------------------------------ what the model is
+    @staticmethod
+    def _platform(serving: ServingModel) -> str:
+        return f"framecast_{serving.backend.info.name}"
+
+    def _describe(self, serving: ServingModel) -> pb.ModelMetadataResponse:
+        model, preset = serving.model, serving.model.preset
+        size = preset.input_size
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=MODEL_NAME,
+            versions=[model.version],
+            platform=self._platform(serving),
+            inputs=[tensor(name=oip.INPUT_NAME, datatype="UINT8", shape=[-1, size, size, 3])],
+            outputs=[tensor(name=oip.OUTPUT_NAME, datatype="FP32", shape=[-1, len(model.labels)])],
+            properties={
+                # What a client does to a picture before sending it; the server normalizes.
+                "input_layout": "NHWC, RGB, uint8 0-255",
+                "resize_policy": preset.resize_policy,
+                "resize_size": str(preset.resize_size),
+                "interpolation": preset.interpolation,
+                "crop_size": str(size),
+                "normalization": f"{preset.normalization} (applied by the server)",
+                "framecast_model": model.name,
+                "pretrained": str(model.pretrained).lower(),
+                "warning": model.warning,
+            },
+        )
+
+    def _configure(self, serving: ServingModel) -> pb.ModelConfigResponse:
+        settings = serving.batcher.settings
+        size = serving.model.preset.input_size
+        return pb.ModelConfigResponse(
+            config=pb.ModelConfig(
+                name=MODEL_NAME,
+                platform=self._platform(serving),
+                backend=serving.backend.info.name,
+                max_batch_size=settings.max_batch,
+                input=[
+                    pb.ModelInput(
+                        name=oip.INPUT_NAME,
+                        data_type=pb.TYPE_UINT8,
+                        format=pb.ModelInput.FORMAT_NHWC,
+                        dims=[size, size, 3],
+                    )
+                ],
+                output=[
+                    pb.ModelOutput(
+                        name=oip.OUTPUT_NAME,
+                        data_type=pb.TYPE_FP32,
+                        dims=[len(serving.model.labels)],
+                    )
+                ],
+                dynamic_batching=pb.ModelDynamicBatching(
+                    max_queue_delay_microseconds=settings.max_delay_us, preserve_ordering=True
+                ),
+            )
+        )
+
+    def _model(self, name: str, version: str) -> ServingModel:
+        """The served model if ``name`` and ``version`` ("" for the served one) designate it."""
+        if name != MODEL_NAME:
+            raise ModelNotFoundError(
+                f"unknown model {name!r}: this server serves one model, {MODEL_NAME!r}"
+            )
+        serving = self._serving
+        if serving is None:
+            raise ModelNotReadyError
+        if version not in ("", serving.model.version):
+            raise ModelNotFoundError(
+                f"model {MODEL_NAME!r} has no version {version!r}; this server serves version "
+                f"{serving.model.version!r} (or leave the version empty)"
+            )
+        return serving
+
+    # ------------------------------------------------------------ health and metadata
+    async def ServerLive(
+        self,
+        request: pb.ServerLiveRequest,
+        context: grpc.aio.ServicerContext[pb.ServerLiveRequest, pb.ServerLiveResponse],
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self,
+        request: pb.ServerReadyRequest,
+        context: grpc.aio.ServicerContext[pb.ServerReadyRequest, pb.ServerReadyResponse],
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    def _ready(self) -> bool:
+        return self._serving is not None and not self._serving.batcher.closed
+
+    async def ModelReady(
+        self,
+        request: pb.ModelReadyRequest,
+        context: grpc.aio.ServicerContext[pb.ModelReadyRequest, pb.ModelReadyResponse],
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._model(request.name, request.version)
+        except (ModelNotFoundError, ModelNotReadyError):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(
+        self,
+        request: pb.ServerMetadataRequest,
+        context: grpc.aio.ServicerContext[pb.ServerMetadataRequest, pb.ServerMetadataResponse],
+    ) -> pb.ServerMetadataResponse:
+        return self._server_metadata
+
+    async def ModelMetadata(
+        self,
+        request: pb.ModelMetadataRequest,
+        context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
+    ) -> pb.ModelMetadataResponse:
+        try:
+            self._model(request.name, request.version)
+            assert self._metadata is not None  # set before _serving
+            return self._metadata
+        except Exception as exc:
+            await context.abort(*status_for(exc))
+
+    async def ModelConfig(
+        self,
+        request: pb.ModelConfigRequest,
+        context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
+    ) -> pb.ModelConfigResponse:
+        try:
+            self._model(request.name, request.version)
+            assert self._config is not None  # set before _serving
+            return self._config
+        except Exception as exc:
+            await context.abort(*status_for(exc))
+
+    async def ModelStatistics(
+        self,
+        request: pb.ModelStatisticsRequest,
+        context: grpc.aio.ServicerContext[pb.ModelStatisticsRequest, pb.ModelStatisticsResponse],
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            # An empty name asks for every model: the one served.
+            serving = self._model(request.name or MODEL_NAME, request.version)
+            return pb.ModelStatisticsResponse(model_stats=[self._statistics(serving)])
+        except Exception as exc:
+            await context.abort(*status_for(exc))
+
+    @staticmethod
+    def _statistics(serving: ServingModel) -> pb.ModelStatistics:
+        """The batcher's counters in Triton's terms; counts are images, as Triton counts them.
+
+        Framecast times a batch as one backend call (input copy and output copy included), so
+        compute_input and compute_output carry counts and no time.
+        """
+        stats = serving.batcher.stats
+        images = stats.images_run
+        duration = pb.StatisticDuration
+        return pb.ModelStatistics(
+            name=MODEL_NAME,
+            version=serving.model.version,
+            last_inference=stats.last_run_unix_ns // 1_000_000,
+            inference_count=images,
+            execution_count=stats.batches_run,
+            inference_stats=pb.InferStatistics(
+                success=duration(count=images, ns=stats.queue_ns + stats.compute_ns),
+                fail=duration(
+                    count=stats.failed_images + stats.dropped_expired + stats.rejected_full
+                ),
+                queue=duration(count=images, ns=stats.queue_ns),
+                compute_input=duration(count=images),
+                compute_infer=duration(count=images, ns=stats.compute_ns),
+                compute_output=duration(count=images),
+            ),
+        )
+
+    # ------------------------------------------------------------ inference
+    def _admit(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> tuple[ServingModel, list[oip.RequestedOutput], asyncio.Future[list[ItemResult]]]:
+        """Validate a request and hand its images to the batcher; raises on bad input."""
+        serving = self._model(request.model_name, request.model_version)
+        outputs = oip.requested_outputs(request, num_classes=len(serving.model.labels))
+        size = serving.model.preset.input_size
+        batch = oip.images_from_request(
+            request, height=size, width=size, max_batch=serving.batcher.settings.max_batch
+        )
+        return serving, outputs, serving.batcher.submit_nowait(batch, deadline=deadline)
+
+    @staticmethod
+    def _call_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    @staticmethod
+    def _deadline(request: pb.ModelInferRequest, call_deadline: float | None) -> float | None:
+        """The earlier of the call's deadline and the request's ``timeout`` parameter (us)."""
+        parameters = request.parameters
+        if TIMEOUT_PARAMETER not in parameters:
+            return call_deadline
+        parameter = parameters[TIMEOUT_PARAMETER]
+        if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+            raise WireFormatError("the timeout parameter must be an integer (microseconds)")
+        timeout_us = parameter.int64_param or parameter.uint64_param
+        if timeout_us <= 0:
+            return call_deadline
+        own = time.monotonic() + timeout_us / 1e6
+        return own if call_deadline is None else min(call_deadline, own)
+
+    @staticmethod
+    def _fill_response(
+        response: pb.ModelInferResponse,
+        serving: ServingModel,
+        request_id: str,
+        outputs: Sequence[oip.RequestedOutput],
+        items: Sequence[ItemResult],
+    ) -> None:
+        """Fill ``response`` in place (inside a stream response: no copy of a finished one)."""
+        response.model_name = MODEL_NAME
+        response.model_version = serving.model.version
+        response.id = request_id
+        probabilities: NDArray[np.float32] = (
+            items[0].probabilities[None]
+            if len(items) == 1
+            else np.stack([item.probabilities for item in items])
+        )
+        labels = serving.model.labels
+        for output in outputs:
+            k = output.class_count
+            if k is None:
+                oip.add_probabilities(response, output.name, probabilities)
+                continue
+            rows = []
+            for row in probabilities:
+                indices, values = top_k(row, k)
+                rows.append(
+                    [
+                        oip.classification_element(p, i, labels[i])
+                        for i, p in zip(indices, values, strict=True)
+                    ]
+                )
+            oip.add_classes(response, output.name, rows)
+
+    async def ModelInfer(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
+    ) -> pb.ModelInferResponse:
+        try:
+            deadline = self._deadline(request, self._call_deadline(context))
+            serving, outputs, future = self._admit(request, deadline)
+            response = pb.ModelInferResponse()
+            self._fill_response(response, serving, request.id, outputs, await future)
+            return response
+        except Exception as exc:
+            await context.abort(*status_for(exc))
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Admitted requests wait here in arrival order (the batcher completes them in admission
+        # order); the bound caps how many one stream may have outstanding.
+        pending: asyncio.Queue[_Admitted | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        call_deadline = self._call_deadline(context)  # a stream's deadline is fixed
+
+        def admit(request: pb.ModelInferRequest) -> _Admitted:
+            name, version = request.model_name, request.model_version
+            try:
+                serving, outputs, future = self._admit(
+                    request, self._deadline(request, call_deadline)
+                )
+                return request.id, name, version, serving, outputs, future
+            except Exception as exc:
+                return request.id, name, version, None, [], exc
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(admit(request))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while (entry := await pending.get()) is not None:
+                request_id, name, version, serving, outputs, outcome = entry
+                try:
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    assert serving is not None  # admitted
+                    message = pb.ModelStreamInferResponse()
+                    items = await outcome
+                    self._fill_response(message.infer_response, serving, request_id, outputs, items)
+                    yield message
+                except Exception as exc:
+                    # Triton's stream error: the text, and the request's id to match it by.
+                    _, text = status_for(exc)
+                    yield pb.ModelStreamInferResponse(
+                        error_message=text,
+                        infer_response=pb.ModelInferResponse(
+                            model_name=name, model_version=version, id=request_id
+                        ),
+                    )
+            await reader  # re-raises a failure of the request stream
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None and not isinstance(leftover[5], Exception):
+                    leftover[5].cancel()  # withdraws it from the batcher's queue
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader

@@ -1,0 +1,355 @@
+"""`framecast serve --workers N`: N server processes on one port, and the supervisor of them.
+
+One Python process spends 150 to 500 us of CPU per frame in gRPC and protobuf, on one core
+(the GIL), so it moves a few thousand frames a second whatever the backend can do. Workers
+multiply that: each is a complete server (gRPC, batcher, its own backend) in its own process,
+listening on the same port with SO_REUSEPORT, and the kernel spreads incoming connections over
+them. A connection stays with its worker, so a camera's stream is served in order by one.
+
+Why each worker has its own backend rather than front ends that hand frames to one inference
+process through shared memory: it is what scales on the CPU (each worker's ONNX Runtime gets
+its share of the cores) and on the GPU for models this small (ResNet-50's TensorRT engine is
+about 50 MB; N execution contexts share the GPU, whose work queues interleave their batches);
+it adds no hop, no second queue and no new failure mode, and a crash takes one worker's
+connections down, not the host's. Its cost is smaller batches per worker on a GPU under light
+load. README's "Deploying" section has the measurements and the arithmetic.
+
+The supervisor (this process) reserves the port, starts the workers, restarts a worker that
+dies (logged, with backoff, giving up when restarts keep failing), and on SIGTERM or SIGINT
+tells every worker to drain and waits for them. A worker loads its model before it listens, so
+a connection never lands on a worker that cannot answer yet: health has one answer for the
+host, SERVING from every worker that listens, until the drain turns them all NOT_SERVING.
+Models and engines are prepared under the cache's file locks (model/prepare.py,
+backends/tensorrt/cache.py): the first worker builds, the others wait and load the result.
+
+Metrics across workers (the hook for prometheus_client's multiprocess mode): the supervisor
+gives every worker the same empty directory in ``PROMETHEUS_MULTIPROC_DIR`` (unless one is
+set), and calls ``on_worker_exit(pid)`` for every worker that ends, where the exporter marks
+its files dead (``prometheus_client.multiprocess.mark_process_dead``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from .settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+# A worker that ends before it has served this long counts as failing to start.
+_QUICK_EXIT_S = 10.0
+# Workers failing to start in a row before the supervisor gives up (a broken model, a GPU gone).
+_MAX_QUICK_EXITS = 5
+_RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before restarting a worker
+# How long past the drain grace a worker may take before it is killed.
+_STOP_MARGIN_S = 5.0
+_SERVING = "serving"
+
+
+class PortUnavailableError(OSError):
+    """The port cannot be had (another program holds it, or the address is not this host's)."""
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def parse_workers(value: str) -> int:
+    """``--workers``: a positive count, or ``auto`` (one per usable core); raises ValueError."""
+    if value == "auto":
+        return usable_cores()
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"workers must be a positive integer or 'auto', got {value!r}") from None
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    return count
+
+
+def worker_settings(settings: ServerSettings, workers: int, port: int) -> ServerSettings:
+    """A worker's settings: the reserved port, and its share of the cores for ONNX Runtime."""
+    threads = settings.threads or max(1, usable_cores() // workers)
+    return dataclasses.replace(settings, port=port, threads=threads)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) ``host:port`` with SO_REUSEPORT: it picks the port for port 0, fails
+    at once when another program holds the port, and keeps the port for restarted workers."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    reserved = socket.socket(family, kind, proto)
+    try:
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reserved.bind(address)
+    except OSError:
+        reserved.close()
+        raise
+    return reserved
+
+
+async def _run_worker(settings: ServerSettings, report: Connection) -> int:
+    """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
+    from .app import FramecastServer
+
+    server = FramecastServer(settings, reuse_port=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    load = asyncio.ensure_future(server.load())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not load.done():
+        load.cancel()
+        await server.stop(0)
+        return 0
+    if load.exception() is not None:
+        stopping.cancel()
+        await server.stop(0)
+        logger.error("could not load the model: %s", load.exception())
+        return 1
+    # Listening only now: connections reach workers that can answer them.
+    await server.start()
+    report.send((_SERVING, os.getpid()))
+    await stopping
+    logger.info("draining (grace %.0f s)", settings.grace_s)
+    await server.stop()
+    return 0
+
+
+def _worker_main(settings: ServerSettings, index: int, report: Connection, level: int) -> None:
+    """The entry point of a worker process (spawned: nothing is inherited but the arguments)."""
+    from .event_loop import run
+
+    # The terminal's Ctrl-C reaches the whole process group: the supervisor alone decides,
+    # and asks each worker with SIGTERM, once.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s",
+    )
+    raise SystemExit(run(_run_worker(settings, report)))
+
+
+@dataclasses.dataclass(slots=True)
+class _Worker:
+    index: int
+    process: Any  # multiprocessing's SpawnProcess
+    report: Connection
+    started: float
+    serving: bool = False
+
+
+class Supervisor:
+    """Runs ``workers`` server processes on one port until SIGTERM or SIGINT (see module doc)."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        workers: int,
+        *,
+        port_file: Path | None = None,
+        on_worker_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.settings = settings
+        self.workers = workers
+        self._port_file = port_file
+        self._on_worker_exit = on_worker_exit
+        self._context = multiprocessing.get_context("spawn")
+        self._slots: list[_Worker | None] = [None] * workers
+        self._restart_at: dict[int, float] = {}
+        self._quick_exits = 0
+        self._announced = False
+
+    def run(self) -> int:
+        """Serve until a signal (exit 0) or until workers cannot start (exit 1)."""
+        try:
+            reserved = reserve_port(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise PortUnavailableError(
+                f"cannot listen on {self.settings.address}: {exc.strerror or exc}"
+            ) from exc
+        port = int(reserved.getsockname()[1])
+        settings = worker_settings(self.settings, self.workers, port)
+        wake_read, wake_write = socket.socketpair()
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        received: list[int] = []
+        previous = {
+            sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        multiproc_dir = None
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            multiproc_dir = tempfile.TemporaryDirectory(prefix="framecast-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir.name
+        logger.info(
+            "starting %d workers on %s:%d (%s ONNX Runtime threads each)",
+            self.workers,
+            settings.host,
+            port,
+            settings.threads,
+        )
+        try:
+            for index in range(self.workers):
+                self._start(index, settings)
+            code = self._watch(settings, port, wake_read, received)
+            self._stop_all()
+            return code
+        finally:
+            for worker in self._slots:
+                if worker is not None and worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+            signal.set_wakeup_fd(-1)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            wake_read.close()
+            wake_write.close()
+            reserved.close()
+            if multiproc_dir is not None:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+                multiproc_dir.cleanup()
+
+    def _start(self, index: int, settings: ServerSettings) -> None:
+        receive, send = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(settings, index, send, logging.getLogger().getEffectiveLevel()),
+            name=f"framecast-worker-{index}",
+        )
+        process.start()
+        send.close()  # the worker holds the other end; EOF here when it dies
+        self._slots[index] = _Worker(index, process, receive, time.monotonic())
+        logger.info("worker %d started (pid %d)", index, process.pid)
+
+    def _watch(
+        self, settings: ServerSettings, port: int, wake: socket.socket, received: list[int]
+    ) -> int:
+        while not received:
+            workers = [w for w in self._slots if w is not None]
+            waitables: list[Any] = [wake, *(w.process.sentinel for w in workers)]
+            waitables += [w.report for w in workers if not w.serving]
+            timeout = None
+            if self._restart_at:
+                timeout = max(0.0, min(self._restart_at.values()) - time.monotonic())
+            ready = wait(waitables, timeout)
+            if wake in ready:
+                wake.recv(64)
+            for worker in workers:
+                if worker.report in ready and not worker.serving:
+                    self._note_serving(worker, port)
+                if worker.process.sentinel in ready:
+                    code = self._note_exit(worker)
+                    if code is not None:
+                        return code
+            now = time.monotonic()
+            for index, when in list(self._restart_at.items()):
+                if when <= now and not received:
+                    del self._restart_at[index]
+                    self._start(index, settings)
+        logger.info(
+            "%s received: draining %d workers",
+            signal.Signals(received[0]).name,
+            sum(1 for w in self._slots if w is not None),
+        )
+        return 0
+
+    def _note_serving(self, worker: _Worker, port: int) -> None:
+        try:
+            worker.report.recv()
+        except EOFError:
+            return  # it died before it served; its exit is handled below
+        worker.serving = True
+        self._quick_exits = 0
+        logger.info("worker %d serving (pid %d)", worker.index, worker.process.pid)
+        if not self._announced and all(w is not None and w.serving for w in self._slots):
+            self._announced = True
+            logger.info("all %d workers serving on %s:%d", self.workers, self.settings.host, port)
+            if self._port_file is not None:
+                temporary = self._port_file.with_name(self._port_file.name + ".tmp")
+                temporary.write_text(f"{port}\n")
+                temporary.replace(self._port_file)
+
+    def _note_exit(self, worker: _Worker) -> int | None:
+        """A worker ended on its own: schedule its restart, or return the supervisor's exit."""
+        process = worker.process
+        process.join()
+        worker.report.close()
+        self._slots[worker.index] = None
+        if self._on_worker_exit is not None:
+            self._on_worker_exit(process.pid)
+        code = process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        if not self._announced and not worker.serving:
+            # The host has not served yet: a worker that cannot load will not load on retry
+            # either (a bad model file, a missing GPU); say so instead of looping.
+            logger.error(
+                "worker %d (pid %d) %s before serving; stopping", worker.index, process.pid, how
+            )
+            self._stop_all()
+            return 1
+        quick = not worker.serving or time.monotonic() - worker.started < _QUICK_EXIT_S
+        self._quick_exits = self._quick_exits + 1 if quick else 0
+        if self._quick_exits >= _MAX_QUICK_EXITS:
+            logger.error(
+                "worker %d (pid %d) %s; %d restarts in a row failed, stopping",
+                worker.index,
+                process.pid,
+                how,
+                self._quick_exits,
+            )
+            self._stop_all()
+            return 1
+        first, longest = _RESTART_BACKOFF_S
+        delay = min(longest, first * 2 ** max(0, self._quick_exits - 1)) if quick else 0.0
+        logger.error(
+            "worker %d (pid %d) %s; restarting it in %.1f s", worker.index, process.pid, how, delay
+        )
+        self._restart_at[worker.index] = time.monotonic() + delay
+        return None
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every worker (each drains), then wait; kill any that outlive the grace."""
+        self._restart_at.clear()
+        workers = [w for w in self._slots if w is not None]
+        for worker in workers:
+            if worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_s + _STOP_MARGIN_S
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                logger.error("worker %d did not drain in time; killing it", worker.index)
+                worker.process.kill()
+                worker.process.join()
+            worker.report.close()
+            self._slots[worker.index] = None
+            if self._on_worker_exit is not None:
+                self._on_worker_exit(worker.process.pid)
+        if workers:
+            logger.info("all workers stopped")

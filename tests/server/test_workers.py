@@ -1,0 +1,192 @@
+"""`framecast serve --workers N`: processes on one port; a crashed worker restarted; a drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from framecast_client import Client
+from framecast_server.settings import ServerSettings
+from framecast_server.workers import parse_workers, usable_cores, worker_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import random_frames
+
+DEADLINE_S = 120.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_workers_is_a_count_or_auto() -> None:
+    assert parse_workers("3") == 3
+    assert parse_workers("auto") == usable_cores() >= 1
+    for bad in ("0", "-2", "many", ""):
+        with pytest.raises(ValueError, match="workers must be"):
+            parse_workers(bad)
+
+
+def test_each_worker_gets_its_share_of_the_cores_for_onnx_runtime() -> None:
+    settings = worker_settings(ServerSettings(port=0), workers=2, port=1234)
+    assert settings.port == 1234
+    assert settings.threads == max(1, usable_cores() // 2)
+    assert worker_settings(ServerSettings(threads=3), 2, 1).threads == 3  # told explicitly
+
+
+@pytest.mark.parametrize("value", ["0", "lots"])
+def test_a_bad_worker_count_is_one_line_of_usage(value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "workers must be" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+             "--port", str(port), "--backend", "null", "--offline"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"framecast serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_workers_that_cannot_load_stop_the_host_instead_of_restarting(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2", "--port", "0",
+         "--onnx", str(tmp_path / "missing.onnx"), "--offline", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "before serving; stopping" in done.stderr
+    assert "restarting" not in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def workers_of(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    found = []
+    for pid in children:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue  # it just ended
+        if b"spawn_main" in cmdline:
+            found.append(int(pid))
+    return sorted(found)
+
+
+def sockets_of(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def health(address: str) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+    except grpc.RpcError:
+        return None
+    return int(reply.status)
+
+
+@pytest.fixture
+def two_workers(
+    cache_dir: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port_file = tmp_path / "port"
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--port", "0", "--port-file", str(port_file),
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stderr=sink, env={**os.environ, "PYTHONWARNINGS": "error"}
+        )
+    try:
+        # The supervisor writes the port once every worker serves.
+        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
+        assert process.poll() is None, log.read_text()
+        yield process, f"127.0.0.1:{port_file.read_text().strip()}", log
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_restart_after_a_crash_and_drain_together(
+    two_workers: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, address, log = two_workers
+    first = workers_of(process.pid)
+    assert len(first) == 2
+    assert health(address) == SERVING
+
+    # The kernel spreads connections over the workers: each holds some of sixteen. (Channels
+    # of equal settings share one connection unless told otherwise.)
+    before = {pid: sockets_of(pid) for pid in first}
+    channels = [
+        grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]
+    try:
+        for channel in channels:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+        assert all(sockets_of(pid) > before[pid] for pid in first), before
+    finally:
+        for channel in channels:
+            channel.close()
+
+    # A crashed worker is restarted, and the restart is logged.
+    victim = first[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(workers_of(process.pid)) == 2 and victim not in workers_of(process.pid),
+             "the worker to be restarted")  # fmt: skip
+    wait_for(lambda: "worker 0 serving" in log.read_text().split("killed by SIGKILL")[-1],
+             "the new worker to serve")  # fmt: skip
+    assert f"(pid {victim}) was killed by SIGKILL; restarting" in log.read_text()
+    for _ in range(8):  # new connections, whichever worker they reach
+        with Client(address, timeout=30) as client:
+            assert client.classify(random_frames(1)[0]).top.label
+
+    # SIGTERM drains every worker and the supervisor exits 0.
+    workers = workers_of(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert "all workers stopped" in log.read_text()
