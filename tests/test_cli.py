@@ -142,3 +142,18 @@ def test_classify_batches_directories_and_reports_each_failure(
     assert failures[2].startswith(f"framecast classify: {empty}: directory holds no images")
     assert failures[3] == "framecast classify: 3 of 13 inputs failed"
     assert "Traceback" not in captured.err
+
+
+def test_the_sdk_logs_the_random_weights_warning_once_per_client(
+    onnx_server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from framecast_client import Client
+
+    caplog.set_level(logging.WARNING, logger="framecast_client.client")
+    for _ in range(2):
+        with Client(onnx_server.address) as client:
+            client.model_info()
+            client.model_info(refresh=True)
+    warnings = [r for r in caplog.records if "RANDOM WEIGHTS" in r.getMessage()]
+    assert len(warnings) == 2  # one per client, however often it asks
+    assert all(r.name == "framecast_client.client" for r in warnings)
