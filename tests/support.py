@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from framecast_server.backends.base import BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
@@ -115,3 +116,37 @@ class HoldableNullBackend:
 
     def close(self) -> None:
         self._inner.close()
+
+
+class RawClassifier:
+    """framecast.v1.Classifier over a real channel with no serializers: bytes in, bytes out.
+
+    What a test needs to send bytes that are not a valid message.
+    """
+
+    def __init__(self, address: str, *, own_connection: bool = False) -> None:
+        # Channels with equal settings in one process share a connection (and so are one
+        # caller to the server) unless each keeps its own.
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        self.channel = grpc.insecure_channel(address, options=options)
+        # grpc-stubs wants serializers; without them the channel passes bytes through.
+        self.get_model_info = self.channel.unary_unary(  # type: ignore[call-arg]
+            "/framecast.v1.Classifier/GetModelInfo"
+        )
+        self.classify = self.channel.unary_unary(  # type: ignore[call-arg]
+            "/framecast.v1.Classifier/Classify"
+        )
+        self.stream = self.channel.stream_stream(  # type: ignore[call-arg]
+            "/framecast.v1.Classifier/ClassifyStream"
+        )
+
+    def status(self, method: str, raw: bytes, timeout: float = 30) -> tuple[grpc.StatusCode, str]:
+        """Call a unary ``method`` ("classify", "get_model_info") with ``raw``: its status."""
+        try:
+            getattr(self, method)(raw, timeout=timeout)
+        except grpc.RpcError as error:
+            return error.code(), error.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    def close(self) -> None:
+        self.channel.close()

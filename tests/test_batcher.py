@@ -12,6 +12,7 @@ import asyncio
 import random
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -136,13 +137,19 @@ class Harness:
         max_batch: int = 8,
         max_delay_us: int = 0,
         max_queue: int = 256,
+        memory_budget_bytes: int = 1 << 30,
         delay: float = 0.0,
         concurrency: int = 1,
     ) -> tuple[Batcher, FakeBackend]:
         fake = FakeBackend(max_batch=max_batch, delay=delay, concurrency=concurrency)
         batcher = Batcher(
             fake,
-            BatcherSettings(max_batch=max_batch, max_delay_us=max_delay_us, max_queue=max_queue),
+            BatcherSettings(
+                max_batch=max_batch,
+                max_delay_us=max_delay_us,
+                max_queue=max_queue,
+                memory_budget_bytes=memory_budget_bytes,
+            ),
         )
         self.fakes.append(fake)
         self.batchers.append(batcher)
@@ -170,11 +177,18 @@ async def settle() -> None:
     await asyncio.sleep(0)
 
 
-def spawn(batcher: Batcher, *ids: int, deadline: float | None = None) -> asyncio.Task[list[int]]:
-    """Submit ``frames(*ids)`` in a task that returns the ids found in the results."""
+def spawn(
+    batcher: Batcher, *ids: int, deadline: float | None = None, caller: object = None
+) -> asyncio.Task[list[int]]:
+    """Submit ``frames(*ids)`` in a task that returns the ids found in the results.
+
+    Each spawned request is its own caller unless told (callers with one request each are
+    served in arrival order, and none of them is over its fair share).
+    """
+    key = object() if caller is None else caller
 
     async def run() -> list[int]:
-        return result_ids(await batcher.submit(frames(*ids), deadline=deadline))
+        return result_ids(await batcher.submit(frames(*ids), deadline=deadline, caller=key))
 
     return asyncio.ensure_future(run())
 
@@ -642,3 +656,119 @@ async def test_start_twice_is_refused(harness: Harness) -> None:
     batcher, _ = await harness.make()
     with pytest.raises(RuntimeError, match="already started"):
         await batcher.start()
+
+
+# --- fair order between callers, memory budget, reserves -------------------------------------
+
+FRAME = SIZE * SIZE * 3  # bytes of one test image
+
+
+async def test_a_caller_with_one_request_is_not_queued_behind_a_greedy_one(
+    harness: Harness,
+) -> None:
+    batcher, fake = await harness.make(max_batch=2, max_queue=64)
+    first = await busy(batcher, fake, 1)
+    greedy = [spawn(batcher, 100 + i, caller="greedy") for i in range(12)]
+    await settle()
+    polite = spawn(batcher, 7, caller="polite")
+    await settle()
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, polite, *greedy), TIMEOUT)
+    # The polite request rides in the first batch after the one computing, not the seventh.
+    assert fake.batches[1] == [100, 7]
+    # Each caller's own requests stay in order.
+    greedy_seen = [i for batch in fake.batches for i in batch if i >= 100]
+    assert greedy_seen == sorted(greedy_seen)
+
+
+async def test_callers_share_batches_in_turn_counted_in_images(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=4, max_queue=64)
+    first = await busy(batcher, fake, 1)
+    big = [spawn(batcher, 100 + 4 * i, 101 + 4 * i, 102 + 4 * i, 103 + 4 * i, caller="b")
+           for i in range(3)]  # fmt: skip
+    small = [spawn(batcher, 200 + i, caller="s") for i in range(8)]
+    await settle()
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, *big, *small), TIMEOUT)
+    # Fair by images: 4 small images go for each 4-image request, not 1 for 1.
+    assert fake.batches[1:5] == [
+        [100, 101, 102, 103],
+        [200, 201, 202, 203],
+        [104, 105, 106, 107],
+        [204, 205, 206, 207],
+    ]
+
+
+async def test_the_memory_budget_refuses_work_at_once_and_frees_it_when_done(
+    harness: Harness,
+) -> None:
+    batcher, fake = await harness.make(max_batch=2, max_queue=64, memory_budget_bytes=4 * FRAME)
+    first = await busy(batcher, fake, 1)
+    queued = [spawn(batcher, 10 + i) for i in range(3)]
+    await settle()
+    assert batcher.admitted_bytes == 4 * FRAME  # computing and waiting both count
+    with pytest.raises(QueueFullError, match="memory budget"):
+        await asyncio.wait_for(batcher.submit(frames(50)), 1.0)
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, *queued), TIMEOUT)
+    assert batcher.admitted_bytes == 0
+    assert batcher.stats.callers == 0
+
+
+async def test_a_greedy_caller_cannot_take_the_last_quarter(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=2, max_queue=16)
+    first = await busy(
+        batcher,
+        fake,
+        1,
+    )
+    greedy = [batcher.submit_nowait(frames(100 + i), caller="greedy") for i in range(12)]
+    with pytest.raises(QueueFullError, match="kept for others"):
+        batcher.submit_nowait(frames(112), caller="greedy")
+    assert batcher.queued == 12  # 16 - 16 // 4: the rest is kept for modest callers
+    polite = [batcher.submit_nowait(frames(200 + i), caller=f"camera-{i}") for i in range(4)]
+    assert batcher.queued == 16
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, *greedy, *polite), TIMEOUT)
+
+
+async def test_wait_for_room_returns_once_work_finishes(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=1, max_queue=64, memory_budget_bytes=2 * FRAME)
+    first = await busy(batcher, fake, 1)
+    second = batcher.submit_nowait(frames(2), caller="s")
+    assert not batcher.has_room(frames(3), caller="s")
+    waiting = asyncio.ensure_future(batcher.wait_for_room(frames(3), caller="s"))
+    await settle()
+    assert not waiting.done()
+    fake.release()
+    await asyncio.wait_for(waiting, TIMEOUT)
+    assert batcher.has_room(frames(3), caller="s")
+    await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT)
+
+
+async def test_wait_for_room_ends_when_the_batcher_closes(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=1, max_queue=64, memory_budget_bytes=FRAME)
+    first = await busy(batcher, fake, 1)
+    waiting = asyncio.ensure_future(batcher.wait_for_room(frames(2)))
+    await settle()
+    closing = asyncio.ensure_future(batcher.close())
+    with pytest.raises(BatcherClosedError):
+        await asyncio.wait_for(waiting, TIMEOUT)
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, closing), TIMEOUT)
+
+
+async def test_finished_and_withdrawn_requests_let_go_of_their_images(harness: Harness) -> None:
+    batcher, fake = await harness.make(max_batch=1, max_queue=64)
+    first = await busy(batcher, fake, 1)
+    kept, dropped = frames(2), frames(3)
+    refs = [weakref.ref(kept), weakref.ref(dropped)]
+    done = batcher.submit_nowait(kept)
+    withdrawn = batcher.submit_nowait(dropped)
+    del kept, dropped
+    withdrawn.cancel()
+    fake.release()
+    await asyncio.wait_for(asyncio.gather(first, done), TIMEOUT)
+    # The results are still held here; the images they came from are not.
+    assert done.result()
+    assert [ref() for ref in refs] == [None, None]

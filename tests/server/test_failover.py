@@ -154,6 +154,19 @@ def test_round_robin_gives_every_replica_a_fair_share(
     assert all(0.9 * calls / 3 <= share <= 1.1 * calls / 3 for share in shares), shares
 
 
+def test_a_dns_target_balances_over_what_the_name_resolves_to(
+    three_replicas: list[tuple[BackgroundServer, KeyRecorder]],
+) -> None:
+    # localhost resolves to 127.0.0.1 (and ::1, where nothing listens on this port): round
+    # robin uses the addresses that answer.
+    server, recorder = three_replicas[0]
+    key = UNARY_KEY - 2
+    with Client(f"dns:///localhost:{server.port}", timeout=30) as client:
+        for _ in range(10):
+            client.classify_preprocessed(frame(key)[None])
+    assert recorder.count(key) == 10
+
+
 async def test_the_async_client_balances_the_same_way(
     three_replicas: list[tuple[BackgroundServer, KeyRecorder]],
 ) -> None:

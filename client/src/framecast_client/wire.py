@@ -15,9 +15,10 @@ import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 from numpy.typing import NDArray
 from PIL import Image
 
@@ -26,6 +27,11 @@ from .preprocess import Interpolation, PreprocessSpec, ResizePolicy
 from .types import Classification, ModelInfo, Prediction, ServerTiming
 
 CHANNELS = 3
+# Client-supplied text quoted in an error message is cut to this many characters: an error
+# must stay small whatever a client sends (gRPC carries it in a size-limited header).
+MAX_QUOTED_CHARS = 64
+
+M = TypeVar("M", bound=Message)
 
 _RESIZE_TO_PROTO: dict[ResizePolicy, pb.ResizePolicy.ValueType] = {
     "shorter_side_then_center_crop": pb.RESIZE_POLICY_SHORTER_SIDE_THEN_CENTER_CROP,
@@ -95,6 +101,26 @@ class PreprocessingMismatchError(Exception):
     server was restarted with a model that wants other preprocessing). Re-reading
     GetModelInfo and preparing the images again fixes it.
     """
+
+
+def quote(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """Client-supplied ``text`` as an error message may show it: at most ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def decode(message_type: type[M], raw: bytes) -> M:
+    """Parse ``raw`` as a ``message_type``; bytes that are not one raise WireFormatError."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        # Raised outside the handler: the parser's error (and its traceback) is not kept.
+        pass
+    raise WireFormatError(
+        f"the bytes received ({len(raw)}) are not a valid {message_type.DESCRIPTOR.full_name} "
+        "message; send one built from framecast.v1's .proto"
+    )
 
 
 def image_to_proto(image: NDArray[np.uint8], encoding: Encoding = RAW) -> pb.Image:
@@ -322,7 +348,7 @@ def check_preprocessing(stated: str, served: str) -> None:
     """
     if stated and stated != served:
         raise PreprocessingMismatchError(
-            f"the images were prepared for preprocessing {stated}, but this server's model "
+            f"the images were prepared for preprocessing {quote(stated)}, but this server's model "
             f"wants {served}: it was restarted with another model. Read GetModelInfo again "
             "and preprocess the images as it says"
         )

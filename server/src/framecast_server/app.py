@@ -1,4 +1,12 @@
-"""The server process: gRPC wiring, health, reflection, loading, and graceful shutdown."""
+"""The server process: gRPC wiring, health, reflection, loading, and graceful shutdown.
+
+Shutdown drains (see :meth:`FramecastServer.stop`): health turns NOT_SERVING and stays
+answerable for the drain delay while calls are still served; then the call gate refuses new
+calls (UNAVAILABLE), streams stop reading, answer what they hold and end UNAVAILABLE (the SDK
+reconnects), and the server stops once every call has left, or when the grace period ends.
+gRPC's own stop is called only then: it cancels calls it has received but not yet handed to a
+handler, and by then there are none of ours.
+"""
 
 from __future__ import annotations
 
@@ -12,26 +20,31 @@ from pathlib import Path
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .backends.base import Backend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
+from .drain import CallGate
 from .model import prepare_model
 from .runtime import ServingModel
-from .service.classifier import ClassifierServicer
+from .service.classifier import SERVICE_NAME, ClassifierServicer
+from .service.decoding import guarded
 from .service.inference_protocol import InferenceServicer
-from .service.reflection import reflection_pool
-from .settings import ServerSettings
+from .service.reflection import add_reflection
+from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# After every call of ours has ended, what is left (health watches, reflection) gets this long.
+FINAL_STOP_GRACE_S = 0.25
+# Before gRPC's own stop (which cancels calls that arrive meanwhile), wait until refused
+# clients have gone quiet for this long, but no longer than the cap.
+QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -67,21 +80,42 @@ class FramecastServer:
                 # network); gRPC's default policy answers pings more often than one per 5 min
                 # without data with GOAWAY, which would break a paused camera's stream.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                # Connection limits: each connection holds buffers and a descriptor.
+                ("grpc.max_allowed_incoming_connections", settings.max_connections),
+                ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+                ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
+                ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_TIMEOUT_S * 1000)),
+                # What a stream may have on its way before the server reads it. gRPC grows each
+                # stream's window to 4 MiB or more by default: 50 flooding streams then held
+                # 300 MB beyond the memory budget. A fixed 1 MiB (7 frames) still fills a
+                # 20 MB/s link at 50 ms round trip.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ]
         )
+        self._gate = CallGate()
         # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._classifier = ClassifierServicer(max_message_bytes=settings.max_message_bytes)
-        self._serving: ServingModel | None = None
-        self._inference = InferenceServicer()
-        pb_grpc.add_ClassifierServicer_to_server(self._classifier, self._server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self._inference, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._server,
-            pool=reflection_pool(pb.DESCRIPTOR, oip_pb.DESCRIPTOR),
+        self._classifier = ClassifierServicer(
+            max_message_bytes=settings.max_message_bytes, gate=self._gate
         )
+        self._inference = InferenceServicer()
+        self._serving: ServingModel | None = None
+        self._stopping: asyncio.Future[None] | None = None
+        self._classifier.add_to_server(self._server)
+        # Generated registrations go through guarded(): malformed requests get
+        # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
+        # answer throughout a drain).
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            self._inference, guarded(self._server, self._gate)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
+        add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
+
+    @property
+    def gate(self) -> CallGate:
+        """The gate every call of every servicer passes (for servicers added beside ours)."""
+        return self._gate
 
     async def start(self) -> int:
         """Bind and start answering; returns the bound port (useful with port 0).
@@ -131,6 +165,7 @@ class FramecastServer:
                 max_batch=settings.max_batch,
                 max_delay_us=settings.max_delay_us,
                 max_queue=settings.max_queue,
+                memory_budget_bytes=settings.memory_budget_bytes,
             ),
         )
         await batcher.start()
@@ -159,15 +194,55 @@ class FramecastServer:
         )
         return self._serving
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, then let in-flight calls finish within the grace period."""
+    async def stop(self, grace: float | None = None, *, drain_delay: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, the drain delay, then calls in flight finish.
+
+        ``grace`` (default ``settings.grace_s``) bounds the time calls in flight get once new
+        ones are refused; ``drain_delay`` (default ``settings.drain_delay_s``) is how long
+        health says NOT_SERVING while calls are still served. Idempotent: a second call waits
+        for the first.
+        """
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_and_stop(
+                self.settings.grace_s if grace is None else grace,
+                self.settings.drain_delay_s if drain_delay is None else drain_delay,
+            )
+        finally:
+            self._stopping.set_result(None)
+
+    async def _drain_and_stop(self, grace: float, drain_delay: float) -> None:
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.grace_s if grace is None else grace)
+        if drain_delay > 0:
+            logger.info("NOT_SERVING; refusing new calls in %.1f s", drain_delay)
+            await asyncio.sleep(drain_delay)
+        self._gate.drain()
+        if self._gate.active:
+            logger.info("draining %d call(s) (grace %.1f s)", self._gate.active, grace)
+        started = time.monotonic()
+        if not await self._gate.wait_idle(grace):
+            logger.warning(
+                "%d call(s) still running after the %.1f s grace period: cancelled",
+                self._gate.active,
+                grace,
+            )
+            await self._server.stop(0)
+        else:
+            left = max(0.0, grace - (time.monotonic() - started))
+            await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
+            await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
         if self._serving is not None:
             await self._serving.batcher.close()
             self._serving.backend.close()
             self._serving = None
         logger.info("stopped")
+
+    async def abort(self) -> None:
+        """Stop at once: every call is cancelled (a second signal)."""
+        await self._server.stop(None)
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -183,9 +258,14 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     """
     server = FramecastServer(settings)
     stop = asyncio.Event()
+    again = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        (again if stop.is_set() else stop).set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     port = await server.start()
     if port_file is not None:
         await asyncio.to_thread(_write_port_file, port_file, port)
@@ -198,8 +278,21 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
         logger.error("could not load the model: %s", load.exception())
         return 1
     await stopping
-    logger.info("signal received: finishing in-flight calls (grace %.0f s)", settings.grace_s)
+    logger.info(
+        "signal received: draining (drain delay %.1f s, grace %.1f s; a second signal exits now)",
+        settings.drain_delay_s,
+        settings.grace_s,
+    )
     if not load.done():
         load.cancel()
-    await server.stop()
-    return 0
+    stopped = asyncio.ensure_future(server.stop())
+    second = asyncio.ensure_future(again.wait())
+    await asyncio.wait({stopped, second}, return_when=asyncio.FIRST_COMPLETED)
+    if stopped.done():
+        second.cancel()
+        stopped.result()
+        return 0
+    logger.warning("second signal: exiting now, calls in flight are cancelled")
+    await server.abort()
+    stopped.cancel()
+    return 1

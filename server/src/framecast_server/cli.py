@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 from framecast_client.cli_args import (
     existing_file,
+    non_negative_float,
     non_negative_int,
     port,
+    positive_float,
     positive_int,
 )
 
@@ -105,6 +107,60 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int
         action="store_true",
         help="refuse to start on random weights (when the default weights cannot be had)",
     )
+    _add_limit_arguments(parser)
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in ServerSettings (one place); the README's "Limits and behaviour under
+    # load" says what a client sees when each is hit.
+    group = parser.add_argument_group("limits under load")
+    group.add_argument(
+        "--memory-budget-mb",
+        type=positive_float,
+        help="images admitted, waiting or computing, in MiB (default 256); beyond it streams "
+        "stop reading and unary calls get RESOURCE_EXHAUSTED",
+    )
+    group.add_argument(
+        "--max-connections", type=positive_int, help="open connections (default 1000)"
+    )
+    group.add_argument(
+        "--max-streams-per-connection",
+        type=positive_int,
+        help="concurrent calls on one connection (default 100); more wait on the client",
+    )
+    group.add_argument(
+        "--idle-timeout-s",
+        type=positive_float,
+        help="close connections idle this long (default 60)",
+    )
+    group.add_argument(
+        "--drain-delay-s",
+        type=non_negative_float,
+        help="on SIGTERM, health says NOT_SERVING this long before calls are refused "
+        "(default 0; about 5 under a load balancer)",
+    )
+    group.add_argument(
+        "--grace-s",
+        type=non_negative_float,
+        help="on SIGTERM, calls in flight get this long to finish (default 10)",
+    )
+
+
+def _limits(args: argparse.Namespace) -> dict[str, float | int]:
+    """The limit flags given, as ServerSettings fields (the others keep their defaults)."""
+    limits: dict[str, float | int] = {}
+    if args.memory_budget_mb is not None:
+        limits["memory_budget_bytes"] = round(args.memory_budget_mb * 1024 * 1024)
+    for name in (
+        "max_connections",
+        "max_streams_per_connection",
+        "idle_timeout_s",
+        "drain_delay_s",
+        "grace_s",
+    ):
+        if getattr(args, name) is not None:
+            limits[name] = getattr(args, name)
+    return limits
 
 
 def _model_source(args: argparse.Namespace) -> ModelSource:
@@ -160,6 +216,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         threads=args.threads,
         cache_dir=args.cache_dir or default_cache_dir(),
         allow_download=not args.offline,
+        **_limits(args),  # type: ignore[arg-type]
     )
 
 

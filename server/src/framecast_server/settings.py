@@ -13,6 +13,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 # Preprocessed 224x224 RGB uint8 frame.
 FRAME_BYTES = 224 * 224 * 3
+MIB = 1024 * 1024
+# A connection must finish its TLS/HTTP2 handshake within this long, so silent sockets do not
+# hold descriptors (gRPC's default is 120 s).
+HANDSHAKE_TIMEOUT_S = 10.0
+# HTTP/2 flow-control window of one stream: bytes a client may send before the server reads.
+STREAM_WINDOW_BYTES = 1 * MIB
 
 
 def default_cache_dir() -> Path:
@@ -40,6 +46,14 @@ class ServerSettings:
     threads: int | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
     allow_download: bool = True
+    # Limits under load; the README's "Limits and behaviour under load" lists each one.
+    memory_budget_bytes: int = 256 * MIB  # images admitted, waiting or computing
+    max_connections: int = 1000
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent calls on one connection
+    idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
+    # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
+    # take the replica out meanwhile), then calls in flight get at most grace_s to finish.
+    drain_delay_s: float = 0.0
     grace_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -55,6 +69,19 @@ class ServerSettings:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.memory_budget_bytes < self.max_batch * FRAME_BYTES:
+            raise ValueError(
+                f"memory budget ({self.memory_budget_bytes / MIB:.1f} MiB) must hold at least "
+                f"one max batch of frames ({self.max_batch * FRAME_BYTES / MIB:.1f} MiB)"
+            )
+        for name in ("max_connections", "max_streams_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be at least 1")
+        for name in ("idle_timeout_s", "grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.removesuffix('_s').replace('_', ' ')} must be positive")
+        if self.drain_delay_s < 0:
+            raise ValueError(f"drain delay must not be negative, got {self.drain_delay_s}")
 
     @property
     def address(self) -> str:

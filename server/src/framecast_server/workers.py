@@ -340,7 +340,9 @@ class Supervisor:
         for worker in workers:
             if worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.grace_s + _STOP_MARGIN_S
+        # A worker's drain: NOT_SERVING for the drain delay, then calls get the grace period.
+        drain_s = self.settings.drain_delay_s + self.settings.grace_s
+        deadline = time.monotonic() + drain_s + _STOP_MARGIN_S
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():

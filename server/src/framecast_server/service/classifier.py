@@ -1,7 +1,13 @@
 """The Classifier servicer: translation only, protobuf <-> numpy and exceptions <-> status codes.
 
-Everything else (validation of the wire format aside) happens in the core: the batcher runs the
-backend, the prepared model knows its labels and preprocessing.
+Everything else happens in the core: the batcher runs the backend, admits work within the
+queue and the memory budget and serves callers in a fair order; the call gate drains calls on
+shutdown; the prepared model knows its labels and preprocessing.
+
+Handlers take the request as raw bytes and parse it with ``wire.decode``, so bytes that are
+not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
+UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
+(see ``errors.set_status``), so a failed call leaves no reference cycle behind.
 """
 
 from __future__ import annotations
@@ -9,46 +15,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.preprocess import PreprocessSpec
+from numpy.typing import NDArray
 
-from ..batcher import ItemResult
+from ..batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
+from ..drain import CallGate
 from ..runtime import ServingModel
 from ..topk import top_k
-from .decoding import ImageDecoder
-from .errors import ModelNotReadyError, status_for
+from .errors import ModelNotReadyError, set_status, status_for
+from .image_decoding import ImageDecoder
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
 # Frames of one stream admitted to the batcher before the servicer stops reading that stream:
 # flow control pushes back on the client instead of queueing without bound.
 STREAM_WINDOW = 64
 
-
+Status = tuple[grpc.StatusCode, str]
 # A stream frame between admission and its response: (frame_id, top_k, the batcher's future of
-# its result, or the error that refused it). A plain tuple: one is built for every frame.
-_AdmittedFrame = tuple[int, int, "asyncio.Future[list[ItemResult]] | Exception"]
+# its result, or the status that refused it). A plain tuple: one is built for every frame.
+_AdmittedFrame = tuple[int, int, "asyncio.Future[list[ItemResult]] | Status"]
+# A parsed stream frame: (frame_id, top_k, its image [1, H, W, 3], a compressed image still to
+# decode, or the status refusing it).
+_ParsedFrame = tuple[int, int, "NDArray[np.uint8] | pb.Image | Status"]
+_Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+def _deadline(context: _Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
+def caller_of(context: _Context) -> Caller:
+    """Whose work a call is, for the batcher's fair order and reserves: its connection.
+
+    A client's calls and streams share a connection, so a client with many calls in flight is
+    one caller, not many. Once authentication exists, the client's identity takes this place.
+    """
+    return context.peer()
+
+
+class ClassifierServicer:
     """Serves framecast.v1.Classifier; answers UNAVAILABLE until a model is attached."""
 
-    def __init__(self, *, max_message_bytes: int) -> None:
+    def __init__(self, *, max_message_bytes: int, gate: CallGate) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
         self._decoder = ImageDecoder()
+        self._gate = gate
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the three methods, each taking its request as raw bytes."""
+        handlers = {
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
+            ),
+            "Classify": grpc.unary_unary_rpc_method_handler(
+                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
+            ),
+            "ClassifyStream": grpc.stream_stream_rpc_method_handler(
+                self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
@@ -88,121 +128,215 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
         )
 
-    async def GetModelInfo(
-        self,
-        request: pb.GetModelInfoRequest,
-        context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.ModelInfo],
-    ) -> pb.ModelInfo:
-        if self._model_info is None:
-            await context.abort(*status_for(ModelNotReadyError()))
-        return self._model_info
+    async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo | None:
+        try:
+            self._gate.enter()
+        except Exception as exc:
+            set_status(context, exc)
+            return None
+        try:
+            wire.decode(pb.GetModelInfoRequest, raw)
+            if self._model_info is None:
+                raise ModelNotReadyError
+            return self._model_info
+        except Exception as exc:
+            set_status(context, exc)
+            return None
+        finally:
+            self._gate.leave()
 
-    async def Classify(
-        self,
-        request: pb.ClassifyRequest,
-        context: grpc.aio.ServicerContext[pb.ClassifyRequest, pb.ClassifyResponse],
-    ) -> pb.ClassifyResponse:
+    async def Classify(self, raw: bytes, context: _Context) -> pb.ClassifyResponse | None:
+        try:
+            self._gate.enter()
+        except Exception as exc:
+            set_status(context, exc)
+            return None
         try:
             serving = self._require_serving()
-            k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
-            wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
-            size = serving.model.preset.input_size
-            batch = await self._decoder.batch(
-                request.images,
-                height=size,
-                width=size,
-                max_batch=serving.batcher.settings.max_batch,
+            batch, k = await self._parse_classify(raw, serving)
+            items = await serving.batcher.submit(
+                batch, deadline=_deadline(context), caller=caller_of(context)
             )
-            items = await serving.batcher.submit(batch, deadline=_deadline(context))
             response = pb.ClassifyResponse()
             for item in items:
                 self._fill_result(response.results.add(), item, k, serving)
             return response
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            set_status(context, exc)
+            return None
+        finally:
+            self._gate.leave()
+
+    async def _parse_classify(
+        self, raw: bytes, serving: ServingModel
+    ) -> tuple[NDArray[np.uint8], int]:
+        # Its own function, so the parsed message (a copy of every image) is freed on return
+        # rather than kept alive while the images wait in the queue. Compressed images are
+        # decoded on the decoder's threads, off the event loop.
+        request = wire.decode(pb.ClassifyRequest, raw)
+        k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
+        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        size = serving.model.preset.input_size
+        batch = await self._decoder.batch(
+            request.images,
+            height=size,
+            width=size,
+            max_batch=serving.batcher.settings.max_batch,
+        )
+        return batch, k
 
     async def ClassifyStream(
-        self,
-        request_iterator: AsyncIterator[pb.StreamRequest],
-        context: grpc.aio.ServicerContext[pb.StreamRequest, pb.StreamResponse],
+        self, request_iterator: AsyncIterator[bytes], context: _Context
     ) -> AsyncIterator[pb.StreamResponse]:
         try:
-            serving = self._require_serving()
-        except ModelNotReadyError as exc:
-            await context.abort(*status_for(exc))
-        admit = self._frame_admission(serving, _deadline(context))
-        # Admitted frames wait here in arrival order, each as the batcher's future of its result
-        # (no task per frame); the bound caps how many one stream may have outstanding.
-        pending: asyncio.Queue[_AdmittedFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-
-        async def read_frames() -> None:
-            try:
-                async for frame in request_iterator:
-                    await pending.put(admit(frame))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read_frames())
+            self._gate.enter()
+        except Exception as exc:
+            set_status(context, exc)
+            return
         try:
-            while (entry := await pending.get()) is not None:
-                yield await self._frame_response(entry, serving)
-            await reader  # re-raises a failure of the request stream
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None and not isinstance(leftover[2], Exception):
-                    leftover[2].cancel()  # withdraws it from the batcher's queue
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            try:
+                serving = self._require_serving()
+            except ModelNotReadyError as exc:
+                set_status(context, exc)
+                return
+            batcher = serving.batcher
+            submit, wait_for_room = batcher.submit_nowait, batcher.wait_for_room
+            parse = self._frame_parser(serving)
+            decode_frame = self._frame_decoder(serving)
+            deadline, caller = _deadline(context), caller_of(context)
+            # Admitted frames wait here in arrival order, each as the batcher's future of its
+            # result (no task per frame); the bound caps how many one stream may have out.
+            pending: asyncio.Queue[_AdmittedFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
+            # Set when the stream stops reading because the server drains or closes.
+            cut: list[bool] = []
 
-    def _frame_admission(
-        self, serving: ServingModel, deadline: float | None
-    ) -> Callable[[pb.StreamRequest], _AdmittedFrame]:
-        """The per-frame admission step of one stream, with the stream's constants bound once."""
+            async def read_frames() -> None:
+                entry: _AdmittedFrame | None = None
+                try:
+                    async for raw in request_iterator:
+                        frame_id, k, outcome = parse(raw)
+                        if isinstance(outcome, pb.Image):
+                            # Compressed: decoded on the decoder's threads, off the loop.
+                            outcome = await decode_frame(outcome)
+                        if isinstance(outcome, np.ndarray):
+                            while True:
+                                full = False
+                                try:
+                                    entry = (
+                                        frame_id,
+                                        k,
+                                        submit(outcome, deadline=deadline, caller=caller),
+                                    )
+                                    break
+                                except QueueFullError:
+                                    full = True
+                                except Exception as exc:
+                                    entry = (frame_id, 0, status_for(exc))
+                                    break
+                                if full:
+                                    # Stop reading until there is room: flow control pushes
+                                    # back on the client, no frame is refused.
+                                    await wait_for_room(outcome, caller=caller)
+                        else:
+                            entry = (frame_id, 0, outcome)
+                        await pending.put(entry)
+                        entry = None
+                except (asyncio.CancelledError, BatcherClosedError):
+                    if entry is not None and not isinstance(entry[2], tuple):
+                        entry[2].cancel()  # admitted but never to be answered: withdraw it
+                    if not cut:
+                        raise
+                finally:
+                    await pending.put(None)
+
+            reader = asyncio.ensure_future(read_frames())
+
+            def wind_down() -> None:
+                cut.append(True)
+                reader.cancel()
+
+            unregister = self._gate.on_drain(wind_down)
+            try:
+                while (entry := await pending.get()) is not None:
+                    yield await self._frame_response(entry, serving)
+                if cut:
+                    # Every frame read has been answered; the client resends the rest after
+                    # reconnecting (UNAVAILABLE), as after a restart.
+                    set_status(context, BatcherClosedError("draining"))
+                    return
+                await reader  # re-raises a failure of the request stream
+            finally:
+                unregister()
+                reader.cancel()
+                while not pending.empty():
+                    leftover = pending.get_nowait()
+                    if leftover is not None and not isinstance(leftover[2], tuple):
+                        leftover[2].cancel()  # withdraws it from the batcher's queue
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+        finally:
+            self._gate.leave()
+
+    def _frame_parser(self, serving: ServingModel) -> Callable[[bytes], _ParsedFrame]:
+        """The per-frame parsing step of one stream, with the stream's constants bound once."""
         size = serving.model.preset.input_size
-        submit = serving.batcher.submit_nowait
-        image_from_proto = wire.image_from_proto
+        decode, image_from_proto = wire.decode, wire.image_from_proto
         check_preprocessing = wire.check_preprocessing
         served = self._preprocessing_id
+        request_type = pb.StreamRequest
 
-        decode = self._decoder.image
-
-        async def decode_then_submit(image: pb.Image) -> list[ItemResult]:
-            # Cancelling this task (the stream ended) cancels the batcher's future too.
-            array = await decode(image, height=size, width=size)
-            return await submit(array[None], deadline=deadline)
-
-        def admit(frame: pb.StreamRequest) -> _AdmittedFrame:
+        def parse(raw: bytes) -> _ParsedFrame:
+            try:
+                frame = decode(request_type, raw)
+            except Exception as exc:
+                return 0, 0, status_for(exc)  # no frame id can be read: 0
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
                 if wire.is_encoded(frame.image):
-                    # Decoded on the decoder's threads; frames still answer in arrival order.
-                    return frame.frame_id, k, asyncio.ensure_future(decode_then_submit(frame.image))
+                    return frame.frame_id, k, frame.image
                 image = image_from_proto(frame.image, height=size, width=size)
-                return frame.frame_id, k, submit(image[None], deadline=deadline)
+                return frame.frame_id, k, image[None]
             except Exception as exc:
-                return frame.frame_id, 0, exc
+                return frame.frame_id, 0, status_for(exc)
 
-        return admit
+        return parse
+
+    def _frame_decoder(
+        self, serving: ServingModel
+    ) -> Callable[[pb.Image], Awaitable[NDArray[np.uint8] | Status]]:
+        """Decoding of one stream's compressed frames: [1, H, W, 3], or the refusing status."""
+        size = serving.model.preset.input_size
+        decode = self._decoder.image
+
+        async def decode_frame(image: pb.Image) -> NDArray[np.uint8] | Status:
+            try:
+                return (await decode(image, height=size, width=size))[None]
+            except Exception as exc:
+                return status_for(exc)
+
+        return decode_frame
 
     async def _frame_response(
         self, entry: _AdmittedFrame, serving: ServingModel
     ) -> pb.StreamResponse:
         frame_id, k, outcome = entry
+        if isinstance(outcome, tuple):
+            return self._frame_error(frame_id, outcome)
         try:
-            if isinstance(outcome, Exception):
-                raise outcome
             (item,) = await outcome
-            response = pb.StreamResponse(frame_id=frame_id)
-            self._fill_result(response.classification, item, k, serving)
-            return response
         except Exception as exc:
-            code, message = status_for(exc)
-            return pb.StreamResponse(
-                frame_id=frame_id, error=pb.FrameError(code=code.value[0], message=message)
-            )
+            return self._frame_error(frame_id, status_for(exc))
+        response = pb.StreamResponse(frame_id=frame_id)
+        self._fill_result(response.classification, item, k, serving)
+        return response
+
+    @staticmethod
+    def _frame_error(frame_id: int, status: Status) -> pb.StreamResponse:
+        code, message = status
+        return pb.StreamResponse(
+            frame_id=frame_id, error=pb.FrameError(code=code.value[0], message=message)
+        )
 
     @staticmethod
     def _top_k(value: int | None, serving: ServingModel) -> int:

@@ -1,0 +1,110 @@
+"""Calls in progress, and the drain that ends them on shutdown: part of the core, no gRPC.
+
+Every servicer brackets each call with :meth:`CallGate.enter` and :meth:`CallGate.leave`.
+Until :meth:`CallGate.drain` is called the gate only counts; afterwards new calls are refused
+with :class:`ShuttingDownError` (the servicer maps it to UNAVAILABLE, which tells clients to
+go elsewhere or retry), and streams learn through :meth:`CallGate.on_drain` that they must
+stop reading new work, answer what they hold and end. :meth:`CallGate.wait_idle` returns
+once every call has left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+__all__ = ["CallGate", "ShuttingDownError"]
+
+
+class ShuttingDownError(Exception):
+    """The server is draining for shutdown and takes no new work."""
+
+
+class CallGate:
+    """Counts calls in progress; once draining, refuses new calls and winds streams down.
+
+    Use on one event loop.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_drain: dict[object, Callable[[], None]] = {}
+        self._last_refused = 0.0  # time.monotonic() of the last call refused while draining
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called."""
+        return self._draining
+
+    @property
+    def active(self) -> int:
+        """Calls in progress."""
+        return self._active
+
+    def enter(self) -> None:
+        """A call begins; raises :class:`ShuttingDownError` when draining.
+
+        Pair every successful enter with one :meth:`leave` (try/finally). Plain methods rather
+        than a generator-based context manager: nothing extra is kept alive by an exception.
+        """
+        if self._draining:
+            self._last_refused = time.monotonic()
+            raise ShuttingDownError("the server is shutting down")
+        self._active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        """A call entered with :meth:`enter` has ended."""
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the drain begins (now, if it has); returns an unregister."""
+        if self._draining:
+            callback()
+            return lambda: None
+        key = object()
+        self._on_drain[key] = callback
+
+        def unregister() -> None:
+            self._on_drain.pop(key, None)
+
+        return unregister
+
+    def drain(self) -> None:
+        """Refuse new calls from now on and tell the streams in progress to wind down."""
+        if self._draining:
+            return
+        self._draining = True
+        callbacks, self._on_drain = list(self._on_drain.values()), {}
+        for callback in callbacks:
+            callback()
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no call is in progress; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def wait_quiet(self, quiet_s: float, limit_s: float) -> bool:
+        """Wait until no call was refused for ``quiet_s``, at most ``limit_s``; True if quiet.
+
+        Clients told to go elsewhere stop sending; a call still on its way would be cancelled
+        by the transport's own shutdown, so the server waits for the refusals to stop first.
+        """
+        deadline = time.monotonic() + limit_s
+        while True:
+            now = time.monotonic()
+            quiet_at = self._last_refused + quiet_s
+            if quiet_at <= now:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(quiet_at, deadline) - now)

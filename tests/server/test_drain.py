@@ -1,0 +1,185 @@
+"""Drain on shutdown: NOT_SERVING (answerable) for the drain delay, then new calls refused,
+calls in flight answered, streams ended so the SDK reconnects; fast exits; a second signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from framecast_client import Client, UnavailableError, wire
+from framecast_client._proto import classifier_pb2 as pb
+from framecast_server.background import BackgroundServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+
+WAIT_S = 30.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def health(address: str) -> int | None:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        except grpc.RpcError:
+            return None
+        return int(reply.status)
+
+
+def wait_until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+class Camera:
+    """A raw stream that sends ``count`` frames, then stays open until told to end."""
+
+    def __init__(self, raw: RawClassifier, count: int) -> None:
+        self.end = threading.Event()
+        self.answers: list[pb.StreamResponse] = []
+        self.error: grpc.RpcError | None = None
+        self._count = count
+        self._call = raw.stream(self._frames(), timeout=60)
+
+    def _frames(self) -> Iterator[bytes]:
+        for i in range(self._count):
+            image = wire.image_to_proto(random_frames(1, seed=i)[0])
+            yield pb.StreamRequest(frame_id=i + 1, image=image).SerializeToString()
+        self.end.wait(WAIT_S)
+
+    def read(self) -> Camera:
+        try:
+            for raw in self._call:
+                self.answers.append(pb.StreamResponse.FromString(raw))
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self.end.set()
+        return self
+
+
+def test_a_drain_answers_calls_in_flight_ends_streams_and_refuses_new_calls(
+    cache_dir: Path,
+) -> None:
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", grace_s=20.0)
+    server = BackgroundServer(settings, backend_factory=lambda _: backend)
+    with server, Client(server.address, timeout=WAIT_S) as client, ThreadPoolExecutor(4) as pool:
+        raw = RawClassifier(server.address)
+        serving = server.serving
+        assert serving is not None
+        backend.hold()
+        in_flight = pool.submit(client.classify_preprocessed, random_frames(1))
+        assert backend.entered.wait(WAIT_S)
+        camera = Camera(raw, count=3)
+        reading = pool.submit(camera.read)
+        wait_until(lambda: serving.batcher.queued == 3, "the stream's frames never queued")
+        started = time.monotonic()
+        stopping = pool.submit(server.close)
+        wait_until(lambda: server.server.gate.draining, "the drain never began")
+        assert health(server.address) == NOT_SERVING  # still answering on the port
+        with pytest.raises(UnavailableError, match="shutting down"):
+            client.classify_preprocessed(random_frames(1))
+        backend.release()
+        assert len(in_flight.result(WAIT_S)) == 1
+        reading.result(WAIT_S)
+        assert [a.frame_id for a in camera.answers] == [1, 2, 3]
+        assert all(a.HasField("classification") for a in camera.answers)
+        assert camera.error is not None
+        assert camera.error.code() is grpc.StatusCode.UNAVAILABLE  # the SDK reconnects
+        stopping.result(WAIT_S)
+        assert time.monotonic() - started < settings.grace_s / 2
+        raw.close()
+
+
+def test_the_drain_delay_keeps_serving_while_health_says_not_serving(cache_dir: Path) -> None:
+    settings = make_settings(cache_dir, backend="null", drain_delay_s=1.0)
+    server = BackgroundServer(settings)
+    with server, Client(server.address, timeout=WAIT_S) as client, ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        stopping = pool.submit(server.close)
+        wait_until(lambda: health(server.address) == NOT_SERVING, "never NOT_SERVING")
+        assert not server.server.gate.draining
+        assert len(client.classify_preprocessed(random_frames(1))) == 1
+        stopping.result(WAIT_S)
+        assert time.monotonic() - started >= settings.drain_delay_s
+
+
+class ServeProcess:
+    def __init__(self, cache_dir: Path, tmp_path: Path, *flags: str) -> None:
+        port_file = tmp_path / "port"
+        command = [
+            sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
+            "--port-file", str(port_file), "--backend", "null", "--offline",
+            "--cache-dir", str(cache_dir), *flags,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert self.process.poll() is None, "the server exited before listening"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        wait_until(lambda: health(self.address) == SERVING, "never SERVING")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def serve_process(cache_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Starts `framecast serve` processes with extra flags; kills what is left at the end."""
+    started: list[ServeProcess] = []
+
+    def start(*flags: str) -> ServeProcess:
+        started.append(ServeProcess(cache_dir, tmp_path, *flags))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def test_sigterm_with_a_stream_open_ends_it_and_exits_at_once(
+    serve_process: Callable[..., ServeProcess],
+) -> None:
+    server = serve_process()
+    raw = RawClassifier(server.address)
+    camera = Camera(raw, count=1)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(camera.read)
+        wait_until(lambda: len(camera.answers) == 1, "the frame was never answered")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=WAIT_S) == 0
+        elapsed = time.monotonic() - started
+        reading.result(WAIT_S)
+    assert elapsed < 3.0  # the grace period is 10 s; nothing was left to wait for
+    assert camera.error is not None
+    assert camera.error.code() is grpc.StatusCode.UNAVAILABLE
+    raw.close()
+
+
+def test_a_second_signal_exits_at_once(serve_process: Callable[..., ServeProcess]) -> None:
+    server = serve_process("--drain-delay-s", "60")
+    server.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: health(server.address) == NOT_SERVING, "never NOT_SERVING")
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=WAIT_S) == 1
+    assert time.monotonic() - started < 5.0

@@ -1,0 +1,211 @@
+"""Through gRPC: the memory budget is flow control for streams and RESOURCE_EXHAUSTED for unary
+calls; streams per connection, connections and idle connections are limited."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from framecast_client import Client, ResourceExhaustedError, wire
+from framecast_client._proto import classifier_pb2 as pb
+from framecast_server.background import BackgroundServer
+from framecast_server.settings import FRAME_BYTES
+from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+
+WAIT_S = 30.0
+
+
+def wait_until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir: Path) -> None:
+    backend = HoldableNullBackend()
+    budget = 16 * FRAME_BYTES
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=8, max_queue=64, memory_budget_bytes=budget
+    )
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        Client(server.address, timeout=WAIT_S) as polite,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        batcher = serving.batcher
+        backend.hold()
+        sent: list[int] = []
+
+        def frames() -> Iterator[pb.StreamRequest]:
+            for i in range(40):
+                sent.append(i)
+                image = wire.image_to_proto(random_frames(1, seed=i)[0])
+                yield pb.StreamRequest(frame_id=i, image=image)
+
+        raw = RawClassifier(server.address)
+        stream = pool.submit(
+            lambda: [
+                pb.StreamResponse.FromString(r)
+                for r in raw.stream((f.SerializeToString() for f in frames()), timeout=WAIT_S)
+            ]
+        )
+        # The stream holds more than a max batch, so it stops at three quarters of the budget;
+        # the client has sent more than that, but the server stopped reading.
+        wait_until(lambda: batcher.admitted_bytes == 12 * FRAME_BYTES, "the stream never filled")
+        assert len(sent) > 12
+        # A camera with modest demand still gets the last quarter...
+        calls = [pool.submit(polite.classify_preprocessed, random_frames(1)) for _ in range(4)]
+        wait_until(lambda: batcher.admitted_bytes == budget, "the unary calls were not admitted")
+        # ...and past the budget a unary call is refused at once.
+        with pytest.raises(ResourceExhaustedError, match="memory budget"):
+            polite.classify_preprocessed(random_frames(1))
+        assert batcher.admitted_bytes == budget
+        backend.release()
+        answers = stream.result(WAIT_S)
+        assert [a.frame_id for a in answers] == list(range(40))
+        assert all(a.HasField("classification") for a in answers)
+        assert all(len(call.result(WAIT_S)) == 1 for call in calls)
+        raw.close()
+
+
+def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path) -> None:
+    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    with BackgroundServer(settings) as server:
+        raw = RawClassifier(server.address)
+        gate = server.server.gate
+        opened = [threading.Event() for _ in range(3)]
+        finish = [threading.Event() for _ in range(3)]
+        frame = pb.StreamRequest(frame_id=1, image=wire.image_to_proto(random_frames(1)[0]))
+
+        def requests(i: int) -> Iterator[bytes]:
+            opened[i].set()
+            yield frame.SerializeToString()
+            finish[i].wait(WAIT_S)
+
+        def run(i: int) -> list[bytes]:
+            return list(raw.stream(requests(i), timeout=60))
+
+        with ThreadPoolExecutor(3) as pool:
+            streams = []
+            for i in range(3):
+                streams.append(pool.submit(run, i))
+                opened[i].wait(WAIT_S)
+            wait_until(lambda: gate.active >= 2, "two streams never started")
+            time.sleep(0.2)  # let a third stream start if the limit failed to hold it back
+            assert gate.active == 2
+            finish[0].set()
+            assert len(streams[0].result(WAIT_S)) == 1
+            for event in finish:
+                event.set()
+            assert [len(s.result(WAIT_S)) for s in streams] == [1, 1, 1]
+        raw.close()
+
+
+def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:
+    settings = make_settings(cache_dir, backend="null", max_connections=2)
+    with BackgroundServer(settings) as server:
+        channels = [
+            grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(3)
+        ]
+        try:
+            stubs = [RawInfo(channel) for channel in channels]
+            assert stubs[0].ok()
+            assert stubs[1].ok()
+            assert not stubs[2].ok(timeout=2)
+            channels[0].close()
+            wait_until(lambda: stubs[2].ok(timeout=2), "a freed slot was never reused")
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(cache_dir: Path) -> None:
+    settings = make_settings(cache_dir, backend="null", idle_timeout_s=0.3)
+    with BackgroundServer(settings) as server:
+        states: list[grpc.ChannelConnectivity] = []
+        idle = threading.Event()
+        with grpc.insecure_channel(server.address) as channel:
+            stub = RawInfo(channel)
+            assert stub.ok()
+
+            def record(state: grpc.ChannelConnectivity) -> None:
+                states.append(state)
+                if grpc.ChannelConnectivity.READY in states and state in (
+                    grpc.ChannelConnectivity.IDLE,
+                    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                ):
+                    idle.set()
+
+            channel.subscribe(record)
+            assert idle.wait(WAIT_S), states
+            assert stub.ok()  # a new connection, transparently
+            channel.unsubscribe(record)
+
+
+class RawInfo:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._call = channel.unary_unary(  # type: ignore[call-arg]
+            "/framecast.v1.Classifier/GetModelInfo"
+        )
+
+    def ok(self, timeout: float = WAIT_S) -> bool:
+        try:
+            self._call(b"", timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return True
+
+
+def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() -> None:
+    import argparse
+    import dataclasses
+
+    from framecast_server.cli import _add_limit_arguments, _limits
+    from framecast_server.settings import MIB, ServerSettings
+
+    parser = argparse.ArgumentParser()
+    _add_limit_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--memory-budget-mb",
+            "64",
+            "--max-connections",
+            "7",
+            "--max-streams-per-connection",
+            "3",
+            "--idle-timeout-s",
+            "2.5",
+            "--drain-delay-s",
+            "1",
+            "--grace-s",
+            "4",
+        ]
+    )
+    assert _limits(args) == {
+        "memory_budget_bytes": 64 * MIB,
+        "max_connections": 7,
+        "max_streams_per_connection": 3,
+        "idle_timeout_s": 2.5,
+        "drain_delay_s": 1,
+        "grace_s": 4,
+    }
+    assert _limits(parser.parse_args([])) == {}
+    defaults: dict[str, int | float] = {
+        f.name: f.default
+        for f in dataclasses.fields(ServerSettings)
+        if isinstance(f.default, (int, float))
+    }
+    helps = {a.dest: a.help or "" for a in parser._actions}
+    assert f"(default {defaults['memory_budget_bytes'] // MIB})" in helps["memory_budget_mb"]
+    for name in ("max_connections", "max_streams_per_connection", "idle_timeout_s", "grace_s"):
+        assert f"(default {defaults[name]:g})" in helps[name], name
+    assert f"(default {defaults['drain_delay_s']:g};" in helps["drain_delay_s"]
