@@ -2,26 +2,34 @@
 
 Usage: uv run python scripts/typecheck.py [mypy args...]
 
-tensorrt-stubs (installed by the dev group) ships .pyi files without a py.typed marker, and its
-tensorrt_bindings/tensorrt.pyi does not parse: parameters named ``in`` and a parameter without a
-default after defaulted ones; its ``bool`` DataType also shadows the builtin. This writes a
-repaired copy into .typings/ (git-ignored; mypy_path points there), then runs mypy. The copy is
-remade whenever the installed stubs change.
+tensorrt-stubs never goes into the project environment: its wheel installs .pyi files into a
+``tensorrt/`` directory, which Python would import as an empty namespace package that looks like
+TensorRT. It is the workspace's ``trt-stubs`` dependency group, which this script installs (from
+uv.lock, so pinned and hashed) into a separate environment, .typings/stubs-env, without the
+TensorRT bindings the stubs depend on.
+
+The stubs ship without a py.typed marker, and tensorrt_bindings/tensorrt.pyi does not parse:
+parameters named ``in`` and a parameter without a default after defaulted ones; its ``bool``
+DataType also shadows the builtin. This writes a repaired copy into .typings/ (git-ignored;
+mypy_path points there), then runs mypy. The copy is remade whenever the installed stubs change.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import re
+import shutil
+import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 from mypy import api
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPINGS = ROOT / ".typings"
+STUBS_ENV = TYPINGS / "stubs-env"
 _DEF = re.compile(r"^(\s*def \w+\()(.*)(\)\s*->.*:\s*(?:\.\.\.)?\s*)$")
 
 
@@ -61,12 +69,44 @@ def repair(source: str) -> str:
     return repaired
 
 
+def _uv() -> list[str]:
+    # `uv run` names its own binary in $UV; otherwise uv on PATH, else the `uv` Python module.
+    found = os.environ.get("UV") or shutil.which("uv")
+    return [found] if found else [sys.executable, "-m", "uv"]
+
+
+def install_stubs() -> Path:
+    """Install the locked trt-stubs group into STUBS_ENV; return its site-packages."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["UV_PROJECT_ENVIRONMENT"] = str(STUBS_ENV)
+    command = [
+        *_uv(),
+        "sync",
+        "--frozen",
+        "--quiet",
+        "--only-group",
+        "trt-stubs",
+        # The stubs' dependency on the CUDA 12 bindings is for users of TensorRT, not for us.
+        "--no-install-package",
+        "tensorrt-cu12-bindings",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"installing tensorrt-stubs failed:\n{result.stderr}")
+    found = sorted(STUBS_ENV.glob("lib/python*/site-packages")) + sorted(
+        STUBS_ENV.glob("Lib/site-packages")
+    )
+    if not found:
+        raise SystemExit(f"no site-packages under {STUBS_ENV}")
+    return found[0]
+
+
 def write_stubs() -> None:
-    spec = find_spec("tensorrt_bindings")
-    if spec is None or spec.origin is None:
-        raise SystemExit("tensorrt-stubs is not installed: run `uv sync`")
-    bindings = Path(spec.origin).parent
-    package = bindings.parent / "tensorrt"
+    site = install_stubs()
+    bindings = site / "tensorrt_bindings"
+    package = site / "tensorrt"
+    if not (bindings / "tensorrt.pyi").is_file():
+        raise SystemExit(f"tensorrt-stubs is not installed in {site}")
     sources = {
         "tensorrt/__init__.pyi": package / "__init__.pyi",
         "tensorrt_bindings/__init__.pyi": bindings / "__init__.pyi",

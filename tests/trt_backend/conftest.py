@@ -28,8 +28,9 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 @pytest.fixture
-def fake_driver(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
-    """A fake ``pycuda.driver`` backed by host memory, for one test."""
+def fake_driver(monkeypatch: pytest.MonkeyPatch, fake_trt: Any) -> FakeDriver:
+    """A fake ``pycuda.driver`` backed by host memory for one test; the fake TensorRT's
+    engines queue their work on its streams."""
     import types
 
     from framecast_server.backends.tensorrt import cuda
@@ -40,4 +41,5 @@ def fake_driver(monkeypatch: pytest.MonkeyPatch) -> FakeDriver:
     monkeypatch.setitem(sys.modules, "pycuda", package)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
     monkeypatch.setattr(cuda, "_initialized", False)
+    fake_trt.driver = driver
     return driver

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import numpy as np
 import pytest
-from framecast_server.backends.base import Backend, BackendError
+from framecast_server.backends.base import (
+    Backend,
+    BackendBrokenError,
+    BackendError,
+    BreakableBackend,
+)
 from framecast_server.backends.tensorrt import EngineSettings, cuda
 from framecast_server.backends.tensorrt.backend import (
     EngineDeserializeError,
@@ -16,9 +22,14 @@ from framecast_server.backends.tensorrt.backend import (
     check_engine_io,
     tensor_nbytes,
 )
-from framecast_server.backends.tensorrt.errors import CudaError, EngineMismatchError
+from framecast_server.backends.tensorrt.errors import (
+    CudaError,
+    EngineMismatchError,
+    StickyCudaError,
+)
+from framecast_server.backends.tensorrt.trt_logging import process_logger
 
-from .trt_fakes import INPUT_SHAPE, FakeDriver, expected_class
+from .trt_fakes import INPUT_SHAPE, NON_STICKY, STICKY, FakeDriver, expected_class
 from .trt_testing import make_images
 
 
@@ -54,7 +65,6 @@ def _plan(max_batch: int) -> bytes:
 
 @pytest.fixture
 def backend(fake_trt: Any, fake_driver: FakeDriver) -> Any:
-    fake_trt.driver_memory = fake_driver.memory
     b = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="Fake GPU 9000")
     yield b
     b.close()
@@ -120,11 +130,13 @@ def test_bad_batches_are_rejected(backend: TensorRTBackend, bad: np.ndarray[Any,
 def test_cuda_failure_names_the_call_and_backend_keeps_serving(
     backend: TensorRTBackend, fake_driver: FakeDriver
 ) -> None:
-    fake_driver.fail_on.add("Stream.synchronize")
+    fake_driver.fail_on["Stream.synchronize"] = NON_STICKY
     with pytest.raises(CudaError) as info:
         backend.infer(make_images(2))
     assert info.value.call == "pycuda.driver.Stream.synchronize"
     assert isinstance(info.value, BackendError)
+    assert not isinstance(info.value, StickyCudaError)
+    assert backend.broken is None
     fake_driver.fail_on.clear()
     images = make_images(2, seed=9)
     np.testing.assert_array_equal(backend.infer(images).argmax(axis=1), expected_class(images))
@@ -133,7 +145,6 @@ def test_cuda_failure_names_the_call_and_backend_keeps_serving(
 def test_close_frees_everything_and_rejects_new_work(
     fake_trt: Any, fake_driver: FakeDriver
 ) -> None:
-    fake_trt.driver_memory = fake_driver.memory
     backend = TensorRTBackend(_plan(4), EngineSettings(max_batch=4), device_name="x")
     backend.infer(make_images(1))
     backend.close()
@@ -162,6 +173,14 @@ def test_plan_with_smaller_profile_than_settings_is_refused(
         TensorRTBackend(_plan(8), EngineSettings(max_batch=32), device_name="x")
 
 
+@pytest.fixture
+def context(fake_driver: FakeDriver) -> Iterator[cuda.CudaContext]:
+    """A CUDA context current on this thread, as the backend's worker has."""
+    ctx = cuda.CudaContext(0)
+    yield ctx
+    ctx.close()
+
+
 def test_device_info_and_missing_device(fake_driver: FakeDriver) -> None:
     info = cuda.device_info(0)
     assert (info.name, info.compute_capability) == ("Fake GPU 9000", (8, 9))
@@ -169,15 +188,15 @@ def test_device_info_and_missing_device(fake_driver: FakeDriver) -> None:
         cuda.device_info(3)
 
 
-def test_allocation_failure_names_mem_alloc(fake_driver: FakeDriver) -> None:
-    fake_driver.fail_on.add("mem_alloc")
+def test_allocation_failure_names_mem_alloc(fake_driver: FakeDriver, context: Any) -> None:
+    fake_driver.fail_on["mem_alloc"] = "cuMemAlloc failed: out of memory"
     with pytest.raises(CudaError) as info:
         cuda.DeviceBuffer(1024)
     assert info.value.call == "pycuda.driver.mem_alloc"
-    assert "CUDA_ERROR_ILLEGAL_ADDRESS" in str(info.value)
+    assert "out of memory" in str(info.value)
 
 
-def test_pinned_array_free_releases_host_allocation(fake_driver: FakeDriver) -> None:
+def test_pinned_array_free_releases_host_allocation(fake_driver: FakeDriver, context: Any) -> None:
     pinned = cuda.PinnedArray((2, 3), np.float32)
     host = pinned.array.base
     pinned.free()
@@ -187,10 +206,93 @@ def test_pinned_array_free_releases_host_allocation(fake_driver: FakeDriver) -> 
         _ = pinned.array
 
 
-def test_copies_refuse_to_overrun_device_buffers(fake_driver: FakeDriver) -> None:
+def test_copies_refuse_to_overrun_device_buffers(fake_driver: FakeDriver, context: Any) -> None:
     stream = cuda.CudaStream()
     small = cuda.DeviceBuffer(8)
     with pytest.raises(ValueError, match="16 bytes"):
         cuda.copy_to_device_async(small, np.zeros(4, np.float32), stream)
     with pytest.raises(ValueError, match="16 bytes"):
         cuda.copy_to_host_async(np.zeros(4, np.float32), small, stream)
+
+
+@pytest.mark.parametrize(
+    ("message", "sticky"),
+    [
+        (STICKY, True),
+        ("cuStreamSynchronize failed: unspecified launch failure", True),
+        ("CUDA_ERROR_MISALIGNED_ADDRESS", True),
+        ("cuStreamSynchronize failed: device-side assert triggered", True),
+        (NON_STICKY, False),
+        ("cuMemAlloc failed: out of memory", False),
+    ],
+)
+def test_sticky_errors_are_told_apart(message: str, sticky: bool) -> None:
+    assert cuda.is_sticky(message) is sticky
+
+
+def test_context_blocks_instead_of_spinning_and_streams_do_not_block(
+    backend: TensorRTBackend, fake_driver: FakeDriver
+) -> None:
+    assert fake_driver.context_flags == [FakeDriver.ctx_flags.SCHED_BLOCKING_SYNC]
+    streams = list(fake_driver.streams.values())
+    assert len(streams) == 2
+    assert [s.flags for s in streams] == [cuda.STREAM_NON_BLOCKING] * 2 == [1, 1]
+
+
+def test_each_slot_runs_on_its_own_stream(backend: TensorRTBackend, fake_trt: Any) -> None:
+    for f in [backend.submit(make_images(2, seed=s)) for s in range(4)]:
+        f.result()
+    used = [set(c.streams) for c in fake_trt.engine.contexts]
+    assert len(used) == 2
+    assert all(len(u) == 1 for u in used)
+    assert used[0] != used[1]
+
+
+def test_the_process_logger_is_the_only_one_tensorrt_sees(
+    backend: TensorRTBackend, fake_trt: Any
+) -> None:
+    assert [kind for kind, _ in fake_trt.created] == ["Runtime"]
+    assert fake_trt.first_logger is process_logger()
+    second = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="x")
+    second.close()
+    assert fake_trt.ignored_loggers == []
+
+
+def test_fake_refuses_shapes_outside_the_profile(fake_trt: Any) -> None:
+    context = fake_trt._Engine(8).create_execution_context()
+    assert context.set_input_shape("images", (8, 224, 224, 3))
+    assert not context.set_input_shape("images", (9, 224, 224, 3))
+    assert not context.set_input_shape("images", (0, 224, 224, 3))
+    assert not context.set_input_shape("images", (2, 224, 224, 4))
+
+
+def test_sticky_error_breaks_the_backend_for_good(
+    backend: TensorRTBackend, fake_driver: FakeDriver
+) -> None:
+    told: list[str] = []
+    backend.on_broken(told.append)
+    assert isinstance(backend, BreakableBackend)
+    np.testing.assert_array_equal(
+        backend.infer(make_images(1)).argmax(axis=1), expected_class(make_images(1))
+    )
+    fake_driver.fail_on["Stream.synchronize"] = STICKY
+    futures = []
+    refused: list[BackendBrokenError] = []
+    for seed in range(5):
+        try:
+            futures.append(backend.submit(make_images(2, seed=seed)))
+        except BackendBrokenError as exc:  # refused at once once the worker has seen it
+            refused.append(exc)
+    assert all("illegal memory access" in str(exc) for exc in refused)
+    assert futures  # the first batch was queued before anything broke
+    for future in futures:
+        with pytest.raises(BackendBrokenError, match="illegal memory access"):
+            future.result(timeout=30)
+    fake_driver.fail_on.clear()  # the GPU "recovers": the backend must not believe it
+    with pytest.raises(BackendBrokenError, match="must be restarted"):
+        backend.infer(make_images(1))
+    assert backend.broken is not None
+    assert told == [backend.broken]
+    late: list[str] = []
+    backend.on_broken(late.append)
+    assert late == told

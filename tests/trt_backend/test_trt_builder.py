@@ -10,6 +10,7 @@ import pytest
 from framecast_server.backends.tensorrt import EngineSettings
 from framecast_server.backends.tensorrt.builder import (
     build_plan,
+    combine_timing_caches,
     network_creation_flags,
     tensorrt_major,
 )
@@ -18,6 +19,7 @@ from framecast_server.backends.tensorrt.errors import (
     EngineMismatchError,
     OnnxParseError,
 )
+from framecast_server.backends.tensorrt.trt_logging import process_logger
 from onnx import TensorProto
 
 from .trt_fakes import make_fake_trt
@@ -35,8 +37,16 @@ def test_10x_sets_strongly_typed_flag() -> None:
 
 
 def test_11x_needs_no_flag() -> None:
-    # On 11.x every network is strongly typed; the fake still has the (deprecated) flag.
+    # On 11.x every network is strongly typed; STRONGLY_TYPED is deprecated (and renumbered).
     assert network_creation_flags(make_fake_trt("11.2.0.1")) == 0
+
+
+def test_11x_fake_has_only_the_flags_11x_has() -> None:
+    fake = make_fake_trt("11.4.0.106")
+    assert not hasattr(fake.BuilderFlag, "FP16")
+    assert not hasattr(fake.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
+    assert not hasattr(fake.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert hasattr(make_fake_trt("10.13.0.35").BuilderFlag, "FP16")
 
 
 def test_10x_without_strongly_typed_is_refused() -> None:
@@ -69,6 +79,7 @@ def test_build_configures_profile_limits_and_timing_cache(
     assert profile.shapes == {"images": ([1, 224, 224, 3], [16, 224, 224, 3], [64, 224, 224, 3])}
     assert config.pools == {"WORKSPACE": 123 << 20}
     assert config.builder_optimization_level == 4
+    assert config.profiling_verbosity is fake_trt.ProfilingVerbosity.DETAILED
     assert config.progress_monitor is not None
     assert result.timing_cache == b"old-timings+timed"
     assert result.plan.startswith(b"PLAN")
@@ -77,8 +88,8 @@ def test_build_configures_profile_limits_and_timing_cache(
     assert parsed.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     assert parsed.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     assert {i.data_type for i in parsed.graph.initializer} == {TensorProto.FLOAT16}
-    # The fake has no BuilderFlag at all: touching BuilderFlag.FP16 would have raised.
-    assert not hasattr(fake_trt, "BuilderFlag")
+    # No precision builder flags: 11.x has none, and on 10.x they would mean weak typing.
+    assert config.flags == set()
 
 
 def test_first_build_starts_with_empty_timing_cache(
@@ -86,6 +97,39 @@ def test_first_build_starts_with_empty_timing_cache(
 ) -> None:
     result = build_plan(tiny_model, EngineSettings(), timing_cache=None)
     assert result.timing_cache == b"+timed"
+
+
+def test_unreadable_stored_timing_cache_falls_back_to_an_empty_one(
+    fake_trt: Any, tiny_model: onnx.ModelProto, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_trt.timing_cache_unreadable = True
+    result = build_plan(tiny_model, EngineSettings(), timing_cache=b"from another TensorRT")
+    assert result.timing_cache == b"+timed"
+    assert "stored TensorRT timing cache (21 bytes) unusable" in caplog.text
+
+
+def test_build_goes_on_without_any_timing_cache(
+    fake_trt: Any, tiny_model: onnx.ModelProto, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_trt.no_timing_cache = True
+    result = build_plan(tiny_model, EngineSettings(), timing_cache=b"old")
+    assert result.plan.startswith(b"PLAN")
+    assert result.timing_cache is None
+    assert "could not create a timing cache; building without one" in caplog.text
+
+
+def test_timing_caches_are_combined(fake_trt: Any) -> None:
+    assert combine_timing_caches(b"disk", b"new") == b"disk&new+timed"
+
+
+def test_builder_and_parser_share_the_process_logger(
+    fake_trt: Any, tiny_model: onnx.ModelProto
+) -> None:
+    build_plan(tiny_model, EngineSettings(), timing_cache=None)
+    build_plan(tiny_model, EngineSettings(), timing_cache=None)
+    assert [kind for kind, _ in fake_trt.created] == ["Builder", "OnnxParser"] * 2
+    assert fake_trt.ignored_loggers == []
+    assert fake_trt.first_logger is process_logger()
 
 
 def test_parser_errors_carry_their_descriptions(fake_trt: Any, tiny_model: onnx.ModelProto) -> None:

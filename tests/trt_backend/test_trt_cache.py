@@ -30,6 +30,8 @@ SPEC = EngineSpec(
     precision="fp16",
     profile=(1, 32, 32),
     builder_optimization_level=3,
+    workspace_bytes=1 << 30,
+    converter="2+onnxconverter-common-1.16.0",
 )
 
 
@@ -58,6 +60,8 @@ class CountingBuilder:
         {"tensorrt_version": "10.14.1.48"},
         {"gpu_name": "NVIDIA L4"},
         {"compute_capability": (8, 9)},
+        {"workspace_bytes": 2 << 30},
+        {"converter": "3+onnxconverter-common-1.16.0"},
         {"precision": "fp32"},
         {"profile": (1, 16, 32)},
         {"profile": (1, 32, 64)},
@@ -229,7 +233,7 @@ _OTHER_PROCESS = textwrap.dedent(
     from pathlib import Path
     from framecast_server.backends.tensorrt.cache import BuildResult, EngineCache, EngineSpec
     spec = EngineSpec("ab" * 32, "10.13.0.35", "NVIDIA H100 80GB HBM3", (9, 0), "fp16",
-                      (1, 32, 32), 3)
+                      (1, 32, 32), 3, 1 << 30, "2+onnxconverter-common-1.16.0")
     def build(timing):
         Path(sys.argv[2]).write_text("building")
         time.sleep(1.5)
@@ -283,3 +287,30 @@ def test_lock_timeout_is_a_typed_error(tmp_path: Path) -> None:
     assert len(errors) == 1
     assert isinstance(errors[0], EngineCacheError)
     assert errors[0].call == "filelock.FileLock.acquire"
+
+
+def test_timing_cache_saved_by_another_build_meanwhile_is_merged(tmp_path: Path) -> None:
+    merges: list[tuple[bytes, bytes]] = []
+
+    def merge(on_disk: bytes, new: bytes) -> bytes:
+        merges.append((on_disk, new))
+        return on_disk + b"|" + new
+
+    cache = EngineCache(tmp_path, merge_timing=merge)
+    timing_path = cache.timing_cache_path(SPEC)
+
+    def build(timing: bytes | None) -> BuildResult:
+        # Another process's build of another model finishes and saves while this one runs.
+        atomic_write_bytes(timing_path, b"theirs")
+        return BuildResult(b"plan", (timing or b"") + b"ours")
+
+    cache.get_or_build(SPEC, build)
+    assert merges == [(b"theirs", b"ours")]
+    assert timing_path.read_bytes() == b"theirs|ours"
+
+
+def test_unchanged_timing_cache_is_replaced_without_merging(tmp_path: Path) -> None:
+    cache = EngineCache(tmp_path, merge_timing=lambda a, b: pytest.fail("merged"))
+    atomic_write_bytes(cache.timing_cache_path(SPEC), b"old")
+    cache.get_or_build(SPEC, lambda timing: BuildResult(b"plan", (timing or b"") + b"+new"))
+    assert cache.timing_cache_path(SPEC).read_bytes() == b"old+new"

@@ -58,3 +58,17 @@ def test_onnxruntime_cpu_top1_agrees_with_fp32(tiny_model: onnx.ModelProto) -> N
     agreement = float((p16.argmax(axis=1) == top32).mean())
     assert agreement >= 0.98, agreement
     assert float(np.abs(p16 - p32).max()) < 0.01
+
+
+def test_softmax_runs_in_fp32_and_writes_the_output(tiny_model: onnx.ModelProto) -> None:
+    converted = onnx.shape_inference.infer_shapes(convert_to_fp16(tiny_model), strict_mode=True)
+    graph = converted.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.value_info, *graph.output]}
+    (softmax,) = [n for n in graph.node if n.op_type == "Softmax"]
+    assert types[softmax.input[0]] == TensorProto.FLOAT
+    # Softmax itself produces the fp32 output: no fp16 round trip after it.
+    assert list(softmax.output) == ["probabilities"]
+    assert types["probabilities"] == TensorProto.FLOAT
+    # Everything before the Softmax's input Cast stays fp16 (the Gemm's logits included).
+    (cast,) = [n for n in graph.node if softmax.input[0] in n.output]
+    assert (cast.op_type, types[cast.input[0]]) == ("Cast", TensorProto.FLOAT16)

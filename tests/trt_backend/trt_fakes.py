@@ -1,7 +1,18 @@
-"""Fake ``tensorrt`` and ``pycuda.driver`` modules for device-free tests.
+"""Strict fakes of ``tensorrt`` and ``pycuda.driver`` for device-free tests.
 
-They model just enough behaviour to check wiring: which flags, shapes, limits and addresses the
-code passes, and that bytes flow host -> "device" -> "engine" -> host through the right buffers.
+They fail where a GPU would, rather than only recording calls:
+
+* Work is asynchronous. Copies and engine executions are queued on their stream and run only
+  when that stream is synchronized, so results read before ``Stream.synchronize`` are not there.
+* A host buffer enqueued for a copy is poisoned until its stream syncs: an input buffer turns
+  read-only (writing the next batch into it raises), an output buffer is filled with NaN.
+* Host memory given to async copies must be page-locked (from ``pagelocked_empty``), every call
+  that touches the device needs a current context, and copies must name a stream.
+* ``set_tensor_address`` and ``execute_async_v3`` take plain integers only (a pycuda object
+  raises TypeError, as pybind11 does); ``set_input_shape`` refuses shapes outside the profile.
+* ``create_timing_cache`` can return None; the TensorRT 11 fake has only the flags 11.x has.
+* TensorRT keeps the first logger it is given: later ones are recorded as ignored.
+
 The fake engine's answer is a one-hot at (sum of the image's bytes) % 1000, so a test can tell
 whether each image's row came back in the right place.
 """
@@ -9,7 +20,9 @@ whether each image's row came back in the right place.
 from __future__ import annotations
 
 import itertools
+import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,6 +30,8 @@ import onnx
 from numpy.typing import NDArray
 
 INPUT_SHAPE = [-1, 224, 224, 3]
+NON_STICKY = "cuStreamSynchronize failed: invalid argument"
+STICKY = "cuStreamSynchronize failed: an illegal memory access was encountered"
 
 
 def expected_class(images: NDArray[np.uint8]) -> NDArray[np.int64]:
@@ -43,15 +58,25 @@ class FakeDriver(types.ModuleType):
     """A fake pycuda.driver: device memory is a dict of bytearrays keyed by fake address."""
 
     Error = FakeCudaError
+    ctx_flags = types.SimpleNamespace(
+        SCHED_AUTO=0, SCHED_SPIN=1, SCHED_YIELD=2, SCHED_BLOCKING_SYNC=4
+    )
 
     def __init__(self) -> None:
         super().__init__("pycuda.driver")
         self.memory: dict[int, bytearray] = {}
         self.freed: list[int] = []
-        self.fail_on: set[str] = set()
+        # call name -> the message its FakeCudaError carries (pycuda's wording).
+        self.fail_on: dict[str, str] = {}
         self.calls: list[str] = []
         self.contexts_detached = 0
+        self.context_flags: list[int] = []
+        self.streams: dict[int, Any] = {}
+        self._pinned: dict[int, NDArray[Any]] = {}  # id(root array) -> root array
+        self._poison: dict[int, int] = {}  # id(root array) -> pending copies using it
         self._addresses = itertools.count(0x1000, 0x100000)
+        self._handles = itertools.count(0x7F00)
+        self._local = threading.local()
         driver = self
 
         class Device:
@@ -68,31 +93,49 @@ class FakeDriver(types.ModuleType):
             def compute_capability(self) -> tuple[int, int]:
                 return (8, 9)
 
-            def retain_primary_context(self) -> Any:
-                return _Context()
+            def make_context(self, flags: int = 0) -> Any:
+                driver._record("Device.make_context")
+                context = _Context()
+                driver.context_flags.append(flags)
+                driver._stack().append(context)
+                return context
 
         class _Context:
-            def push(self) -> None:
-                driver._record("Context.push")
-
             def detach(self) -> None:
                 driver._record("Context.detach")
+                if self in driver._stack():
+                    raise FakeCudaError("detach of a context still current on this thread")
                 driver.contexts_detached += 1
 
         class Context:
             @staticmethod
             def pop() -> None:
                 driver._record("Context.pop")
+                if not driver._stack():
+                    raise FakeCudaError("cuCtxPopCurrent failed: invalid device context")
+                driver._stack().pop()
 
         class Stream:
-            _handles = itertools.count(1)
-
-            def __init__(self) -> None:
+            def __init__(self, flags: int = 0) -> None:
                 driver._record("Stream")
-                self.handle = next(self._handles)
+                driver._require_context("Stream")
+                self.flags = flags
+                self.handle = next(driver._handles)
+                self.queued: list[Callable[[], None]] = []
+                self.poisoned: list[int] = []
+                driver.streams[self.handle] = self
 
             def synchronize(self) -> None:
-                driver._record("Stream.synchronize")
+                work, self.queued = self.queued, []
+                poisoned, self.poisoned = self.poisoned, []
+                try:
+                    driver._record("Stream.synchronize")
+                    driver._require_context("Stream.synchronize")
+                    for step in work:
+                        step()
+                finally:
+                    for root in poisoned:
+                        driver._release(root)
 
         class _Allocation:
             def __init__(self, address: int) -> None:
@@ -109,34 +152,102 @@ class FakeDriver(types.ModuleType):
         self.Stream = Stream
         self._Allocation = _Allocation
 
+    def _stack(self) -> list[Any]:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        stack: list[Any] = self._local.stack
+        return stack
+
     def _record(self, name: str) -> None:
         self.calls.append(name)
         if name in self.fail_on:
-            raise FakeCudaError(f"{name}: CUDA_ERROR_ILLEGAL_ADDRESS")
+            raise FakeCudaError(self.fail_on[name])
+
+    def _require_context(self, name: str) -> None:
+        if not self._stack():
+            raise FakeCudaError(f"{name} failed: invalid device context (none is current)")
+
+    def _root(self, array: NDArray[Any], name: str) -> NDArray[Any]:
+        """The pagelocked_empty array ``array`` lies in; raises if it is not pinned memory."""
+        lo, hi = np.lib.array_utils.byte_bounds(array)
+        for root in self._pinned.values():
+            root_lo, root_hi = np.lib.array_utils.byte_bounds(root)
+            if root_lo <= lo and hi <= root_hi:
+                return root
+        raise FakeCudaError(f"{name}: host memory is not page-locked (use pagelocked_empty)")
+
+    def _poison_root(self, root: NDArray[Any], stream: Any) -> None:
+        key = id(root)
+        self._poison[key] = self._poison.get(key, 0) + 1
+        root.flags.writeable = False
+        stream.poisoned.append(key)
+
+    def _release(self, key: int) -> None:
+        self._poison[key] -= 1
+        if self._poison[key] == 0:
+            del self._poison[key]
+            self._pinned[key].flags.writeable = True
+
+    def _stream(self, stream: Any, name: str) -> Any:
+        if not isinstance(stream, self.Stream):
+            raise FakeCudaError(f"{name}: expected a pycuda Stream, got {stream!r}")
+        return stream
+
+    def enqueue(self, handle: int, step: Callable[[], None]) -> bool:
+        """Queue ``step`` on the stream whose raw handle is ``handle`` (for the fake engine)."""
+        stream = self.streams.get(handle)
+        if stream is None:
+            return False
+        stream.queued.append(step)
+        return True
 
     def init(self) -> None:
         self._record("init")
 
     def mem_alloc(self, nbytes: int) -> Any:
         self._record("mem_alloc")
+        self._require_context("mem_alloc")
         address = next(self._addresses)
         self.memory[address] = bytearray(nbytes)
         return self._Allocation(address)
 
     def pagelocked_empty(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray[Any]:
         self._record("pagelocked_empty")
+        self._require_context("pagelocked_empty")
         nbytes = int(np.prod(shape)) * dtype.itemsize
         # Like pycuda: the array's .base is the host allocation, which has free().
-        return np.zeros(nbytes, np.uint8).view(_HostBuffer).view(dtype).reshape(shape)
+        root = np.zeros(nbytes, np.uint8).view(_HostBuffer).view(dtype).reshape(shape)
+        self._pinned[id(root)] = root
+        return root
 
-    def memcpy_htod_async(self, dst: int, src: NDArray[Any], stream: Any) -> None:
+    def memcpy_htod_async(self, dst: Any, src: NDArray[Any], stream: Any) -> None:
         self._record("memcpy_htod_async")
-        self.memory[dst][: src.nbytes] = src.tobytes()
+        self._require_context("memcpy_htod_async")
+        stream = self._stream(stream, "memcpy_htod_async")
+        root = self._root(src, "memcpy_htod_async")
+        address, nbytes = int(dst), src.nbytes
 
-    def memcpy_dtoh_async(self, dst: NDArray[Any], src: int, stream: Any) -> None:
+        def copy() -> None:
+            self.memory[address][:nbytes] = src.tobytes()
+
+        stream.queued.append(copy)
+        self._poison_root(root, stream)
+
+    def memcpy_dtoh_async(self, dst: NDArray[Any], src: Any, stream: Any) -> None:
         self._record("memcpy_dtoh_async")
-        raw = bytes(self.memory[src][: dst.nbytes])
-        dst[...] = np.frombuffer(raw, dst.dtype).reshape(dst.shape)
+        self._require_context("memcpy_dtoh_async")
+        stream = self._stream(stream, "memcpy_dtoh_async")
+        root = self._root(dst, "memcpy_dtoh_async")
+        address = int(src)
+        if np.issubdtype(dst.dtype, np.floating):
+            dst[...] = np.nan  # what a reader sees before the stream is synchronized
+
+        def copy() -> None:
+            raw = bytes(self.memory[address][: dst.nbytes])
+            dst[...] = np.frombuffer(raw, dst.dtype).reshape(dst.shape)
+
+        stream.queued.append(copy)
+        self._poison_root(root, stream)
 
 
 # --- tensorrt --------------------------------------------------------------------------------
@@ -153,15 +264,48 @@ class _Enum:
         return self.name
 
 
+def _enum(*names: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**{n: _Enum(n, i) for i, n in enumerate(names)})
+
+
+# TensorRT 10.x's weak-typing flags; 11.x removed them (strong typing only).
+_PRECISION_FLAGS = (
+    "FP16",
+    "BF16",
+    "INT8",
+    "FP8",
+    "INT4",
+    "FP4",
+    "OBEY_PRECISION_CONSTRAINTS",
+    "PREFER_PRECISION_CONSTRAINTS",
+    "DIRECT_IO",
+)
+_OTHER_FLAGS = ("TF32", "REFIT", "SPARSE_WEIGHTS", "GPU_FALLBACK", "DEBUG", "STRIP_PLAN")
+
+
 def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
-    """A fake ``tensorrt`` module of the given version; state lives on the module object."""
+    """A fake ``tensorrt`` module of the given version; state lives on the module object.
+
+    Set ``trt.driver`` to a FakeDriver before running engines: executions are queued on its
+    streams. ``strongly_typed_flag=False`` models a 10.x too old to have STRONGLY_TYPED.
+    """
     trt: Any = types.ModuleType("tensorrt")
     trt.__version__ = version
+    major = int(version.split(".")[0])
     trt.events = []
     trt.parser_errors = []
     trt.fail_build = False
+    trt.fail_create = set()  # "Builder" / "Runtime": their construction fails
+    trt.timing_cache_unreadable = False  # create_timing_cache(non-empty) returns None
+    trt.no_timing_cache = False  # create_timing_cache always returns None
     trt.parsed_model = None
-    trt.driver_memory = None  # set by tests that run the fake engine
+    trt.driver = None
+    # execute(stream_handle, batch, images_address, probabilities_address) -> bool, when set,
+    # runs the engine instead of the fake driver's queue (the cuda suite's real kernel).
+    trt.execute = None
+    trt.created = []  # (kind, logger) for each Builder / Runtime / OnnxParser
+    trt.first_logger = None
+    trt.ignored_loggers = []
 
     class Severity:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (
@@ -176,16 +320,43 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
     ILogger.Severity = Severity  # type: ignore[attr-defined]
     trt.ILogger = ILogger
 
+    class Logger(ILogger):
+        def log(self, severity: _Enum, msg: str) -> None:
+            pass
+
+    trt.Logger = Logger
+
+    def take_logger(kind: str, logger: Any) -> None:
+        if not isinstance(logger, ILogger):
+            raise TypeError(f"{kind}(): incompatible function arguments (logger {logger!r})")
+        if kind in trt.fail_create:
+            raise TypeError(f"pybind11::init(): factory function returned nullptr ({kind})")
+        trt.created.append((kind, logger))
+        if trt.first_logger is None:
+            trt.first_logger = logger
+        elif logger is not trt.first_logger:
+            trt.ignored_loggers.append((kind, logger))
+
     class IProgressMonitor:
         def __init__(self) -> None:
             pass
 
     trt.IProgressMonitor = IProgressMonitor
-    if strongly_typed_flag:
-        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(
-            EXPLICIT_BATCH=_Enum("EXPLICIT_BATCH", 0), STRONGLY_TYPED=_Enum("STRONGLY_TYPED", 1)
+    if major >= 11:
+        # 11.x: STRONGLY_TYPED is kept (deprecated, ignored) and renumbered; no EXPLICIT_BATCH.
+        trt.NetworkDefinitionCreationFlag = _enum(
+            "STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"
         )
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=_Enum("WORKSPACE", 0))
+        trt.BuilderFlag = _enum(*_OTHER_FLAGS)
+    else:
+        names = ["EXPLICIT_BATCH", "STRONGLY_TYPED"] if strongly_typed_flag else ["EXPLICIT_BATCH"]
+        trt.NetworkDefinitionCreationFlag = _enum(*names)
+        trt.BuilderFlag = _enum(*_PRECISION_FLAGS, *_OTHER_FLAGS)
+    valid_network_flags = sum(
+        1 << v.value for v in vars(trt.NetworkDefinitionCreationFlag).values()
+    )
+    trt.MemoryPoolType = _enum("WORKSPACE")
+    trt.ProfilingVerbosity = _enum("LAYER_NAMES_ONLY", "NONE", "DETAILED")
     trt.DataType = types.SimpleNamespace(
         FLOAT=_Enum("FLOAT", 0), HALF=_Enum("HALF", 1), UINT8=_Enum("UINT8", 5)
     )
@@ -243,6 +414,7 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
 
     class OnnxParser:
         def __init__(self, network: _Network, logger: Any) -> None:
+            take_logger("OnnxParser", logger)
             self.network = network
             self.errors: list[_ParserError] = []
 
@@ -283,10 +455,16 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
         def serialize(self) -> bytes:
             return self.data + b"+timed"
 
+        def combine(self, other: _TimingCache, ignore_mismatch: bool) -> bool:
+            self.data = other.data + b"&" + self.data
+            return True
+
     class _Config:
         def __init__(self) -> None:
             self.pools: dict[str, int] = {}
+            self.flags: set[str] = set()
             self.builder_optimization_level = -1
+            self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             self.profiles: list[_Profile] = []
             self.timing_cache: _TimingCache | None = None
             self.progress_monitor: Any = None
@@ -294,26 +472,35 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
         def set_memory_pool_limit(self, pool: _Enum, size: int) -> None:
             self.pools[pool.name] = size
 
+        def set_flag(self, flag: _Enum) -> None:
+            self.flags.add(flag.name)
+
         def add_optimization_profile(self, profile: _Profile) -> int:
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
-        def create_timing_cache(self, data: bytes) -> _TimingCache:
+        def create_timing_cache(self, data: bytes) -> _TimingCache | None:
+            if trt.no_timing_cache or (data and trt.timing_cache_unreadable):
+                return None
             return _TimingCache(data)
 
         def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+            if not isinstance(cache, _TimingCache):
+                raise TypeError(f"set_timing_cache(): incompatible function arguments ({cache!r})")
             self.timing_cache = cache
             return True
 
-        def get_timing_cache(self) -> _TimingCache:
-            assert self.timing_cache is not None
+        def get_timing_cache(self) -> _TimingCache | None:
             return self.timing_cache
 
     class Builder:
         def __init__(self, logger: Any) -> None:
+            take_logger("Builder", logger)
             self.logger = logger
 
         def create_network(self, flags: int = 0) -> _Network:
+            if flags & ~valid_network_flags:
+                raise ValueError(f"create_network: unknown creation flags {flags:#x}")
             trt.events.append(("create_network", flags))
             return _Network(flags)
 
@@ -334,27 +521,54 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
     trt.Builder = Builder
 
     class _ExecutionContext:
-        def __init__(self) -> None:
+        def __init__(self, engine: _Engine) -> None:
+            self.engine = engine
             self.shapes: dict[str, tuple[int, ...]] = {}
             self.addresses: dict[str, int] = {}
+            self.streams: list[int] = []
 
         def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            self.shapes[name] = tuple(shape)
+            lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+            shape = tuple(shape)
+            if len(shape) != len(hi) or not all(
+                a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)
+            ):
+                return False  # TensorRT logs an error and refuses
+            self.shapes[name] = shape
             return True
 
         def set_tensor_address(self, name: str, address: int) -> bool:
+            if type(address) is not int:
+                raise TypeError(
+                    f"set_tensor_address(): incompatible function arguments {address!r}"
+                )
+            if name not in self.engine.io:
+                return False
             self.addresses[name] = address
             return True
 
-        def execute_async_v3(self, stream: int) -> bool:
-            memory = trt.driver_memory
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            if type(stream_handle) is not int:
+                raise TypeError(
+                    f"execute_async_v3(): incompatible function arguments {stream_handle!r}"
+                )
+            if set(self.addresses) != set(self.engine.io) or "images" not in self.shapes:
+                return False
             n = self.shapes["images"][0]
-            raw = bytes(memory[self.addresses["images"]][: n * 224 * 224 * 3])
-            images = np.frombuffer(raw, np.uint8).reshape(n, 224, 224, 3)
-            out = np.zeros((n, 1000), np.float32)
-            out[np.arange(n), expected_class(images)] = 1.0
-            memory[self.addresses["probabilities"]][: out.nbytes] = out.tobytes()
-            return True
+            images_at, probs_at = self.addresses["images"], self.addresses["probabilities"]
+            self.streams.append(stream_handle)
+            if trt.execute is not None:
+                return bool(trt.execute(stream_handle, n, images_at, probs_at))
+            memory = trt.driver.memory
+
+            def run() -> None:
+                raw = bytes(memory[images_at][: n * 224 * 224 * 3])
+                images = np.frombuffer(raw, np.uint8).reshape(n, 224, 224, 3)
+                out = np.zeros((n, 1000), np.float32)
+                out[np.arange(n), expected_class(images)] = 1.0
+                memory[probs_at][: out.nbytes] = out.tobytes()
+
+            return bool(trt.driver.enqueue(stream_handle, run))
 
     class _Engine:
         def __init__(self, max_batch: int) -> None:
@@ -388,12 +602,13 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
             return [Dims([1, *rest]), Dims([self.max_batch, *rest]), Dims([self.max_batch, *rest])]
 
         def create_execution_context(self) -> _ExecutionContext:
-            context = _ExecutionContext()
+            context = _ExecutionContext(self)
             self.contexts.append(context)
             return context
 
     class Runtime:
         def __init__(self, logger: Any) -> None:
+            take_logger("Runtime", logger)
             self.logger = logger
 
         def deserialize_cuda_engine(self, plan: bytes) -> _Engine | None:

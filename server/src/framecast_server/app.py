@@ -24,7 +24,7 @@ from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .backends.base import Backend
+from .backends.base import Backend, BreakableBackend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .drain import CallGate
@@ -47,6 +47,8 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
+EXIT_BACKEND_BROKEN = 3
 
 
 class FramecastServer:
@@ -102,6 +104,10 @@ class FramecastServer:
         self._inference = InferenceServicer()
         self._serving: ServingModel | None = None
         self._stopping: asyncio.Future[None] | None = None
+        # Set when the backend breaks for the life of the process (a sticky CUDA error).
+        self.broken = asyncio.Event()
+        self.broken_reason: str | None = None
+        self._health_tasks: set[asyncio.Future[None]] = set()
         self._classifier.add_to_server(self._server)
         # Generated registrations go through guarded(): malformed requests get
         # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
@@ -159,6 +165,9 @@ class FramecastServer:
                 threads=settings.threads,
                 cache_dir=settings.cache_dir,
             )
+        if isinstance(backend, BreakableBackend):
+            loop = asyncio.get_running_loop()
+            backend.on_broken(lambda reason: loop.call_soon_threadsafe(self._backend_broke, reason))
         batcher = Batcher(
             backend,
             BatcherSettings(
@@ -193,6 +202,16 @@ class FramecastServer:
             time.monotonic() - started,
         )
         return self._serving
+
+    def _backend_broke(self, reason: str) -> None:
+        # Calls already fail with UNAVAILABLE (the service's error mapping); tell health
+        # watchers at once, and serve() exits non-zero so the supervisor restarts the process.
+        self.broken_reason = reason
+        self.broken.set()
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+            task = asyncio.ensure_future(self._health.set(service, NOT_SERVING))
+            self._health_tasks.add(task)
+            task.add_done_callback(self._health_tasks.discard)
 
     async def stop(self, grace: float | None = None, *, drain_delay: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, the drain delay, then calls in flight finish.
@@ -277,7 +296,14 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
         await server.stop(0)
         logger.error("could not load the model: %s", load.exception())
         return 1
-    await stopping
+    broken = asyncio.ensure_future(server.broken.wait())
+    await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        stopping.cancel()
+        logger.critical("exiting so that the server is restarted: %s", server.broken_reason)
+        await server.stop(0, drain_delay=0)
+        return EXIT_BACKEND_BROKEN
+    broken.cancel()
     logger.info(
         "signal received: draining (drain delay %.1f s, grace %.1f s; a second signal exits now)",
         settings.drain_delay_s,

@@ -7,6 +7,7 @@ thread, one batch at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -20,6 +21,20 @@ class BackendError(RuntimeError):
 
 class BackendUnavailableError(BackendError):
     """The backend cannot run on this machine (no GPU, library missing); the message says why."""
+
+
+class BackendBrokenError(BackendError):
+    """The backend can run nothing more in this process (e.g. a sticky CUDA error poisoned the
+    GPU context); the message says why. Only a new process recovers."""
+
+
+@runtime_checkable
+class BreakableBackend(Protocol):
+    """A backend that can break for the life of the process (the TensorRT one)."""
+
+    def on_broken(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(reason)`` once, from any thread, when the backend breaks."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

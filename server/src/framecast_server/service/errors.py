@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from framecast_client.wire import PreprocessingMismatchError, WireFormatError
 
-from ..backends.base import BackendError
+from ..backends.base import BackendBrokenError, BackendError
 from ..batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 from ..drain import ShuttingDownError
 
@@ -111,6 +111,12 @@ def _map(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ModelNotReadyError):
         return grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly"
+    broken = _broken_cause(exc)
+    if broken is not None:
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server's backend is broken and must restart: {broken}",
+        )
     if isinstance(exc, BackendError):
         logger.error("backend failure: %s", exc)
         return grpc.StatusCode.INTERNAL, f"inference failed on the server: {exc}"
@@ -128,3 +134,12 @@ def set_status(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) 
     code, message = status_for(exc)
     context.set_code(code)
     context.set_details(message)
+
+
+def _broken_cause(exc: BaseException | None) -> BackendBrokenError | None:
+    # The batcher wraps a backend's exception in its own BackendError (the cause).
+    while exc is not None:
+        if isinstance(exc, BackendBrokenError):
+            return exc
+        exc = exc.__cause__
+    return None

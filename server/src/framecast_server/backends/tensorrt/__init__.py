@@ -56,8 +56,9 @@ def _plan(onnx_path: Path, settings: EngineSettings, cache_dir: Path) -> _Plan:
 
     import tensorrt as trt
 
+    from ...model.fp16 import converter_version
     from . import cuda
-    from .builder import build_plan
+    from .builder import build_plan, combine_timing_caches
     from .cache import EngineCache, EngineSpec, sha256_file
 
     device = cuda.device_info(DEVICE_INDEX)
@@ -69,12 +70,15 @@ def _plan(onnx_path: Path, settings: EngineSettings, cache_dir: Path) -> _Plan:
         precision=settings.precision,
         profile=settings.profile,
         builder_optimization_level=settings.builder_optimization_level,
+        workspace_bytes=settings.workspace_bytes,
+        converter=converter_version(),
     )
 
     def build(timing_cache: bytes | None) -> BuildResult:
         return build_plan(onnx.load(str(onnx_path)), settings, timing_cache)
 
-    return _Plan(EngineCache(cache_dir), spec, build, device.name)
+    cache = EngineCache(cache_dir, merge_timing=combine_timing_caches)
+    return _Plan(cache, spec, build, device.name)
 
 
 def build_engine(onnx_path: Path, settings: EngineSettings, cache_dir: Path) -> Path:

@@ -9,6 +9,11 @@ batch B's host-to-device copy on one stream while batch A still computes on the 
 overlap only exists when two batches are in flight at once, i.e. when callers use ``submit``
 (or call ``infer`` from several threads); a single caller doing ``infer`` one batch at a time
 gets plain sequential execution, which is still correct.
+
+A sticky CUDA error (illegal address, launch failure: the context is poisoned) breaks the
+backend for good: that batch, every queued one and every later call fail with
+BackendBrokenError naming the error, and ``on_broken`` callbacks tell the server to stop serving
+so that its supervisor restarts it. Any other error fails only its own batch.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -26,11 +31,17 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from numpy.typing import NDArray
 
-from ..base import BackendError, BackendInfo
+from ..base import BackendBrokenError, BackendError, BackendInfo
 from . import cuda
-from .builder import make_trt_logger, succeeded
-from .errors import EngineMismatchError, TensorRTBackendError, TensorRTCallError
+from .builder import succeeded
+from .errors import (
+    EngineMismatchError,
+    StickyCudaError,
+    TensorRTBackendError,
+    TensorRTCallError,
+)
 from .settings import CHANNELS, IMAGE_SIZE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME, EngineSettings
+from .trt_logging import process_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -197,6 +208,8 @@ class TensorRTBackend:
         self._info = BackendInfo(name="tensorrt", precision=settings.precision, device=device_name)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
+        self._broken: str | None = None
+        self._on_broken: list[Callable[[str], object]] = []
         self._close_lock = threading.Lock()
         self._device_index = device_index
         self._slots: list[_Slot] = []
@@ -230,15 +243,33 @@ class TensorRTBackend:
         """Two: one batch's copies overlap the other's compute, on two contexts and streams."""
         return NUM_SLOTS
 
+    @property
+    def broken(self) -> str | None:
+        """Why the backend is broken for the life of the process, or None while it works."""
+        return self._broken
+
+    def on_broken(self, callback: Callable[[str], object]) -> None:
+        """Call ``callback(reason)`` once when a sticky CUDA error breaks the backend (on the
+        worker thread), or at once if it already has."""
+        with self._close_lock:
+            if self._broken is None:
+                self._on_broken.append(callback)
+                return
+            reason = self._broken
+        callback(reason)
+
     def submit(self, images: NDArray[np.uint8]) -> Future[NDArray[np.float32]]:
         """Queue one batch and return at once; the future holds probabilities [N, 1000].
 
         Having two batches submitted lets the second's copy overlap the first's compute.
-        Raises ValueError for a wrong shape or dtype, BackendError after ``close``.
+        Raises ValueError for a wrong shape or dtype, BackendError after ``close`` and
+        BackendBrokenError once a sticky CUDA error broke the backend.
         """
         self._validate(images)
         future: Future[NDArray[np.float32]] = Future()
         with self._close_lock:
+            if self._broken is not None:
+                raise BackendBrokenError(self._broken)
             if self._closed:
                 raise BackendError("TensorRT backend is closed")
             self._queue.put(_Job(images, future))
@@ -278,8 +309,7 @@ class TensorRTBackend:
         import tensorrt as trt
 
         self._context = cuda.CudaContext(self._device_index)
-        self._trt_logger = make_trt_logger()
-        self._runtime = trt.Runtime(self._trt_logger)
+        self._runtime = trt.Runtime(process_logger())
         engine = cast("trt.ICudaEngine | None", self._runtime.deserialize_cuda_engine(plan))
         if engine is None:
             raise EngineDeserializeError(
@@ -346,11 +376,17 @@ class TensorRTBackend:
                 slot = free.popleft()
                 try:
                     slot.enqueue(job.images)
+                except StickyCudaError as exc:
+                    self._break(exc, [job, *(j for _, j in in_flight)])
+                    return
                 except BaseException as exc:
                     self._fail(job, exc)
                     # Drain whatever part of the batch was queued before the slot is reused.
                     try:
                         slot.collect(0)
+                    except StickyCudaError as sticky:
+                        self._break(sticky, [j for _, j in in_flight])
+                        return
                     except TensorRTBackendError:
                         logger.exception("stream sync after failed enqueue")
                     free.append(slot)
@@ -363,9 +399,39 @@ class TensorRTBackend:
             slot, job = in_flight.popleft()
             try:
                 job.future.set_result(slot.collect(job.images.shape[0]))
+            except StickyCudaError as exc:
+                self._break(exc, [job, *(j for _, j in in_flight)])
+                return
             except BaseException as exc:
                 self._fail(job, exc)
             free.append(slot)
+
+    def _break(self, exc: StickyCudaError, jobs: list[_Job]) -> None:
+        """Mark the backend broken, fail ``jobs`` and everything queued, tell the callbacks."""
+        reason = (
+            f"the GPU context is lost ({exc}); this process can run no more batches and must "
+            "be restarted"
+        )
+        logger.critical("TensorRT backend broken: %s", reason)
+        with self._close_lock:
+            self._broken = reason
+            callbacks, self._on_broken = self._on_broken, []
+        while True:  # nothing new arrives: submit refuses once _broken is set
+            try:
+                queued = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if queued is not None:
+                jobs.append(queued)
+        for job in jobs:
+            error = BackendBrokenError(reason)
+            error.__cause__ = exc
+            job.future.set_exception(error)
+        for callback in callbacks:
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("on_broken callback failed")
 
     @staticmethod
     def _fail(job: _Job, exc: BaseException) -> None:

@@ -25,12 +25,12 @@ from ...model.fp16 import convert_to_fp16
 from .cache import BuildResult
 from .errors import EngineBuildError, EngineMismatchError, OnnxParseError, TensorRTCallError
 from .settings import INPUT_NAME, OUTPUT_NAME, EngineSettings
+from .trt_logging import process_logger
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 logger = logging.getLogger(__name__)
-trt_log = logging.getLogger("framecast_server.tensorrt")
 
 HEARTBEAT_SECONDS = 30.0
 PROGRESS_LOG_SECONDS = 10.0
@@ -76,35 +76,6 @@ def network_creation_flags(trt_module: Any) -> int:
             )
         return 1 << int(strongly_typed)
     raise EngineBuildError("tensorrt", f"TensorRT {version} is not supported; need 10.x or 11.x")
-
-
-def _logging_level(trt_module: Any, severity: Any) -> int:
-    sev = trt_module.ILogger.Severity
-    levels = {
-        sev.INTERNAL_ERROR: logging.CRITICAL,
-        sev.ERROR: logging.ERROR,
-        sev.WARNING: logging.WARNING,
-        sev.INFO: logging.INFO,
-        sev.VERBOSE: logging.DEBUG,
-    }
-    return levels.get(severity, logging.INFO)
-
-
-def make_trt_logger() -> trt.ILogger:
-    """A TensorRT logger that forwards to the ``framecast_server.tensorrt`` logging logger."""
-    import tensorrt as trt
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            level = _logging_level(trt, severity)
-            # TensorRT's VERBOSE stream is thousands of lines a build; skip the formatting.
-            if trt_log.isEnabledFor(level):
-                trt_log.log(level, "%s", msg)
-
-    return _Logger()
 
 
 def make_progress_monitor() -> trt.IProgressMonitor | None:
@@ -212,7 +183,7 @@ def build_plan(
     flags = network_creation_flags(trt)
     model_bytes = convert_to_fp16(onnx_model).SerializeToString()
 
-    trt_logger = make_trt_logger()
+    trt_logger = process_logger()
     builder = trt.Builder(trt_logger)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, trt_logger)
@@ -225,6 +196,9 @@ def build_plan(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
     config.builder_optimization_level = settings.builder_optimization_level
+    # Layer precisions and formats in the plan, so the engine inspector can show (and the GPU
+    # suite can check) that the layers really run in FP16. Costs a few KB of plan.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
 
     profile = builder.create_optimization_profile()
     lo, opt, hi = settings.input_shapes()
@@ -232,12 +206,7 @@ def build_plan(
     if config.add_optimization_profile(profile) < 0:
         raise TensorRTCallError("IBuilderConfig.add_optimization_profile", "profile rejected")
 
-    cache = config.create_timing_cache(timing_cache or b"")
-    if not succeeded(config.set_timing_cache(cache, False)):
-        # Only reachable if the stored cache came from another TensorRT/GPU despite its name.
-        logger.warning("stored TensorRT timing cache rejected; building with an empty one")
-        if not succeeded(config.set_timing_cache(config.create_timing_cache(b""), False)):
-            raise TensorRTCallError("IBuilderConfig.set_timing_cache", "empty cache rejected")
+    has_timing_cache = _use_timing_cache(config, timing_cache)
 
     monitor = make_progress_monitor()
     if monitor is not None:
@@ -258,8 +227,53 @@ def build_plan(
         raise EngineBuildError(
             "Builder.build_serialized_network", "returned None (see TensorRT errors logged above)"
         )
-    new_cache = config.get_timing_cache().serialize()
-    return BuildResult(plan=bytes(plan), timing_cache=bytes(new_cache))
+    new_cache = _serialized(config.get_timing_cache()) if has_timing_cache else None
+    return BuildResult(plan=bytes(plan), timing_cache=new_cache)
+
+
+def _serialized(cache: trt.ITimingCache | None) -> bytes | None:
+    data = cast("trt.IHostMemory | None", cache.serialize()) if cache is not None else None
+    return bytes(data) if data is not None else None
+
+
+def _use_timing_cache(config: trt.IBuilderConfig, stored: bytes | None) -> bool:
+    """Give the build a timing cache: the stored one, else an empty one, else none at all.
+
+    ``create_timing_cache`` returns None when TensorRT cannot read the bytes (a cache from
+    another TensorRT or GPU despite its file name, or a damaged file) and, rarely, even for an
+    empty cache. Timings only make builds faster, so each failure is said and the build goes on.
+    Returns whether a timing cache is in use.
+    """
+    attempts = [stored, b""] if stored else [b""]
+    for data in attempts:
+        made = cast("trt.ITimingCache | None", config.create_timing_cache(data))
+        if made is not None and succeeded(config.set_timing_cache(made, False)):
+            return True
+        if data:
+            logger.warning(
+                "stored TensorRT timing cache (%d bytes) unusable; building with an empty one",
+                len(data),
+            )
+    logger.warning("TensorRT could not create a timing cache; building without one")
+    return False
+
+
+def combine_timing_caches(on_disk: bytes, new: bytes) -> bytes:
+    """``new`` with the entries of ``on_disk`` merged in (``ITimingCache.combine``).
+
+    Two builds (of different models) can run at once and both save the one timing cache of this
+    TensorRT and GPU; merging keeps both builds' timings instead of the last writer's. Returns
+    ``new`` unchanged if TensorRT cannot read or combine ``on_disk``.
+    """
+    import tensorrt as trt
+
+    config = trt.Builder(process_logger()).create_builder_config()
+    merged = cast("trt.ITimingCache | None", config.create_timing_cache(new))
+    other = cast("trt.ITimingCache | None", config.create_timing_cache(on_disk))
+    if merged is None or other is None or not succeeded(merged.combine(other, False)):
+        logger.warning("could not merge the TensorRT timing cache on disk; saving this build's")
+        return new
+    return _serialized(merged) or new
 
 
 @contextmanager

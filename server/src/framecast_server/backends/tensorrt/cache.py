@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the build recipe changes in a way the other key fields do not capture (e.g. the
 # fp16 conversion), so old plans are not reused for a different graph.
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2
 
 _CHUNK = 1 << 20
 
@@ -81,6 +81,8 @@ class EngineSpec:
     precision: str
     profile: tuple[int, int, int]  # (min, opt, max) batch of the "images" input
     builder_optimization_level: int
+    workspace_bytes: int  # the builder's workspace limit: it decides which tactics may run
+    converter: str  # the fp16 conversion's recipe and library version (model.fp16)
 
     def as_json(self) -> dict[str, Any]:
         """The fields as JSON-ready values (tuples become lists)."""
@@ -106,6 +108,8 @@ class BuildResult:
 
 # Called with the stored timing cache (None when there is none yet).
 BuildFn = Callable[[bytes | None], BuildResult]
+# Merges the timing cache on disk (first) into a build's new one (second); returns the result.
+MergeFn = Callable[[bytes, bytes], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +128,12 @@ def _slug(text: str) -> str:
 class EngineCache:
     """Engine plans and timing caches under ``root``; see the module docstring for the layout."""
 
-    def __init__(self, root: Path, *, lock_timeout: float = 3600.0) -> None:
+    def __init__(
+        self, root: Path, *, lock_timeout: float = 3600.0, merge_timing: MergeFn | None = None
+    ) -> None:
         self.root = root
+        # Without a merge function (tests without TensorRT) the last writer's cache wins.
+        self.merge_timing = merge_timing
         self.engines_dir = root / "engines"
         self.timing_dir = root / "timing"
         # A ResNet-50 build takes minutes; waiting an hour for another process's build is
@@ -254,9 +262,7 @@ class EngineCache:
         }
         atomic_write_bytes(self.metadata_path(spec), json.dumps(meta, indent=2).encode())
         if result.timing_cache:
-            # Builds of different models can run at once and both save here; the last writer
-            # wins and the other's new entries are lost, which only costs re-timing later.
-            atomic_write_bytes(timing_path, result.timing_cache)
+            self._save_timing(timing_path, timing, result.timing_cache)
         logger.info(
             "built TensorRT engine %s in %.1f s (%d bytes)",
             plan_path,
@@ -264,6 +270,20 @@ class EngineCache:
             len(result.plan),
         )
         return CachedPlan(plan_path, result.plan, built=True)
+
+    def _save_timing(self, path: Path, given: bytes | None, new: bytes) -> None:
+        """Save ``new``, merged with whatever another build saved since ``given`` was read.
+
+        Builds of different models run at once and share this file; under its lock the file is
+        re-read and, if it changed, combined with ours, so neither build's timings are lost.
+        """
+        with filelock.FileLock(str(path.with_name(path.name + ".lock")), timeout=60):
+            on_disk: bytes | None = None
+            with contextlib.suppress(FileNotFoundError):
+                on_disk = path.read_bytes()
+            if on_disk and on_disk != given and self.merge_timing is not None:
+                new = self.merge_timing(on_disk, new)
+            atomic_write_bytes(path, new)
 
     @contextlib.contextmanager
     def _locked(self, spec: EngineSpec) -> Iterator[None]:

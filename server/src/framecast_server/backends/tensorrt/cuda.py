@@ -16,11 +16,44 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from ..base import BackendUnavailableError
-from .errors import CudaError
+from .errors import CudaError, StickyCudaError
 
 T = TypeVar("T")
 
 _initialized = False
+
+# cuStreamCreate's CU_STREAM_NON_BLOCKING (pycuda has no name for it): the stream does not
+# synchronize with the legacy default stream, so work there cannot serialize our two slots.
+STREAM_NON_BLOCKING = 1
+
+# Errors after which the context is unusable (CUDA's "sticky" errors), as cuGetErrorString words
+# them (pycuda's message) and by enum name. Any other error fails only the call that raised it.
+_STICKY_ERRORS = (
+    "illegal memory access",
+    "illegal_address",
+    "unspecified launch failure",
+    "launch_failed",
+    "illegal instruction",
+    "illegal_instruction",
+    "misaligned address",
+    "misaligned_address",
+    "hardware stack error",
+    "hardware_stack_error",
+    "invalid program counter",
+    "invalid_pc",
+    "device-side assert",
+    "error_assert",
+    "uncorrectable ecc",
+    "ecc_uncorrectable",
+    "launch timed out",
+    "launch_timeout",
+)
+
+
+def is_sticky(message: str) -> bool:
+    """Whether a CUDA error message names an error that poisons the context."""
+    lowered = message.lower()
+    return any(marker in lowered for marker in _STICKY_ERRORS)
 
 
 def _driver() -> Any:
@@ -37,7 +70,9 @@ def _call(name: str, fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except drv.Error as exc:
-        raise CudaError(f"pycuda.driver.{name}", str(exc) or type(exc).__name__) from exc
+        detail = str(exc) or type(exc).__name__
+        kind = StickyCudaError if is_sticky(detail) else CudaError
+        raise kind(f"pycuda.driver.{name}", detail) from exc
 
 
 def init() -> None:
@@ -71,22 +106,25 @@ def device_info(index: int = 0) -> DeviceInfo:
 
 
 class CudaContext:
-    """The device's primary context, retained and made current on the calling thread.
+    """A CUDA context with blocking synchronization, current on the calling thread.
 
-    The primary context is the one the CUDA runtime (which TensorRT uses) picks on its own, so
-    TensorRT and pycuda share one context instead of paying for two on the same GPU.
+    ``SCHED_BLOCKING_SYNC``: a thread waiting in ``synchronize`` sleeps on an interrupt instead
+    of spinning a core, which the server's gRPC threads need. The primary context cannot be
+    given that flag through pycuda, so this is a context of our own; TensorRT (the CUDA runtime)
+    uses whichever context is current on the calling thread, which is this one on the worker.
     """
 
     def __init__(self, index: int = 0) -> None:
         init()
         drv = _driver()
         dev = _call("Device", drv.Device, index)
-        self._ctx: Any = _call("Device.retain_primary_context", dev.retain_primary_context)
-        _call("Context.push", self._ctx.push)
+        # make_context creates the context and pushes it on this thread.
+        flags = drv.ctx_flags.SCHED_BLOCKING_SYNC
+        self._ctx: Any = _call("Device.make_context", dev.make_context, flags)
         self._active = True
 
     def close(self) -> None:
-        """Pop the context from this thread and release the retain; idempotent."""
+        """Pop the context from this thread and destroy it (detach); idempotent."""
         if not self._active:
             return
         self._active = False
@@ -96,10 +134,10 @@ class CudaContext:
 
 
 class CudaStream:
-    """A CUDA stream; ``handle`` is what TensorRT's execute_async_v3 takes."""
+    """A non-blocking CUDA stream; ``handle`` is what TensorRT's execute_async_v3 takes."""
 
     def __init__(self) -> None:
-        self._stream: Any = _call("Stream", _driver().Stream)
+        self._stream: Any = _call("Stream", _driver().Stream, STREAM_NON_BLOCKING)
 
     @property
     def handle(self) -> int:

@@ -22,6 +22,14 @@ class CudaError(TensorRTBackendError):
     """A CUDA driver call (through pycuda) failed."""
 
 
+class StickyCudaError(CudaError):
+    """A CUDA error that poisons the context (illegal address, launch failure, ...).
+
+    Every later call in this process fails too: the backend is broken and the process must
+    restart to get a working GPU context.
+    """
+
+
 class TensorRTCallError(TensorRTBackendError):
     """A TensorRT runtime call returned failure (False or None)."""
 

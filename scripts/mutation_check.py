@@ -1,0 +1,116 @@
+"""Show that the device-free TensorRT tests catch the bugs a GPU would: each mutation must fail.
+
+Usage: uv run python scripts/mutation_check.py
+
+Copies the server package to a temporary directory, applies one deliberate bug to the copy,
+and runs the TensorRT backend tests against it (the copy comes first on PYTHONPATH, ahead of
+the editable install). The unmutated copy must pass and every mutation must fail; exits 1
+otherwise. Each mutation is a bug the synchronous fakes of the past let through.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "server" / "src" / "framecast_server"
+BACKEND = Path("backends/tensorrt/backend.py")
+TESTS = ["tests/trt_backend/test_trt_backend.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Replace ``old`` (which must occur exactly once) by ``new`` in ``path``."""
+
+    name: str
+    path: Path
+    old: str
+    new: str
+
+
+MUTATIONS = (
+    Mutation(
+        "results read without synchronizing the stream",
+        BACKEND,
+        "        self.stream.synchronize()\n",
+        "        pass  # mutation: no synchronize\n",
+    ),
+    Mutation(
+        "two slots share one pinned input buffer",
+        BACKEND,
+        "            self._slots.append(_Slot(engine, layout))\n",
+        "            self._slots.append(_Slot(engine, layout))\n"
+        "        self._slots[1].host_in = self._slots[0].host_in  # mutation: shared buffer\n",
+    ),
+    Mutation(
+        "pycuda Stream object passed to execute_async_v3 instead of its handle",
+        BACKEND,
+        "ctx.execute_async_v3(self.stream.handle)",
+        "ctx.execute_async_v3(self.stream.raw)",
+    ),
+)
+
+
+def run_tests(source_root: Path) -> tuple[int, str]:
+    """Run TESTS with ``source_root`` first on the path; return pytest's status and the first
+    failing test (pytest's own counts are not repeated: CI reads the suite's closing line)."""
+    env = dict(os.environ, PYTHONPATH=str(source_root))
+    check = subprocess.run(
+        [sys.executable, "-c", "import framecast_server; print(framecast_server.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    if not check.stdout.strip().startswith(str(source_root)):
+        raise SystemExit(f"the copy is not the package imported: {check.stdout.strip()}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *TESTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    failing = [line for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+    if failing:
+        return result.returncode, "first failing test " + failing[0].split()[1]
+    return result.returncode, f"pytest exit status {result.returncode}"
+
+
+def main() -> int:
+    """Run the control and every mutation; print one line each; 0 when all are as expected."""
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="framecast-mutants-") as tmp:
+        for mutation in (None, *MUTATIONS):
+            source_root = Path(tmp) / ("control" if mutation is None else f"m{id(mutation)}")
+            shutil.copytree(
+                PACKAGE, source_root / "framecast_server", ignore=shutil.ignore_patterns("*.pyc")
+            )
+            if mutation is not None:
+                target = source_root / "framecast_server" / mutation.path
+                text = target.read_text()
+                if text.count(mutation.old) != 1:
+                    print(f"ERROR  {mutation.name}: the code to mutate is not there once")
+                    ok = False
+                    continue
+                target.write_text(text.replace(mutation.old, mutation.new))
+            status, last = run_tests(source_root)
+            if mutation is None:
+                passed = status == 0
+                print(f"{'ok' if passed else 'FAIL':6} unmutated copy passes: {last}")
+            else:
+                passed = status == 1  # tests ran and failed (not a crash or a usage error)
+                print(f"{'ok' if passed else 'FAIL':6} caught: {mutation.name}: {last}")
+            ok = ok and passed
+    print("mutation check:", "every mutation was caught" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
