@@ -3,8 +3,9 @@
 Usage: uv run python benchmarks/fuzz_long.py [--cases 50000] [--seed 1] [--json FILE]
 
 Starts the server (null backend) in its own process, then sends seeded malformed messages,
-spread over every method it serves: Classifier.GetModelInfo, Classify and ClassifyStream
-(frames on long streams), Health.Check and both reflection versions. Cases are mutations of
+spread over the methods it serves: Classifier.GetModelInfo, Classify and ClassifyStream
+(frames on long streams), the Open Inference Protocol's ModelInfer, Health.Check and both
+reflection versions. Cases are mutations of
 valid messages (truncation, flipped and inserted bytes, wrong wire types, absurd lengths,
 invalid UTF-8, oversized strings, out-of-range values) and plain random bytes. After every
 batch of cases one good Classify request must succeed.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from framecast_client import wire
+from framecast_client import oip, wire
 from framecast_client._proto import classifier_pb2 as pb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
@@ -95,7 +96,12 @@ def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:
             file_containing_symbol="framecast.v1.Classifier"
         ).SerializeToString(),
     ]
+    infer = [
+        oip.infer_request(full[None], model_name="resnet50", class_count=3).SerializeToString(),
+        oip.infer_request(small[None], model_name="resnet50", request_id="x").SerializeToString(),
+    ]
     return {
+        "ModelInfer": infer,
         "GetModelInfo": [b"", pb.GetModelInfoRequest().SerializeToString()],
         "Classify": classify,
         "ClassifyStream": stream,
@@ -127,6 +133,24 @@ def _semantic(rng: random.Random, method: str) -> bytes:
             top_k=rng.choice((0, 5, 2**32 - 1)),
             preprocessing_id=rng.choice(("", long_text)),
         ).SerializeToString()
+    if method == "ModelInfer":
+        request = oip.infer_request(
+            np.zeros((1, 4, 4, 3), dtype=np.uint8),
+            model_name=rng.choice(("resnet50", "", long_text)),
+            model_version=rng.choice(("", "1", "99", long_text)),
+            request_id=rng.choice(("", long_text)),
+            class_count=rng.choice((None, 0, -1, 5, 2**40)),
+            input_name=rng.choice(("images", "", long_text)),
+            output_name=rng.choice(("probabilities", "nope", long_text)),
+        )
+        request.inputs[0].datatype = rng.choice(("UINT8", "FP32", "BYTES", long_text))
+        request.inputs[0].shape[:] = rng.choice(([1, 224, 224, 3], [-1], [], [2**62, 2, 2, 3]))
+        if rng.random() < 0.3:
+            request.raw_input_contents.append(b"extra")
+        if rng.random() < 0.3:
+            request.ClearField("raw_input_contents")
+        infer: bytes = request.SerializeToString()
+        return infer
     if method == "Health":
         health: bytes = health_pb2.HealthCheckRequest(service=long_text).SerializeToString()
         return health
@@ -161,7 +185,7 @@ def mutate(rng: random.Random, valid: list[bytes], method: str) -> bytes:
     if kind == 5:  # an absurd length prefix
         return _varint((rng.randrange(1, 5) << 3) | 2) + _varint(rng.randrange(2**31, 2**40))
     if kind == 6:  # invalid UTF-8 in a string field (field 3 or 4 in ours, 1 in health)
-        number = {"Health": 1, "ClassifyStream": 4, "Reflection": 3}.get(method, 3)
+        number = {"Health": 1, "ClassifyStream": 4, "Reflection": 3, "ModelInfer": 1}.get(method, 3)
         bad = rng.choice((b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80"))
         return base + _varint((number << 3) | 2) + _varint(len(bad)) + bad
     if kind == 7:  # end groups and reserved wire types
@@ -183,6 +207,9 @@ class Fuzzer:
             "GetModelInfo": unary("/framecast.v1.Classifier/GetModelInfo").future,  # type: ignore[call-arg]
             "Classify": unary("/framecast.v1.Classifier/Classify").future,  # type: ignore[call-arg]
             "Health": unary("/grpc.health.v1.Health/Check").future,  # type: ignore[call-arg]
+            "ModelInfer": unary(  # type: ignore[call-arg]
+                "/inference.GRPCInferenceService/ModelInfer"
+            ).future,
         }
         streams = self.channel.stream_stream
         self.streams: dict[str, Callable[..., Iterator[bytes]]] = {
@@ -266,7 +293,7 @@ class Fuzzer:
 def fuzz(address: str, total: int, seed: int, report: Report) -> None:
     rng = random.Random(seed)
     valid = _valid_messages(rng)
-    methods = ["GetModelInfo", "Classify", "ClassifyStream", "Health", "Reflection"]
+    methods = ["GetModelInfo", "Classify", "ClassifyStream", "ModelInfer", "Health", "Reflection"]
     fuzzer = Fuzzer(address, report)
     try:
         done = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = 6000  # over five method groups: 1,200 each, a few seconds in all
+CASES = 6000  # over six method groups: 1,000 each, a few seconds in all
 
 
 @pytest.mark.slow

@@ -85,6 +85,10 @@ class FramecastServer:
                 # Connection limits: each connection holds buffers and a descriptor.
                 ("grpc.max_allowed_incoming_connections", settings.max_connections),
                 ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+                # The stream limit stays a hard cap, but gRPC's "overload protection" also
+                # counted streams still being torn down, so a client at the limit saw its next
+                # calls refused (UNAVAILABLE, RST_STREAM code 7) instead of waiting for a slot.
+                ("grpc.http.overload_protection", 0),
                 ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
                 ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_TIMEOUT_S * 1000)),
                 # What a stream may have on its way before the server reads it. gRPC grows each

@@ -25,10 +25,11 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.preprocess import PreprocessSpec
 from numpy.typing import NDArray
 
-from ..batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
+from ..batcher import BatcherClosedError, ItemResult, QueueFullError
 from ..drain import CallGate
 from ..runtime import ServingModel
 from ..topk import top_k
+from .callers import caller_of
 from .errors import ModelNotReadyError, set_status, status_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -49,15 +50,6 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 def _deadline(context: _Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-def caller_of(context: _Context) -> Caller:
-    """Whose work a call is, for the batcher's fair order and reserves: its connection.
-
-    A client's calls and streams share a connection, so a client with many calls in flight is
-    one caller, not many. Once authentication exists, the client's identity takes this place.
-    """
-    return context.peer()
 
 
 class ClassifierServicer:

@@ -26,9 +26,10 @@ from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_client.wire import WireFormatError
 from numpy.typing import NDArray
 
-from ..batcher import ItemResult
+from ..batcher import Caller, ItemResult
 from ..runtime import ServingModel
 from ..topk import top_k
+from .callers import caller_of
 from .errors import ModelNotFoundError, ModelNotReadyError, status_for
 
 MODEL_NAME = "resnet50"
@@ -255,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ inference
     def _admit(
-        self, request: pb.ModelInferRequest, deadline: float | None
+        self, request: pb.ModelInferRequest, deadline: float | None, caller: Caller
     ) -> tuple[ServingModel, list[oip.RequestedOutput], asyncio.Future[list[ItemResult]]]:
         """Validate a request and hand its images to the batcher; raises on bad input."""
         serving = self._model(request.model_name, request.model_version)
@@ -264,7 +265,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         batch = oip.images_from_request(
             request, height=size, width=size, max_batch=serving.batcher.settings.max_batch
         )
-        return serving, outputs, serving.batcher.submit_nowait(batch, deadline=deadline)
+        future = serving.batcher.submit_nowait(batch, deadline=deadline, caller=caller)
+        return serving, outputs, future
 
     @staticmethod
     def _call_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -327,7 +329,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         try:
             deadline = self._deadline(request, self._call_deadline(context))
-            serving, outputs, future = self._admit(request, deadline)
+            serving, outputs, future = self._admit(request, deadline, caller_of(context))
             response = pb.ModelInferResponse()
             self._fill_response(response, serving, request.id, outputs, await future)
             return response
@@ -344,12 +346,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         pending: asyncio.Queue[_Admitted | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         call_deadline = self._call_deadline(context)  # a stream's deadline is fixed
+        caller = caller_of(context)  # for the batcher's fair order: the connection
 
         def admit(request: pb.ModelInferRequest) -> _Admitted:
             name, version = request.model_name, request.model_version
             try:
                 serving, outputs, future = self._admit(
-                    request, self._deadline(request, call_deadline)
+                    request, self._deadline(request, call_deadline), caller
                 )
                 return request.id, name, version, serving, outputs, future
             except Exception as exc:
