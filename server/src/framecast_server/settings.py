@@ -33,6 +33,10 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "framecast" / "engines"
 
 
+class PlaintextRefusedError(ValueError):
+    """Plaintext on a non-loopback address, without TLS or ``insecure``."""
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether binding ``host`` keeps the port on this machine (``localhost``, 127/8, ::1)."""
     if host.strip().lower() == "localhost":
@@ -115,7 +119,7 @@ class ServerSettings:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if self.tls is None and not self.insecure and not is_loopback_host(self.host):
-            raise ValueError(
+            raise PlaintextRefusedError(
                 f"refusing to serve plaintext on {self.host}: anyone on the network could read "
                 "the frames and results. Give --tls-cert and --tls-key, or --insecure to serve "
                 "plaintext on a network you trust (e.g. behind a TLS-terminating proxy)"
