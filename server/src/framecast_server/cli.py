@@ -323,15 +323,19 @@ def _workers(value: str) -> int:
 
 
 def _checked_settings(args: argparse.Namespace) -> ServerSettings:
-    """The settings, with the security flags checked: a refusal is one line and status 2."""
+    """The settings, with the security flags checked: a refusal is one line and status 2.
+
+    An address that is not this host's is said first: no flag would make it work.
+    """
     from .auth import TokenFileError
     from .settings import PlaintextRefusedError
     from .tls import TLSFilesError
     from .wiring import check_files
 
+    _check_bindable(args.host, args.port)
     try:
         settings = _settings(args)
-        if args.workers > 1 and settings.metrics_port is not None:
+        if getattr(args, "workers", 1) > 1 and settings.metrics_port is not None:
             raise SecurityFlagError(
                 "--metrics-port does not work with --workers yet: each worker would export "
                 "only its own figures. Run one worker per process (or pod) to scrape it"
@@ -344,7 +348,6 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _checked_settings(args)
-    _check_bindable(settings.host, settings.port)
     if args.workers > 1:
         from .workers import PortUnavailableError, Supervisor
 
@@ -388,8 +391,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .background import BackgroundServer
 
-    settings = _settings(args)
-    _check_bindable(settings.host, settings.port)
+    settings = _checked_settings(args)
     print(f"Starting a Framecast server in-process on a free port (backend {settings.backend})...")
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
@@ -480,6 +482,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="images (optional)")
     demo.add_argument("--top-k", type=positive_int, default=1, help="classes per image")
     _add_serving_arguments(demo, default_port=0)
+    demo.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback --host (the demo serves no TLS)",
+    )
     _add_model_arguments(demo)
     demo.set_defaults(handler=_run(_demo))
 
