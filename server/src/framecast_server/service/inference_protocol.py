@@ -30,7 +30,7 @@ from ..batcher import Caller, ItemResult
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
-from .errors import ModelNotFoundError, ModelNotReadyError, status_for
+from .errors import ModelNotFoundError, ModelNotReadyError, set_status, status_for
 
 MODEL_NAME = "resnet50"
 SERVER_NAME = "framecast"
@@ -322,11 +322,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             oip.add_classes(response, output.name, rows)
 
-    async def ModelInfer(
+    # None for a failed call (its status set): grpc then sends no message.
+    async def ModelInfer(  # type: ignore[override]
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | None:
         try:
             deadline = self._deadline(request, self._call_deadline(context))
             serving, outputs, future = self._admit(request, deadline, caller_of(context))
@@ -334,7 +335,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._fill_response(response, serving, request.id, outputs, await future)
             return response
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            # The status is set, not raised: context.abort's exception keeps the call (and its
+            # request) in a reference cycle until a full garbage collection.
+            set_status(context, exc)
+            return None
 
     async def ModelStreamInfer(
         self,
