@@ -2,11 +2,18 @@
 
 Plain Pillow is the textbook pipeline: open, convert to RGB, resize the shorter side to 256
 (bilinear), center-crop 224. ``preprocess`` produces the same image (within the accuracy the
-tests hold it to) with JPEG draft, a single box resize and ``reducing_gap``.
+tests hold it to) with a single box resize of the crop and, for JPEGs at least 5x the resize
+target, JPEG draft.
 
-Both run on the same inputs in alternation, so a busy machine slows both alike; the medians of
-``--runs`` runs are printed with their ratio, and the mean absolute difference of the two
-outputs as a sanity check.
+A third candidate, "draft to output", is what ``preprocess`` did before it kept the JPEG
+decoder's DCT scaling to images at least 5x the resize target: draft down to the output size,
+then a box resize with ``reducing_gap=2`` (for numpy frames, "reducing_gap 2" is the same
+resize without the draft). Their rows are the price of the accuracy fix at 1080p
+(and its max difference shows what the fix buys: see tests/client/test_preprocess.py's sweep).
+
+All run on the same inputs in alternation, so a busy machine slows them alike; the medians of
+``--runs`` runs are printed with their ratio to plain Pillow, and the mean and max absolute
+difference of each output from plain Pillow's.
 
     uv run python benchmarks/preprocess_speed.py [--runs 100] [--image photo.jpg]
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -74,6 +82,56 @@ def plain_pillow_frame(frame: NDArray[np.uint8]) -> NDArray[np.uint8]:
     return _resize_then_crop(Image.fromarray(frame))
 
 
+def draft_to_output_bytes(data: bytes) -> NDArray[np.uint8]:
+    """The former fast path: JPEG draft down to the output size, box resize, reducing_gap 2."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        box = _crop_box(width, height)
+        requested = (
+            math.ceil(width * SPEC.input_width / (box[2] - box[0])),
+            math.ceil(height * SPEC.input_height / (box[3] - box[1])),
+        )
+        drafted = image.draft("RGB", requested)
+        scale = 1 if drafted is None else width / drafted[1][2]
+        rgb = image.convert("RGB")
+        out = rgb.resize(
+            (SPEC.input_width, SPEC.input_height),
+            Image.Resampling.BILINEAR,
+            box=tuple(v / scale for v in box),
+            reducing_gap=2.0,
+        )
+        return np.asarray(out)
+
+
+def reducing_gap_frame(frame: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """The former numpy path: one box resize with reducing_gap 2 (a box pre-shrink)."""
+    box = _crop_box(frame.shape[1], frame.shape[0])
+    out = Image.fromarray(frame).resize(
+        (SPEC.input_width, SPEC.input_height),
+        Image.Resampling.BILINEAR,
+        box=box,
+        reducing_gap=2.0,
+    )
+    return np.asarray(out)
+
+
+def _crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The resize-then-crop region in source pixels."""
+    if width <= height:
+        rw, rh = SPEC.resize_size, SPEC.resize_size * height // width
+    else:
+        rw, rh = SPEC.resize_size * width // height, SPEC.resize_size
+    left = round((rw - SPEC.input_width) / 2)
+    top = round((rh - SPEC.input_height) / 2)
+    sx, sy = width / rw, height / rh
+    return (
+        left * sx,
+        top * sy,
+        (left + SPEC.input_width) * sx,
+        (top + SPEC.input_height) * sy,
+    )
+
+
 def median_ms(
     candidates: dict[str, Callable[[], NDArray[np.uint8]]], runs: int
 ) -> dict[str, float]:
@@ -93,17 +151,19 @@ def median_ms(
 def compare(
     title: str,
     plain: Callable[[], NDArray[np.uint8]],
-    ours: Callable[[], NDArray[np.uint8]],
+    others: dict[str, Callable[[], NDArray[np.uint8]]],
     runs: int,
 ) -> None:
-    """Time both, print both medians, their ratio and how far apart their outputs are."""
-    ms = median_ms({"plain": plain, "preprocess": ours}, runs)
-    diff = float(np.abs(plain().astype(np.float64) - ours().astype(np.float64)).mean())
-    print(
-        f"{title:<22} plain Pillow {ms['plain']:7.2f} ms   preprocess() {ms['preprocess']:6.2f} ms"
-        f"   {ms['plain'] / ms['preprocess']:5.1f}x faster"
-        f"   (outputs differ by {diff:.2f} grey levels on average)"
-    )
+    """Time all, print each median, its ratio to plain Pillow and how far its output is."""
+    ms = median_ms({"plain Pillow": plain, **others}, runs)
+    print(f"{title}: plain Pillow {ms['plain Pillow']:.2f} ms")
+    expected = plain().astype(np.float64)
+    for name, run in others.items():
+        diff = np.abs(expected - run().astype(np.float64))
+        print(
+            f"  {name:<16} {ms[name]:6.2f} ms   {ms['plain Pillow'] / ms[name]:5.1f}x faster"
+            f"   differs from plain by {diff.mean():.2f} on average, {diff.max():.0f} at most"
+        )
 
 
 def main() -> None:
@@ -122,12 +182,21 @@ def main() -> None:
         f"{SPEC.input_width}x{SPEC.input_height}; median of {args.runs} runs"
     )
     compare(
-        "JPEG bytes", lambda: plain_pillow_bytes(data), lambda: preprocess(data, SPEC), args.runs
+        "JPEG bytes",
+        lambda: plain_pillow_bytes(data),
+        {
+            "preprocess()": lambda: preprocess(data, SPEC),
+            "draft to output": lambda: draft_to_output_bytes(data),
+        },
+        args.runs,
     )
     compare(
         "numpy frame (RGB)",
         lambda: plain_pillow_frame(frame),
-        lambda: preprocess(frame, SPEC),
+        {
+            "preprocess()": lambda: preprocess(frame, SPEC),
+            "reducing_gap 2": lambda: reducing_gap_frame(frame),
+        },
         args.runs,
     )
     # An OpenCV-style frame: plain Pillow needs it flipped to RGB first.
@@ -135,7 +204,7 @@ def main() -> None:
     compare(
         "numpy frame (BGR)",
         lambda: plain_pillow_frame(np.ascontiguousarray(bgr[:, :, ::-1])),
-        lambda: preprocess(bgr, SPEC, channel_order="BGR"),
+        {"preprocess()": lambda: preprocess(bgr, SPEC, channel_order="BGR")},
         args.runs,
     )
 

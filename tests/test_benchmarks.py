@@ -32,6 +32,31 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
         assert title in done.stdout
 
 
+def test_preprocess_speed_reports_every_candidate() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "preprocess_speed.py"), "--runs", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    for row in ("JPEG bytes", "numpy frame (RGB)", "draft to output", "reducing_gap 2"):
+        assert row in done.stdout
+
+
+@pytest.mark.slow
+def test_wire_encodings_prints_its_table(cache_dir: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "wire_encodings.py"),
+        "--frames", "8", "--rounds", "1", "--passes", "1", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = {line[:10].strip(): line[10:].split() for line in done.stdout.splitlines()[2:]}
+    assert list(rows) == ["raw", "png", "jpeg q95", "jpeg q90", "jpeg q75"]
+    assert rows["raw"][0] == "150,528"
+    # Lossless encodings match raw exactly; JPEG is smaller and close.
+    for name in ("raw", "png"):
+        assert rows[name][-3:] == ["0.00", "100%", "100%"]
+    assert 0 < float(rows["jpeg q90"][-3]) < 3
+
+
 @pytest.mark.slow
 def test_protocols_benchmark_prints_its_table(cache_dir: Path, tmp_path: Path) -> None:
     """Framecast's two protocols measured; Triton skipped with a reason where it cannot run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from framecast_client.cli import main
@@ -23,8 +24,11 @@ def test_demo_classifies_generated_images_and_warns_about_random_weights(
     cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["demo", "--offline", "--cache-dir", str(cache_dir)]) == 0
-    out = capsys.readouterr().out
-    assert "WARNING: RANDOM WEIGHTS" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    # The warning goes to stderr: stdout stays a table a script can parse.
+    assert "WARNING: RANDOM WEIGHTS" in captured.err
+    assert "WARNING" not in out
     assert "generated:sunset.jpg" in out
     assert "3 requests, latency per request" in out
 
@@ -43,25 +47,27 @@ def test_classify_prints_a_table_with_latency(
     onnx_server: BackgroundServer, photo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["classify", str(photo), str(photo), "--address", onnx_server.address]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("WARNING: RANDOM WEIGHTS")
-    assert lines[1].split() == ["image", "label", "probability", "latency"]
-    assert len(lines) == 4
-    assert lines[2].startswith(str(photo))
-    assert lines[2].endswith(" ms")
+    captured = capsys.readouterr()
+    assert captured.err.startswith("WARNING: RANDOM WEIGHTS")
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["image", "label", "probability", "latency"]
+    assert len(lines) == 3
+    assert lines[1].startswith(str(photo))
+    assert lines[1].endswith(" ms")
     assert onnx_server.serving is not None
-    assert any(f"  {name}  " in lines[2] for name in onnx_server.serving.model.labels)
+    assert any(f"  {name}  " in lines[1] for name in onnx_server.serving.model.labels)
 
 
 def test_info_shows_model_backend_preprocessing_and_weights(
     onnx_server: BackgroundServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["info", "--address", onnx_server.address]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "backend        onnxruntime (fp32), max batch 8" in out
     assert "shorter side to 232, center crop 224x224, bilinear" in out
     assert "NOT pretrained" in out
-    assert "WARNING: RANDOM WEIGHTS" in out
+    assert "WARNING: RANDOM WEIGHTS" in captured.err
 
 
 def test_classify_without_a_server_says_so(photo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,3 +98,62 @@ def test_serve_backend_auto_falls_back_to_onnxruntime_and_says_why(
         assert server.serving is not None
         assert server.serving.backend.info.name == "onnxruntime"
     assert "backend auto: serving with ONNX Runtime on the CPU because TensorRT" in caplog.text
+
+
+def test_classify_batches_directories_and_reports_each_failure(
+    onnx_server: BackgroundServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from framecast_client import Client
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        Image.new("RGB", (320, 240), (20 * i, 100, 200 - 15 * i)).save(photos / f"{i:02}.jpg")
+    (photos / "broken.jpg").write_text("not a picture")
+    (photos / "notes.txt").write_text("skipped: not an image suffix")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = tmp_path / "missing.png"
+
+    requests: list[int] = []
+    original = Client.classify_preprocessed
+
+    def spy(self: Client, batch: Any, **kwargs: Any) -> Any:
+        requests.append(len(batch))
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(Client, "classify_preprocessed", spy)
+    argv = ["classify", str(photos), str(missing), str(empty), "--address", onnx_server.address]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    # Every good image is classified, in batches of the server's max batch (8), not one by one.
+    assert requests == [8, 2]
+    rows = captured.out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [str(photos / f"{i:02}.jpg") for i in range(10)]
+    # Each failure on its own line, then a count.
+    failures = captured.err.splitlines()[1:]  # after the random-weights warning
+    assert len(failures) == 4
+    # In the order of the inputs.
+    assert failures[0].startswith(f"framecast classify: {photos / 'broken.jpg'}: cannot decode")
+    assert failures[1].startswith(f"framecast classify: {missing}: image file not found")
+    assert failures[2].startswith(f"framecast classify: {empty}: directory holds no images")
+    assert failures[3] == "framecast classify: 3 of 13 inputs failed"
+    assert "Traceback" not in captured.err
+
+
+def test_the_sdk_logs_the_random_weights_warning_once_per_client(
+    onnx_server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from framecast_client import Client
+
+    caplog.set_level(logging.WARNING, logger="framecast_client.client")
+    for _ in range(2):
+        with Client(onnx_server.address) as client:
+            client.model_info()
+            client.model_info(refresh=True)
+    warnings = [r for r in caplog.records if "RANDOM WEIGHTS" in r.getMessage()]
+    assert len(warnings) == 2  # one per client, however often it asks
+    assert all(r.name == "framecast_client.client" for r in warnings)

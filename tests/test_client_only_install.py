@@ -1,11 +1,14 @@
 """framecast-client installs alone (no server dependencies) and classifies against a server.
 
-Builds a fresh virtual environment and pip-installs client/ from this checkout: it needs the
+Builds a fresh virtual environment and pip-installs client/ from this checkout, with every
+dependency at the lowest version client/pyproject.toml declares (edge devices often ship old
+grpcio, protobuf, numpy and pillow): the floors are tested, not just stated. It needs the
 package registry, as an edge device would.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import venv
 from importlib.metadata import distributions
@@ -20,6 +23,24 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"onnx", "onnxruntime", "tensorrt", "pycuda", "framecast-server", "safetensors"}
 
 
+def declared_floors() -> dict[str, str]:
+    """``name: version`` for each ``name>=version`` dependency of the client."""
+    # The [project] dependencies array (tomllib is 3.11+; the tests run on 3.10 too).
+    text = (ROOT / "client" / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, flags=re.S | re.M)
+    assert block is not None
+    floors = {}
+    for requirement in re.findall(r'^\s*"([^"]+)"', block[1], flags=re.M):
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement.replace(" ", ""))
+        assert match, f"client dependency without a plain floor: {requirement}"
+        floors[match[1].lower()] = match[2]
+    return floors
+
+
+def test_the_client_declares_floors_for_all_four_dependencies() -> None:
+    assert set(declared_floors()) == {"grpcio", "protobuf", "numpy", "pillow"}
+
+
 @pytest.mark.slow
 def test_client_alone_installs_lean_and_classifies(
     tmp_path: Path, onnx_server: BackgroundServer
@@ -27,11 +48,21 @@ def test_client_alone_installs_lean_and_classifies(
     env = tmp_path / "edge"
     venv.create(env, with_pip=True)
     python = env / "bin" / "python"
+    floors = declared_floors()
+    pins = [f"{name}=={version}" for name, version in floors.items()]
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", str(ROOT / "client")],
+        [python, "-m", "pip", "install", "--quiet", str(ROOT / "client"), *pins],
         check=True,
         timeout=600,
     )
+    installed = subprocess.run(
+        [python, "-c", "import importlib.metadata as m\n"
+         "for n in ('grpcio', 'protobuf', 'numpy', 'pillow'): print(n, m.version(n))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    assert dict(zip(installed[::2], installed[1::2], strict=True)) == {
+        name: _normalized(version) for name, version in floors.items()
+    }
     listed = (
         subprocess.run([python, "-c", LIST_NAMES], check=True, capture_output=True, text=True)
         .stdout.lower()
@@ -49,9 +80,18 @@ def test_client_alone_installs_lean_and_classifies(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert classify.returncode == 0, classify.stderr
-    assert "RANDOM WEIGHTS" in classify.stdout  # the warning travels with the labels
+    # The warning travels with the labels, on stderr: stdout stays a table to parse.
+    assert "RANDOM WEIGHTS" in classify.stderr
+    assert "RANDOM WEIGHTS" not in classify.stdout
     assert "frame.jpg" in classify.stdout
 
     serve = subprocess.run([framecast, "serve"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2
-    assert "pip install framecast-server" in serve.stderr
+    # A hint that works: the packages are installed from a checkout, not a public index.
+    assert "pip install ./client ./server" in serve.stderr
+    assert "uv build --all-packages" in serve.stderr
+
+
+def _normalized(version: str) -> str:
+    """``10.1`` is installed as ``10.1.0``; ``1.24`` as ``1.24.0``."""
+    return version if version.count(".") >= 2 else version + ".0"

@@ -13,10 +13,11 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_the_readme_has_the_four_examples() -> None:
-    assert len(BLOCKS) == 4
+def test_the_readme_has_the_five_examples() -> None:
+    assert len(BLOCKS) == 5
+    assert 'wire="jpeg", quality=90' in BLOCKS[2]
     assert 'classify("elephant.jpg").top' in BLOCKS[0]
-    assert "tritonclient.grpc" in BLOCKS[3]
+    assert "tritonclient.grpc" in BLOCKS[4]
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
@@ -44,6 +45,8 @@ def test_readme_example_runs(
     out = capsys.readouterr().out
     if index == 0:
         assert out.startswith("Predicted: ")
+    if 'wire="jpeg"' in code:
+        assert out.strip() == "('raw', 'jpeg', 'png')"
     if "tritonclient" in code:  # three classes, best first
         lines = out.splitlines()
         assert len(lines) == 3

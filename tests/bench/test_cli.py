@@ -72,7 +72,7 @@ def test_plot_without_matplotlib_fails_before_connecting(
     # No server at this address: failing on the plot first proves the check comes first.
     args = parse(["bench", "127.0.0.1:9", "--plot", str(tmp_path / "p.png")])
     assert run(args) == 2
-    assert "pip install 'framecast-client[plot]'" in capsys.readouterr().err
+    assert "pip install 'matplotlib>=3.8'" in capsys.readouterr().err
 
 
 def test_bench_is_a_framecast_command() -> None:

@@ -15,7 +15,7 @@ def test_missing_matplotlib_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, report_factory: Callable[..., BenchReport]
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(PlotUnavailableError, match=r"framecast-client\[plot\]"):
+    with pytest.raises(PlotUnavailableError, match=r"pip install 'matplotlib>=3\.8'"):
         plot_latency_vs_throughput(report_factory().steps, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
@@ -25,3 +25,38 @@ def test_png_is_written(tmp_path: Path, report_factory: Callable[..., BenchRepor
     path = tmp_path / "latency.png"
     plot_latency_vs_throughput(report_factory(concurrencies=(1, 2, 4)).steps, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_stays_readable(report_factory: Callable[..., BenchReport]) -> None:
+    pytest.importorskip("matplotlib")
+    import dataclasses
+
+    from framecast_client.bench.plot import PLOTTED, _pyplot, draw_latency_vs_throughput
+
+    steps = list(report_factory(concurrencies=(1, 2, 4)).steps)
+    # Coinciding percentiles (p50 = p99.9) and an unstable step.
+    flat = {key: 5.0 for key in steps[0].latency_ms}
+    steps[0] = dataclasses.replace(steps[0], latency_ms=flat)
+    steps[2] = dataclasses.replace(steps[2], stable=False)
+    plt = _pyplot()
+    fig = draw_latency_vs_throughput(plt, steps, "t")
+    try:
+        ax = fig.axes[0]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        # Every percentile is drawn with its own marker size, hollow: coinciding ones nest.
+        sizes = [lines[key].get_markersize() for key in PLOTTED]
+        assert len(set(sizes)) == len(PLOTTED)
+        assert all(lines[key].get_markerfacecolor() == "none" for key in PLOTTED)
+        # Step labels sit beside the marker, not on it; the unstable step says so.
+        texts = ax.texts
+        assert len(texts) == 3
+        assert all(t.xyann != (0, 0) for t in texts)  # offset from the point
+        assert "(not stable)" in texts[2].get_text()
+        assert "not stable" in [t.get_text() for t in ax.get_legend().get_texts()]
+        # Plain tick labels on the log axis: "10", not "$10^{1}$".
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert labels
+        assert not any("^" in label or "$" in label for label in labels)
+    finally:
+        plt.close(fig)

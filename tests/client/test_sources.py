@@ -152,7 +152,7 @@ def test_video_sources_without_pyav_say_how_to_install_it(
         (tmp_path / spec).write_bytes(b"\x00" * 16)
         spec = str(tmp_path / spec)
     monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` fail
-    with pytest.raises(SourceError, match=r"pip install 'framecast-client\[camera\]'"):
+    with pytest.raises(SourceError, match=r"pip install 'av>=12'"):
         open_source(spec)
 
 

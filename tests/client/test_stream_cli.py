@@ -17,8 +17,8 @@ from PIL import Image
 from support import make_settings
 
 LIVE_LINE = re.compile(
-    r"^\[\s*[\d.]+s\] in\s+[\d.]+ fps \| out\s+[\d.]+ fps \| latency p50 .+ ms p99 .+ ms \| "
-    r"in flight\s+\d+ \| dropped \d+ \| errors \d+ \| reconnects \d+$"
+    r"^\[\s*[\d.]+s\] last [\d.]+s: in\s+[\d.]+ fps, out\s+[\d.]+ fps, p50 .+ ms, p99 .+ ms "
+    r"\|\| totals: in flight\s+\d+, dropped \d+, errors \d+, disconnects \d+$"
 )
 
 
@@ -98,7 +98,7 @@ def test_keepalive_can_be_set_or_turned_off(
     with pytest.raises(SystemExit) as bad:
         main(["stream", "synthetic", "--keepalive", "-1"])
     assert bad.value.code == 2
-    assert "expected a positive number" in capsys.readouterr().err
+    assert "--keepalive: must be more than 0" in capsys.readouterr().err
 
 
 def test_a_bad_source_exits_2_with_the_reason(
@@ -113,4 +113,23 @@ def test_bad_numbers_are_refused_by_the_parser(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as caught:
         main(["stream", "synthetic", "--max-in-flight", "0"])
     assert caught.value.code == 2
-    assert "expected a positive integer" in capsys.readouterr().err
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_stream_summary_lists_errors_by_reason_and_the_failed_inputs(
+    null_server: BackgroundServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "02.png").write_text("not a picture")
+    (tmp_path / "04.png").write_text("nor this")
+    code = main(["stream", str(tmp_path), "--address", null_server.address])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert summary_numbers(out)["errors"] == 2
+    assert re.search(r"errors\s+2 x INVALID_ARGUMENT \(client\): cannot decode", out), out
+    assert f"failed      {tmp_path / '02.png'}, {tmp_path / '04.png'}" in out
+    # The live lines include the last, partial second: every result is in one of them.
+    live = [line for line in out.splitlines() if line.startswith("[")]
+    assert live, out
+    assert all(LIVE_LINE.match(line) for line in live), live

@@ -199,8 +199,9 @@ def test_lossless_stream_survives_a_server_restart_and_loses_nothing(
     assert [r.index for r in results] == list(range(count))
     for result in results:
         check(result, result.index % 256)
-    assert stats.disconnects >= 1
-    assert stats.reconnects >= 1
+    # One outage, however many attempts reconnecting took: one disconnect, one reconnect.
+    assert stats.disconnects == 1
+    assert stats.reconnects == 1
     assert stats.resent >= 1  # the frame stuck in the dead server was sent again
     assert stats.dropped == stats.errors == 0
     assert stats.received == count

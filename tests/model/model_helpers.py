@@ -3,6 +3,7 @@ classifiers with closed-form outputs, and a fake of the Hugging Face hub."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -154,22 +155,33 @@ class FakeHub:
     routes: dict[str, Callable[[BaseHTTPRequestHandler], None]]
     requests: list[str] = field(default_factory=list)
 
-    def serve_file(self, path: str, content: bytes) -> None:
+    def serve_file(self, path: str, content: bytes, *, checksum: str | None = "sha256") -> None:
+        """Serve ``content``; like the hub, with its SHA-256 in X-Linked-Etag.
+
+        ``checksum``: "sha256" (the content's), None (no header), or a value to send instead.
+        """
+        published = hashlib.sha256(content).hexdigest() if checksum == "sha256" else checksum
+
         def send(handler: BaseHTTPRequestHandler) -> None:
             handler.send_response(200)
             handler.send_header("Content-Type", "application/octet-stream")
             handler.send_header("Content-Length", str(len(content)))
+            if published is not None:
+                handler.send_header("X-Linked-Etag", f'"{published}"')
             handler.end_headers()
             handler.wfile.write(content)
 
         self.routes[path] = send
 
-    def redirect(self, path: str, target: str) -> None:
+    def redirect(self, path: str, target: str, *, checksum: str | None = None) -> None:
         def send(handler: BaseHTTPRequestHandler) -> None:
-            # The real hub answers resolve URLs with a redirect to its CDN.
+            # The real hub answers resolve URLs with a redirect to its CDN, naming the LFS
+            # object's SHA-256 in X-Linked-Etag.
             handler.send_response(302)
             handler.send_header("Location", target)
             handler.send_header("Content-Length", "0")
+            if checksum is not None:
+                handler.send_header("X-Linked-Etag", f'"{checksum}"')
             handler.end_headers()
 
         self.routes[path] = send

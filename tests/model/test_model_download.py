@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from framecast_server.model import (
     download_default_weights,
     load_safetensors,
 )
-from framecast_server.model.download import CACHED_FILENAME
+from framecast_server.model.download import CACHED_FILENAME, CHECKSUM_SUFFIX
 
 from .model_helpers import HUB_PATH, FakeHub
 
@@ -51,7 +52,9 @@ def test_download_then_cached(fake_hub: FakeHub, weights_bytes: bytes, tmp_path:
     assert path.read_bytes() == weights_bytes
     assert len(load_safetensors(path)) == 267
     assert fake_hub.requests == [HUB_PATH]
-    assert leftovers(weights_dir) == [CACHED_FILENAME]
+    assert leftovers(weights_dir) == [CACHED_FILENAME, CACHED_FILENAME + CHECKSUM_SUFFIX]
+    recorded = (weights_dir / (CACHED_FILENAME + CHECKSUM_SUFFIX)).read_text().strip()
+    assert recorded == hashlib.sha256(weights_bytes).hexdigest()
 
     again = download_default_weights(weights_dir, endpoint=fake_hub.url)
     assert again == path
@@ -62,8 +65,9 @@ def test_hf_endpoint_and_redirects_are_followed(
     fake_hub: FakeHub, weights_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The hub redirects resolve URLs to its CDN; HF_ENDPOINT picks the server.
-    fake_hub.redirect(HUB_PATH, "/cdn/blob")
-    fake_hub.serve_file("/cdn/blob", weights_bytes)
+    # The checksum rides on the redirect, as on the hub; the CDN sends none of its own.
+    fake_hub.redirect(HUB_PATH, "/cdn/blob", checksum=hashlib.sha256(weights_bytes).hexdigest())
+    fake_hub.serve_file("/cdn/blob", weights_bytes, checksum=None)
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     path = download_default_weights(tmp_path)
     assert path.read_bytes() == weights_bytes
@@ -134,3 +138,52 @@ def test_offline_mode_makes_no_request(
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")
     assert download_default_weights(tmp_path, endpoint=fake_hub.url) == path
     assert fake_hub.requests == [HUB_PATH]
+
+
+def test_weights_that_fail_the_published_checksum_are_not_published(
+    fake_hub: FakeHub, weights_bytes: bytes, tmp_path: Path
+) -> None:
+    fake_hub.serve_file(HUB_PATH, weights_bytes, checksum="0" * 64)
+    with pytest.raises(WeightsUnavailableError, match="fail their published checksum"):
+        download_default_weights(tmp_path, endpoint=fake_hub.url)
+    assert leftovers(tmp_path) == []
+
+
+def test_weights_without_a_published_checksum_are_refused(
+    fake_hub: FakeHub, weights_bytes: bytes, tmp_path: Path
+) -> None:
+    fake_hub.serve_file(HUB_PATH, weights_bytes, checksum=None)
+    with pytest.raises(WeightsUnavailableError, match="published no SHA-256"):
+        download_default_weights(tmp_path, endpoint=fake_hub.url)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "checksum-lost"])
+def test_cached_weights_that_fail_their_checksum_are_fetched_again(
+    damage: str, fake_hub: FakeHub, weights_bytes: bytes, tmp_path: Path
+) -> None:
+    fake_hub.serve_file(HUB_PATH, weights_bytes)
+    path = download_default_weights(tmp_path, endpoint=fake_hub.url)
+    if damage == "flipped-byte":
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF  # still loads as safetensors: only the checksum can tell
+        path.write_bytes(bytes(data))
+    else:
+        (tmp_path / (CACHED_FILENAME + CHECKSUM_SUFFIX)).unlink()
+    assert download_default_weights(tmp_path, endpoint=fake_hub.url) == path
+    assert fake_hub.requests == [HUB_PATH, HUB_PATH]
+    assert path.read_bytes() == weights_bytes
+
+
+def test_cached_weights_that_fail_offline_are_refused_with_the_reason(
+    fake_hub: FakeHub, weights_bytes: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.serve_file(HUB_PATH, weights_bytes)
+    path = download_default_weights(tmp_path, endpoint=fake_hub.url)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        WeightsUnavailableError, match=r"OFFLINE is set and the cached weights .* fail"
+    ):
+        download_default_weights(tmp_path, endpoint=fake_hub.url)
+    assert leftovers(tmp_path) == []  # removed: never served as pretrained

@@ -21,6 +21,7 @@ from framecast_server.model import (
     ModelSource,
     Preset,
     WeightsError,
+    WeightsUnavailableError,
     imagenet_labels,
     prepare_model,
     random_weights,
@@ -331,3 +332,37 @@ def test_model_source_validation() -> None:
         ModelSource(kind="onnx", path=Path("m.onnx"), preset="keras")
     with pytest.raises(ValueError, match="kind must be one of"):
         ModelSource(kind="tflite")  # type: ignore[arg-type]
+
+
+def test_cached_weights_failing_their_checksum_offline_are_not_served_as_pretrained(
+    tmp_path: Path, fake_builder: FakeBuilder, weights_file: Path
+) -> None:
+    cached = tmp_path / "weights" / "resnet50.tv2_in1k.safetensors"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(weights_file.read_bytes())  # a file with no recorded checksum
+    prepared = prepare_model(ModelSource(), tmp_path, allow_download=False)
+    assert prepared.pretrained is False
+    assert "fail their published checksum" in prepared.warning
+    assert not cached.exists()
+
+
+def test_require_pretrained_refuses_random_weights(
+    tmp_path: Path, fake_builder: FakeBuilder
+) -> None:
+    with pytest.raises(WeightsUnavailableError, match="pretrained weights are required"):
+        prepare_model(ModelSource(require_pretrained=True), tmp_path, allow_download=False)
+    assert fake_builder.calls == []
+
+
+def test_resize_size_sets_the_resize_of_user_weights(weights_file: Path) -> None:
+    source = ModelSource(kind="weights", path=weights_file, resize_size=232)
+    preset = source.resolved_preset()
+    assert preset.resize_size == 232
+    assert preset.name == "torchvision"
+    assert ModelSource(kind="weights", path=weights_file).resolved_preset().resize_size == 256
+    with pytest.raises(ValueError, match="default model has its own resize"):
+        ModelSource(resize_size=232)
+    with pytest.raises(ValueError, match="stretches"):
+        ModelSource(kind="onnx", path=weights_file, preset="caffe", resize_size=232)
+    with pytest.raises(ValueError, match="input_size <= resize_size"):
+        ModelSource(kind="weights", path=weights_file, resize_size=200)

@@ -68,15 +68,21 @@ def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert done.returncode == 1
+    # One line, found before any worker starts, naming who holds the port.
     assert done.stderr.strip() == (
-        f"framecast serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+        f"framecast serve: port {port} on 127.0.0.1 is already in use by pid {os.getpid()} "
+        f"({Path(f'/proc/{os.getpid()}/comm').read_text().strip()})"
     )
 
 
 def test_workers_that_cannot_load_stop_the_host_instead_of_restarting(tmp_path: Path) -> None:
+    # A file that is there (a missing one is refused before any worker starts) but is not
+    # a model: each worker fails to load it.
+    broken = tmp_path / "broken.onnx"
+    broken.write_text("not a model")
     done = subprocess.run(
         [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2", "--port", "0",
-         "--onnx", str(tmp_path / "missing.onnx"), "--offline", "--cache-dir", str(tmp_path)],
+         "--onnx", str(broken), "--offline", "--cache-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1

@@ -12,27 +12,40 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
+from typing import cast
+
+import numpy as np
+from numpy.typing import NDArray
 
 from . import __name__ as _package
+from .cli_args import CommandParser, positive_float, positive_int
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
-from .errors import FramecastError
+from .errors import FramecastError, InvalidArgumentError, InvalidImageError
+from .sources import IMAGE_SUFFIXES
 from .types import Classification, ModelInfo
 
 logger = logging.getLogger(_package)
 
 SERVER_COMMANDS = ("serve", "demo", "build-engine")
+# Where the server comes from: the packages are not on a public index.
+SERVER_INSTALL_HINT = (
+    "install it from a Framecast checkout with: pip install ./client ./server "
+    "(or pip install the wheels that `uv build --all-packages` writes to dist/)"
+)
 Handler = Callable[[argparse.Namespace], int]
 
 
 def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     """--address and --timeout, shared by every command that talks to a server."""
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     parser.add_argument(
-        "--address", default=DEFAULT_ADDRESS, help=f"server address (default {DEFAULT_ADDRESS})"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="deadline per call, seconds"
+        "--timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        help="deadline per call, seconds",
     )
 
 
@@ -41,15 +54,23 @@ def format_warning(info: ModelInfo) -> str:
     return f"WARNING: {info.warning}" if info.warning else ""
 
 
+def print_warning(info: ModelInfo) -> None:
+    """Print the random-weights banner to stderr, where it cannot spoil parsed output."""
+    if info.warning:
+        print(format_warning(info), file=sys.stderr)
+
+
 def format_predictions(
     rows: Sequence[tuple[str, Classification, float | None]], info: ModelInfo
 ) -> str:
-    """A table of image, label and probability (the top-k of each), plus latency when given."""
+    """A table of image, label and probability (the top-k of each), plus latency when given.
+
+    The random-weights warning is not part of it (stdout stays a table to parse): print it
+    with :func:`print_warning`.
+    """
     name_width = max([5, *(len(name) for name, _, _ in rows)])
     label_width = max([5, *(len(p.label) for _, c, _ in rows for p in c.predictions)])
     lines = []
-    if info.warning:
-        lines.append(format_warning(info))
     lines.append(f"{'image':<{name_width}}  {'label':<{label_width}}  probability  latency")
     for name, result, latency_ms in rows:
         for rank, p in enumerate(result.predictions):
@@ -61,15 +82,81 @@ def format_predictions(
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """An input that could not be classified, and why."""
+
+    name: str
+    reason: str
+
+
+def expand_inputs(arguments: Sequence[str]) -> list[Path | _Failure]:
+    """Files as given and the images in each directory (name order), in argument order.
+
+    A directory without images is a failure in its place.
+    """
+    expanded: list[Path | _Failure] = []
+    for argument in arguments:
+        path = Path(argument)
+        if not path.is_dir():
+            expanded.append(path)
+            continue
+        found = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not found:
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            expanded.append(_Failure(argument, f"directory holds no images ({suffixes})"))
+        expanded.extend(found)
+    return expanded
+
+
 def _classify(args: argparse.Namespace) -> int:
+    items = expand_inputs(args.images)
+    # Results and failures keep the inputs' order: one slot per input.
+    outcomes: list[tuple[str, Classification, float] | _Failure | None] = [
+        item if isinstance(item, _Failure) else None for item in items
+    ]
     with Client(args.address, timeout=args.timeout, channel_order=args.channel_order) as client:
         info = client.model_info()
-        rows: list[tuple[str, Classification, float | None]] = []
-        for path in args.images:
+        prepared: list[tuple[int, NDArray[np.uint8]]] = []
+        for position, item in enumerate(items):
+            if isinstance(item, Path):
+                try:
+                    prepared.append((position, client.preprocess(item)))
+                except InvalidImageError as exc:
+                    outcomes[position] = _Failure(str(item), str(exc))
+        # Up to the server's max batch per request: one round trip for many images.
+        step = max(1, info.max_batch)
+        for start in range(0, len(prepared), step):
+            chunk = prepared[start : start + step]
             started = time.perf_counter()
-            result = client.classify(Path(path), top_k=args.top_k)
-            rows.append((str(path), result, (time.perf_counter() - started) * 1000.0))
-    print(format_predictions(rows, info))
+            try:
+                results = client.classify_preprocessed(
+                    np.stack([array for _, array in chunk]), top_k=args.top_k
+                )
+            except InvalidArgumentError as exc:
+                # The server refused this batch (the request, not the server, is at fault):
+                # each of its images failed; the others go on.
+                for position, _ in chunk:
+                    outcomes[position] = _Failure(str(items[position]), str(exc))
+                continue
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            for (position, _), result in zip(chunk, results, strict=True):
+                outcomes[position] = (str(items[position]), result, latency_ms)
+    rows = [o for o in outcomes if isinstance(o, tuple)]
+    failures = [o for o in outcomes if isinstance(o, _Failure)]
+    print_warning(info)
+    if rows:
+        print(format_predictions(rows, info))
+    for failure in failures:
+        print(f"framecast classify: {failure.name}: {failure.reason}", file=sys.stderr)
+    if failures:
+        print(
+            f"framecast classify: {len(failures)} of {len(outcomes)} inputs failed",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -93,49 +180,88 @@ def format_model_info(info: ModelInfo, address: str) -> str:
         f"classes        {len(info.labels)}",
         f"max message    {info.max_message_bytes / 1e6:.1f} MB",
     ]
-    if info.warning:
-        lines.append(format_warning(info))
     return "\n".join(lines)
 
 
 def _info(args: argparse.Namespace) -> int:
     with Client(args.address, timeout=args.timeout) as client:
         info = client.model_info()
+    print_warning(info)
     print(format_model_info(info, args.address))
     return 0
 
 
 def _server_missing(args: argparse.Namespace) -> int:
     print(
-        f"framecast {args.command}: this command runs the server, which is not installed here. "
-        "Install it with: pip install framecast-server",
+        f"framecast {args.command}: this command runs the server, which is not installed "
+        f"here; {SERVER_INSTALL_HINT}",
         file=sys.stderr,
     )
     return 2
 
 
+def _version() -> str:
+    """``framecast-client X`` and, where installed, ``framecast-server Y``."""
+    parts = []
+    for distribution in ("framecast-client", "framecast-server"):
+        try:
+            parts.append(f"{distribution} {version(distribution)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts) or "framecast (version unknown)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: client commands plus whatever the server registered."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="framecast", description="Framecast: image classification served over gRPC."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=_version())
+    # Subcommand parsers are CommandParsers too; plugins see them as plain ArgumentParsers.
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
-    classify = commands.add_parser("classify", help="classify images on a running server")
-    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    classify.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
+    classify = commands.add_parser(
+        "classify",
+        help="classify images on a running server",
+        description="Classify image files, and the images in directories, on a running "
+        "server, in batches of up to the server's max batch. Every input that can be "
+        "classified is; each one that cannot is reported on its own line (stderr) and the "
+        "exit status is then 1.",
+    )
+    classify.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...) or directories"
+    )
+    classify.add_argument("--top-k", type=positive_int, default=1, help="classes per image")
     classify.add_argument(
         "--channel-order", choices=("RGB", "BGR"), default="RGB", help=argparse.SUPPRESS
     )
     add_address_arguments(classify)
     classify.set_defaults(handler=_classify)
 
-    info = commands.add_parser("info", help="show what a running server serves")
+    info = commands.add_parser(
+        "info",
+        help="show what a running server serves",
+        description="Show what a running server serves: model, backend, preprocessing, weights.",
+    )
     add_address_arguments(info)
     info.set_defaults(handler=_info)
 
     _register_plugins(commands)
+    for sub in commands.choices.values():
+        # -v works after the command too; SUPPRESS keeps the top-level value when absent.
+        stub = sub.get_default("handler") is _server_missing
+        if not stub and "-v" not in sub._option_string_actions:
+            sub.add_argument(
+                "-v",
+                "--verbose",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="log debug details",
+            )
     return parser
 
 

@@ -6,6 +6,7 @@ result reading and preprocessing. The subclasses only make the calls, sync or on
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
 
@@ -18,7 +19,7 @@ from ._proto import classifier_pb2 as pb
 from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .balancing import Address, balancing_options, channel_target, display_address
-from .errors import PreprocessingChangedError
+from .errors import InvalidArgumentError, PreprocessingChangedError
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
@@ -30,6 +31,9 @@ from .streaming import (
     make_stream_config,
 )
 from .types import Classification, ModelInfo
+from .wire import Encoding, EncodingName
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TIMEOUT_S = 10.0
@@ -51,7 +55,11 @@ class _BaseClient:
         channel_order: ChannelOrder = "RGB",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        wire: EncodingName = "raw",
+        quality: int = 90,
     ) -> None:
+        # Checked first: a bad wire or quality is a ValueError before anything is opened.
+        self.encoding = Encoding(wire, quality)
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         if max_message_bytes <= 0:
@@ -64,7 +72,15 @@ class _BaseClient:
         self.max_message_bytes = max_message_bytes
         self._credentials = credentials
         self._model_info: ModelInfo | None = None
+        self._warned = False
         self._closed = False
+
+    def _remember(self, info: ModelInfo) -> ModelInfo:
+        """Keep the model info; log its warning (random weights) once per client."""
+        if info.warning and not self._warned:
+            self._warned = True
+            logger.warning("server at %s: %s", self.address, info.warning)
+        return info
 
     def _channel_options(self) -> list[tuple[str, Any]]:
         return [
@@ -90,16 +106,34 @@ class _BaseClient:
     def _chunks(self, batch: NDArray[np.uint8], info: ModelInfo) -> Iterator[NDArray[np.uint8]]:
         """Split a batch into requests that fit the server's max batch and message limit."""
         image_bytes = int(np.prod(batch.shape[1:])) + _PER_IMAGE_OVERHEAD_BYTES
+        if self.encoding.name != "raw":
+            # Compressed images are nearly always smaller than raw, but PNG of noise can be a
+            # little larger: plan with a margin.
+            image_bytes += image_bytes // 8 + 1024
         limit = min(info.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
         per_request = max(1, min(info.max_batch, limit // image_bytes))
         for start in range(0, len(batch), per_request):
             yield batch[start : start + per_request]
 
-    @staticmethod
-    def _request(batch: NDArray[np.uint8], top_k: int, info: ModelInfo) -> pb.ClassifyRequest:
+    def _check_encoding(self, info: ModelInfo) -> None:
+        """Refuse, before sending, an encoding the server does not accept."""
+        if self.encoding.name not in info.encodings:
+            raise InvalidArgumentError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the server at {self.address} does not accept {self.encoding.name} images "
+                f"(it accepts {', '.join(info.encodings)}); use wire='raw' or upgrade it",
+            )
+
+    def _request(self, batch: NDArray[np.uint8], top_k: int, info: ModelInfo) -> pb.ClassifyRequest:
+        self._check_encoding(info)
         # Stating what the images were prepared for makes a server restarted with another
         # model refuse them (PreprocessingChangedError) instead of classifying them wrongly.
-        return wire.classify_request(batch, top_k=top_k, preprocessing_id=info.preprocessing_id)
+        return wire.classify_request(
+            batch,
+            top_k=top_k,
+            preprocessing_id=info.preprocessing_id,
+            encoding=self.encoding,
+        )
 
     def _stream_config(
         self,
@@ -113,6 +147,7 @@ class _BaseClient:
         keepalive_s: float | None,
     ) -> StreamConfig:
         """What a stream session of this client needs; raises ValueError for bad arguments."""
+        self._check_encoding(info)
         return make_stream_config(
             address=self.address,
             target=self.target,
@@ -128,6 +163,7 @@ class _BaseClient:
             reconnect=reconnect,
             backoff=backoff,
             keepalive_s=keepalive_s,
+            encoding=self.encoding,
         )
 
     @staticmethod
@@ -175,7 +211,7 @@ class Client(_BaseClient):
                 reply = self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
                 )
-            self._model_info = wire.model_info_from_proto(reply)
+            self._model_info = self._remember(wire.model_info_from_proto(reply))
         return self._model_info
 
     def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
@@ -330,7 +366,7 @@ class AsyncClient(_BaseClient):
                 reply = await self._stub.GetModelInfo(
                     pb.GetModelInfoRequest(), timeout=self._timeout(timeout)
                 )
-            self._model_info = wire.model_info_from_proto(reply)
+            self._model_info = self._remember(wire.model_info_from_proto(reply))
         return self._model_info
 
     async def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:

@@ -6,14 +6,15 @@ numpy frame into a C-contiguous ``uint8`` array of shape ``[input_height, input_
 RGB order. This module is the project's one implementation of that step.
 
 The result matches the textbook pipeline (decode at full resolution, antialiased resize of the
-shorter side to ``resize_size``, center crop) to within about one grey level on average, but
-gets there in a fraction of the time:
+shorter side to ``resize_size``, center crop) to within half a grey level on average and a few
+at worst, at every size, but gets there in a fraction of the time:
 
 * the crop is mapped back to a box in *source* coordinates and a single
-  ``Image.resize(..., box=..., reducing_gap=...)`` call produces the output, so no pixel outside
-  the crop is resampled and no full-size intermediate image is made;
-* JPEGs are decoded with ``Image.draft``, which scales in the DCT domain by 1/2, 1/4 or 1/8,
-  never below the resolution the resize needs;
+  ``Image.resize(..., box=...)`` call produces the output, so no pixel outside the crop is
+  resampled and no full-size intermediate image is made;
+* large JPEGs are decoded with ``Image.draft``, which scales in the DCT domain by 1/2, 1/4 or
+  1/8, but only as far as leaves the antialiased resize a reduction of its own (see
+  ``_DRAFT_HEADROOM``);
 * EXIF orientation, grayscale to RGB and BGR to RGB are applied to the small output rather
   than to the full-size image.
 
@@ -66,10 +67,16 @@ _RESAMPLE: dict[str, Image.Resampling] = {
 # Half-width of each filter's kernel in source pixels at scale 1 (Pillow's own values).
 _FILTER_SUPPORT: dict[str, float] = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}
 
-# Pillow first shrinks by an integer factor with a box filter, leaving at least this much for
-# the real filter. 2.0 roughly halves the resize time against none; the error it adds stays
-# far below the accuracy budget (tests/client/test_preprocess.py holds it to it).
-_REDUCING_GAP = 2.0
+# How much shrinking the JPEG decoder's DCT scaling must leave to the antialiased resize. DCT
+# scaling filters each 8x8 block on its own, a different low-pass from the bilinear/bicubic
+# kernel the reference uses; when it does nearly all the shrinking (an image 2x, 4x or 8x the
+# resize target) the output is off by 2-3 grey levels on average and 60-100 at edges. Measured
+# over a sweep of 1x-10x (tests/client/test_preprocess.py): a headroom of 2 still leaves 13-14
+# at worst, 3 leaves 12, 4 about 8, 5 keeps the worst pixel under 5. So a 1080p JPEG (4.2x a
+# 256 resize) is decoded in full, about 4 ms more than drafting it, and a 12 MP photo at 1/2.
+_DRAFT_HEADROOM = 5
+# No reducing_gap: Pillow's integer box pre-shrink it enables is cheaper (about 1 ms on a 1080p
+# frame) but leaves 10-16 grey levels at worst at some sizes, against the budget of 8.
 
 # EXIF orientation tag value -> the transpose that shows the image upright, as
 # PIL.ImageOps.exif_transpose applies it.
@@ -342,9 +349,7 @@ def _from_array(
         # A BGR frame is resized as it is: the filter treats channels alike, so flipping the
         # small output afterwards is the same and much cheaper than flipping the frame.
         pil = Image.fromarray(region)
-    resized = pil.resize(
-        (out_w, out_h), _RESAMPLE[spec.interpolation], box=local_box, reducing_gap=_REDUCING_GAP
-    )
+    resized = pil.resize((out_w, out_h), _RESAMPLE[spec.interpolation], box=local_box)
     # np.array, not asarray: a view of Pillow's buffer is read-only, and callers may write.
     return _finish(np.array(resized), channel_order)
 
@@ -430,7 +435,7 @@ def _orientation(pil: Image.Image) -> int:
 
 
 def _draft(pil: Image.Image, spec: PreprocessSpec, orientation: int) -> int:
-    """Ask the JPEG decoder for the smallest DCT scale that still covers the resize.
+    """Ask the JPEG decoder for the smallest DCT scale that leaves the resize its headroom.
 
     Returns the scale (1, 2, 4 or 8) the decoder will shrink by.
     """
@@ -438,13 +443,14 @@ def _draft(pil: Image.Image, spec: PreprocessSpec, orientation: int) -> int:
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     box = _to_raw_orientation(_plan(*upright, spec), width, height, orientation)
     out_w, out_h = _raw_output_size(spec, orientation)
-    # The drafted box must keep at least out_w x out_h pixels. draft() picks the largest scale
-    # s (8, 4, 2 or 1) with width // requested_width >= s, that is width / s >= requested
-    # width (and the same for height), so requesting width * out_w / box_width, rounded up,
-    # guarantees box_width / s >= out_w: never below the output, never upscaled afterwards.
+    # The drafted box must keep at least _DRAFT_HEADROOM times out_w x out_h pixels. draft()
+    # picks the largest scale s (8, 4, 2 or 1) with width // requested_width >= s, that is
+    # width / s >= requested width (and the same for height), so requesting
+    # width * out_w * headroom / box_width, rounded up, guarantees
+    # box_width / s >= headroom * out_w.
     requested = (
-        min(width, math.ceil(width * out_w / (box[2] - box[0]))),
-        min(height, math.ceil(height * out_h / (box[3] - box[1]))),
+        min(width, math.ceil(width * out_w * _DRAFT_HEADROOM / (box[2] - box[0]))),
+        min(height, math.ceil(height * out_h * _DRAFT_HEADROOM / (box[3] - box[1]))),
     )
     result = pil.draft("RGB", requested)
     if result is None:
@@ -503,7 +509,6 @@ def _from_pil(
             (out_w, out_h),
             _RESAMPLE[spec.interpolation],
             box=local_box,
-            reducing_gap=_REDUCING_GAP,
         )
     transpose = _ORIENTATION_TRANSPOSE.get(orientation)
     if transpose is not None:

@@ -8,7 +8,7 @@ realtime mode) or not (files: lossless mode). :func:`open_source` makes one from
 * a directory: :class:`ImageDirectory`, its images in name order; an image file: that image;
 * a video file, an ``rtsp://``/``http://``/... URL, ``/dev/videoN`` or ``webcam:N``:
   :class:`VideoSource`, which needs PyAV, the optional extra ``camera``
-  (``pip install 'framecast-client[camera]'``).
+  (``pip install 'av>=12'``, the client's ``camera`` extra).
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def _import_av() -> Any:
     except ImportError as exc:
         raise SourceError(
             "video files and cameras need PyAV, the optional extra 'camera' of "
-            "framecast-client: pip install 'framecast-client[camera]'"
+            "framecast-client: pip install 'av>=12' (or pip install './client[camera]' from "
+            "a checkout)"
         ) from exc
     return av
 

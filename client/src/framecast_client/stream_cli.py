@@ -11,13 +11,16 @@ import argparse
 import collections
 import logging
 import math
+import re
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 import numpy as np
 
+from .cli_args import positive_float, positive_int
 from .client import DEFAULT_ADDRESS, Client
 from .errors import FramecastError
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
@@ -32,6 +35,9 @@ from .streaming import (
 logger = logging.getLogger(__name__)
 
 LIVE_INTERVAL_S = 1.0
+# Failed inputs named in the summary; the rest are counted.
+_MAX_FAILED_SHOWN = 20
+_QUOTED = re.compile(r"'[^']*'")
 # Latencies kept per live line: more than a second's worth at any realistic frame rate.
 _MAX_LATENCIES_PER_LINE = 100_000
 
@@ -47,30 +53,10 @@ gets a result, in order).
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _keepalive(text: str) -> float | None:
     if text.strip().lower() in ("off", "0"):
         return None
-    return _positive_float(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return positive_float(text)
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +66,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="classify a camera, video or image directory live over ClassifyStream",
         description=__doc__,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "source",
@@ -88,18 +73,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="synthetic[:WxH][@FPS], a directory of images, an image or video file, a URL "
         "(rtsp://, http://, ...) or webcam[:N]",
     )
-    p.add_argument(
-        "--address", default=DEFAULT_ADDRESS, help=f"server address (default {DEFAULT_ADDRESS})"
-    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
     p.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="stop after this many seconds (default: when the source ends, or Ctrl-C)",
     )
     p.add_argument(
         "--fps",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="frame rate of the source: the synthetic camera's, or a pace for files "
         "(default: the camera's own; files as fast as the server takes them)",
@@ -113,11 +96,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument(
         "--max-in-flight",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most frames sent and not answered (default: 3 in realtime mode, 8 in lossless)",
     )
-    p.add_argument("--top-k", type=_positive_int, default=1, help="classes per frame (default 1)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="classes per frame")
     p.add_argument(
         "--keepalive",
         type=_keepalive,
@@ -161,9 +144,8 @@ def run(args: argparse.Namespace) -> int:
             mode=mode,
             keepalive_s=args.keepalive,
         ) as session:
-            info = client.model_info()  # as stream() just read it: no second call
-            if info.warning:
-                logger.warning("%s", info.warning)
+            # As stream() just read it: no second call. (The client logged its warning.)
+            info = client.model_info()
             logger.info(
                 "streaming %s to %s (%s on %s), %s mode, at most %d in flight",
                 source.description,
@@ -173,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 mode,
                 in_flight,
             )
-            watch = _Watch(session)
+            watch = _Watch(session, names=getattr(source, "paths", None))
             outcome = watch.run(args.duration, sys.stdout)
             stats = session.stats
     print(format_summary(stats, watch, source=source.description, address=args.address))
@@ -186,10 +168,14 @@ def run(args: argparse.Namespace) -> int:
 class _Watch:
     """Consumes the session's results on a thread; the caller's thread prints live lines."""
 
-    def __init__(self, session: StreamSession) -> None:
+    def __init__(self, session: StreamSession, names: Sequence[object] | None = None) -> None:
         self.session = session
         self.error: BaseException | None = None
         self.labels: collections.Counter[str] = collections.Counter()
+        # Per-frame errors by reason, and the frames (by source index) that failed.
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.failed: list[int] = []
+        self.names = names
         self._latencies: collections.deque[float] = collections.deque(
             maxlen=_MAX_LATENCIES_PER_LINE
         )
@@ -204,6 +190,15 @@ class _Watch:
                     with self._lock:
                         self._latencies.append(result.latency_ms)
                         self.labels[label] += 1
+                elif result.error is not None:
+                    error = result.error
+                    # Quoted names (the file) are left out, so that one reason groups its frames;
+                    # the summary names the failed inputs separately.
+                    message = _QUOTED.sub("...", error.message)
+                    reason = f"{error.code.name} ({error.origin}): {message}"
+                    with self._lock:
+                        self.reasons[reason] += 1
+                        self.failed.append(result.index)
         except FramecastError as exc:
             self.error = exc
         except Exception as exc:
@@ -248,6 +243,15 @@ class _Watch:
         finally:
             self.session.close()
             consumer.join()
+            # The last, partial interval: its frames would otherwise be in no live line.
+            now = time.monotonic()
+            stats = self.session.stats
+            if now > last_tick and (stats.read, stats.received) != (
+                last.read,
+                last.received,
+            ):
+                line = format_live_line(last, stats, now - last_tick, self._take_latencies())
+                out.write(f"\r{line}\033[K" if tty else f"{line}\n")
             if tty:
                 out.write("\n")
         return outcome
@@ -260,7 +264,10 @@ def _ms(value: float) -> str:
 def format_live_line(
     before: StreamStats, after: StreamStats, interval_s: float, latencies_ms: list[float]
 ) -> str:
-    """One live line: rates over the interval, latency of the results in it, totals."""
+    """One live line: what happened in the interval, then running totals, kept apart.
+
+    The interval is a second, but the last one of a stream may be shorter: it says how long.
+    """
     fps_in = (after.read - before.read) / interval_s
     fps_out = (after.received - before.received) / interval_s
     if latencies_ms:
@@ -268,9 +275,10 @@ def format_live_line(
     else:
         p50 = p99 = float("nan")
     return (
-        f"[{after.elapsed_s:6.1f}s] in {fps_in:6.1f} fps | out {fps_out:6.1f} fps | "
-        f"latency p50 {_ms(p50)} ms p99 {_ms(p99)} ms | in flight {after.in_flight:3d} | "
-        f"dropped {after.dropped} | errors {after.errors} | reconnects {after.reconnects}"
+        f"[{after.elapsed_s:6.1f}s] last {interval_s:3.1f}s: in {fps_in:6.1f} fps, "
+        f"out {fps_out:6.1f} fps, p50 {_ms(p50)} ms, p99 {_ms(p99)} ms || "
+        f"totals: in flight {after.in_flight:3d}, dropped {after.dropped}, "
+        f"errors {after.errors}, disconnects {after.disconnects}"
     )
 
 
@@ -292,4 +300,19 @@ def format_summary(stats: StreamStats, watch: _Watch, *, source: str, address: s
     if watch.labels:
         top = ", ".join(f"{label} ({n})" for label, n in watch.labels.most_common(3))
         lines.append(f"  top classes {top}")
+    for reason, count in watch.reasons.most_common():
+        lines.append(f"  errors      {count} x {reason}")
+    if watch.failed:
+        shown = [_input_name(index, watch.names) for index in watch.failed[:_MAX_FAILED_SHOWN]]
+        more = len(watch.failed) - len(shown)
+        lines.append(
+            f"  failed      {', '.join(shown)}" + (f" and {more} more" if more > 0 else "")
+        )
     return "\n".join(lines)
+
+
+def _input_name(index: int, names: Sequence[object] | None) -> str:
+    """A failed frame as a person finds it: the file's name where the source has files."""
+    if names is not None and 0 <= index < len(names):
+        return str(names[index])
+    return f"frame {index}"

@@ -56,3 +56,5 @@ class ModelInfo:
     max_message_bytes: int
     # What requests state so that images prepared for another model are refused ("": unknown).
     preprocessing_id: str = ""
+    # The image encodings the server accepts ("raw", "jpeg", "png"); raw always.
+    encodings: tuple[str, ...] = ("raw",)

@@ -11,8 +11,18 @@ import io
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from framecast_client.cli_args import (
+    existing_file,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from .model import ModelSource
@@ -21,18 +31,40 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class CommandError(Exception):
+    """A mistake in what the user asked for, found while running: one line, then exit."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (default: timm resnet50.tv2_in1k from the hub)")
     source = group.add_mutually_exclusive_group()
-    source.add_argument("--onnx", type=Path, metavar="PATH", help="serve this ResNet-50 ONNX")
     source.add_argument(
-        "--weights", type=Path, metavar="PATH", help="safetensors with torchvision's names"
+        "--onnx", type=existing_file, metavar="PATH", help="serve this ResNet-50 ONNX"
+    )
+    source.add_argument(
+        "--weights",
+        type=existing_file,
+        metavar="PATH",
+        help="safetensors with torchvision's names",
     )
     group.add_argument(
         "--preset",
         choices=("torchvision", "caffe"),
-        default="torchvision",
-        help="preprocessing of an --onnx model (caffe: what Keras ResNet50 uses)",
+        default=None,
+        help="preprocessing of an --onnx model (default torchvision; caffe: what Keras "
+        "ResNet50 uses)",
+    )
+    group.add_argument(
+        "--resize",
+        type=positive_int,
+        default=None,
+        metavar="PIXELS",
+        help="shorter side that --weights (or a torchvision --onnx model) were evaluated at "
+        "before the 224 crop (default 256; torchvision's IMAGENET1K_V2 weights use 232)",
     )
     group.add_argument(
         "--offline", action="store_true", help="never download; random weights if not cached"
@@ -40,27 +72,41 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", type=Path, help="prepared models and engines (engines/)")
 
 
-def _add_serving_arguments(parser: argparse.ArgumentParser, *, port: int) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    parser.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 = any)")
+def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int) -> None:
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (0.0.0.0: every interface)"
+    )
+    parser.add_argument("--port", type=port, default=default_port, help="port (0: any free one)")
     parser.add_argument(
         "--backend",
         choices=("auto", "onnxruntime", "tensorrt", "null"),
         default="auto",
         help="auto: TensorRT on an NVIDIA GPU, else ONNX Runtime",
     )
-    parser.add_argument("--max-batch", type=int, default=32, help="largest batch (default 32)")
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="largest batch")
     parser.add_argument(
         "--max-delay-us",
-        type=int,
+        type=non_negative_int,
         default=0,
-        help="longest wait for a batch to fill, microseconds (default 0: batches form from "
-        "what queues while the backend computes)",
+        help="longest wait for a batch to fill, microseconds (0: batches form from what "
+        "queues while the backend computes)",
     )
     parser.add_argument(
-        "--max-queue", type=int, default=512, help="queued images before RESOURCE_EXHAUSTED"
+        "--max-queue",
+        type=positive_int,
+        default=512,
+        help="queued images before RESOURCE_EXHAUSTED",
     )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)",
+    )
+    parser.add_argument(
+        "--require-pretrained",
+        action="store_true",
+        help="refuse to start on random weights (when the default weights cannot be had)",
+    )
     _add_limit_arguments(parser)
 
 
@@ -70,28 +116,32 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits under load")
     group.add_argument(
         "--memory-budget-mb",
-        type=float,
+        type=positive_float,
         help="images admitted, waiting or computing, in MiB (default 256); beyond it streams "
         "stop reading and unary calls get RESOURCE_EXHAUSTED",
     )
-    group.add_argument("--max-connections", type=int, help="open connections (default 1000)")
+    group.add_argument(
+        "--max-connections", type=positive_int, help="open connections (default 1000)"
+    )
     group.add_argument(
         "--max-streams-per-connection",
-        type=int,
+        type=positive_int,
         help="concurrent calls on one connection (default 100); more wait on the client",
     )
     group.add_argument(
-        "--idle-timeout-s", type=float, help="close connections idle this long (default 60)"
+        "--idle-timeout-s",
+        type=positive_float,
+        help="close connections idle this long (default 60)",
     )
     group.add_argument(
         "--drain-delay-s",
-        type=float,
+        type=non_negative_float,
         help="on SIGTERM, health says NOT_SERVING this long before calls are refused "
         "(default 0; about 5 under a load balancer)",
     )
     group.add_argument(
         "--grace-s",
-        type=float,
+        type=non_negative_float,
         help="on SIGTERM, calls in flight get this long to finish (default 10)",
     )
 
@@ -114,22 +164,51 @@ def _limits(args: argparse.Namespace) -> dict[str, float | int]:
 
 
 def _model_source(args: argparse.Namespace) -> ModelSource:
+    """The model flags as a ModelSource; flags that do not apply are refused, not ignored."""
     from .model import ModelSource
 
+    if args.preset is not None and args.onnx is None:
+        what = "--weights" if args.weights is not None else "the default model"
+        raise CommandError(
+            f"--preset applies to --onnx models only; {what} is served with torchvision's "
+            "preprocessing" + (" (use --resize for its resize)" if args.weights else ""),
+            status=2,
+        )
+    if args.resize is not None:
+        if args.onnx is None and args.weights is None:
+            raise CommandError(
+                "--resize applies to --weights and --onnx; the default model has its own (232)",
+                status=2,
+            )
+        if args.preset == "caffe":
+            raise CommandError(
+                "--resize does not apply to --preset caffe, which stretches to 224", status=2
+            )
+        if args.resize < 224:
+            raise CommandError(
+                f"--resize must be at least the 224 crop, got {args.resize}", status=2
+            )
+    require = bool(getattr(args, "require_pretrained", False))
     if args.onnx is not None:
-        return ModelSource(kind="onnx", path=args.onnx, preset=args.preset)
+        return ModelSource(kind="onnx", path=args.onnx, preset=args.preset, resize_size=args.resize)
     if args.weights is not None:
-        return ModelSource(kind="weights", path=args.weights)
-    return ModelSource()
+        return ModelSource(kind="weights", path=args.weights, resize_size=args.resize)
+    return ModelSource(require_pretrained=require)
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
     from .settings import ServerSettings, default_cache_dir
 
+    model = _model_source(args)
+    if args.max_queue < args.max_batch:
+        raise CommandError(
+            f"--max-queue ({args.max_queue}) must hold at least one --max-batch ({args.max_batch})",
+            status=2,
+        )
     return ServerSettings(
         host=args.host,
         port=args.port,
-        model=_model_source(args),
+        model=model,
         backend=args.backend,
         max_batch=args.max_batch,
         max_delay_us=args.max_delay_us,
@@ -139,6 +218,41 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         allow_download=not args.offline,
         **_limits(args),  # type: ignore[arg-type]
     )
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse, in one line, a host or port the server could not listen on."""
+    from .bind_check import bind_problem
+
+    problem = bind_problem(host, port)
+    if problem is not None:
+        raise CommandError(problem)
+
+
+def _model_errors() -> tuple[type[BaseException], ...]:
+    """What preparing a model raises for a file that is not a model, or missing weights."""
+    from .model.download import WeightsUnavailableError
+    from .model.weights import WeightsError
+
+    return (ValueError, OSError, WeightsError, WeightsUnavailableError)
+
+
+def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a server command, turning a user's mistake into one line (and 1 or 2) on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except CommandError as exc:
+            print(f"framecast {args.command}: {exc}", file=sys.stderr)
+            return exc.status
+        except _model_errors() as exc:
+            # -v shows where it came from; without it, the sentence is what the user needs.
+            logger.debug("framecast %s failed", args.command, exc_info=True)
+            print(f"framecast {args.command}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def _workers(value: str) -> int:
@@ -151,18 +265,20 @@ def _workers(value: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _check_bindable(settings.host, settings.port)
     if args.workers > 1:
         from .workers import PortUnavailableError, Supervisor
 
         try:
-            return Supervisor(_settings(args), args.workers, port_file=args.port_file).run()
+            return Supervisor(settings, args.workers, port_file=args.port_file).run()
         except PortUnavailableError as exc:
             print(f"framecast serve: {exc}", file=sys.stderr)
             return 1
     from .app import serve
     from .event_loop import run
 
-    return run(serve(_settings(args), port_file=args.port_file))
+    return run(serve(settings, port_file=args.port_file))
 
 
 def demo_images() -> list[tuple[str, bytes]]:
@@ -190,11 +306,12 @@ def demo_images() -> list[tuple[str, bytes]]:
 
 def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
-    from framecast_client.cli import format_predictions
+    from framecast_client.cli import format_predictions, print_warning
 
     from .background import BackgroundServer
 
     settings = _settings(args)
+    _check_bindable(settings.host, settings.port)
     print(f"Starting a Framecast server in-process on a free port (backend {settings.backend})...")
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
@@ -210,6 +327,7 @@ def _demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             result = client.classify(image, top_k=args.top_k)
             rows.append((name, result, (time.perf_counter() - started) * 1000.0))
+        print_warning(info)
         print(format_predictions(rows, info))
         latencies = sorted(latency for _, _, latency in rows)
         print(
@@ -252,8 +370,14 @@ def _build_engine(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add serve, demo and build-engine to the `framecast` command."""
-    serve = commands.add_parser("serve", help="run the gRPC server")
-    _add_serving_arguments(serve, port=50051)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Serve ResNet-50 image classification over gRPC (Framecast's Classifier "
+        "service, health and reflection) until SIGTERM or SIGINT. Requests from all clients "
+        "are batched together; TensorRT on an NVIDIA GPU, ONNX Runtime elsewhere.",
+    )
+    _add_serving_arguments(serve, default_port=50051)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
     )
@@ -266,28 +390,36 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "one per usable core)",
     )
     _add_model_arguments(serve)
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=_run(_serve))
 
     demo = commands.add_parser(
-        "demo", help="start a server in-process, classify a few images, print predictions"
+        "demo",
+        help="start a server in-process, classify a few images, print predictions",
+        description="Start a server in-process on a free port, classify the images given "
+        "(or a few generated ones) through the client, print predictions and latency, exit.",
     )
     demo.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="images (optional)")
-    demo.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
-    _add_serving_arguments(demo, port=0)
+    demo.add_argument("--top-k", type=positive_int, default=1, help="classes per image")
+    _add_serving_arguments(demo, default_port=0)
     _add_model_arguments(demo)
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_run(_demo))
 
     build = commands.add_parser(
-        "build-engine", help="build the TensorRT FP16 engine for this GPU (like trtexec)"
+        "build-engine",
+        help="build the TensorRT FP16 engine for this GPU (like trtexec)",
+        description="Build (or find in the cache) the TensorRT FP16 engine of the model for "
+        "this GPU, so that `framecast serve --backend tensorrt` starts at once.",
     )
     _add_model_arguments(build)
-    build.add_argument("--max-batch", type=int, default=32, help="profile max batch (default 32)")
-    build.add_argument("--opt-batch", type=int, help="profile optimum batch (default max batch)")
+    build.add_argument("--max-batch", type=positive_int, default=32, help="profile max batch")
     build.add_argument(
-        "--workspace-mib", type=int, default=4096, help="builder workspace limit, MiB"
+        "--opt-batch", type=positive_int, help="profile optimum batch (default: max batch)"
+    )
+    build.add_argument(
+        "--workspace-mib", type=positive_int, default=4096, help="builder workspace limit, MiB"
     )
     build.add_argument(
         "--optimization-level", type=int, default=3, choices=range(6), help="builder level 0-5"
     )
     build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
-    build.set_defaults(handler=_build_engine)
+    build.set_defaults(handler=_run(_build_engine))

@@ -25,6 +25,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ImageEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ImageEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IMAGE_ENCODING_RAW: _ImageEncoding.ValueType  # 0
+    """height * width * channels bytes of uint8 RGB, row-major HWC."""
+    IMAGE_ENCODING_JPEG: _ImageEncoding.ValueType  # 1
+    """A baseline JPEG of the prepared image (lossy; the client picks the quality)."""
+    IMAGE_ENCODING_PNG: _ImageEncoding.ValueType  # 2
+    """A PNG of the prepared image (lossless)."""
+
+class ImageEncoding(_ImageEncoding, metaclass=_ImageEncodingEnumTypeWrapper):
+    """How the bytes of a preprocessed image travel. The image is the same either way (the
+    model's input size, RGB); a compressed encoding trades client and server CPU for bandwidth.
+    """
+
+IMAGE_ENCODING_RAW: ImageEncoding.ValueType  # 0
+"""height * width * channels bytes of uint8 RGB, row-major HWC."""
+IMAGE_ENCODING_JPEG: ImageEncoding.ValueType  # 1
+"""A baseline JPEG of the prepared image (lossy; the client picks the quality)."""
+IMAGE_ENCODING_PNG: ImageEncoding.ValueType  # 2
+"""A PNG of the prepared image (lossless)."""
+Global___ImageEncoding: _TypeAlias = ImageEncoding  # noqa: Y015
+
 class _ResizePolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -67,7 +93,9 @@ Global___Interpolation: _TypeAlias = Interpolation  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
-    """A preprocessed image: height * width * channels bytes of uint8 RGB, row-major HWC."""
+    """A preprocessed image of height x width pixels and `channels` channels (3: RGB), in
+    `encoding`. Only encodings the server lists in ModelInfo.encodings are accepted.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -75,10 +103,12 @@ class Image(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     height: _builtins.int
     width: _builtins.int
     channels: _builtins.int
+    encoding: Global___ImageEncoding.ValueType
     def __init__(
         self,
         *,
@@ -86,10 +116,11 @@ class Image(_message.Message):
         height: _builtins.int = ...,
         width: _builtins.int = ...,
         channels: _builtins.int = ...,
+        encoding: Global___ImageEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "data", b"data", "height", b"height", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "data", b"data", "encoding", b"encoding", "height", b"height", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,6 +415,7 @@ class ModelInfo(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
+    ENCODINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     backend: _builtins.str
@@ -407,6 +439,10 @@ class ModelInfo(_message.Message):
     def preprocessing(self) -> Global___Preprocessing: ...
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def encodings(self) -> _containers.RepeatedScalarFieldContainer[Global___ImageEncoding.ValueType]:
+        """The image encodings this server accepts (raw always)."""
+
     def __init__(
         self,
         *,
@@ -422,10 +458,11 @@ class ModelInfo(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         max_message_bytes: _builtins.int = ...,
         preprocessing_id: _builtins.str = ...,
+        encodings: _abc.Iterable[Global___ImageEncoding.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "labels", b"labels", "max_batch", b"max_batch", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "preprocessing_id", b"preprocessing_id", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "encodings", b"encodings", "labels", b"labels", "max_batch", b"max_batch", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "preprocessing_id", b"preprocessing_id", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

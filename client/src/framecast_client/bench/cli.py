@@ -37,6 +37,12 @@ from framecast_client.bench.runner import (
     run_plan,
 )
 from framecast_client.bench.sessions import mode_steps, stream_supported
+from framecast_client.cli_args import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from framecast_client.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Client
 from framecast_client.preprocess import preprocess
 from framecast_client.sources import VIDEO_SUFFIXES
@@ -99,7 +105,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="benchmark a server's latency and throughput (or --compare two runs)",
         description="Measure a Framecast server's latency and throughput, or compare two runs.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "address",
@@ -125,12 +130,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--mode",
         choices=("unary", "batch", "stream"),
         default="unary",
-        help="unary: 1 image per request; batch: --batch-size per request; stream: "
-        "ClassifyStream (default unary)",
+        help="unary: 1 image per request; batch: --batch-size per request; stream: ClassifyStream",
     )
     load.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"images per request in batch mode (default {DEFAULT_BATCH}, at most the "
         "server's max batch)",
@@ -152,46 +156,50 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--arrival",
         choices=("poisson", "constant"),
         default="poisson",
-        help="open-loop arrival process (default poisson)",
+        help="open-loop arrival process",
     )
     load.add_argument(
-        "--max-inflight",
-        type=int,
+        "--max-in-flight",
+        type=positive_int,
         default=64,
-        help="open loop: most outstanding requests (worker threads; default 64)",
+        help="open loop: most outstanding requests (worker threads)",
     )
-    load.add_argument("--top-k", type=int, default=1, help="classes per image (default 1)")
+    load.add_argument("--top-k", type=positive_int, default=1, help="classes per image")
     load.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=DEFAULT_TIMEOUT_S,
-        help=f"deadline per request, seconds (default {DEFAULT_TIMEOUT_S:g})",
+        help="deadline per request, seconds",
     )
-    load.add_argument("--seed", type=int, default=0, help="seed of arrivals and synthetic frames")
+    load.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of arrivals and synthetic frames"
+    )
 
     measure = p.add_argument_group("measurement")
-    measure.add_argument("--warmup", type=float, default=2.0, help="warm-up per step, s (2)")
-    measure.add_argument("--window", type=float, default=2.0, help="measurement window, s (2)")
     measure.add_argument(
-        "--max-windows", type=int, default=10, help="windows per step at most (10)"
+        "--warmup", type=non_negative_float, default=2.0, help="warm-up per step, s"
+    )
+    measure.add_argument("--window", type=positive_float, default=2.0, help="measurement window, s")
+    measure.add_argument(
+        "--max-windows", type=positive_int, default=10, help="windows per step at most"
     )
     measure.add_argument(
         "--stability-windows",
-        type=int,
+        type=positive_int,
         default=3,
-        help="windows that must agree for a step to be stable; they make the result (3)",
+        help="windows that must agree for a step to be stable; they make the result",
     )
     measure.add_argument(
         "--stability-tolerance",
-        type=float,
+        type=positive_float,
         default=10.0,
-        help="agreement of throughput and p99 across those windows, percent (10)",
+        help="agreement of throughput and p99 across those windows, percent",
     )
     measure.add_argument(
         "--max-requests-per-window",
-        type=int,
+        type=positive_int,
         default=50_000,
-        help="a window also ends after this many requests (50000)",
+        help="a window also ends after this many requests",
     )
 
     inputs = p.add_argument_group("input")
@@ -201,13 +209,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="'synthetic' (random frames), an image directory, or a video file (needs PyAV)",
     )
     inputs.add_argument(
-        "--inputs", type=int, default=32, help="how many distinct inputs to use (32)"
+        "--inputs", type=positive_int, default=32, help="how many distinct inputs to use"
     )
     inputs.add_argument(
         "--frame-size",
         type=_frame_size,
         default=(640, 480),
-        help="synthetic frame size WIDTHxHEIGHT (640x480)",
+        help="synthetic frame size WIDTHxHEIGHT (default 640x480)",
     )
 
     out = p.add_argument_group("output")
@@ -229,9 +237,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     out.add_argument(
         "--threshold",
-        type=float,
+        type=non_negative_float,
         default=5.0,
-        help="--compare: smallest change in percent called better/worse (5)",
+        help="--compare: smallest change in percent called better/worse",
     )
     p.set_defaults(handler=run)
 
@@ -319,7 +327,7 @@ def _meta(
         "top_k": args.top_k,
         "timeout_s": args.timeout,
         "arrival": args.arrival if args.rate else None,
-        "max_inflight": args.max_inflight if args.rate else None,
+        "max_inflight": args.max_in_flight if args.rate else None,
         "seed": args.seed,
         "warmup_s": args.warmup,
         "window_s": args.window,
@@ -371,7 +379,7 @@ def _bench(args: argparse.Namespace) -> int:
     plan = BenchPlan(
         concurrency=() if args.rate else (args.concurrency or _int_list(DEFAULT_CONCURRENCY)),
         rates=args.rate or (),
-        max_inflight=args.max_inflight,
+        max_inflight=args.max_in_flight,
         arrival=args.arrival,
         seed=args.seed,
     )

@@ -80,7 +80,7 @@ def video_sources(path: Path, limit: int) -> Iterator[NDArray[np.uint8]]:
         import av  # optional: only video input needs it
     except ImportError as exc:
         raise InputError(
-            "video input needs PyAV: pip install 'framecast-client[camera]' "
+            "video input needs PyAV: pip install 'av>=12' "
             "(or benchmark with an image directory or synthetic frames)"
         ) from exc
     with av.open(str(path)) as container:

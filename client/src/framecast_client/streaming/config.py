@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeAlias
 import grpc
 
 from ..preprocess import ChannelOrder, PreprocessSpec
+from ..wire import RAW, Encoding
 
 StreamMode: TypeAlias = Literal["realtime", "lossless"]
 STREAM_MODES: tuple[StreamMode, ...] = ("realtime", "lossless")
@@ -101,6 +102,7 @@ class StreamConfig:
     mode: StreamMode
     reconnect: bool
     backoff: Backoff
+    encoding: Encoding = RAW  # how frames travel (Client(wire=..., quality=...))
 
 
 def make_stream_config(
@@ -118,6 +120,7 @@ def make_stream_config(
     reconnect: bool,
     backoff: Backoff | None,
     keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+    encoding: Encoding = RAW,
     target: str | None = None,
 ) -> StreamConfig:
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
@@ -173,4 +176,5 @@ def make_stream_config(
         mode=checked_mode,
         reconnect=reconnect,
         backoff=backoff,
+        encoding=encoding,
     )

@@ -126,6 +126,9 @@ class StreamCore:
         self._dropped = 0
         self._disconnects = 0
         self._reconnects = 0
+        # True from a break until a call is answered again: the failed attempts in between
+        # belong to the same outage, which counts as one disconnect.
+        self._broken = False
         self._in_flight = 0
         self._max_in_flight = 0
         self._threads: list[threading.Thread] = []
@@ -285,7 +288,9 @@ class StreamCore:
             logger.debug("a frame cannot be preprocessed: %s", exc)
             return None, FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "client")
         request = pb.StreamRequest(
-            image=wire.image_to_proto(image), top_k=config.top_k, preprocessing_id=preprocessing_id
+            image=wire.image_to_proto(image, config.encoding),
+            top_k=config.top_k,
+            preprocessing_id=preprocessing_id,
         )
         return request, None
 
@@ -413,7 +418,9 @@ class StreamCore:
     def on_break_locked(self) -> int:
         """The current call failed: give up its frames (realtime) or queue them again."""
         self.generation += 1
-        self._disconnects += 1
+        if not self._broken:
+            self._broken = True
+            self._disconnects += 1
         self._in_flight = 0
         waiting = [fid for fid, slot in self._outstanding.items() if slot.result is None]
         if self._realtime:
@@ -429,6 +436,7 @@ class StreamCore:
         return len(waiting)
 
     def on_reconnected_locked(self) -> None:
+        self._broken = False
         self._reconnects += 1
         self._changed_locked()
 

@@ -3,20 +3,29 @@
 Plain urllib, no hub client: one public file, fetched once into the cache. The usual hub
 environment variables are honoured: ``HF_ENDPOINT`` (base URL of a mirror) and
 ``HF_HUB_OFFLINE`` (truthy: do not touch the network at all).
+
+The file is checked against the SHA-256 the hub publishes for it (the ``X-Linked-Etag``
+header of its resolve URL, which is the Git LFS object id) as it is downloaded, and the
+checksum is kept beside it (``<file>.sha256``); the cached file is checked against it again
+whenever it is used. A file that fails is removed and fetched again, or, where the network
+may not be used, refused with the reason: never served as pretrained.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from filelock import FileLock
 
@@ -30,6 +39,8 @@ DEFAULT_REVISION = "main"
 DEFAULT_FILENAME = "model.safetensors"
 #: Name of the downloaded file inside the weights cache directory.
 CACHED_FILENAME = "resnet50.tv2_in1k.safetensors"
+#: The published SHA-256 of the cached file, hex, kept beside it.
+CHECKSUM_SUFFIX = ".sha256"
 #: Seconds to wait to connect, and for each read: short, so an offline machine fails fast
 #: (a stalled read fails just as fast, which beats hanging a server start).
 DEFAULT_TIMEOUT = 10.0
@@ -52,10 +63,50 @@ def default_weights_url(endpoint: str | None = None) -> str:
     return f"{base.rstrip('/')}/{DEFAULT_REPO}/resolve/{DEFAULT_REVISION}/{DEFAULT_FILENAME}"
 
 
-def cached_default_weights(weights_dir: Path) -> Path | None:
-    """The already-downloaded default weights in ``weights_dir``, or None."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_cached_weights(weights_dir: Path) -> tuple[Path | None, str]:
+    """The cached default weights if they match their published checksum, else why not.
+
+    Returns ``(path, "")`` for a file that checks out, ``(None, reason)`` otherwise. A file
+    that fails (no recorded checksum, or a different one) is removed, so the next download
+    replaces it.
+    """
     path = weights_dir / CACHED_FILENAME
-    return path if path.is_file() else None
+    recorded = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not path.is_file():
+        return None, "the weights are not cached"
+    try:
+        expected = recorded.read_text().strip()
+    except OSError:
+        expected = ""
+    actual = file_sha256(path)
+    if _SHA256.fullmatch(expected) and actual == expected:
+        return path, ""
+    reason = (
+        f"the cached weights {path} fail their published checksum "
+        f"(sha256 {actual[:12]}..., published {expected[:12] or 'none recorded'}...)"
+    )
+    logger.warning("%s: removed", reason)
+    for stale in (path, recorded):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    return None, reason
+
+
+def cached_default_weights(weights_dir: Path) -> Path | None:
+    """The already-downloaded default weights in ``weights_dir`` that pass their checksum."""
+    return check_cached_weights(weights_dir)[0]
 
 
 def download_default_weights(
@@ -71,11 +122,11 @@ def download_default_weights(
     Raises WeightsUnavailableError (offline mode, HTTP error, unreachable or slow endpoint,
     invalid content), with the reason in the message.
     """
-    cached = cached_default_weights(weights_dir)
+    cached, why = check_cached_weights(weights_dir)
     if cached is not None:
         return cached
     if hub_offline():
-        raise WeightsUnavailableError("HF_HUB_OFFLINE is set and the weights are not cached")
+        raise WeightsUnavailableError(f"HF_HUB_OFFLINE is set and {why}")
     url = default_weights_url(endpoint)
     try:
         weights_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +147,16 @@ def _download(url: str, dest: Path, timeout: float) -> Path:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            size = _fetch(url, out, timeout)
+            size, actual, published = _fetch(url, out, timeout)
+        if published is None:
+            raise WeightsUnavailableError(
+                f"{url} published no SHA-256 (X-Linked-Etag) to check the weights against"
+            )
+        if actual != published:
+            raise WeightsUnavailableError(
+                f"the weights from {url} fail their published checksum "
+                f"(sha256 {actual}, published {published})"
+            )
         try:
             load_safetensors(tmp)
         except WeightsError as exc:
@@ -104,6 +164,7 @@ def _download(url: str, dest: Path, timeout: float) -> Path:
                 f"{url} did not serve valid ResNet-50 weights: {exc}"
             ) from exc
         tmp.chmod(0o644)  # mkstemp's 0600 would hide the cache from other users
+        _write_atomically(dest.with_name(dest.name + CHECKSUM_SUFFIX), f"{published}\n")
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -114,16 +175,56 @@ def _download(url: str, dest: Path, timeout: float) -> Path:
     return dest
 
 
-def _fetch(url: str, out: BinaryIO, timeout: float) -> int:
-    """Stream ``url`` into the binary file ``out``; return the byte count."""
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def _published_sha256(headers: Message) -> str | None:
+    """The SHA-256 a hub response vouches for: X-Linked-Etag (LFS files), else a 64-hex ETag."""
+    for name in ("X-Linked-Etag", "ETag"):
+        value = (headers.get(name) or "").strip().removeprefix("W/").strip('"').lower()
+        if _SHA256.fullmatch(value):
+            return value
+    return None
+
+
+class _ChecksumRecorder(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, noting the checksum the hub's redirect to its CDN carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: str | None = None
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        self.published = self.published or _published_sha256(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, out: BinaryIO, timeout: float) -> tuple[int, str, str | None]:
+    """Stream ``url`` into ``out``; return the byte count, its SHA-256 and the published one."""
     request = urllib.request.Request(url, headers={"User-Agent": "framecast-server"})
+    recorder = _ChecksumRecorder()
+    opener = urllib.request.build_opener(recorder)
+    digest = hashlib.sha256()
     try:
-        # urllib follows the hub's redirect to its CDN by itself.
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        # The hub answers with a redirect to its CDN, carrying the checksum; followed here.
+        with opener.open(request, timeout=timeout) as response:
+            published = recorder.published or _published_sha256(response.headers)
             expected = response.headers.get("Content-Length")
             size = 0
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
+                digest.update(chunk)
                 size += len(chunk)
     except urllib.error.HTTPError as exc:
         raise WeightsUnavailableError(f"HTTP {exc.code} {exc.reason} from {url}") from exc
@@ -141,4 +242,4 @@ def _fetch(url: str, out: BinaryIO, timeout: float) -> int:
         raise WeightsUnavailableError(
             f"download from {url} was cut short: {size} of {expected} bytes"
         )
-    return size
+    return size, digest.hexdigest(), published

@@ -13,6 +13,7 @@ weights, the seed; so a restart with the same inputs reuses the file, and any ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from framecast_server.model.download import (
     DEFAULT_REPO,
     WeightsUnavailableError,
-    cached_default_weights,
+    check_cached_weights,
     download_default_weights,
 )
 from framecast_server.model.labels import NUM_CLASSES, imagenet_labels
@@ -60,12 +61,17 @@ class ModelSource:
 
     ``preset`` names a preset (see :func:`~framecast_server.model.presets.get_preset`); None
     picks the source's natural one: the default model's own eval preset for "default",
-    "torchvision" for user weights and ONNX models.
+    "torchvision" for user weights and ONNX models. ``resize_size`` replaces the preset's
+    shorter-side resize for a user's weights or ONNX model evaluated at another size
+    (torchvision's IMAGENET1K_V2 weights: 232). ``require_pretrained`` makes the default model
+    fail (WeightsUnavailableError) instead of falling back to random weights.
     """
 
     kind: SourceKind = "default"
     path: Path | None = None
     preset: str | None = None
+    resize_size: int | None = None
+    require_pretrained: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -82,8 +88,19 @@ class ModelSource:
     def resolved_preset(self) -> Preset:
         """The preset this source is served with."""
         if self.preset is not None:
-            return get_preset(self.preset)
-        return DEFAULT_MODEL_PRESET if self.kind == "default" else get_preset("torchvision")
+            preset = get_preset(self.preset)
+        elif self.kind == "default":
+            preset = DEFAULT_MODEL_PRESET
+        else:
+            preset = get_preset("torchvision")
+        if self.resize_size is None:
+            return preset
+        if self.kind == "default":
+            raise ValueError("the default model has its own resize; resize_size is for user files")
+        if preset.resize_policy != "shorter_side_then_center_crop":
+            raise ValueError(f"preset {preset.name!r} stretches; it has no resize_size to set")
+        # Preset checks resize_size >= input_size.
+        return dataclasses.replace(preset, resize_size=self.resize_size)
 
 
 @dataclass(frozen=True)
@@ -200,11 +217,11 @@ def _resolve(
         )
 
     weights_dir = cache_dir / "weights"
-    weights_path = cached_default_weights(weights_dir)
+    weights_path, cache_reason = check_cached_weights(weights_dir)
     reason = ""
     if weights_path is None:
         if not allow_download:
-            reason = "downloads are disabled and the weights are not cached"
+            reason = f"downloads are disabled and {cache_reason}"
         else:
             try:
                 weights_path = download_default_weights(weights_dir)
@@ -226,6 +243,10 @@ def _resolve(
             build=build_default,
         )
 
+    if source.require_pretrained:
+        raise WeightsUnavailableError(
+            f"pretrained weights are required but could not be had: {reason}"
+        )
     warning = (
         f"RANDOM WEIGHTS: could not download pretrained ResNet-50 weights ({reason}); "
         "predictions are meaningless"

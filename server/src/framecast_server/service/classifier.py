@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -31,6 +31,7 @@ from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
 from .errors import ModelNotReadyError, set_status, status_for
+from .image_decoding import ImageDecoder
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -42,8 +43,9 @@ Status = tuple[grpc.StatusCode, str]
 # A stream frame between admission and its response: (frame_id, top_k, the batcher's future of
 # its result, or the status that refused it). A plain tuple: one is built for every frame.
 _AdmittedFrame = tuple[int, int, "asyncio.Future[list[ItemResult]] | Status"]
-# A parsed stream frame: (frame_id, top_k, its image [1, H, W, 3], or the status refusing it).
-_ParsedFrame = tuple[int, int, "NDArray[np.uint8] | Status"]
+# A parsed stream frame: (frame_id, top_k, its image [1, H, W, 3], a compressed image still to
+# decode, or the status refusing it).
+_ParsedFrame = tuple[int, int, "NDArray[np.uint8] | pb.Image | Status"]
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -60,6 +62,7 @@ class ClassifierServicer:
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
+        self._decoder = ImageDecoder()
         self._gate = gate
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -114,6 +117,7 @@ class ClassifierServicer:
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
+            encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
         )
 
     async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo | None:
@@ -141,7 +145,7 @@ class ClassifierServicer:
             return None
         try:
             serving = self._require_serving()
-            batch, k = self._parse_classify(raw, serving)
+            batch, k = await self._parse_classify(raw, serving)
             items = await serving.batcher.submit(
                 batch, deadline=_deadline(context), caller=caller_of(context)
             )
@@ -155,14 +159,17 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    def _parse_classify(self, raw: bytes, serving: ServingModel) -> tuple[NDArray[np.uint8], int]:
+    async def _parse_classify(
+        self, raw: bytes, serving: ServingModel
+    ) -> tuple[NDArray[np.uint8], int]:
         # Its own function, so the parsed message (a copy of every image) is freed on return
-        # rather than kept alive while the images wait in the queue.
+        # rather than kept alive while the images wait in the queue. Compressed images are
+        # decoded on the decoder's threads, off the event loop.
         request = wire.decode(pb.ClassifyRequest, raw)
         k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
         wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
         size = serving.model.preset.input_size
-        batch = wire.images_from_proto(
+        batch = await self._decoder.batch(
             request.images,
             height=size,
             width=size,
@@ -187,6 +194,7 @@ class ClassifierServicer:
             batcher = serving.batcher
             submit, wait_for_room = batcher.submit_nowait, batcher.wait_for_room
             parse = self._frame_parser(serving)
+            decode_frame = self._frame_decoder(serving)
             deadline, caller = _deadline(context), caller_of(context)
             # Admitted frames wait here in arrival order, each as the batcher's future of its
             # result (no task per frame); the bound caps how many one stream may have out.
@@ -199,6 +207,9 @@ class ClassifierServicer:
                 try:
                     async for raw in request_iterator:
                         frame_id, k, outcome = parse(raw)
+                        if isinstance(outcome, pb.Image):
+                            # Compressed: decoded on the decoder's threads, off the loop.
+                            outcome = await decode_frame(outcome)
                         if isinstance(outcome, np.ndarray):
                             while True:
                                 full = False
@@ -274,12 +285,29 @@ class ClassifierServicer:
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
+                if wire.is_encoded(frame.image):
+                    return frame.frame_id, k, frame.image
                 image = image_from_proto(frame.image, height=size, width=size)
                 return frame.frame_id, k, image[None]
             except Exception as exc:
                 return frame.frame_id, 0, status_for(exc)
 
         return parse
+
+    def _frame_decoder(
+        self, serving: ServingModel
+    ) -> Callable[[pb.Image], Awaitable[NDArray[np.uint8] | Status]]:
+        """Decoding of one stream's compressed frames: [1, H, W, 3], or the refusing status."""
+        size = serving.model.preset.input_size
+        decode = self._decoder.image
+
+        async def decode_frame(image: pb.Image) -> NDArray[np.uint8] | Status:
+            try:
+                return (await decode(image, height=size, width=size))[None]
+            except Exception as exc:
+                return status_for(exc)
+
+        return decode_frame
 
     async def _frame_response(
         self, entry: _AdmittedFrame, serving: ServingModel
