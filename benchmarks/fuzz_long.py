@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from framecast_client import oip, wire
 from framecast_client._proto import classifier_pb2 as pb
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from PIL import Image
 from serve_process import rss_mb, start_server, wait_serving
 
 BATCH = 100  # cases between good requests
@@ -110,6 +112,17 @@ def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:
     }
 
 
+def _encoded(kind: str, size: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+_JPEG = _encoded("JPEG", 224)
+_PNG = _encoded("PNG", 100)  # the wrong size
+
+
 def _semantic(rng: random.Random, method: str) -> bytes:
     """Well-formed messages holding nonsense values."""
     long_text = "x" * rng.choice((65, 1000, 16_000, 100_000))
@@ -119,6 +132,11 @@ def _semantic(rng: random.Random, method: str) -> bytes:
         width=rng.choice((0, 4, 224, 2**32 - 1)),
         channels=rng.choice((0, 1, 3, 4, 2**32 - 1)),
     )
+    if rng.random() < 0.4:  # a compressed image: garbage, truncated, or of another size
+        image.encoding = rng.choice((1, 2, 7))  # type: ignore[assignment]
+        image.data = rng.choice(
+            (_JPEG[: rng.randrange(len(_JPEG))], _PNG, _JPEG, b"\xff\xd8\xff" + rng.randbytes(64))
+        )
     if method == "Classify":
         count = rng.choice((0, 1, SERVER_MAX_BATCH + 1, 50))
         return pb.ClassifyRequest(

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from framecast_client import wire
+from framecast_client import oip, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
@@ -51,6 +51,17 @@ class Server:
         self.server = server
         self.backend = backend
         self.raw = RawClassifier(server.address)
+        self.infer = self.raw.channel.unary_unary(  # type: ignore[call-arg]
+            "/inference.GRPCInferenceService/ModelInfer"
+        )
+
+    def infer_code(self, raw: bytes) -> grpc.StatusCode:
+        # Not pytest.raises: its record of the error would be a cycle of the test's own.
+        try:
+            self.infer(raw, timeout=30)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
 
     def code(self, raw: bytes, timeout: float = 30) -> grpc.StatusCode:
         return self.raw.status("classify", raw, timeout)[0]
@@ -80,6 +91,15 @@ def refuse_fail_and_expire(s: Server) -> None:
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.INTERNAL,
     }
+    # The Open Inference Protocol: a wrong shape, a wrong model.
+    for bad in (
+        oip.infer_request(keyed(3)[:, :100], model_name="resnet50"),
+        oip.infer_request(keyed(3), model_name="no-such-model"),
+    ):
+        assert s.infer_code(bad.SerializeToString()) in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+        )
     # A full queue: one batch held in the backend, two waiting, the rest refused.
     s.backend.hold()
     s.backend.entered.clear()

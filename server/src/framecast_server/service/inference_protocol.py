@@ -31,7 +31,7 @@ from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
-from .errors import ModelNotFoundError, ModelNotReadyError, status_for
+from .errors import ModelNotFoundError, ModelNotReadyError, set_status, status_for
 
 MODEL_NAME = "resnet50"
 SERVER_NAME = "framecast"
@@ -330,11 +330,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             oip.add_classes(response, output.name, rows)
 
-    async def ModelInfer(
+    # None for a failed call (its status set): grpc then sends no message.
+    async def ModelInfer(  # type: ignore[override]
         self,
         request: pb.ModelInferRequest,
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | None:
         try:
             deadline = self._deadline(request, self._call_deadline(context))
             serving, outputs, future = self._admit(request, deadline, caller_of(context))
@@ -344,10 +345,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._answered(MODEL_INFER, "OK", len(items))
             return response
         except Exception as exc:
-            code, message = status_for(exc)
+            # The status is set, not raised: context.abort's exception keeps the call (and its
+            # request) in a reference cycle until a full garbage collection.
+            code = set_status(context, exc)
             # A refused request counts as one: its image count may be what was wrong with it.
             self._answered(MODEL_INFER, code.name, 1)
-            await context.abort(code, message)
+            return None
 
     async def ModelStreamInfer(
         self,
