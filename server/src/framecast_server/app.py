@@ -111,7 +111,7 @@ class FramecastServer:
             gate=self._gate,
             recorder=self.wiring.recorder,
         )
-        self._inference = InferenceServicer(recorder=self.wiring.recorder)
+        self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
         self._serving: ServingModel | None = None
         self._stopping: asyncio.Future[None] | None = None
         # Set when the backend breaks for the life of the process (a sticky CUDA error).

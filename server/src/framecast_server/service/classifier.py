@@ -12,7 +12,6 @@ UNKNOWN and a logged traceback. Failures end a call by setting its status, never
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,7 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.preprocess import PreprocessSpec
 from numpy.typing import NDArray
 
-from ..batcher import BatcherClosedError, ItemResult, QueueFullError
+from ..batcher import ItemResult
 from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
@@ -33,20 +32,14 @@ from ..topk import top_k
 from .callers import caller_of
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
+from .streaming import Outcome, Prepared, Status, admitted
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
-# Frames of one stream admitted to the batcher before the servicer stops reading that stream:
-# flow control pushes back on the client instead of queueing without bound.
-STREAM_WINDOW = 64
 # Method names as gRPC (and the metrics' method label) spell them.
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
 CLASSIFY_STREAM = f"/{SERVICE_NAME}/ClassifyStream"
 
-Status = tuple[grpc.StatusCode, str]
-# A stream frame between admission and its response: (frame_id, top_k, the batcher's future of
-# its result, or the status that refused it). A plain tuple: one is built for every frame.
-_AdmittedFrame = tuple[int, int, "asyncio.Future[list[ItemResult]] | Status"]
 # A parsed stream frame: (frame_id, top_k, its image [1, H, W, 3], a compressed image still to
 # decode, or the status refusing it).
 _ParsedFrame = tuple[int, int, "NDArray[np.uint8] | pb.Image | Status"]
@@ -202,81 +195,28 @@ class ClassifierServicer:
             except ModelNotReadyError as exc:
                 set_status(context, exc)
                 return
-            batcher = serving.batcher
-            submit, wait_for_room = batcher.submit_nowait, batcher.wait_for_room
             parse = self._frame_parser(serving)
             decode_frame = self._frame_decoder(serving)
-            deadline, caller = _deadline(context), caller_of(context)
-            # Admitted frames wait here in arrival order, each as the batcher's future of its
-            # result (no task per frame); the bound caps how many one stream may have out.
-            pending: asyncio.Queue[_AdmittedFrame | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-            # Set when the stream stops reading because the server drains or closes.
-            cut: list[bool] = []
+            deadline = _deadline(context)
 
-            async def read_frames() -> None:
-                entry: _AdmittedFrame | None = None
-                try:
-                    async for raw in request_iterator:
-                        frame_id, k, outcome = parse(raw)
-                        if isinstance(outcome, pb.Image):
-                            # Compressed: decoded on the decoder's threads, off the loop.
-                            outcome = await decode_frame(outcome)
-                        if isinstance(outcome, np.ndarray):
-                            while True:
-                                full = False
-                                try:
-                                    entry = (
-                                        frame_id,
-                                        k,
-                                        submit(outcome, deadline=deadline, caller=caller),
-                                    )
-                                    break
-                                except QueueFullError:
-                                    full = True
-                                except Exception as exc:
-                                    entry = (frame_id, 0, status_for(exc))
-                                    break
-                                if full:
-                                    # Stop reading until there is room: flow control pushes
-                                    # back on the client, no frame is refused.
-                                    await wait_for_room(outcome, caller=caller)
-                        else:
-                            entry = (frame_id, 0, outcome)
-                        await pending.put(entry)
-                        entry = None
-                except (asyncio.CancelledError, BatcherClosedError):
-                    if entry is not None and not isinstance(entry[2], tuple):
-                        entry[2].cancel()  # admitted but never to be answered: withdraw it
-                    if not cut:
-                        raise
-                finally:
-                    await pending.put(None)
+            async def prepare(raw: bytes) -> Prepared[tuple[int, int]]:
+                frame_id, k, outcome = parse(raw)
+                if isinstance(outcome, pb.Image):
+                    # Compressed: decoded on the decoder's threads, off the loop.
+                    outcome = await decode_frame(outcome)
+                return (frame_id, k), outcome, deadline
 
-            reader = asyncio.ensure_future(read_frames())
-
-            def wind_down() -> None:
-                cut.append(True)
-                reader.cancel()
-
-            unregister = self._gate.on_drain(wind_down)
-            try:
-                while (entry := await pending.get()) is not None:
+            frames = admitted(
+                request_iterator,
+                prepare,
+                batcher=serving.batcher,
+                caller=caller_of(context),
+                gate=self._gate,
+                context=context,
+            )
+            async with contextlib.aclosing(frames):
+                async for entry in frames:
                     yield await self._frame_response(entry, serving)
-                if cut:
-                    # Every frame read has been answered; the client resends the rest after
-                    # reconnecting (UNAVAILABLE), as after a restart.
-                    set_status(context, BatcherClosedError("draining"))
-                    return
-                await reader  # re-raises a failure of the request stream
-            finally:
-                unregister()
-                reader.cancel()
-                while not pending.empty():
-                    leftover = pending.get_nowait()
-                    if leftover is not None and not isinstance(leftover[2], tuple):
-                        leftover[2].cancel()  # withdraws it from the batcher's queue
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
         finally:
             self._gate.leave()
 
@@ -321,9 +261,9 @@ class ClassifierServicer:
         return decode_frame
 
     async def _frame_response(
-        self, entry: _AdmittedFrame, serving: ServingModel
+        self, entry: tuple[tuple[int, int], Outcome], serving: ServingModel
     ) -> pb.StreamResponse:
-        frame_id, k, outcome = entry
+        (frame_id, k), outcome = entry
         if isinstance(outcome, tuple):
             return self._frame_error(frame_id, outcome)
         try:

@@ -11,7 +11,6 @@ its version is the prepared model's version, which changes whenever the served g
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,34 +25,25 @@ from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_client.wire import WireFormatError
 from numpy.typing import NDArray
 
-from ..batcher import Caller, ItemResult
+from ..batcher import ItemResult
+from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
 from .errors import ModelNotFoundError, ModelNotReadyError, set_status, status_for
+from .streaming import Prepared, admitted
 
 MODEL_NAME = "resnet50"
 SERVER_NAME = "framecast"
 # Triton's names for the extensions served here ("classification" is the one clients check).
 EXTENSIONS = ("classification", "model_configuration", "statistics")
-# Requests of one stream admitted to the batcher before the servicer stops reading that stream
-# (as the Classifier's streams): flow control pushes back on the client.
-STREAM_WINDOW = 64
 TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the server may take
 
-# A stream request between admission and its response: its id, model name and version, the
-# model it was admitted to (None if refused) with its requested outputs, and the batcher's
-# future of its results or the error that refused it. Not the request itself: its 150 KB
-# would stay alive beside the image the batcher holds. A plain tuple: one is built per request.
-_Admitted = tuple[
-    str,
-    str,
-    str,
-    ServingModel | None,
-    list[oip.RequestedOutput],
-    "asyncio.Future[list[ItemResult]] | Exception",
-]
+# What a stream request's response needs: its id, model name and version, and its requested
+# outputs. Not the request itself: its 150 KB would stay alive beside the image the batcher
+# holds. A plain tuple: one is built per request.
+_Tag = tuple[str, str, str, list[oip.RequestedOutput]]
 
 
 def _server_version() -> str:
@@ -72,7 +62,10 @@ MODEL_STREAM_INFER = f"/{_SERVICE}/ModelStreamInfer"
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Serves inference.GRPCInferenceService; not ready (UNAVAILABLE) until a model is attached."""
 
-    def __init__(self, *, recorder: Recorder = NULL_RECORDER) -> None:
+    def __init__(self, *, gate: CallGate, recorder: Recorder = NULL_RECORDER) -> None:
+        # Calls enter the gate where they are registered (decoding.guarded); streams also
+        # learn of the drain from it.
+        self._gate = gate
         self._answered = recorder.frames_answered
         self._serving: ServingModel | None = None
         self._metadata: pb.ModelMetadataResponse | None = None
@@ -198,41 +191,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return self._server_metadata
 
-    async def ModelMetadata(
+    async def ModelMetadata(  # type: ignore[override]
         self,
         request: pb.ModelMetadataRequest,
         context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
-    ) -> pb.ModelMetadataResponse:
+    ) -> pb.ModelMetadataResponse | None:
         try:
             self._model(request.name, request.version)
             assert self._metadata is not None  # set before _serving
             return self._metadata
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            set_status(context, exc)  # not context.abort: see ModelInfer
+            return None
 
-    async def ModelConfig(
+    async def ModelConfig(  # type: ignore[override]
         self,
         request: pb.ModelConfigRequest,
         context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
-    ) -> pb.ModelConfigResponse:
+    ) -> pb.ModelConfigResponse | None:
         try:
             self._model(request.name, request.version)
             assert self._config is not None  # set before _serving
             return self._config
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            set_status(context, exc)  # not context.abort: see ModelInfer
+            return None
 
-    async def ModelStatistics(
+    async def ModelStatistics(  # type: ignore[override]
         self,
         request: pb.ModelStatisticsRequest,
         context: grpc.aio.ServicerContext[pb.ModelStatisticsRequest, pb.ModelStatisticsResponse],
-    ) -> pb.ModelStatisticsResponse:
+    ) -> pb.ModelStatisticsResponse | None:
         try:
             # An empty name asks for every model: the one served.
             serving = self._model(request.name or MODEL_NAME, request.version)
             return pb.ModelStatisticsResponse(model_stats=[self._statistics(serving)])
         except Exception as exc:
-            await context.abort(*status_for(exc))
+            set_status(context, exc)  # not context.abort: see ModelInfer
+            return None
 
     @staticmethod
     def _statistics(serving: ServingModel) -> pb.ModelStatistics:
@@ -263,18 +259,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # ------------------------------------------------------------ inference
-    def _admit(
-        self, request: pb.ModelInferRequest, deadline: float | None, caller: Caller
-    ) -> tuple[ServingModel, list[oip.RequestedOutput], asyncio.Future[list[ItemResult]]]:
-        """Validate a request and hand its images to the batcher; raises on bad input."""
+    def _parse(
+        self, request: pb.ModelInferRequest, call_deadline: float | None
+    ) -> tuple[ServingModel, list[oip.RequestedOutput], NDArray[np.uint8], float | None]:
+        """Validate a request: its model, outputs, images and deadline; raises on bad input."""
         serving = self._model(request.model_name, request.model_version)
         outputs = oip.requested_outputs(request, num_classes=len(serving.model.labels))
         size = serving.model.preset.input_size
         batch = oip.images_from_request(
             request, height=size, width=size, max_batch=serving.batcher.settings.max_batch
         )
-        future = serving.batcher.submit_nowait(batch, deadline=deadline, caller=caller)
-        return serving, outputs, future
+        return serving, outputs, batch, self._deadline(request, call_deadline)
 
     @staticmethod
     def _call_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -337,8 +332,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelInferResponse],
     ) -> pb.ModelInferResponse | None:
         try:
-            deadline = self._deadline(request, self._call_deadline(context))
-            serving, outputs, future = self._admit(request, deadline, caller_of(context))
+            serving, outputs, batch, deadline = self._parse(request, self._call_deadline(context))
+            future = serving.batcher.submit_nowait(
+                batch, deadline=deadline, caller=caller_of(context)
+            )
             response = pb.ModelInferResponse()
             items = await future
             self._fill_response(response, serving, request.id, outputs, items)
@@ -357,59 +354,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Admitted requests wait here in arrival order (the batcher completes them in admission
-        # order); the bound caps how many one stream may have outstanding.
-        pending: asyncio.Queue[_Admitted | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-
+        # Admission, flow control and the drain as for our own ClassifyStream (one place:
+        # streaming.admitted); this maps requests and responses.
+        serving = self._serving
+        if serving is None:
+            set_status(context, ModelNotReadyError())
+            return
         call_deadline = self._call_deadline(context)  # a stream's deadline is fixed
-        caller = caller_of(context)  # for the batcher's fair order: the connection
+        parse = self._parse
 
-        def admit(request: pb.ModelInferRequest) -> _Admitted:
-            name, version = request.model_name, request.model_version
+        async def prepare(request: pb.ModelInferRequest) -> Prepared[_Tag]:
+            request_id, name, version = request.id, request.model_name, request.model_version
             try:
-                serving, outputs, future = self._admit(
-                    request, self._deadline(request, call_deadline), caller
-                )
-                return request.id, name, version, serving, outputs, future
+                _, outputs, batch, deadline = parse(request, call_deadline)
             except Exception as exc:
-                return request.id, name, version, None, [], exc
+                return (request_id, name, version, []), status_for(exc), None
+            return (request_id, name, version, outputs), batch, deadline
 
-        async def read_requests() -> None:
-            try:
-                async for request in request_iterator:
-                    await pending.put(admit(request))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.ensure_future(read_requests())
-        try:
-            while (entry := await pending.get()) is not None:
-                request_id, name, version, serving, outputs, outcome = entry
-                try:
-                    if isinstance(outcome, Exception):
-                        raise outcome
-                    assert serving is not None  # admitted
-                    message = pb.ModelStreamInferResponse()
-                    items = await outcome
-                    self._fill_response(message.infer_response, serving, request_id, outputs, items)
-                    self._answered(MODEL_STREAM_INFER, "OK", len(items))
-                    yield message
-                except Exception as exc:
-                    # Triton's stream error: the text, and the request's id to match it by.
-                    code, text = status_for(exc)
-                    self._answered(MODEL_STREAM_INFER, code.name, 1)
-                    yield pb.ModelStreamInferResponse(
-                        error_message=text,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=name, model_version=version, id=request_id
-                        ),
-                    )
-            await reader  # re-raises a failure of the request stream
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None and not isinstance(leftover[5], Exception):
-                    leftover[5].cancel()  # withdraws it from the batcher's queue
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        requests = admitted(
+            request_iterator,
+            prepare,
+            batcher=serving.batcher,
+            caller=caller_of(context),  # for the batcher's fair order: the connection
+            gate=self._gate,
+            context=context,
+        )
+        async with contextlib.aclosing(requests):
+            async for (request_id, name, version, outputs), outcome in requests:
+                if isinstance(outcome, tuple):
+                    code, text = outcome
+                else:
+                    try:
+                        items = await outcome
+                    except Exception as exc:
+                        code, text = status_for(exc)
+                    else:
+                        message = pb.ModelStreamInferResponse()
+                        self._fill_response(
+                            message.infer_response, serving, request_id, outputs, items
+                        )
+                        self._answered(MODEL_STREAM_INFER, "OK", len(items))
+                        yield message
+                        continue
+                # Triton's stream error: the text, and the request's id to match it by.
+                self._answered(MODEL_STREAM_INFER, code.name, 1)
+                yield pb.ModelStreamInferResponse(
+                    error_message=text,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=name, model_version=version, id=request_id
+                    ),
+                )
