@@ -15,8 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import Client, UnavailableError, wire
+from framecast_client import Client, UnavailableError, oip, wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
@@ -103,6 +105,69 @@ def test_a_drain_answers_calls_in_flight_ends_streams_and_refuses_new_calls(
         stopping.result(WAIT_S)
         assert time.monotonic() - started < settings.grace_s / 2
         raw.close()
+
+
+class OipCamera:
+    """An Open Inference Protocol stream (ModelStreamInfer) that sends ``count`` requests, then
+    stays open until told to end."""
+
+    def __init__(self, channel: grpc.Channel, count: int) -> None:
+        self.end = threading.Event()
+        self.answers: list[oip_pb.ModelStreamInferResponse] = []
+        self.error: grpc.RpcError | None = None
+        self._count = count
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        self._call = stub.ModelStreamInfer(self._requests(), timeout=60)
+
+    def _requests(self) -> Iterator[oip_pb.ModelInferRequest]:
+        for i in range(self._count):
+            frame = random_frames(1, seed=i)
+            yield oip.infer_request(frame, model_name="resnet50", request_id=str(i + 1))
+        self.end.wait(WAIT_S)
+
+    def read(self) -> OipCamera:
+        try:
+            self.answers.extend(self._call)
+        except grpc.RpcError as error:
+            self.error = error
+        finally:
+            self.end.set()
+        return self
+
+
+def test_a_drain_ends_an_open_inference_protocol_stream_as_ours(cache_dir: Path) -> None:
+    # ModelStreamInfer drains as ClassifyStream: what it read is answered, then UNAVAILABLE
+    # (reconnect), at once rather than at the end of the grace period.
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", grace_s=20.0)
+    server = BackgroundServer(settings, backend_factory=lambda _: backend)
+    with (
+        server,
+        Client(server.address, timeout=WAIT_S) as client,
+        grpc.insecure_channel(server.address) as channel,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        backend.hold()
+        in_flight = pool.submit(client.classify_preprocessed, random_frames(1))
+        assert backend.entered.wait(WAIT_S)
+        camera = OipCamera(channel, count=3)
+        reading = pool.submit(camera.read)
+        wait_until(lambda: serving.batcher.queued == 3, "the stream's requests never queued")
+        started = time.monotonic()
+        stopping = pool.submit(server.close)
+        wait_until(lambda: server.server.gate.draining, "the drain never began")
+        backend.release()
+        assert len(in_flight.result(WAIT_S)) == 1
+        reading.result(WAIT_S)
+        assert [a.infer_response.id for a in camera.answers] == ["1", "2", "3"]
+        assert [a.error_message for a in camera.answers] == ["", "", ""]
+        assert camera.error is not None
+        assert camera.error.code() is grpc.StatusCode.UNAVAILABLE  # clients reconnect
+        assert "shutting down" in (camera.error.details() or "")
+        stopping.result(WAIT_S)
+        assert time.monotonic() - started < settings.grace_s / 2
 
 
 def test_the_drain_delay_keeps_serving_while_health_says_not_serving(cache_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -202,6 +203,41 @@ def test_stream_many_in_flight_answers_every_request_in_order(
     assert ids == list(range(count))
     tops = [int(result.as_numpy("probabilities")[0, 0].split(b":")[1]) for result, _ in received]
     assert tops == [i % 256 for i in range(count)]
+
+
+def test_a_stream_beyond_a_full_queue_waits_for_room_instead_of_failing(cache_dir: Path) -> None:
+    # As ClassifyStream: a full server stops reading the stream (flow control), it refuses
+    # none of its requests.
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_batch=4, max_queue=8)
+    count = 40
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        triton.InferenceServerClient(server.address) as client,
+    ):
+        serving = server.serving
+        assert serving is not None
+        results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        backend.hold()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            for i in range(count):
+                client.async_stream_infer(
+                    MODEL, [images_input(keyed_frames([i]))], request_id=str(i)
+                )
+            assert backend.entered.wait(30)
+            # The queue is full once the stream's next request found no room.
+            deadline = time.monotonic() + 30
+            while serving.batcher.stats.rejected_full == 0:
+                assert time.monotonic() < deadline, "the queue never filled"
+                time.sleep(0.01)
+            backend.release()
+            received = [results.get(timeout=30) for _ in range(count)]
+        finally:
+            backend.release()
+            client.stop_stream()
+    assert [error for _, error in received] == [None] * count
+    assert [result.get_response().id for result, _ in received] == [str(i) for i in range(count)]
 
 
 def test_stream_reports_a_bad_request_and_goes_on(

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import Client, ResourceExhaustedError, wire
+from framecast_client import Client, ResourceExhaustedError, oip, wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
@@ -74,6 +76,43 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
         assert all(a.HasField("classification") for a in answers)
         assert all(len(call.result(WAIT_S)) == 1 for call in calls)
         raw.close()
+
+
+def test_a_spent_budget_stops_an_open_inference_protocol_stream_reading_too(
+    cache_dir: Path,
+) -> None:
+    # ModelStreamInfer meets the budget as ClassifyStream does: it stops reading, and no
+    # request is refused for a full server.
+    backend = HoldableNullBackend()
+    budget = 16 * FRAME_BYTES
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=8, max_queue=64, memory_budget_bytes=budget
+    )
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        grpc.insecure_channel(server.address) as channel,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        batcher = serving.batcher
+        backend.hold()
+        sent: list[int] = []
+
+        def requests() -> Iterator[oip_pb.ModelInferRequest]:
+            for i in range(40):
+                sent.append(i)
+                frame = random_frames(1, seed=i)
+                yield oip.infer_request(frame, model_name="resnet50", request_id=str(i))
+
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        stream = pool.submit(lambda: list(stub.ModelStreamInfer(requests(), timeout=WAIT_S)))
+        wait_until(lambda: batcher.admitted_bytes == 12 * FRAME_BYTES, "the stream never filled")
+        assert len(sent) > 12  # sent, but not read: the server stopped reading
+        backend.release()
+        answers = stream.result(WAIT_S)
+        assert [a.error_message for a in answers] == [""] * 40
+        assert [a.infer_response.id for a in answers] == [str(i) for i in range(40)]
 
 
 def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path) -> None:

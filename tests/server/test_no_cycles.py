@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from framecast_client import oip, wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
@@ -54,6 +55,19 @@ class Server:
         self.infer = self.raw.channel.unary_unary(  # type: ignore[call-arg]
             "/inference.GRPCInferenceService/ModelInfer"
         )
+        self.oip_stream = self.raw.channel.stream_stream(  # type: ignore[call-arg]
+            "/inference.GRPCInferenceService/ModelStreamInfer"
+        )
+
+    def oip_code(self, method: str, raw: bytes) -> grpc.StatusCode:
+        call = self.raw.channel.unary_unary(  # type: ignore[call-arg]
+            f"/inference.GRPCInferenceService/{method}"
+        )
+        try:
+            call(raw, timeout=30)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
 
     def infer_code(self, raw: bytes) -> grpc.StatusCode:
         # Not pytest.raises: its record of the error would be a cycle of the test's own.
@@ -100,6 +114,27 @@ def refuse_fail_and_expire(s: Server) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.NOT_FOUND,
         )
+    # Its metadata, configuration and statistics of a model not served.
+    unknown = {"name": "no-such-model"}
+    for method, message in (
+        ("ModelMetadata", oip_pb.ModelMetadataRequest(**unknown)),
+        ("ModelConfig", oip_pb.ModelConfigRequest(**unknown)),
+        ("ModelStatistics", oip_pb.ModelStatisticsRequest(**unknown)),
+    ):
+        assert s.oip_code(method, message.SerializeToString()) is grpc.StatusCode.NOT_FOUND
+    # Its stream: requests refused, failed and answered.
+    requests = [
+        oip.infer_request(keyed(1), model_name="resnet50", request_id="1"),
+        oip.infer_request(keyed(2)[:, :100], model_name="resnet50", request_id="2"),
+        oip.infer_request(keyed(FAIL_KEY), model_name="resnet50", request_id="3"),
+        oip.infer_request(keyed(4), model_name="no-such-model", request_id="4"),
+        oip.infer_request(keyed(5), model_name="resnet50", request_id="5"),
+    ]
+    replies = [
+        oip_pb.ModelStreamInferResponse.FromString(r)
+        for r in s.oip_stream((r.SerializeToString() for r in requests), timeout=30)
+    ]
+    assert [bool(r.error_message) for r in replies] == [False, True, True, True, False]
     # A full queue: one batch held in the backend, two waiting, the rest refused.
     s.backend.hold()
     s.backend.entered.clear()
