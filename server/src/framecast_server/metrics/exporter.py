@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from ..backends.base import BackendInfo
 from ..batcher import BatcherStats
 from ..model import PreparedModel
+from .multiprocess import WorkerFigures
 from .nvml import register_gpu_metrics
 
 # Request latency and queue/compute time: 100 us to 10 s, about 2.5x apart (a CPU backend's
@@ -33,6 +34,7 @@ LATENCY_BUCKETS_S = (
 # Status codes that mean "the caller's input was wrong" (counted as failures by reason invalid).
 INVALID_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 UNKNOWN_METHOD = "unknown"
+MODEL_LABELS = ("model", "version", "backend", "precision", "device", "pretrained")
 
 
 def _batch_buckets(max_batch: int) -> tuple[float, ...]:
@@ -96,10 +98,14 @@ class Metrics:
     """The app's metrics: a registry, the Recorder the core calls, and the metric objects.
 
     Everything runs on the server's event loop except scrapes, which only read.
+
+    ``shared``: a worker of ``--workers`` (multiprocess.py): the metrics go to the supervisor's
+    directory, gauges say how processes combine, and the scrape-time figures are published.
     """
 
-    def __init__(self, *, max_batch: int = 32, gpu: bool = True) -> None:
+    def __init__(self, *, max_batch: int = 32, gpu: bool = True, shared: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared = WorkerFigures(self.registry) if shared else None
         r = self.registry
         self.requests = Counter(
             "framecast_requests",
@@ -119,6 +125,7 @@ class Metrics:
             "Streaming calls open now, by method",
             ["method"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.caller_requests = Counter(
             "framecast_caller_requests",
@@ -150,18 +157,30 @@ class Metrics:
             buckets=_batch_buckets(max_batch),
             registry=r,
         )
-        self.model = Info(
-            "framecast_model", "The model served and the backend serving it", registry=r
-        )
-        ProcessCollector(registry=r)
-        self.gpu = register_gpu_metrics(r) if gpu else False
+        model_help = "The model served and the backend serving it"
+        if self.shared is None:
+            self.model: Info | Gauge = Info("framecast_model", model_help, registry=r)
+            ProcessCollector(registry=r)
+            self.gpu = register_gpu_metrics(r) if gpu else False
+        else:
+            # Info has no multiprocess form: the same sample as a gauge at 1, per live worker
+            # max'ed into one series. Process and GPU metrics come from the supervisor.
+            self.model = Gauge(
+                "framecast_model_info",
+                model_help,
+                MODEL_LABELS,
+                registry=r,
+                multiprocess_mode="livemax",
+            )
+            self.gpu = False
         # Read at scrape time (see _ServingCollector); set once the model is loaded.
         self.batcher_stats: Callable[[], BatcherStats] | None = None
         self.invalid_frames = 0
         self.auth_failures: dict[str, int] = {}
         # Calls open per peer address (ip:port, one per connection); never a label, only counted.
         self.open_calls_by_peer: dict[str, int] = {}
-        r.register(_ServingCollector(self))
+        if self.shared is None:
+            r.register(_ServingCollector(self))
         # Label children are looked up once per (method, code): a frame pays a dict lookup.
         self._frame_counters: dict[tuple[str, str], Counter] = {}
         self._observe_queue = self.queue_duration.observe
@@ -173,16 +192,23 @@ class Metrics:
     ) -> None:
         """The model is loaded: describe it and read the batcher's counters from now on."""
         self.batcher_stats = stats
-        self.model.info(
-            {
-                "model": model.name,
-                "version": model.version,
-                "backend": backend.name,
-                "precision": backend.precision,
-                "device": backend.device,
-                "pretrained": str(model.pretrained).lower(),
-            }
-        )
+        labels = dict(
+            zip(
+                MODEL_LABELS,
+                (model.name, model.version, backend.name, backend.precision, backend.device,
+                 str(model.pretrained).lower()),
+                strict=True,
+            )
+        )  # fmt: skip
+        if isinstance(self.model, Info):
+            self.model.info(labels)
+        else:
+            self.model.labels(**labels).set(1)
+
+    def publish(self) -> None:
+        """A worker: copy the batcher's figures into the shared files (multiprocess.py)."""
+        if self.shared is not None and self.batcher_stats is not None:
+            self.shared.publish(self.batcher_stats())
 
     # The Recorder interface (framecast_server.recorder), called by the core and servicers.
 
@@ -203,12 +229,16 @@ class Metrics:
         counter.inc(n)
         if code in INVALID_CODES:
             self.invalid_frames += n
+            if self.shared is not None:
+                self.shared.failures.labels("invalid").inc(n)
 
     # Told by the interceptors.
 
     def call_opened(self, peer: str) -> None:
         """A call from ``peer`` (its connection's address) started."""
         self.open_calls_by_peer[peer] = self.open_calls_by_peer.get(peer, 0) + 1
+        if self.shared is not None:
+            self.shared.connections.set(len(self.open_calls_by_peer))
 
     def call_closed(self, peer: str) -> None:
         """A call from ``peer`` ended."""
@@ -217,7 +247,11 @@ class Metrics:
             self.open_calls_by_peer[peer] = left
         else:
             self.open_calls_by_peer.pop(peer, None)
+        if self.shared is not None:
+            self.shared.connections.set(len(self.open_calls_by_peer))
 
     def auth_failed(self, reason: str) -> None:
         """A call was refused for a ``reason`` token ("missing" or "invalid")."""
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+        if self.shared is not None:
+            self.shared.auth_failures.labels(reason).inc()
