@@ -86,7 +86,7 @@ def shared_dir(worker: int) -> Path:
 def own_figure(directory: Path, pid: int, name: str, **labels: str) -> float:
     """One worker's own figure, read from its files alone (not through the supervisor)."""
     files = [str(f) for f in directory.glob(f"*_{pid}.db")]
-    for family in MultiProcessCollector.merge(files):
+    for family in MultiProcessCollector.merge(files):  # type: ignore[no-untyped-call]
         for sample in family.samples:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
@@ -127,7 +127,7 @@ def host(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
 
 def _open_stream(
     address: str, info_id: str
-) -> tuple[grpc.Channel, queue.Queue[object], object, Iterator[pb.StreamResponse]]:
+) -> tuple[grpc.Channel, queue.Queue[object], object, object]:
     """A stream left open after one frame: the worker holding it counts one active stream."""
     frames: queue.Queue[object] = queue.Queue()
     done = object()
@@ -147,7 +147,7 @@ def _open_stream(
             preprocessing_id=info_id,
         )
     )
-    assert next(replies).HasField("classification")
+    assert next(iter(replies)).HasField("classification")
     return channel, frames, done, replies  # the call lasts as long as its replies are held
 
 
