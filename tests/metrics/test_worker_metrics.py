@@ -121,7 +121,11 @@ def host(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
         yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
     finally:
         if process.poll() is None:
-            process.kill()
+            process.terminate()  # the supervisor removes its directory; a kill would leave it
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait()
 
 

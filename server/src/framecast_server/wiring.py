@@ -15,7 +15,7 @@ import grpc
 
 from .auth import AuthInterceptor, TokenStore
 from .metrics import Metrics, MetricsInterceptor, MetricsServer
-from .metrics.multiprocess import PUBLISH_INTERVAL_S
+from .metrics.exporter import PUBLISH_INTERVAL_S
 from .recorder import NULL_RECORDER, Recorder
 from .settings import ServerSettings
 from .tls import CertificateReloader, server_credentials

@@ -13,6 +13,7 @@ its ``stats`` at scrape time rather than recorded as it happens: free on the ser
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,7 +23,6 @@ from prometheus_client.registry import Collector
 from ..backends.base import BackendInfo
 from ..batcher import BatcherStats
 from ..model import PreparedModel
-from .multiprocess import WorkerFigures
 from .nvml import register_gpu_metrics
 
 # Request latency and queue/compute time: 100 us to 10 s, about 2.5x apart (a CPU backend's
@@ -44,6 +44,18 @@ def _batch_buckets(max_batch: int) -> tuple[float, ...]:
     return tuple(buckets)
 
 
+FAILURES_HELP = (
+    "Images that got no result, by reason: queue_full (refused at admission: the queue "
+    "or the memory budget was full), "
+    "deadline (expired before compute), cancelled (caller left while queued), "
+    "backend (inference failed), invalid (malformed or for another preprocessing)"
+)
+QUEUE_HELP = "Images waiting in the batcher's queue now"
+ADMITTED_HELP = "Bytes of images admitted now, waiting or computing (what the memory budget counts)"
+CONNECTIONS_HELP = "Client connections (peer addresses) with at least one call open now"
+AUTH_FAILURES_HELP = "Calls refused before any servicer ran: a missing or an invalid token"
+
+
 class _ServingCollector(Collector):
     """Figures read at scrape time: the batcher's counters and queue, auth refusals."""
 
@@ -52,21 +64,9 @@ class _ServingCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         metrics = self._metrics
-        failures = CounterMetricFamily(
-            "framecast_failures",
-            "Images that got no result, by reason: queue_full (refused at admission: the queue "
-            "or the memory budget was full), "
-            "deadline (expired before compute), cancelled (caller left while queued), "
-            "backend (inference failed), invalid (malformed or for another preprocessing)",
-            labels=["reason"],
-        )
-        queue = GaugeMetricFamily(
-            "framecast_queue_images", "Images waiting in the batcher's queue now"
-        )
-        admitted = GaugeMetricFamily(
-            "framecast_admitted_bytes",
-            "Bytes of images admitted now, waiting or computing (what the memory budget counts)",
-        )
+        failures = CounterMetricFamily("framecast_failures", FAILURES_HELP, labels=["reason"])
+        queue = GaugeMetricFamily("framecast_queue_images", QUEUE_HELP)
+        admitted = GaugeMetricFamily("framecast_admitted_bytes", ADMITTED_HELP)
         stats = metrics.batcher_stats() if metrics.batcher_stats is not None else None
         if stats is not None:
             failures.add_metric(["queue_full"], stats.rejected_full)
@@ -80,18 +80,63 @@ class _ServingCollector(Collector):
         yield queue
         yield admitted
         yield GaugeMetricFamily(
-            "framecast_connections_active",
-            "Client connections (peer addresses) with at least one call open now",
-            value=len(metrics.open_calls_by_peer),
+            "framecast_connections_active", CONNECTIONS_HELP, value=len(metrics.open_calls_by_peer)
         )
-        auth = CounterMetricFamily(
-            "framecast_auth_failures",
-            "Calls refused before any servicer ran: a missing or an invalid token",
-            labels=["reason"],
-        )
+        auth = CounterMetricFamily("framecast_auth_failures", AUTH_FAILURES_HELP, labels=["reason"])
         for reason in ("missing", "invalid"):
             auth.add_metric([reason], metrics.auth_failures.get(reason, 0))
         yield auth
+
+
+# How stale a worker's batcher figures (failures but invalid, queue, admitted bytes) may be.
+PUBLISH_INTERVAL_S = 0.5
+_BATCHER_REASONS = ("queue_full", "deadline", "cancelled", "backend")
+
+
+def _batcher_failures(stats: BatcherStats) -> tuple[int, ...]:
+    return (
+        stats.rejected_full,
+        stats.dropped_expired,
+        stats.dropped_cancelled,
+        stats.failed_images,
+    )
+
+
+class WorkerFigures:
+    """A ``--workers`` worker's scrape-time figures as metrics its files hold (multiprocess.py:
+    a worker cannot be asked at scrape time, so it publishes them every PUBLISH_INTERVAL_S)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # The single server's _ServingCollector, as metrics a worker's files can hold; gauges
+        # are summed over the live workers.
+        r = registry
+        self.failures = Counter("framecast_failures", FAILURES_HELP, ["reason"], registry=r)
+        self.auth_failures = Counter(
+            "framecast_auth_failures", AUTH_FAILURES_HELP, ["reason"], registry=r
+        )
+        live: Final = "livesum"
+        self.queue = Gauge("framecast_queue_images", QUEUE_HELP, registry=r, multiprocess_mode=live)
+        self.admitted = Gauge(
+            "framecast_admitted_bytes", ADMITTED_HELP, registry=r, multiprocess_mode=live
+        )
+        self.connections = Gauge(
+            "framecast_connections_active", CONNECTIONS_HELP, registry=r, multiprocess_mode=live
+        )
+        for reason in (*_BATCHER_REASONS, "invalid"):
+            self.failures.labels(reason)  # present at zero, as in a single server
+        for reason in ("missing", "invalid"):
+            self.auth_failures.labels(reason)
+        self._published = (0,) * len(_BATCHER_REASONS)
+
+    def publish(self, stats: BatcherStats) -> None:
+        """Copy the batcher's figures into the files: counters grow by what is new."""
+        now = _batcher_failures(stats)
+        for reason, before, after in zip(_BATCHER_REASONS, self._published, now, strict=True):
+            if after > before:
+                self.failures.labels(reason).inc(after - before)
+        self._published = now
+        self.queue.set(stats.queued)
+        self.admitted.set(stats.admitted_bytes)
 
 
 class Metrics:

@@ -9,7 +9,7 @@ removes its live gauges (queue, streams, connections), which would otherwise sta
 
 A worker cannot be asked anything at scrape time, so what a single server reads from the batcher
 when scraped (failures by reason, queue depth, admitted bytes) a worker copies into its files
-every :data:`PUBLISH_INTERVAL_S` (:class:`WorkerFigures`). Process metrics (CPU, memory, file
+every ``PUBLISH_INTERVAL_S`` (exporter.py's ``WorkerFigures``). Process metrics (CPU, memory, file
 descriptors) come from the supervisor, for itself and for every live worker, labelled
 ``process``; GPU metrics too, once for the host.
 """
@@ -21,82 +21,17 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from ..batcher import BatcherStats
 from .http import MetricsServer
 from .nvml import register_gpu_metrics
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# How stale a worker's batcher figures (failures but invalid, queue, admitted bytes) may be.
-PUBLISH_INTERVAL_S = 0.5
-_BATCHER_REASONS = ("queue_full", "deadline", "cancelled", "backend")
-
-
-def _batcher_failures(stats: BatcherStats) -> tuple[int, ...]:
-    return (
-        stats.rejected_full,
-        stats.dropped_expired,
-        stats.dropped_cancelled,
-        stats.failed_images,
-    )
-
-
-class WorkerFigures:
-    """A worker's scrape-time figures as file-backed metrics (the supervisor sums them)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        # Same names, help and meaning as the single server's collector (exporter.py).
-        self.failures = Counter(
-            "framecast_failures",
-            "Images that got no result, by reason (see the single server's help)",
-            ["reason"],
-            registry=registry,
-        )
-        self.auth_failures = Counter(
-            "framecast_auth_failures",
-            "Calls refused before any servicer ran: a missing or an invalid token",
-            ["reason"],
-            registry=registry,
-        )
-        self.queue = Gauge(
-            "framecast_queue_images",
-            "Images waiting in the batchers' queues now",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.admitted = Gauge(
-            "framecast_admitted_bytes",
-            "Bytes of images admitted now, waiting or computing",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.connections = Gauge(
-            "framecast_connections_active",
-            "Client connections with at least one call open now",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        for reason in (*_BATCHER_REASONS, "invalid"):
-            self.failures.labels(reason)  # present at zero, as in a single server
-        for reason in ("missing", "invalid"):
-            self.auth_failures.labels(reason)
-        self._published = (0,) * len(_BATCHER_REASONS)
-
-    def publish(self, stats: BatcherStats) -> None:
-        """Copy the batcher's figures into the files: counters grow by what is new."""
-        now = _batcher_failures(stats)
-        for reason, before, after in zip(_BATCHER_REASONS, self._published, now, strict=True):
-            if after > before:
-                self.failures.labels(reason).inc(after - before)
-        self._published = now
-        self.queue.set(stats.queued)
-        self.admitted.set(stats.admitted_bytes)
 
 
 class _WorkerProcesses(Collector):
