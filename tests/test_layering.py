@@ -49,6 +49,16 @@ def test_server_core_never_imports_grpc() -> None:
     assert not offenders
 
 
+def test_only_the_metrics_exporter_imports_prometheus() -> None:
+    # One room for metrics: the app, the wiring and the workers' supervisor go through metrics/.
+    offenders = [
+        str(f.relative_to(ROOT))
+        for f, m in imports(SERVER)
+        if m.split(".")[0] == "prometheus_client" and (SERVER / "metrics") not in f.parents
+    ]
+    assert not offenders
+
+
 def test_client_depends_only_on_its_four_libraries() -> None:
     allowed = {"grpc", "google", "numpy", "PIL", "framecast_client", "typing_extensions"}
     optional = {"av", "matplotlib"}  # the camera and plot extras, imported lazily

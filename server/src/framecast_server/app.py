@@ -65,17 +65,19 @@ class FramecastServer:
         *,
         backend_factory: Callable[[Path], Backend] | None = None,
         reuse_port: bool = False,
+        shared_metrics: bool = False,
     ) -> None:
         """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests.
 
         reuse_port: share the port with other processes on purpose (the workers of
         ``--workers``, see workers.py); otherwise a second server on a taken port fails.
+        shared_metrics: a worker's metrics go to the supervisor, which serves /metrics.
         """
         self.settings = settings
         self._backend_factory = backend_factory
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
-        self.wiring = Wiring.for_settings(settings)
+        self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
         self._server = grpc.aio.server(
             interceptors=self.wiring.interceptors,
             options=[

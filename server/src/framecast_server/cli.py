@@ -335,11 +335,6 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
     _check_bindable(args.host, args.port)
     try:
         settings = _settings(args)
-        if getattr(args, "workers", 1) > 1 and settings.metrics_port is not None:
-            raise SecurityFlagError(
-                "--metrics-port does not work with --workers yet: each worker would export "
-                "only its own figures. Run one worker per process (or pod) to scrape it"
-            )
         check_files(settings)  # the TLS and token files, read once before anything starts
     except (PlaintextRefusedError, SecurityFlagError, TLSFilesError, TokenFileError) as exc:
         raise CommandError(str(exc), status=2) from None

@@ -15,6 +15,7 @@ import grpc
 
 from .auth import AuthInterceptor, TokenStore
 from .metrics import Metrics, MetricsInterceptor, MetricsServer
+from .metrics.exporter import PUBLISH_INTERVAL_S
 from .recorder import NULL_RECORDER, Recorder
 from .settings import ServerSettings
 from .tls import CertificateReloader, server_credentials
@@ -40,16 +41,19 @@ class Wiring:
     tls_reloader: CertificateReloader | None = None
     metrics_port: int | None = None
     _metrics_server: MetricsServer | None = None
+    _publisher: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_settings(cls, settings: ServerSettings) -> Wiring:
+    def for_settings(cls, settings: ServerSettings, *, shared_metrics: bool = False) -> Wiring:
         """Build the interceptors (metrics first, so refused calls are counted too, then auth).
 
+        ``shared_metrics``: a worker of ``--workers``; its metrics go to the supervisor's
+        directory (metrics/multiprocess.py), which serves /metrics for all of them.
         Raises TokenFileError (a ValueError) when the token file cannot be used.
         """
         wiring = cls(settings)
         if settings.metrics_port is not None:
-            wiring.metrics = Metrics(max_batch=settings.max_batch)
+            wiring.metrics = Metrics(max_batch=settings.max_batch, shared=shared_metrics)
             wiring.interceptors.append(MetricsInterceptor(wiring.metrics))
         mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
         if settings.auth_tokens is not None or mutual_tls:
@@ -82,16 +86,31 @@ class Wiring:
         """Serve /metrics on the gRPC port's host (loopback unless told otherwise), if asked."""
         if self.metrics is None or self.settings.metrics_port is None:
             return
+        if self.metrics.shared is not None:
+            self._publisher = asyncio.ensure_future(self._publish(self.metrics))
+            return
         self._metrics_server = MetricsServer(
             self.metrics.registry, self.settings.host, self.settings.metrics_port
         )
         self.metrics_port = await asyncio.to_thread(self._metrics_server.start)
 
     async def stop_metrics(self) -> None:
-        """Stop serving /metrics."""
+        """Stop serving /metrics (a worker: publish a last time)."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
+            if self.metrics is not None:
+                self.metrics.publish()
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.stop)
             self._metrics_server = None
+
+    @staticmethod
+    async def _publish(metrics: Metrics) -> None:
+        while True:
+            metrics.publish()
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
 
     def describe(self) -> str:
         """A few words for the start-up log: transport, tokens, metrics port."""

@@ -22,10 +22,11 @@ host, SERVING from every worker that listens, until the drain turns them all NOT
 Models and engines are prepared under the cache's file locks (model/prepare.py,
 backends/tensorrt/cache.py): the first worker builds, the others wait and load the result.
 
-Metrics across workers (the hook for prometheus_client's multiprocess mode): the supervisor
-gives every worker the same empty directory in ``PROMETHEUS_MULTIPROC_DIR`` (unless one is
-set), and calls ``on_worker_exit(pid)`` for every worker that ends, where the exporter marks
-its files dead (``prometheus_client.multiprocess.mark_process_dead``).
+Metrics across workers (``--metrics-port``; prometheus_client's multiprocess mode, see
+metrics/multiprocess.py): the supervisor makes a fresh directory, gives it to every worker in
+``PROMETHEUS_MULTIPROC_DIR``, serves the one /metrics endpoint that sums their files, marks a
+worker's files dead when it ends (its live gauges go, its counts stay), and removes the
+directory when it stops.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ import multiprocessing
 import os
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from .metrics.multiprocess import SupervisorMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ async def _run_worker(settings: ServerSettings, report: Connection) -> int:
     """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
     from .app import FramecastServer
 
-    server = FramecastServer(settings, reuse_port=True)
+    server = FramecastServer(settings, reuse_port=True, shared_metrics=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -179,6 +182,7 @@ class Supervisor:
         self.workers = workers
         self._port_file = port_file
         self._on_worker_exit = on_worker_exit
+        self._metrics: SupervisorMetrics | None = None
         self._context = multiprocessing.get_context("spawn")
         self._slots: list[_Worker | None] = [None] * workers
         self._restart_at: dict[int, float] = {}
@@ -195,6 +199,11 @@ class Supervisor:
             ) from exc
         port = int(reserved.getsockname()[1])
         settings = worker_settings(self.settings, self.workers, port)
+        try:
+            metrics = self._start_metrics()  # before any worker: they need its directory
+        except BaseException:
+            reserved.close()
+            raise
         wake_read, wake_write = socket.socketpair()
         wake_write.setblocking(False)
         signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
@@ -203,10 +212,6 @@ class Supervisor:
             sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
-        multiproc_dir = None
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            multiproc_dir = tempfile.TemporaryDirectory(prefix="framecast-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir.name
         logger.info(
             "starting %d workers on %s:%d (%s ONNX Runtime threads each)",
             self.workers,
@@ -231,9 +236,41 @@ class Supervisor:
             wake_read.close()
             wake_write.close()
             reserved.close()
-            if multiproc_dir is not None:
-                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-                multiproc_dir.cleanup()
+            if metrics is not None:
+                metrics.close()
+                self._metrics = None
+
+    def _start_metrics(self) -> SupervisorMetrics | None:
+        """With ``--metrics-port``: the workers' shared directory and the one /metrics."""
+        if self.settings.metrics_port is None:
+            return None
+        # Imported only here: without metrics the supervisor never loads prometheus_client.
+        from .metrics.multiprocess import SupervisorMetrics
+
+        metrics = SupervisorMetrics(self.settings.host, self.settings.metrics_port)
+        try:
+            metrics.start(self._live_workers)
+        except OSError as exc:
+            metrics.close()
+            raise PortUnavailableError(
+                f"cannot serve metrics on port {self.settings.metrics_port}: {exc.strerror or exc}"
+            ) from exc
+        self._metrics = metrics
+        return metrics
+
+    def _live_workers(self) -> dict[str, int]:
+        """The pids of the workers now running, by label (for process metrics); any thread."""
+        live = {}
+        for worker in list(self._slots):
+            if worker is not None and worker.process.pid is not None:
+                live[f"worker-{worker.index}"] = int(worker.process.pid)
+        return live
+
+    def _ended(self, pid: int) -> None:
+        if self._metrics is not None:
+            self._metrics.worker_ended(pid)
+        if self._on_worker_exit is not None:
+            self._on_worker_exit(pid)
 
     def _start(self, index: int, settings: ServerSettings) -> None:
         receive, send = self._context.Pipe(duplex=False)
@@ -301,8 +338,7 @@ class Supervisor:
         process.join()
         worker.report.close()
         self._slots[worker.index] = None
-        if self._on_worker_exit is not None:
-            self._on_worker_exit(process.pid)
+        self._ended(process.pid)
         code = process.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         if not self._announced and not worker.serving:
@@ -351,7 +387,6 @@ class Supervisor:
                 worker.process.join()
             worker.report.close()
             self._slots[worker.index] = None
-            if self._on_worker_exit is not None:
-                self._on_worker_exit(worker.process.pid)
+            self._ended(worker.process.pid)
         if workers:
             logger.info("all workers stopped")

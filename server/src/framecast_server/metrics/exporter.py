@@ -13,6 +13,7 @@ its ``stats`` at scrape time rather than recorded as it happens: free on the ser
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,6 +34,7 @@ LATENCY_BUCKETS_S = (
 # Status codes that mean "the caller's input was wrong" (counted as failures by reason invalid).
 INVALID_CODES = frozenset({"INVALID_ARGUMENT", "FAILED_PRECONDITION"})
 UNKNOWN_METHOD = "unknown"
+MODEL_LABELS = ("model", "version", "backend", "precision", "device", "pretrained")
 
 
 def _batch_buckets(max_batch: int) -> tuple[float, ...]:
@@ -40,6 +42,18 @@ def _batch_buckets(max_batch: int) -> tuple[float, ...]:
     while buckets[-1] < max_batch:
         buckets.append(min(buckets[-1] * 2, float(max_batch)))
     return tuple(buckets)
+
+
+FAILURES_HELP = (
+    "Images that got no result, by reason: queue_full (refused at admission: the queue "
+    "or the memory budget was full), "
+    "deadline (expired before compute), cancelled (caller left while queued), "
+    "backend (inference failed), invalid (malformed or for another preprocessing)"
+)
+QUEUE_HELP = "Images waiting in the batcher's queue now"
+ADMITTED_HELP = "Bytes of images admitted now, waiting or computing (what the memory budget counts)"
+CONNECTIONS_HELP = "Client connections (peer addresses) with at least one call open now"
+AUTH_FAILURES_HELP = "Calls refused before any servicer ran: a missing or an invalid token"
 
 
 class _ServingCollector(Collector):
@@ -50,21 +64,9 @@ class _ServingCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         metrics = self._metrics
-        failures = CounterMetricFamily(
-            "framecast_failures",
-            "Images that got no result, by reason: queue_full (refused at admission: the queue "
-            "or the memory budget was full), "
-            "deadline (expired before compute), cancelled (caller left while queued), "
-            "backend (inference failed), invalid (malformed or for another preprocessing)",
-            labels=["reason"],
-        )
-        queue = GaugeMetricFamily(
-            "framecast_queue_images", "Images waiting in the batcher's queue now"
-        )
-        admitted = GaugeMetricFamily(
-            "framecast_admitted_bytes",
-            "Bytes of images admitted now, waiting or computing (what the memory budget counts)",
-        )
+        failures = CounterMetricFamily("framecast_failures", FAILURES_HELP, labels=["reason"])
+        queue = GaugeMetricFamily("framecast_queue_images", QUEUE_HELP)
+        admitted = GaugeMetricFamily("framecast_admitted_bytes", ADMITTED_HELP)
         stats = metrics.batcher_stats() if metrics.batcher_stats is not None else None
         if stats is not None:
             failures.add_metric(["queue_full"], stats.rejected_full)
@@ -78,28 +80,77 @@ class _ServingCollector(Collector):
         yield queue
         yield admitted
         yield GaugeMetricFamily(
-            "framecast_connections_active",
-            "Client connections (peer addresses) with at least one call open now",
-            value=len(metrics.open_calls_by_peer),
+            "framecast_connections_active", CONNECTIONS_HELP, value=len(metrics.open_calls_by_peer)
         )
-        auth = CounterMetricFamily(
-            "framecast_auth_failures",
-            "Calls refused before any servicer ran: a missing or an invalid token",
-            labels=["reason"],
-        )
+        auth = CounterMetricFamily("framecast_auth_failures", AUTH_FAILURES_HELP, labels=["reason"])
         for reason in ("missing", "invalid"):
             auth.add_metric([reason], metrics.auth_failures.get(reason, 0))
         yield auth
+
+
+# How stale a worker's batcher figures (failures but invalid, queue, admitted bytes) may be.
+PUBLISH_INTERVAL_S = 0.5
+_BATCHER_REASONS = ("queue_full", "deadline", "cancelled", "backend")
+
+
+def _batcher_failures(stats: BatcherStats) -> tuple[int, ...]:
+    return (
+        stats.rejected_full,
+        stats.dropped_expired,
+        stats.dropped_cancelled,
+        stats.failed_images,
+    )
+
+
+class WorkerFigures:
+    """A ``--workers`` worker's scrape-time figures as metrics its files hold (multiprocess.py:
+    a worker cannot be asked at scrape time, so it publishes them every PUBLISH_INTERVAL_S)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # The single server's _ServingCollector, as metrics a worker's files can hold; gauges
+        # are summed over the live workers.
+        r = registry
+        self.failures = Counter("framecast_failures", FAILURES_HELP, ["reason"], registry=r)
+        self.auth_failures = Counter(
+            "framecast_auth_failures", AUTH_FAILURES_HELP, ["reason"], registry=r
+        )
+        live: Final = "livesum"
+        self.queue = Gauge("framecast_queue_images", QUEUE_HELP, registry=r, multiprocess_mode=live)
+        self.admitted = Gauge(
+            "framecast_admitted_bytes", ADMITTED_HELP, registry=r, multiprocess_mode=live
+        )
+        self.connections = Gauge(
+            "framecast_connections_active", CONNECTIONS_HELP, registry=r, multiprocess_mode=live
+        )
+        for reason in (*_BATCHER_REASONS, "invalid"):
+            self.failures.labels(reason)  # present at zero, as in a single server
+        for reason in ("missing", "invalid"):
+            self.auth_failures.labels(reason)
+        self._published = (0,) * len(_BATCHER_REASONS)
+
+    def publish(self, stats: BatcherStats) -> None:
+        """Copy the batcher's figures into the files: counters grow by what is new."""
+        now = _batcher_failures(stats)
+        for reason, before, after in zip(_BATCHER_REASONS, self._published, now, strict=True):
+            if after > before:
+                self.failures.labels(reason).inc(after - before)
+        self._published = now
+        self.queue.set(stats.queued)
+        self.admitted.set(stats.admitted_bytes)
 
 
 class Metrics:
     """The app's metrics: a registry, the Recorder the core calls, and the metric objects.
 
     Everything runs on the server's event loop except scrapes, which only read.
+
+    ``shared``: a worker of ``--workers`` (multiprocess.py): the metrics go to the supervisor's
+    directory, gauges say how processes combine, and the scrape-time figures are published.
     """
 
-    def __init__(self, *, max_batch: int = 32, gpu: bool = True) -> None:
+    def __init__(self, *, max_batch: int = 32, gpu: bool = True, shared: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.shared = WorkerFigures(self.registry) if shared else None
         r = self.registry
         self.requests = Counter(
             "framecast_requests",
@@ -119,6 +170,7 @@ class Metrics:
             "Streaming calls open now, by method",
             ["method"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.caller_requests = Counter(
             "framecast_caller_requests",
@@ -150,18 +202,30 @@ class Metrics:
             buckets=_batch_buckets(max_batch),
             registry=r,
         )
-        self.model = Info(
-            "framecast_model", "The model served and the backend serving it", registry=r
-        )
-        ProcessCollector(registry=r)
-        self.gpu = register_gpu_metrics(r) if gpu else False
+        model_help = "The model served and the backend serving it"
+        if self.shared is None:
+            self.model: Info | Gauge = Info("framecast_model", model_help, registry=r)
+            ProcessCollector(registry=r)
+            self.gpu = register_gpu_metrics(r) if gpu else False
+        else:
+            # Info has no multiprocess form: the same sample as a gauge at 1, per live worker
+            # max'ed into one series. Process and GPU metrics come from the supervisor.
+            self.model = Gauge(
+                "framecast_model_info",
+                model_help,
+                MODEL_LABELS,
+                registry=r,
+                multiprocess_mode="livemax",
+            )
+            self.gpu = False
         # Read at scrape time (see _ServingCollector); set once the model is loaded.
         self.batcher_stats: Callable[[], BatcherStats] | None = None
         self.invalid_frames = 0
         self.auth_failures: dict[str, int] = {}
         # Calls open per peer address (ip:port, one per connection); never a label, only counted.
         self.open_calls_by_peer: dict[str, int] = {}
-        r.register(_ServingCollector(self))
+        if self.shared is None:
+            r.register(_ServingCollector(self))
         # Label children are looked up once per (method, code): a frame pays a dict lookup.
         self._frame_counters: dict[tuple[str, str], Counter] = {}
         self._observe_queue = self.queue_duration.observe
@@ -173,16 +237,23 @@ class Metrics:
     ) -> None:
         """The model is loaded: describe it and read the batcher's counters from now on."""
         self.batcher_stats = stats
-        self.model.info(
-            {
-                "model": model.name,
-                "version": model.version,
-                "backend": backend.name,
-                "precision": backend.precision,
-                "device": backend.device,
-                "pretrained": str(model.pretrained).lower(),
-            }
-        )
+        labels = dict(
+            zip(
+                MODEL_LABELS,
+                (model.name, model.version, backend.name, backend.precision, backend.device,
+                 str(model.pretrained).lower()),
+                strict=True,
+            )
+        )  # fmt: skip
+        if isinstance(self.model, Info):
+            self.model.info(labels)
+        else:
+            self.model.labels(**labels).set(1)
+
+    def publish(self) -> None:
+        """A worker: copy the batcher's figures into the shared files (multiprocess.py)."""
+        if self.shared is not None and self.batcher_stats is not None:
+            self.shared.publish(self.batcher_stats())
 
     # The Recorder interface (framecast_server.recorder), called by the core and servicers.
 
@@ -203,12 +274,16 @@ class Metrics:
         counter.inc(n)
         if code in INVALID_CODES:
             self.invalid_frames += n
+            if self.shared is not None:
+                self.shared.failures.labels("invalid").inc(n)
 
     # Told by the interceptors.
 
     def call_opened(self, peer: str) -> None:
         """A call from ``peer`` (its connection's address) started."""
         self.open_calls_by_peer[peer] = self.open_calls_by_peer.get(peer, 0) + 1
+        if self.shared is not None:
+            self.shared.connections.set(len(self.open_calls_by_peer))
 
     def call_closed(self, peer: str) -> None:
         """A call from ``peer`` ended."""
@@ -217,7 +292,11 @@ class Metrics:
             self.open_calls_by_peer[peer] = left
         else:
             self.open_calls_by_peer.pop(peer, None)
+        if self.shared is not None:
+            self.shared.connections.set(len(self.open_calls_by_peer))
 
     def auth_failed(self, reason: str) -> None:
         """A call was refused for a ``reason`` token ("missing" or "invalid")."""
         self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
+        if self.shared is not None:
+            self.shared.auth_failures.labels(reason).inc()
