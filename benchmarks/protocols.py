@@ -53,6 +53,7 @@ from framecast_client import oip
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client.wire import image_to_proto
+from serve_process import running, serve_command, tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent
 SIZE = 224
@@ -113,42 +114,11 @@ def _free_port() -> int:
         return port
 
 
-@contextmanager
-def _process(command: list[str], port_file: Path, log: Path) -> Iterator[tuple[str, int]]:
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while not port_file.exists() or not port_file.read_text().strip():
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text().strip().splitlines()[-3:]
-                raise RuntimeError(f"{Path(command[1]).name} did not start: {' | '.join(tail)}")
-            time.sleep(0.1)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=300)
-        yield address, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _framecast(tmp: Path, cache: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-        "--port-file", str(tmp / "framecast.port"), "--backend", "null", "--offline",
-        "--max-batch", "32", "--cache-dir", str(cache),
-    ]  # fmt: skip
-
-
 def _wait_ready(address: str) -> None:
     """Until the OIP endpoint says the model is ready (both servers speak it)."""
     deadline = time.monotonic() + 300
     with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=300)
         ready = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelReady",
             request_serializer=oip_pb.ModelReadyRequest.SerializeToString,
@@ -173,30 +143,6 @@ def _triton_python(requested: str | None) -> tuple[str | None, str]:
         f"nvidia-pytriton is not importable by {candidates[0]} (give --triton-python; see "
         "this file's docstring)"
     )
-
-
-def _tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds of a process and all its descendants, now."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / tick
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 # ---------------------------------------------------------------- the three measurements
@@ -230,12 +176,12 @@ async def _unary_rate(side: Side, seconds: float) -> tuple[float, float]:
             return done
 
         await asyncio.gather(*(worker(time.monotonic() + 0.3) for _ in range(CONCURRENCY)))
-        cpu = _tree_cpu_seconds(side.pid)
+        cpu = tree_cpu_seconds(side.pid)
         started = time.perf_counter()
         stop_at = time.monotonic() + seconds
         done = sum(await asyncio.gather(*(worker(stop_at) for _ in range(CONCURRENCY))))
         elapsed = time.perf_counter() - started
-        return done / elapsed, (_tree_cpu_seconds(side.pid) - cpu) / max(done, 1) * 1e6
+        return done / elapsed, (tree_cpu_seconds(side.pid) - cpu) / max(done, 1) * 1e6
 
 
 async def _stream_once(side: Side, seconds: float) -> int:
@@ -262,11 +208,11 @@ async def _stream_once(side: Side, seconds: float) -> int:
 async def _stream_rate(side: Side, seconds: float) -> tuple[float, float]:
     """(frames/s, server CPU microseconds per frame) of a stream with IN_FLIGHT outstanding."""
     await _stream_once(side, 0.3)
-    cpu = _tree_cpu_seconds(side.pid)
+    cpu = tree_cpu_seconds(side.pid)
     started = time.perf_counter()
     received = await _stream_once(side, seconds)
     elapsed = time.perf_counter() - started
-    return received / elapsed, (_tree_cpu_seconds(side.pid) - cpu) / max(received, 1) * 1e6
+    return received / elapsed, (tree_cpu_seconds(side.pid) - cpu) / max(received, 1) * 1e6
 
 
 # ---------------------------------------------------------------- the run
@@ -354,7 +300,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cache = args.cache_dir or tmp / "engines"
-        with _process(_framecast(tmp, cache), tmp / "framecast.port", tmp / "fc.log") as fc:
+        framecast = serve_command(tmp / "framecast.port", cache, "--max-batch", "32")
+        with running(framecast, tmp / "framecast.port", tmp / "fc.log") as fc:
             _wait_ready(fc[0])
             with _maybe_triton(triton_python, tmp) as (triton, note):
                 triton_note = triton_note or note
@@ -395,7 +342,7 @@ def _maybe_triton(python: str | None, tmp: Path) -> Iterator[tuple[tuple[str, in
     command = [python, str(ROOT / "triton_null_model.py"), str(tmp / "triton.port"), *ports]
     started = False
     try:
-        with _process(command, tmp / "triton.port", tmp / "triton.log") as triton:
+        with running(command, tmp / "triton.port", tmp / "triton.log") as triton:
             _wait_ready(triton[0])
             started = True
             yield triton, ""

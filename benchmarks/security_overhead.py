@@ -24,14 +24,12 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,6 +39,7 @@ import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.wire import image_to_proto
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serve_process import cpu_seconds, running, serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = "/framecast.v1.Classifier/ClassifyStream"
@@ -61,11 +60,7 @@ def _certs_module() -> ModuleType:
 
 
 def _serve_command(tmp: Path, cache: Path, side: str, certs: Any) -> list[str]:
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-        "--port-file", str(tmp / f"{side}.port"), "--backend", "null", "--offline",
-        "--max-batch", "32", "--cache-dir", str(cache),
-    ]  # fmt: skip
+    command = serve_command(tmp / f"{side}.port", cache, "--max-batch", "32")
     if side in ("tls", "all"):
         command += ["--tls-cert", str(certs.server.cert), "--tls-key", str(certs.server.key)]
     if side in ("tokens+metrics", "all"):
@@ -73,26 +68,6 @@ def _serve_command(tmp: Path, cache: Path, side: str, certs: Any) -> list[str]:
         tokens.write_text(f"bench:{TOKEN}\n")
         command += ["--auth-tokens", str(tokens), "--metrics-port", "0"]
     return command
-
-
-@contextmanager
-def _process(command: list[str], port_file: Path) -> Iterator[tuple[str, int]]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not port_file.exists() or not port_file.read_text().strip():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {command}")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port_file.read_text().strip()}", process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Side:
@@ -153,11 +128,11 @@ async def _stream_rate(side: Side, payload: bytes, seconds: float, in_flight: in
 async def _measure(side: Side, payload: bytes, seconds: float) -> tuple[float, float]:
     """(frames/s, server CPU microseconds per frame), after a short warm-up stream."""
     await _stream_rate(side, payload, 0.3)
-    cpu_before = _cpu_seconds(side.pid)
+    cpu_before = cpu_seconds(side.pid)
     started = time.perf_counter()
     received = await _stream_rate(side, payload, seconds)
     rate = received / (time.perf_counter() - started)
-    return rate, (_cpu_seconds(side.pid) - cpu_before) / max(received, 1) * 1e6
+    return rate, (cpu_seconds(side.pid) - cpu_before) / max(received, 1) * 1e6
 
 
 def main() -> int:
@@ -184,7 +159,7 @@ def main() -> int:
         sides = []
         for name in SIDES:
             command = _serve_command(tmp, cache, name, certs)
-            address, pid = stack.enter_context(_process(command, tmp / f"{name}.port"))
+            address, pid = stack.enter_context(running(command, tmp / f"{name}.port"))
             sides.append(Side(name, address, pid, ca))
         for side in sides:
             asyncio.run(side.wait_serving())

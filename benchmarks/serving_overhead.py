@@ -33,15 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -51,6 +48,7 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.wire import image_to_proto
 from framecast_server.event_loop import run
+from serve_process import cpu_seconds, running, serve_command, wait_health
 
 SIZE = 224
 ECHO_REPLY = b"\x00" * 64
@@ -95,45 +93,6 @@ async def _echo_server(port_file: Path) -> None:
     await server.wait_for_termination()
 
 
-@contextmanager
-def _process(command: list[str], port_file: Path) -> Iterator[tuple[str, int]]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not port_file.exists() or not port_file.read_text().strip():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {command}")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=300)
-        yield address, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-def _framecast_server(tmp: Path, cache: Path, backend: str, max_batch: int) -> list[str]:
-    return [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-        "--port-file", str(tmp / f"{backend}.port"), "--backend", backend, "--offline",
-        "--max-batch", str(max_batch), "--cache-dir", str(cache),
-    ]  # fmt: skip
-
-
-def _wait_serving(address: str) -> None:
-    deadline = time.monotonic() + 300
-    with Client(address, timeout=5) as client:
-        while True:
-            try:
-                client.model_info()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-
 def _prepared_onnx(address: str, cache: Path) -> Path:
     """The graph the server is serving: the prepared file named by its model version."""
     with Client(address, timeout=10) as client:
@@ -142,11 +101,6 @@ def _prepared_onnx(address: str, cache: Path) -> Path:
     if len(matches) != 1:
         raise RuntimeError(f"expected one prepared model for version {version}, got {matches}")
     return matches[0]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- unary, concurrency 1
@@ -220,9 +174,9 @@ async def _measured_stream(
 ) -> tuple[float, float]:
     """(frames/s, server CPU microseconds per frame) after a short warm-up stream."""
     await _stream_rate(open_stream, request, 0.5)
-    cpu_before = _cpu_seconds(server_pid)
+    cpu_before = cpu_seconds(server_pid)
     received, rate = await _stream_rate(open_stream, request, seconds)
-    return rate, (_cpu_seconds(server_pid) - cpu_before) / max(received, 1) * 1e6
+    return rate, (cpu_seconds(server_pid) - cpu_before) / max(received, 1) * 1e6
 
 
 async def _stream_raw(
@@ -334,12 +288,12 @@ def main() -> int:
         tmp = Path(tmp_name)
         cache = args.cache_dir or tmp / "engines"
         echo_cmd = [sys.executable, __file__, "--echo-server", str(tmp / "echo.port")]
-        null_cmd = _framecast_server(tmp, cache, "null", 32)
+        null_cmd = serve_command(tmp / "null.port", cache, "--max-batch", "32")
         with (
-            _process(echo_cmd, tmp / "echo.port") as (echo, echo_pid),
-            _process(null_cmd, tmp / "null.port") as (null, null_pid),
+            running(echo_cmd, tmp / "echo.port") as (echo, echo_pid),
+            running(null_cmd, tmp / "null.port") as (null, null_pid),
         ):
-            _wait_serving(null)
+            wait_health(null)
             echo_p50, hop_p50, fc_p50, sdk_p50 = [], [], [], []
             for _ in range(args.rounds):
                 echo_p50.append(_p50(_unary_raw(echo, "/echo.Echo/Unary", unary_payload, secs)))
@@ -384,10 +338,11 @@ def main() -> int:
             _show("bidi stream, 8 in flight", results["stream"])
 
         batch = rng.integers(0, 256, (args.batch, SIZE, SIZE, 3), dtype=np.uint8)
-        with _process(
-            _framecast_server(tmp, cache, "onnxruntime", args.batch), tmp / "onnxruntime.port"
-        ) as (ort_address, _):
-            _wait_serving(ort_address)
+        ort_cmd = serve_command(
+            tmp / "onnxruntime.port", cache, "--max-batch", str(args.batch), backend="onnxruntime"
+        )
+        with running(ort_cmd, tmp / "onnxruntime.port") as (ort_address, _):
+            wait_health(ort_address)
             onnx_path = _prepared_onnx(ort_address, cache)
             served, local = [], []
             # Alternating; the idle server process uses no CPU while the in-process side runs.

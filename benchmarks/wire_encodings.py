@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +39,7 @@ from framecast_server.background import BackgroundServer
 from framecast_server.settings import ServerSettings, default_cache_dir
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter
+from serve_process import cpu_seconds, running, serve_command, wait_health
 
 ENCODINGS: dict[str, wire.Encoding] = {
     "raw": wire.Encoding("raw"),
@@ -77,40 +75,12 @@ def photo_frames(count: int, spec: PreprocessSpec) -> NDArray[np.uint8]:
 
 @contextmanager
 def null_server(tmp: Path, max_batch: int) -> Iterator[tuple[str, int]]:
-    """A ``framecast serve --backend null`` process; yields its address and pid."""
+    """A ``framecast serve --backend null`` process, serving; yields its address and pid."""
     port_file = tmp / "port"
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-        "--port-file", str(port_file), "--backend", "null", "--offline",
-        "--max-batch", str(max_batch), "--cache-dir", str(tmp / "cache"),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not port_file.exists() or not port_file.read_text().strip():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {command}")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with Client(address, timeout=5) as client:
-            while True:
-                try:
-                    client.model_info()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-        yield address, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    command = serve_command(port_file, tmp / "cache", "--max-batch", str(max_batch))
+    with running(command, port_file) as (address, pid):
+        wait_health(address)
+        yield address, pid
 
 
 def measure_round(

@@ -37,26 +37,10 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.wire import image_to_proto
 from framecast_server.workers import usable_cores
+from serve_process import tree_cpu_seconds
 
 SIZE = 224
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of ``root`` and its living children, from /proc."""
-    total = 0.0
-    pids = [root]
-    try:
-        pids += [int(p) for p in Path(f"/proc/{root}/task/{root}/children").read_text().split()]
-    except FileNotFoundError:
-        return 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return total
 
 
 async def _drive(
@@ -169,9 +153,9 @@ def measure(
         ]  # fmt: skip
         running = pool.map_async(_client_process, jobs)
         time.sleep(max(0.0, start - time.monotonic()))
-        cpu_before = _tree_cpu_seconds(process.pid)
+        cpu_before = tree_cpu_seconds(process.pid)
         time.sleep(max(0.0, end - time.monotonic()))
-        cpu_after = _tree_cpu_seconds(process.pid)
+        cpu_after = tree_cpu_seconds(process.pid)
         results = running.get(timeout=args.seconds + args.warmup + 120)
     finally:
         process.terminate()
