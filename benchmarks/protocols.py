@@ -82,7 +82,7 @@ class Side:
     check: Callable[[bytes, bool], None]  # (reply, from a stream) -> raises on an error reply
 
 
-def _check_framecast(reply: bytes, stream: bool) -> None:
+def check_framecast(reply: bytes, stream: bool) -> None:
     if stream:
         message = pb.StreamResponse.FromString(reply)
         if not message.HasField("classification"):
@@ -92,7 +92,7 @@ def _check_framecast(reply: bytes, stream: bool) -> None:
             raise RuntimeError("Framecast's answer holds no class")
 
 
-def _check_oip(reply: bytes, stream: bool) -> None:
+def check_oip(reply: bytes, stream: bool) -> None:
     if stream:
         message = oip_pb.ModelStreamInferResponse.FromString(reply)
         if message.error_message:
@@ -130,7 +130,7 @@ def _wait_ready(address: str) -> None:
             time.sleep(0.1)
 
 
-def _triton_python(requested: str | None) -> tuple[str | None, str]:
+def triton_python(requested: str | None) -> tuple[str | None, str]:
     """(interpreter with nvidia-pytriton, "") or (None, why not)."""
     candidates = [requested or os.environ.get("FRAMECAST_TRITON_PYTHON") or sys.executable]
     for python in candidates:
@@ -146,7 +146,7 @@ def _triton_python(requested: str | None) -> tuple[str | None, str]:
 
 
 # ---------------------------------------------------------------- the three measurements
-def _unary_p50(side: Side, seconds: float) -> float:
+def unary_p50(side: Side, seconds: float) -> float:
     with grpc.insecure_channel(side.address, options=OPTIONS) as channel:
         call = channel.unary_unary(side.unary_method, None, None)
         side.check(call(side.unary_payload, timeout=10), False)
@@ -161,7 +161,7 @@ def _unary_p50(side: Side, seconds: float) -> float:
     return statistics.median(latencies)
 
 
-async def _unary_rate(side: Side, seconds: float) -> tuple[float, float]:
+async def unary_rate(side: Side, seconds: float) -> tuple[float, float]:
     """(requests/s, server CPU microseconds per request) with CONCURRENCY calls outstanding."""
     async with grpc.aio.insecure_channel(side.address, options=OPTIONS) as channel:
         call = channel.unary_unary(side.unary_method, None, None)
@@ -205,7 +205,7 @@ async def _stream_once(side: Side, seconds: float) -> int:
     return received
 
 
-async def _stream_rate(side: Side, seconds: float) -> tuple[float, float]:
+async def stream_rate(side: Side, seconds: float) -> tuple[float, float]:
     """(frames/s, server CPU microseconds per frame) of a stream with IN_FLIGHT outstanding."""
     await _stream_once(side, 0.3)
     cpu = tree_cpu_seconds(side.pid)
@@ -224,21 +224,23 @@ def _sides(framecast: tuple[str, int], triton: tuple[str, int] | None) -> list[S
     sides = [
         Side(
             "framecast", *framecast, CLASSIFY, classify.SerializeToString(),
-            CLASSIFY_STREAM, stream.SerializeToString(), _check_framecast,
+            CLASSIFY_STREAM, stream.SerializeToString(), check_framecast,
         ),
         Side(
             "oip", *framecast, MODEL_INFER, infer.SerializeToString(),
-            MODEL_STREAM_INFER, infer.SerializeToString(), _check_oip,
+            MODEL_STREAM_INFER, infer.SerializeToString(), check_oip,
         ),
     ]  # fmt: skip
     if triton is not None:
-        sides.append(
-            Side(
-                "triton", *triton, MODEL_INFER, infer.SerializeToString(),
-                MODEL_STREAM_INFER, infer.SerializeToString(), _check_oip,
-            )
-        )  # fmt: skip
+        sides.append(triton_side(triton, frame))
     return sides
+
+
+def triton_side(triton: tuple[str, int], frame: np.ndarray) -> Side:
+    """The local Triton (address, pid) asked for the top class of ``frame`` [1, H, W, 3]."""
+    infer = oip.infer_request(frame, model_name=MODEL, request_id="1", class_count=1)
+    payload = infer.SerializeToString()
+    return Side("triton", *triton, MODEL_INFER, payload, MODEL_STREAM_INFER, payload, check_oip)
 
 
 def _measure(sides: list[Side], seconds: float, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -248,13 +250,13 @@ def _measure(sides: list[Side], seconds: float, rounds: int) -> dict[str, dict[s
     for r in range(rounds):
         order = sides[r % len(sides) :] + sides[: r % len(sides)]  # who goes first rotates
         for side in order:
-            figures[side.name]["p50"].append(_unary_p50(side, seconds))
+            figures[side.name]["p50"].append(unary_p50(side, seconds))
         for side in order:
-            rps, cpu = asyncio.run(_unary_rate(side, seconds))
+            rps, cpu = asyncio.run(unary_rate(side, seconds))
             figures[side.name]["rps"].append(rps)
             figures[side.name]["rps_cpu"].append(cpu)
         for side in order:
-            fps, cpu = asyncio.run(_stream_rate(side, seconds))
+            fps, cpu = asyncio.run(stream_rate(side, seconds))
             figures[side.name]["fps"].append(fps)
             figures[side.name]["fps_cpu"].append(cpu)
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
@@ -296,14 +298,14 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
     args = parser.parse_args()
 
-    triton_python, triton_note = _triton_python(args.triton_python)
+    python, triton_note = triton_python(args.triton_python)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cache = args.cache_dir or tmp / "engines"
         framecast = serve_command(tmp / "framecast.port", cache, "--max-batch", "32")
         with running(framecast, tmp / "framecast.port", tmp / "fc.log") as fc:
             _wait_ready(fc[0])
-            with _maybe_triton(triton_python, tmp) as (triton, note):
+            with maybe_triton(python, tmp) as (triton, note):
                 triton_note = triton_note or note
                 figures = _measure(_sides(fc, triton), args.seconds, args.rounds)
 
@@ -333,7 +335,7 @@ def main() -> int:
 
 
 @contextmanager
-def _maybe_triton(python: str | None, tmp: Path) -> Iterator[tuple[tuple[str, int] | None, str]]:
+def maybe_triton(python: str | None, tmp: Path) -> Iterator[tuple[tuple[str, int] | None, str]]:
     """The Triton side if it starts, else None and why not."""
     if python is None:
         yield None, ""

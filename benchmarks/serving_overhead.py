@@ -1,31 +1,35 @@
-"""Serving overhead, side by side in one run: Framecast vs raw gRPC echo, and served vs in-process.
+"""Serving overhead, side by side in one run: Framecast vs raw gRPC echo (and Triton), served vs
+in-process.
 
-Usage: uv run python benchmarks/serving_overhead.py [--seconds 2] [--rounds 9] [--out FILE]
+Usage: uv run python benchmarks/serving_overhead.py [--seconds 2] [--rounds 5]
+       [--triton-python PY] [--no-onnxruntime] [--out FILE]
 
-Three ratios, each measured against its baseline in the same run, with the servers in their own
-processes (as in production: client and server do not share a GIL):
+Servers run in their own processes (as in production: client and server do not share a GIL):
 
-1. unary, concurrency 1: Framecast (null backend) p50 latency / raw gRPC unary echo p50;
-2. bidi stream, 8 frames in flight: Framecast (null backend) frames/s / raw gRPC bidi echo
-   frames/s, plus each server's CPU time per frame (from /proc);
-3. ONNX Runtime ResNet-50: served images/s / the same backend's in-process images/s, at the
-   same batch size.
+* ``echo``: grpc.aio with generic handlers on bytes, on the same event loop as Framecast's
+  server (uvloop where available); it does not parse the request and answers a 64-byte
+  reply: the cheapest possible server for the same request bytes. Its ``UnaryHop`` method
+  also hops through one worker thread per request and does nothing else: the floor for any
+  server that keeps inference off its event loop, as Framecast does.
+* ``framecast``: ``framecast serve --backend null``.
+* ``triton``: a local Triton where one can run (benchmarks/protocols.py's: nvidia-pytriton's
+  bundled tritonserver with a Python model, given by ``--triton-python``); skipped with the
+  reason printed where it cannot run.
 
-The raw echo server is grpc.aio with generic handlers on bytes, on the same event loop as
-Framecast's server (uvloop where available): it does not parse the request and answers a
-64-byte reply, so it is the cheapest possible server for the same request bytes.
-For ratios 1 and 2 the client is the same for both servers: it sends the same pre-serialized
-request bytes and does not parse the replies, so the ratio compares the servers alone (the
-client shares the machine's cores with the server, and protobuf work done only on one side's
-client would be charged to that server). The SDK's own figures (``Client.classify_preprocessed``,
-a protobuf stream client) are reported beside them, not used for the ratios.
+Measured for each, with the same raw client (pre-serialized request bytes, replies not parsed
+but for a check that one is a result), so the servers alone are compared: unary p50 latency at
+concurrency 1; unary requests/s and server CPU time per request (from /proc) at concurrency 8;
+bidi stream frames/s and server CPU per frame with 8 frames in flight. The SDK's own figures
+(``Client.classify_preprocessed``) are reported beside them: its p50, and its client CPU per
+request at concurrency 8 against a generated stub's (request built and reply parsed with
+protobuf) on the same server.
 
-A third unary server hops through one worker thread per request and does nothing else: the
-floor for any server that keeps inference off its event loop, as Framecast does (on a
-virtual machine a cross-thread wake-up can cost more than the rest of the request).
+Then the per-request breakdown of Framecast's unary path (benchmarks/unary_breakdown.py: an
+instrumented server process) at concurrency 1 and 8, and ONNX Runtime ResNet-50 served
+images/s against the same backend in-process, at the same batch size.
 
-Rounds alternate between the sides so drift in machine load hits both; each ratio is the median
-of the per-round ratios.
+Rounds alternate between the sides (who goes first rotates) so drift in machine load hits all
+of them; each figure is the median over rounds, each ratio the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -39,16 +43,29 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import unary_breakdown
 from framecast_client import Client
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.wire import image_to_proto
 from framecast_server.event_loop import run
-from serve_process import cpu_seconds, running, serve_command, wait_health
+from protocols import (
+    Side,
+    check_framecast,
+    maybe_triton,
+    stream_rate,
+    triton_python,
+    triton_side,
+    unary_p50,
+    unary_rate,
+)
+from serve_process import running, serve_command, wait_health
 
 SIZE = 224
 ECHO_REPLY = b"\x00" * 64
@@ -103,18 +120,10 @@ def _prepared_onnx(address: str, cache: Path) -> Path:
     return matches[0]
 
 
-# ---------------------------------------------------------------- unary, concurrency 1
+# ---------------------------------------------------------------- the SDK's own figures
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 STREAM = "/framecast.v1.Classifier/ClassifyStream"
-
-
-def _unary_raw(address: str, method: str, payload: bytes, seconds: float) -> list[float]:
-    """Latencies (ms) of `payload` sent as is, the reply not parsed: the same client for all."""
-    with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(method, None, None)
-        if method == CLASSIFY:  # a result, not an error, before timing anything
-            pb.ClassifyResponse.FromString(call(payload, timeout=10)).results[0].predictions[0]
-        return _timed_loop(lambda: call(payload, timeout=10), seconds)
+CONCURRENCY = 8
 
 
 def _unary_sdk(address: str, frame: np.ndarray, seconds: float) -> list[float]:
@@ -135,66 +144,71 @@ def _timed_loop(call: Callable[[], object], seconds: float) -> list[float]:
     return latencies
 
 
-# ---------------------------------------------------------------- bidi stream, 8 in flight
-async def _stream_rate(
-    open_stream: object, request: object, seconds: float, in_flight: int = 8
-) -> tuple[int, float]:
-    """(frames received, frames/s) of a bidi stream keeping `in_flight` frames outstanding."""
-    window = asyncio.Semaphore(in_flight)
-    stop_at = time.monotonic() + seconds
+def _client_cost(address: str, frame: np.ndarray, seconds: float, sdk: bool) -> tuple[float, float]:
+    """(requests/s, client CPU us per request) of CONCURRENCY threads classifying ``frame``.
 
-    async def requests() -> AsyncIterator[object]:
-        while time.monotonic() < stop_at:
-            await window.acquire()
-            yield request
+    ``sdk``: ``Client.classify_preprocessed``; else a generated stub, the request built from
+    the frame and the reply parsed with protobuf (what a user of the .proto writes). The
+    servers are other processes, so this process's CPU time is the client's.
+    """
+    with Client(address, timeout=10) as client:
+        info = client.model_info()
+        stub = pb_grpc.ClassifierStub(client._channel)  # the same channel options
 
-    assert callable(open_stream)
-    call = open_stream(requests())
-    received = 0
-    started = time.perf_counter()
-    last: object = None
-    async for reply in call:
-        received += 1
-        window.release()
-        last = reply
-    _check_reply(last)
-    return received, received / (time.perf_counter() - started)
+        def stub_call() -> object:
+            request = pb.ClassifyRequest(
+                images=[pb.Image(data=frame[0].tobytes(), height=SIZE, width=SIZE, channels=3)],
+                top_k=1,
+                preprocessing_id=info.preprocessing_id,
+            )
+            return stub.Classify(request, timeout=10).results[0].predictions[0].label
 
+        def sdk_call() -> object:
+            return client.classify_preprocessed(frame, top_k=1)[0].top.label
 
-def _check_reply(reply: object) -> None:
-    """A Framecast reply must be a result, not an error: a server failing fast is not fast."""
-    if isinstance(reply, bytes) and reply != ECHO_REPLY:
-        reply = pb.StreamResponse.FromString(reply)
-    if isinstance(reply, pb.StreamResponse) and not reply.HasField("classification"):
-        raise RuntimeError(f"Framecast answered with an error: {reply}")
+        call = sdk_call if sdk else stub_call
 
+        def worker(stop_at: float) -> int:
+            done = 0
+            while time.monotonic() < stop_at:
+                call()
+                done += 1
+            return done
 
-async def _measured_stream(
-    open_stream: object, request: object, seconds: float, server_pid: int
-) -> tuple[float, float]:
-    """(frames/s, server CPU microseconds per frame) after a short warm-up stream."""
-    await _stream_rate(open_stream, request, 0.5)
-    cpu_before = cpu_seconds(server_pid)
-    received, rate = await _stream_rate(open_stream, request, seconds)
-    return rate, (cpu_seconds(server_pid) - cpu_before) / max(received, 1) * 1e6
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            warm_up = time.monotonic() + 0.3
+            list(pool.map(lambda _: worker(warm_up), range(CONCURRENCY)))
+            cpu, started = time.process_time(), time.perf_counter()
+            stop_at = time.monotonic() + seconds
+            done = sum(pool.map(lambda _: worker(stop_at), range(CONCURRENCY)))
+            elapsed = time.perf_counter() - started
+            return done / elapsed, (time.process_time() - cpu) / max(done, 1) * 1e6
 
 
-async def _stream_raw(
-    address: str, method: str, payload: bytes, seconds: float, pid: int
-) -> tuple[float, float]:
-    """`payload` sent as is, replies not parsed: the same client for the echo and Framecast."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stream = channel.stream_stream(method, None, None)
-        return await _measured_stream(stream, payload, seconds, pid)
-
-
-async def _stream_sdk(
-    address: str, request: pb.StreamRequest, seconds: float, pid: int
-) -> tuple[float, float]:
-    """A protobuf client (requests serialized, replies parsed), as SDK users pay for."""
+async def _stream_sdk(address: str, request: pb.StreamRequest, seconds: float) -> float:
+    """Frames/s of a protobuf stream client (requests serialized, replies parsed)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ClassifierStub(channel)
-        return await _measured_stream(stub.ClassifyStream, request, seconds, pid)
+        window = asyncio.Semaphore(8)
+        stop_at = time.monotonic() + seconds
+
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            while time.monotonic() < stop_at:
+                await window.acquire()
+                yield request
+
+        received, started = 0, time.perf_counter()
+        async for reply in stub.ClassifyStream(requests()):
+            if not reply.HasField("classification"):
+                raise RuntimeError(f"Framecast answered with an error: {reply.error}")
+            received += 1
+            window.release()
+        return received / (time.perf_counter() - started)
+
+
+def _check_echo(reply: bytes, stream: bool) -> None:
+    if reply != ECHO_REPLY:
+        raise RuntimeError("the echo server answered something else")
 
 
 # ---------------------------------------------------------------- ONNX Runtime served vs in-process
@@ -253,11 +267,156 @@ def _show(title: str, figures: dict[str, float | str]) -> None:
         print(f"  {key:<26} {shown}")
 
 
+def _side_by_side(
+    sides: list[Side], hop: Side, frame: np.ndarray, stream_request: pb.StreamRequest, args: Any
+) -> dict[str, dict[str, list[float]]]:
+    """Every figure of every side, round by round (who goes first rotates)."""
+    secs = args.seconds
+    names = [s.name for s in sides] + ["hop", "sdk", "stub"]
+    keys = ("p50", "rps", "rps_cpu", "client_cpu", "fps", "fps_cpu")
+    figures: dict[str, dict[str, list[float]]] = {n: {k: [] for k in keys} for n in names}
+    framecast = next(s for s in sides if s.name == "framecast")
+    for r in range(args.rounds):
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]
+        for side in order:
+            figures[side.name]["p50"].append(unary_p50(side, secs))
+        figures["hop"]["p50"].append(unary_p50(hop, secs))
+        figures["sdk"]["p50"].append(_p50(_unary_sdk(framecast.address, frame, secs)))
+        for side in order:
+            rps, cpu = asyncio.run(unary_rate(side, secs))
+            figures[side.name]["rps"].append(rps)
+            figures[side.name]["rps_cpu"].append(cpu)
+        for name, sdk in (("sdk", True), ("stub", False))[:: 1 if r % 2 else -1]:
+            rps, cpu = _client_cost(framecast.address, frame, secs, sdk)
+            figures[name]["rps"].append(rps)
+            figures[name]["client_cpu"].append(cpu)
+        for side in order:
+            fps, cpu = asyncio.run(stream_rate(side, secs))
+            figures[side.name]["fps"].append(fps)
+            figures[side.name]["fps_cpu"].append(cpu)
+        figures["sdk"]["fps"].append(
+            asyncio.run(_stream_sdk(framecast.address, stream_request, secs))
+        )
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    return {n: {k: v for k, v in f.items() if v} for n, f in figures.items()}
+
+
+def _median(figures: dict[str, dict[str, list[float]]], side: str, key: str) -> float | None:
+    values = figures.get(side, {}).get(key)
+    return statistics.median(values) if values else None
+
+
+def _report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
+    """The sections of the JSON output; ratios are medians of per-round ratios."""
+    f = figures
+    triton = "triton" in f
+    unary: dict[str, Any] = {
+        "echo_p50_ms": _median(f, "echo", "p50"),
+        "framecast_p50_ms": _median(f, "framecast", "p50"),
+        "ratio": _paired_ratio(f["framecast"]["p50"], f["echo"]["p50"]),
+        "target": "<= Triton's p50",
+        "echo_thread_hop_p50_ms": _median(f, "hop", "p50"),
+        "ratio_to_thread_hop_echo": _paired_ratio(f["framecast"]["p50"], f["hop"]["p50"]),
+        "sdk_client_p50_ms": _median(f, "sdk", "p50"),
+        "per_round_ratios": _round_ratios(f["framecast"]["p50"], f["echo"]["p50"]),
+    }
+    c8: dict[str, Any] = {
+        "echo_requests_per_s": _median(f, "echo", "rps"),
+        "framecast_requests_per_s": _median(f, "framecast", "rps"),
+        "echo_server_cpu_us_per_request": _median(f, "echo", "rps_cpu"),
+        "framecast_server_cpu_us_per_request": _median(f, "framecast", "rps_cpu"),
+        "cpu_ratio": _paired_ratio(f["framecast"]["rps_cpu"], f["echo"]["rps_cpu"]),
+        "cpu_target": "<= 1.2 (framecast / echo)",
+        "cpu_per_round_ratios": _round_ratios(f["framecast"]["rps_cpu"], f["echo"]["rps_cpu"]),
+    }
+    stream: dict[str, Any] = {
+        "echo_frames_per_s": _median(f, "echo", "fps"),
+        "framecast_frames_per_s": _median(f, "framecast", "fps"),
+        "ratio": _paired_ratio(f["framecast"]["fps"], f["echo"]["fps"]),
+        "target": ">= 0.85",
+        "echo_server_cpu_us_per_frame": _median(f, "echo", "fps_cpu"),
+        "framecast_server_cpu_us_per_frame": _median(f, "framecast", "fps_cpu"),
+        "sdk_client_frames_per_s": _median(f, "sdk", "fps"),
+        "per_round_ratios": _round_ratios(f["framecast"]["fps"], f["echo"]["fps"]),
+    }
+    sdk: dict[str, Any] = {
+        "sdk_requests_per_s": _median(f, "sdk", "rps"),
+        "stub_requests_per_s": _median(f, "stub", "rps"),
+        "sdk_client_cpu_us_per_request": _median(f, "sdk", "client_cpu"),
+        "stub_client_cpu_us_per_request": _median(f, "stub", "client_cpu"),
+        "ratio": _paired_ratio(f["sdk"]["client_cpu"], f["stub"]["client_cpu"]),
+        "target": "<= 1.3",
+        "per_round_ratios": _round_ratios(f["sdk"]["client_cpu"], f["stub"]["client_cpu"]),
+    }
+    checks: dict[str, Any] = {
+        "unary c=8 server CPU framecast/echo <= 1.2": c8["cpu_ratio"] <= 1.2,
+        "SDK client CPU / stub's <= 1.3": sdk["ratio"] <= 1.3,
+    }
+    if triton:
+        t = f["triton"]
+        unary["triton_p50_ms"] = _median(f, "triton", "p50")
+        unary["ratio_to_triton"] = _paired_ratio(f["framecast"]["p50"], t["p50"])
+        unary["per_round_ratios_to_triton"] = _round_ratios(f["framecast"]["p50"], t["p50"])
+        c8["triton_requests_per_s"] = _median(f, "triton", "rps")
+        c8["triton_server_cpu_us_per_request"] = _median(f, "triton", "rps_cpu")
+        c8["ratio_to_triton"] = _paired_ratio(f["framecast"]["rps"], t["rps"])
+        c8["per_round_ratios_to_triton"] = _round_ratios(f["framecast"]["rps"], t["rps"])
+        stream["triton_frames_per_s"] = _median(f, "triton", "fps")
+        stream["triton_server_cpu_us_per_frame"] = _median(f, "triton", "fps_cpu")
+        stream["ratio_to_triton"] = _paired_ratio(f["framecast"]["fps"], t["fps"])
+        checks["unary c=1 p50 framecast <= triton"] = unary["ratio_to_triton"] <= 1.0
+        checks["unary c=8 req/s framecast >= triton"] = c8["ratio_to_triton"] >= 1.0
+    return {"unary": unary, "unary_c8": c8, "stream": stream, "sdk": sdk, "checks": checks}
+
+
+def _table(figures: dict[str, dict[str, list[float]]]) -> str:
+    rows = [
+        ("unary p50, concurrency 1 (ms)", "p50", "{:.3f}"),
+        (f"unary, concurrency {CONCURRENCY} (req/s)", "rps", "{:,.0f}"),
+        ("  server CPU per request (us)", "rps_cpu", "{:,.0f}"),
+        ("stream, 8 in flight (frames/s)", "fps", "{:,.0f}"),
+        ("  server CPU per frame (us)", "fps_cpu", "{:,.0f}"),
+    ]
+    sides = ("echo", "hop", "framecast", "triton")
+    lines = [
+        f"{'':<34}" + "".join(f"{n:>12}" for n in ("raw echo", "echo+hop", "Framecast", "Triton"))
+    ]
+    for title, key, fmt in rows:
+        cells = []
+        for name in sides:
+            value = _median(figures, name, key)
+            cells.append(fmt.format(value) if value is not None else "-")
+        lines.append(f"{title:<34}" + "".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)
+
+
+def _breakdown(tmp: Path, cache: Path, payload: bytes, args: Any) -> dict[str, Any]:
+    """Per-request stages of the unary path at concurrency 1 and 8 (medians over rounds)."""
+    result: dict[str, Any] = {}
+    with unary_breakdown.instrumented_server(tmp, cache) as (address, read):
+        for concurrency in (1, CONCURRENCY):
+            runs = []
+            for _ in range(args.rounds):
+                unary_breakdown.load(address, CLASSIFY, payload, 0.3, concurrency)
+                before = read()
+                unary_breakdown.load(address, CLASSIFY, payload, args.seconds, concurrency)
+                runs.append(unary_breakdown.per_request(before, read()))
+            figures = unary_breakdown.median_breakdown(runs)
+            title = f"unary breakdown, concurrency {concurrency} (us per request, median of rounds)"
+            unary_breakdown.show(title, figures)
+            result[f"concurrency_{concurrency}"] = figures
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement window")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the ORT ratio")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds per ratio")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per figure")
+    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton (protocols.py)")
+    parser.add_argument(
+        "--no-onnxruntime", action="store_true", help="skip the ONNX Runtime served/in-process part"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/serving_overhead.json")
     )
@@ -272,7 +431,6 @@ def main() -> int:
         run(_echo_server(args.echo_server))
         return 0
 
-    secs = args.seconds
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     unary_payload = pb.ClassifyRequest(
@@ -280,9 +438,10 @@ def main() -> int:
     ).SerializeToString()
     stream_request = pb.StreamRequest(frame_id=1, image=image_to_proto(frame[0]), top_k=1)
     stream_payload = stream_request.SerializeToString()
-    results: dict[str, dict[str, float | str]] = {
+    results: dict[str, Any] = {
         "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds}
     }
+    python, triton_note = triton_python(args.triton_python)
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -290,78 +449,69 @@ def main() -> int:
         echo_cmd = [sys.executable, __file__, "--echo-server", str(tmp / "echo.port")]
         null_cmd = serve_command(tmp / "null.port", cache, "--max-batch", "32")
         with (
-            running(echo_cmd, tmp / "echo.port") as (echo, echo_pid),
-            running(null_cmd, tmp / "null.port") as (null, null_pid),
+            running(echo_cmd, tmp / "echo.port") as echo,
+            running(null_cmd, tmp / "null.port") as null,
+            maybe_triton(python, tmp) as (triton, note),
         ):
-            wait_health(null)
-            echo_p50, hop_p50, fc_p50, sdk_p50 = [], [], [], []
-            for _ in range(args.rounds):
-                echo_p50.append(_p50(_unary_raw(echo, "/echo.Echo/Unary", unary_payload, secs)))
-                hop_p50.append(_p50(_unary_raw(echo, "/echo.Echo/UnaryHop", unary_payload, secs)))
-                fc_p50.append(_p50(_unary_raw(null, CLASSIFY, unary_payload, secs)))
-                sdk_p50.append(_p50(_unary_sdk(null, frame, secs)))
-            results["unary"] = {
-                "echo_p50_ms": statistics.median(echo_p50),
-                "framecast_p50_ms": statistics.median(fc_p50),
-                "ratio": _paired_ratio(fc_p50, echo_p50),
-                "target": "<= 1.2",
-                "echo_thread_hop_p50_ms": statistics.median(hop_p50),
-                "ratio_to_thread_hop_echo": _paired_ratio(fc_p50, hop_p50),
-                "sdk_client_p50_ms": statistics.median(sdk_p50),
-                "per_round_ratios": _round_ratios(fc_p50, echo_p50),
-            }
-            _show("unary p50 latency (ms), concurrency 1", results["unary"])
+            wait_health(null[0])
+            triton_note = triton_note or note
+            sides = [
+                Side("echo", *echo, "/echo.Echo/Unary", unary_payload, "/echo.Echo/Stream",
+                     stream_payload, _check_echo),
+                Side("framecast", *null, CLASSIFY, unary_payload, STREAM, stream_payload,
+                     check_framecast),
+            ]  # fmt: skip
+            hop = replace(sides[0], name="hop", unary_method="/echo.Echo/UnaryHop")
+            if triton is not None:
+                sides.append(triton_side(triton, frame))
+            figures = _side_by_side(sides, hop, frame, stream_request, args)
+        results |= _report(figures)
+        results["per_round"] = figures
+        results["triton_skipped"] = triton_note or None
+        print(_table(figures))
+        if triton_note:
+            print(f"Triton skipped: {triton_note}")
+        else:
+            print(
+                "Triton: nvidia-pytriton's bundled tritonserver, python backend (not Triton 2.51)"
+            )
+        _show("unary p50 latency (ms), concurrency 1", results["unary"])
+        _show(f"unary, concurrency {CONCURRENCY}", results["unary_c8"])
+        _show("bidi stream, 8 in flight", results["stream"])
+        _show(f"SDK client cost, concurrency {CONCURRENCY}", results["sdk"])
+        results["breakdown"] = _breakdown(tmp, cache, unary_payload, args)
+        _show("checks", results["checks"])
 
-            echo_runs, fc_runs, sdk_runs = [], [], []
-            for _ in range(args.rounds):
-                echo_runs.append(
-                    asyncio.run(
-                        _stream_raw(echo, "/echo.Echo/Stream", stream_payload, secs, echo_pid)
-                    )
-                )
-                fc_runs.append(
-                    asyncio.run(_stream_raw(null, STREAM, stream_payload, secs, null_pid))
-                )
-                sdk_runs.append(asyncio.run(_stream_sdk(null, stream_request, secs, null_pid)))
-            echo_rates = [r for r, _ in echo_runs]
-            fc_rates = [r for r, _ in fc_runs]
-            results["stream"] = {
-                "echo_frames_per_s": statistics.median(echo_rates),
-                "framecast_frames_per_s": statistics.median(fc_rates),
-                "ratio": _paired_ratio(fc_rates, echo_rates),
-                "target": ">= 0.85",
-                "echo_server_cpu_us_per_frame": statistics.median(c for _, c in echo_runs),
-                "framecast_server_cpu_us_per_frame": statistics.median(c for _, c in fc_runs),
-                "sdk_client_frames_per_s": statistics.median(r for r, _ in sdk_runs),
-                "per_round_ratios": _round_ratios(fc_rates, echo_rates),
-            }
-            _show("bidi stream, 8 in flight", results["stream"])
-
-        batch = rng.integers(0, 256, (args.batch, SIZE, SIZE, 3), dtype=np.uint8)
-        ort_cmd = serve_command(
-            tmp / "onnxruntime.port", cache, "--max-batch", str(args.batch), backend="onnxruntime"
-        )
-        with running(ort_cmd, tmp / "onnxruntime.port") as (ort_address, _):
-            wait_health(ort_address)
-            onnx_path = _prepared_onnx(ort_address, cache)
-            served, local = [], []
-            # Alternating; the idle server process uses no CPU while the in-process side runs.
-            for _ in range(args.rounds):
-                served.append(_served_rate(ort_address, batch, args.seconds * 2))
-                local.append(_in_process_rate(onnx_path, batch, args.seconds * 2))
-        results["onnxruntime"] = {
-            "batch": args.batch,
-            "served_images_per_s": statistics.median(served),
-            "in_process_images_per_s": statistics.median(local),
-            "ratio": statistics.median(served) / statistics.median(local),
-            "target": ">= 0.95",
-        }
-        _show(f"ONNX Runtime ResNet-50, batch {args.batch}", results["onnxruntime"])
+        if not args.no_onnxruntime:
+            results["onnxruntime"] = _onnxruntime(tmp, cache, rng, args)
+            _show(f"ONNX Runtime ResNet-50, batch {args.batch}", results["onnxruntime"])
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.out}")
     return 0
+
+
+def _onnxruntime(tmp: Path, cache: Path, rng: np.random.Generator, args: Any) -> dict[str, Any]:
+    batch = rng.integers(0, 256, (args.batch, SIZE, SIZE, 3), dtype=np.uint8)
+    ort_cmd = serve_command(
+        tmp / "onnxruntime.port", cache, "--max-batch", str(args.batch), backend="onnxruntime"
+    )
+    with running(ort_cmd, tmp / "onnxruntime.port") as (ort_address, _):
+        wait_health(ort_address)
+        onnx_path = _prepared_onnx(ort_address, cache)
+        served, local = [], []
+        # Alternating; the idle server process uses no CPU while the in-process side runs.
+        for _ in range(args.rounds):
+            served.append(_served_rate(ort_address, batch, args.seconds * 2))
+            local.append(_in_process_rate(onnx_path, batch, args.seconds * 2))
+    return {
+        "batch": args.batch,
+        "served_images_per_s": statistics.median(served),
+        "in_process_images_per_s": statistics.median(local),
+        "ratio": statistics.median(served) / statistics.median(local),
+        "target": ">= 0.95",
+    }
 
 
 if __name__ == "__main__":
