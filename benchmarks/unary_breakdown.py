@@ -53,8 +53,8 @@ CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
     ],
     "compute": [("framecast_server.batcher", "Batcher", "_compute")],
     "fill": [
-        ("framecast_server.service.classifier", "ClassifierServicer", "_fill_result"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_respond"),
+        ("framecast_server.service.classifier", "ClassifierServicer", "_fill_result"),
     ],
 }
 LABELS = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, TypeVar
@@ -190,19 +191,46 @@ def images_from_proto(
     images: Sequence[pb.Image], *, height: int, width: int, max_batch: int
 ) -> NDArray[np.uint8]:
     """Validate the images of a request and stack them into one uint8 [N, H, W, 3] batch."""
-    if not images:
-        raise WireFormatError("the request holds no images; send at least one")
-    if len(images) > max_batch:
-        raise WireFormatError(
-            f"the request holds {len(images)} images, more than this server's max batch of "
-            f"{max_batch}; split it into several requests"
-        )
+    _check_count(len(images), max_batch)
     if len(images) == 1:  # the common case: a view of the received bytes, no copy
         return image_from_proto(images[0], height=height, width=width)[None]
     batch = np.empty((len(images), height, width, CHANNELS), dtype=np.uint8)
     for i, image in enumerate(images):
         batch[i] = image_from_proto(image, height=height, width=width, position=i)
     return batch
+
+
+def _check_count(count: int, max_batch: int) -> None:
+    if not count:
+        raise WireFormatError("the request holds no images; send at least one")
+    if count > max_batch:
+        raise WireFormatError(
+            f"the request holds {count} images, more than this server's max batch of "
+            f"{max_batch}; split it into several requests"
+        )
+
+
+def _check_header(
+    channels: int, image_height: int, image_width: int, *, height: int, width: int, position: int
+) -> None:
+    if channels != CHANNELS:
+        raise WireFormatError(
+            f"image {position} has {channels} channels; this model takes {CHANNELS} (RGB)"
+        )
+    if (image_height, image_width) != (height, width):
+        raise WireFormatError(
+            f"image {position} is {image_height}x{image_width} (HxW); this model takes "
+            f"{height}x{width}: preprocess it as GetModelInfo's preprocessing says"
+        )
+
+
+def _check_raw_size(size: int, *, height: int, width: int, position: int) -> None:
+    expected = height * width * CHANNELS
+    if size != expected:
+        raise WireFormatError(
+            f"image {position} carries {size} bytes; {height}x{width}x{CHANNELS} uint8 "
+            f"needs exactly {expected}"
+        )
 
 
 def image_from_proto(
@@ -213,25 +241,144 @@ def image_from_proto(
     A raw image is a read-only view of the received bytes, no copy; a JPEG or PNG is decoded
     (CPU work: callers on an event loop run this on a thread when :func:`is_encoded`).
     """
-    if image.channels != CHANNELS:
-        raise WireFormatError(
-            f"image {position} has {image.channels} channels; this model takes {CHANNELS} (RGB)"
-        )
-    if (image.height, image.width) != (height, width):
-        raise WireFormatError(
-            f"image {position} is {image.height}x{image.width} (HxW); this model takes "
-            f"{height}x{width}: preprocess it as GetModelInfo's preprocessing says"
-        )
+    _check_header(
+        image.channels, image.height, image.width, height=height, width=width, position=position
+    )
     data = image.data  # each access of a bytes field makes a new copy: read it once
     if image.encoding != pb.IMAGE_ENCODING_RAW:
         return _decode(data, image.encoding, height=height, width=width, position=position)
-    expected = height * width * CHANNELS
-    if len(data) != expected:
-        raise WireFormatError(
-            f"image {position} carries {len(data)} bytes; {height}x{width}x{CHANNELS} uint8 "
-            f"needs exactly {expected}"
-        )
+    _check_raw_size(len(data), height=height, width=width, position=position)
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width, CHANNELS)
+
+
+# ---------------------------------------------------------------- the unary fast path
+# A ClassifyRequest of raw images, read straight from its bytes: the images stay where they
+# arrived (no parsed copy of each frame, no second copy when its bytes field is read). Only the
+# plain shape of the message is read here: anything else (compressed images, unknown fields,
+# oversized varints, bytes that are not a message at all) is left to the protobuf parser, so
+# every message means exactly what protobuf says and every error reads the same.
+
+
+class _NotPlainError(Exception):
+    """The message is not one the fast reader handles; the protobuf parser takes it."""
+
+
+# A raw image found in a request: (offset of its data, its length, height, width, channels).
+_RawImage = tuple[int, int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RawClassifyRequest:
+    """A ClassifyRequest whose images are all raw, as :func:`read_classify_request` found it.
+
+    ``images`` locate each image inside ``raw``; :meth:`batch` validates and views them.
+    """
+
+    raw: bytes
+    images: list[_RawImage]
+    top_k: int | None
+    preprocessing_id: str
+
+    def batch(self, *, height: int, width: int, max_batch: int) -> NDArray[np.uint8]:
+        """As :func:`images_from_proto`: the validated uint8 [N, H, W, 3] batch, same errors.
+
+        One image is a read-only view of the received bytes (no copy).
+        """
+        images = self.images
+        _check_count(len(images), max_batch)
+        views = []
+        for position, (offset, size, image_height, image_width, channels) in enumerate(images):
+            _check_header(
+                channels, image_height, image_width, height=height, width=width, position=position
+            )
+            _check_raw_size(size, height=height, width=width, position=position)
+            views.append(np.frombuffer(self.raw, np.uint8, size, offset))
+        if len(views) == 1:
+            return views[0].reshape(1, height, width, CHANNELS)
+        batch = np.empty((len(views), height, width, CHANNELS), dtype=np.uint8)
+        for i, view in enumerate(views):
+            batch[i] = view.reshape(height, width, CHANNELS)
+        return batch
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """A varint of at most 32 bits at ``pos``: (value, the position after it)."""
+    byte = raw[pos]
+    if byte < 0x80:
+        return byte, pos + 1
+    value, shift = byte & 0x7F, 7
+    while True:
+        pos += 1
+        byte = raw[pos]  # IndexError when truncated: not plain
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value >> 32:
+                raise _NotPlainError
+            return value, pos + 1
+        shift += 7
+        if shift > 28:
+            raise _NotPlainError
+
+
+def _read_image(raw: bytes, pos: int, end: int) -> _RawImage:
+    data_offset = data_size = height = width = channels = 0
+    while pos < end:
+        tag, pos = _varint(raw, pos)
+        if tag == 0x0A:  # 1: data, bytes
+            data_size, pos = _varint(raw, pos)
+            data_offset = pos
+            pos += data_size
+        elif tag == 0x10:  # 2: height
+            height, pos = _varint(raw, pos)
+        elif tag == 0x18:  # 3: width
+            width, pos = _varint(raw, pos)
+        elif tag == 0x20:  # 4: channels
+            channels, pos = _varint(raw, pos)
+        elif tag == 0x28:  # 5: encoding
+            encoding, pos = _varint(raw, pos)
+            if encoding != pb.IMAGE_ENCODING_RAW:
+                raise _NotPlainError  # compressed: decoded from the parsed message, off the loop
+        else:
+            raise _NotPlainError
+    if pos != end:
+        raise _NotPlainError
+    return data_offset, data_size, height, width, channels
+
+
+def read_classify_request(raw: bytes) -> RawClassifyRequest | None:
+    """Read a ClassifyRequest of raw images from its bytes; None for any other message.
+
+    None means "parse it with :func:`decode`": compressed images, fields this reader does not
+    know, or bytes that are not a valid message (which :func:`decode` then refuses).
+    """
+    images: list[_RawImage] = []
+    top_k: int | None = None
+    preprocessing_id = ""
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            tag, pos = _varint(raw, pos)
+            if tag == 0x0A:  # 1: images
+                size, pos = _varint(raw, pos)
+                if pos + size > end:
+                    return None
+                images.append(_read_image(raw, pos, pos + size))
+                pos += size
+            elif tag == 0x10:  # 2: top_k
+                top_k, pos = _varint(raw, pos)
+            elif tag == 0x1A:  # 3: preprocessing_id
+                size, pos = _varint(raw, pos)
+                if pos + size > end:
+                    return None
+                preprocessing_id = raw[pos : pos + size].decode()
+                pos += size
+            else:
+                return None
+    except (_NotPlainError, IndexError, UnicodeDecodeError):
+        return None
+    if pos != end:
+        return None
+    return RawClassifyRequest(raw, images, top_k, preprocessing_id)
 
 
 def _decode(
@@ -294,6 +441,73 @@ def fill_classification(
     timing.queue_us = queue_us
     timing.compute_us = compute_us
     timing.batch_size = batch_size
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_FLOAT = struct.Struct("<f")
+
+
+class ClassificationEncoder:
+    """Writes ClassifyResponse bytes directly, as protobuf would serialize the same message.
+
+    For the server's unary path: no message objects are built per result. Each label's
+    encoding is made once per model (on first use).
+    """
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self._labels = labels
+        self._label_fields: dict[int, bytes] = {}
+
+    def _label_field(self, index: int) -> bytes:
+        field = self._label_fields.get(index)
+        if field is None:
+            label = self._labels[index].encode()
+            field = b"\x12" + _encode_varint(len(label)) + label if label else b""
+            self._label_fields[index] = field
+        return field
+
+    def classification(
+        self,
+        indices: Sequence[int],
+        probabilities: Sequence[float],
+        *,
+        queue_us: int,
+        compute_us: int,
+        batch_size: int,
+    ) -> bytes:
+        """One Classification message's bytes (as :func:`fill_classification` fills one)."""
+        varint, parts = _encode_varint, []
+        for index, probability in zip(indices, probabilities, strict=True):
+            prediction = self._label_field(index)
+            if index:
+                prediction = b"\x08" + varint(index) + prediction
+            value = _FLOAT.pack(probability)
+            if value != b"\x00\x00\x00\x00":
+                prediction += b"\x1d" + value
+            parts.append(b"\x0a" + varint(len(prediction)) + prediction)
+        timing = b""
+        if queue_us:
+            timing += b"\x08" + varint(queue_us)
+        if compute_us:
+            timing += b"\x10" + varint(compute_us)
+        if batch_size:
+            timing += b"\x18" + varint(batch_size)
+        parts.append(b"\x12" + varint(len(timing)) + timing)
+        return b"".join(parts)
+
+    @staticmethod
+    def response(classifications: Sequence[bytes]) -> bytes:
+        """A ClassifyResponse's bytes from its results' Classification bytes, in order."""
+        varint = _encode_varint
+        return b"".join(b"\x0a" + varint(len(c)) + c for c in classifications)
 
 
 def classification_from_proto(message: pb.Classification) -> Classification:

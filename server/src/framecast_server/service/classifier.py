@@ -4,7 +4,9 @@ Everything else happens in the core: the batcher runs the backend, admits work w
 queue and the memory budget and serves callers in a fair order; the call gate drains calls on
 shutdown; the prepared model knows its labels and preprocessing.
 
-Handlers take the request as raw bytes and parse it with ``wire.decode``, so bytes that are
+Handlers take the request as raw bytes: Classify reads a request of raw images straight from
+them (``wire.read_classify_request``, no parsed copy of each frame) and writes its response's
+bytes itself; everything else is parsed with ``wire.decode``, so bytes that are
 not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
 UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
 (see ``errors.set_status``), so a failed call leaves no reference cycle behind.
@@ -60,6 +62,7 @@ class ClassifierServicer:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
+        self._encoder = wire.ClassificationEncoder(())
         self._max_message_bytes = max_message_bytes
         self._decoder = ImageDecoder()
         self._gate = gate
@@ -71,9 +74,8 @@ class ClassifierServicer:
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            "Classify": grpc.unary_unary_rpc_method_handler(
-                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
-            ),
+            # Classify writes its response's bytes itself (wire.ClassificationEncoder).
+            "Classify": grpc.unary_unary_rpc_method_handler(self.Classify),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
@@ -86,6 +88,7 @@ class ClassifierServicer:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
         self._preprocessing_id = self._model_info.preprocessing_id
+        self._encoder = wire.ClassificationEncoder(serving.model.labels)
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -137,7 +140,7 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> pb.ClassifyResponse | None:
+    async def Classify(self, raw: bytes, context: _Context) -> bytes | None:
         try:
             self._gate.enter()
         except Exception as exc:
@@ -146,14 +149,16 @@ class ClassifierServicer:
         frames = 1  # until the request is read: a refused request counts as one image
         try:
             serving = self._require_serving()
-            batch, k = await self._parse_classify(raw, serving)
+            parsed = self._parse_classify(raw, serving)
+            if parsed is None:
+                parsed = await self._parse_classify_message(raw, serving)
+            batch, k = parsed
             frames = len(batch)
-            items = await serving.batcher.submit(
+            # The batcher's future itself, awaited here: no coroutine or task per request.
+            items = await serving.batcher.submit_nowait(
                 batch, deadline=_deadline(context), caller=caller_of(context)
             )
-            response = pb.ClassifyResponse()
-            for item in items:
-                self._fill_result(response.results.add(), item, k, serving)
+            response = self._respond(items, k)
             self._answered(CLASSIFY, "OK", len(items))
             return response
         except Exception as exc:
@@ -163,12 +168,27 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def _parse_classify(
+    def _parse_classify(
+        self, raw: bytes, serving: ServingModel
+    ) -> tuple[NDArray[np.uint8], int] | None:
+        """A request of raw images, read from its bytes (no parsed copy); None for others."""
+        request = wire.read_classify_request(raw)
+        if request is None:
+            return None
+        k = self._top_k(request.top_k, serving)
+        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        size = serving.model.preset.input_size
+        batch = request.batch(height=size, width=size, max_batch=serving.batcher.settings.max_batch)
+        return batch, k
+
+    async def _parse_classify_message(
         self, raw: bytes, serving: ServingModel
     ) -> tuple[NDArray[np.uint8], int]:
-        # Its own function, so the parsed message (a copy of every image) is freed on return
-        # rather than kept alive while the images wait in the queue. Compressed images are
-        # decoded on the decoder's threads, off the event loop.
+        # Every other request (compressed images, or bytes to refuse) goes through protobuf's
+        # parser, so it means and fails exactly as protobuf says. Its own function, so the
+        # parsed message (a copy of every image) is freed on return rather than kept alive
+        # while the images wait in the queue. Compressed images are decoded on the decoder's
+        # threads, off the event loop.
         request = wire.decode(pb.ClassifyRequest, raw)
         k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
         wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
@@ -180,6 +200,23 @@ class ClassifierServicer:
             max_batch=serving.batcher.settings.max_batch,
         )
         return batch, k
+
+    def _respond(self, items: list[ItemResult], k: int) -> bytes:
+        """The ClassifyResponse's bytes, written directly (no message objects per result)."""
+        encode = self._encoder.classification
+        results = []
+        for item in items:
+            indices, probabilities = top_k(item.probabilities, k)
+            results.append(
+                encode(
+                    indices,
+                    probabilities,
+                    queue_us=item.queue_us,
+                    compute_us=item.compute_us,
+                    batch_size=item.batch_size,
+                )
+            )
+        return self._encoder.response(results)
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
