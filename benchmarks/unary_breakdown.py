@@ -202,7 +202,7 @@ def per_request(
 ) -> dict[str, float]:
     """Microseconds per request of each stage between two readings (absent stages left out)."""
     (t0, cpu0), (t1, cpu1) = before, after
-    requests = t1["calls"].get("handler", 0) - t0["calls"].get("handler", 0)
+    requests = int(t1["calls"].get("handler", 0) - t0["calls"].get("handler", 0))
     if requests <= 0:
         raise RuntimeError("no request reached the instrumented handler")
 
