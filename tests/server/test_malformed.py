@@ -71,3 +71,47 @@ def test_client_text_in_an_error_is_cut_short(raw: RawClassifier) -> None:
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert "(16000 characters)" in details
     assert len(details) < 400
+
+
+def test_truncated_requests_get_invalid_argument_never_unknown(raw: RawClassifier) -> None:
+    """Classify reads plain requests straight from their bytes; cut ones are still refused."""
+    request = good_request()
+    for end in (1, 2, 5, 20, len(request) // 2, len(request) - 1):
+        code, details = raw.status("classify", request[:end])
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, (end, code, details)
+        assert "are not a valid framecast.v1.ClassifyRequest" in details
+    assert raw.status("classify", request)[0] is grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("raw_request", "code", "words"),
+    [
+        # top_k 0 and a frame of the wrong size: refused by the same checks on either path.
+        (b"\x10\x00", grpc.StatusCode.INVALID_ARGUMENT, "top_k must be between 1 and"),
+        (b"", grpc.StatusCode.INVALID_ARGUMENT, "holds no images"),
+        (b"\x0a\x07\x0a\x01\x00\x10\x01\x18\x01", grpc.StatusCode.INVALID_ARGUMENT, "channels"),
+        (b"\x1a\x02\xff\xfe", grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),  # not UTF-8
+    ],
+    ids=["top-k-0", "no-images", "no-channels", "id-not-utf8"],
+)
+def test_bad_requests_read_from_their_bytes_get_clear_errors(
+    raw: RawClassifier, raw_request: bytes, code: grpc.StatusCode, words: str
+) -> None:
+    answer, details = raw.status("classify", raw_request)
+    assert answer is code
+    assert words in details
+    assert raw.status("classify", good_request())[0] is grpc.StatusCode.OK
+
+
+def test_a_request_with_fields_it_does_not_know_is_answered_as_protobuf_reads_it(
+    raw: RawClassifier,
+) -> None:
+    frame = random_frames(1, seed=3)
+    plain = wire.classify_request(frame, top_k=2).SerializeToString()
+    # Field 9 (unknown to this server): skipped by protobuf, so taken by the general path.
+    answers = [
+        pb.ClassifyResponse.FromString(raw.classify(request, timeout=30))
+        for request in (plain, plain + b"\x48\x01")
+    ]
+    assert answers[0].results[0].predictions == answers[1].results[0].predictions
+    assert len(answers[0].results[0].predictions) == 2
