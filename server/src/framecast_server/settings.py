@@ -77,7 +77,12 @@ class ServerSettings:
     # Limits under load; the README's "Limits and behaviour under load" lists each one.
     memory_budget_bytes: int = 256 * MIB  # images admitted, waiting or computing
     max_connections: int = 1000
-    max_streams_per_connection: int = 100  # HTTP/2 concurrent calls on one connection
+    # HTTP/2 concurrent calls on one connection. Low on purpose: it is what keeps one client
+    # from crowding the others out of the event loop (gRPC takes calls in arrival order, so
+    # with 200 calls of one client queued a polite caller waits behind all of them: its p99
+    # went from 0.8 to 30-50 ms; at 8 it stays within a few times its idle p99; see
+    # benchmarks/fairness.py). The SDK opens more connections when it needs more calls.
+    max_streams_per_connection: int = 8
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
     # take the replica out meanwhile), then calls in flight get at most grace_s to finish.
