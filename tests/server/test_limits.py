@@ -38,7 +38,8 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
     )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S) as polite,
+        # Room for five calls at once: four admitted and one refused.
+        Client(server.address, timeout=WAIT_S, connections=2) as polite,
         ThreadPoolExecutor(8) as pool,
     ):
         serving = server.serving
@@ -156,7 +157,7 @@ def test_a_client_opens_connections_as_its_calls_need_under_the_per_connection_l
     settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S) as client,
+        Client(server.address, timeout=WAIT_S, connections=3) as client,
         ThreadPoolExecutor(6) as pool,
     ):
         serving = server.serving
@@ -173,6 +174,28 @@ def test_a_client_opens_connections_as_its_calls_need_under_the_per_connection_l
         assert [len(call.result(WAIT_S)) for call in calls] == [1] * 6
 
 
+def test_a_client_keeps_one_connection_unless_asked_for_more(cache_dir: Path) -> None:
+    # One connection is one caller to the server's fair queue: a client does not spread
+    # itself over more on its own, or a flood of one program would count as many callers.
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        Client(server.address, timeout=WAIT_S) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        client.model_info()
+        backend.hold()
+        calls = [pool.submit(client.classify_preprocessed, random_frames(1)) for _ in range(4)]
+        wait_until(lambda: serving.batcher.admitted_bytes == 2 * FRAME_BYTES, "none admitted")
+        time.sleep(0.2)  # let more calls in if the client opened another connection
+        assert serving.batcher.admitted_bytes == 2 * FRAME_BYTES
+        backend.release()
+        assert [len(call.result(WAIT_S)) for call in calls] == [1] * 4
+
+
 @pytest.mark.asyncio
 async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Path) -> None:
     backend = HoldableNullBackend()
@@ -180,7 +203,7 @@ async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Pa
     with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
         serving = server.serving
         assert serving is not None
-        async with AsyncClient(server.address, timeout=WAIT_S) as client:
+        async with AsyncClient(server.address, timeout=WAIT_S, connections=3) as client:
             await client.model_info()
             backend.hold()
             calls = [

@@ -61,6 +61,7 @@ class _BaseClient:
         allow_insecure_token: bool = False,
         wire: EncodingName = "raw",
         quality: int = 90,
+        connections: int = 1,
     ) -> None:
         # Checked first: a bad wire or quality is a ValueError before anything is opened.
         self.encoding = Encoding(wire, quality)
@@ -68,6 +69,8 @@ class _BaseClient:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        # Most connections for unary calls (checked by the pool): framecast_client.connections.
+        self.connections = connections
         # One server, a dns:/// name of many, or a list: see framecast_client.balancing.
         self.target = channel_target(address)
         self.address = display_address(address)
@@ -193,9 +196,15 @@ class Client(_BaseClient):
     """
 
     def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
-        """``address``: ``host:port``, ``dns:///name:port`` or a list of ``host:port``."""
+        """``address``: ``host:port``, ``dns:///name:port`` or a list of ``host:port``.
+
+        ``connections``: most connections for unary calls (default 1). The server runs a few
+        calls at once on each (``model_info().max_calls_per_connection``) and the rest wait on
+        this side; give more to keep more calls in flight from many threads. Every stream
+        session has a connection of its own.
+        """
         super().__init__(address, **kwargs)
-        self._pool = ConnectionPool(self._connect)
+        self._pool = ConnectionPool(self._connect, most=self.connections)
 
     def _connect(self) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
         options = [*self._channel_options(), OWN_CONNECTION_OPTION]
@@ -359,7 +368,7 @@ class AsyncClient(_BaseClient):
     def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
         """``address``: as for Client."""
         super().__init__(address, **kwargs)
-        self._pool = ConnectionPool(self._connect)
+        self._pool = ConnectionPool(self._connect, most=self.connections)
 
     def _connect(self) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierAsyncStub]:
         options = [*self._channel_options(), OWN_CONNECTION_OPTION]
