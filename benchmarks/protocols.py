@@ -52,6 +52,7 @@ import numpy as np
 from framecast_client import oip
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
 from serve_process import running, serve_command, tree_cpu_seconds
 
@@ -59,6 +60,7 @@ ROOT = Path(__file__).resolve().parent
 SIZE = 224
 IN_FLIGHT = 8
 CONCURRENCY = 8
+CONNECTIONS = 2  # for the CONCURRENCY unary calls: 4 on each, Framecast's default limit
 MODEL = "resnet50"
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 CLASSIFY_STREAM = "/framecast.v1.Classifier/ClassifyStream"
@@ -162,11 +164,20 @@ def unary_p50(side: Side, seconds: float) -> float:
 
 
 async def unary_rate(side: Side, seconds: float) -> tuple[float, float]:
-    """(requests/s, server CPU microseconds per request) with CONCURRENCY calls outstanding."""
-    async with grpc.aio.insecure_channel(side.address, options=OPTIONS) as channel:
-        call = channel.unary_unary(side.unary_method, None, None)
+    """(requests/s, server CPU microseconds per request) with CONCURRENCY calls outstanding.
 
-        async def worker(stop_at: float) -> int:
+    Spread over CONNECTIONS connections: Framecast runs at most 4 calls at once per connection
+    by default (the others would wait on the client), as the SDK does with ``connections=2``.
+    """
+    options = [*OPTIONS, OWN_CONNECTION_OPTION]
+    channels = [
+        grpc.aio.insecure_channel(side.address, options=options) for _ in range(CONNECTIONS)
+    ]
+    try:
+        calls = [channel.unary_unary(side.unary_method, None, None) for channel in channels]
+
+        async def worker(index: int, stop_at: float) -> int:
+            call = calls[index % CONNECTIONS]
             done = 0
             reply = b""
             while time.monotonic() < stop_at:
@@ -175,13 +186,17 @@ async def unary_rate(side: Side, seconds: float) -> tuple[float, float]:
             side.check(reply, False)
             return done
 
-        await asyncio.gather(*(worker(time.monotonic() + 0.3) for _ in range(CONCURRENCY)))
+        warm_up = time.monotonic() + 0.3
+        await asyncio.gather(*(worker(i, warm_up) for i in range(CONCURRENCY)))
         cpu = tree_cpu_seconds(side.pid)
         started = time.perf_counter()
         stop_at = time.monotonic() + seconds
-        done = sum(await asyncio.gather(*(worker(stop_at) for _ in range(CONCURRENCY))))
+        done = sum(await asyncio.gather(*(worker(i, stop_at) for i in range(CONCURRENCY))))
         elapsed = time.perf_counter() - started
         return done / elapsed, (tree_cpu_seconds(side.pid) - cpu) / max(done, 1) * 1e6
+    finally:
+        for channel in channels:
+            await channel.close(None)
 
 
 async def _stream_once(side: Side, seconds: float) -> int:

@@ -53,9 +53,11 @@ import unary_breakdown
 from framecast_client import Client
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
+from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
 from framecast_server.event_loop import run
 from protocols import (
+    CONNECTIONS,
     Side,
     check_framecast,
     maybe_triton,
@@ -147,42 +149,54 @@ def _timed_loop(call: Callable[[], object], seconds: float) -> list[float]:
 def _client_cost(address: str, frame: np.ndarray, seconds: float, sdk: bool) -> tuple[float, float]:
     """(requests/s, client CPU us per request) of CONCURRENCY threads classifying ``frame``.
 
-    ``sdk``: ``Client.classify_preprocessed``; else a generated stub, the request built from
-    the frame and the reply parsed with protobuf (what a user of the .proto writes). The
-    servers are other processes, so this process's CPU time is the client's.
+    ``sdk``: ``Client.classify_preprocessed`` with ``connections=CONNECTIONS``; else generated
+    stubs on as many connections, the request built from the frame and the reply parsed with
+    protobuf (what a user of the .proto writes). The servers are other processes, so this
+    process's CPU time is the client's.
     """
-    with Client(address, timeout=10) as client:
+    options = [
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        OWN_CONNECTION_OPTION,
+    ]
+    channels = [grpc.insecure_channel(address, options=options) for _ in range(CONNECTIONS)]
+    stubs = [pb_grpc.ClassifierStub(channel) for channel in channels]
+    with Client(address, timeout=10, connections=CONNECTIONS) as client:
         info = client.model_info()
-        stub = pb_grpc.ClassifierStub(client._channel)  # the same channel options
 
-        def stub_call() -> object:
+        def stub_call(index: int) -> object:
             request = pb.ClassifyRequest(
                 images=[pb.Image(data=frame[0].tobytes(), height=SIZE, width=SIZE, channels=3)],
                 top_k=1,
                 preprocessing_id=info.preprocessing_id,
             )
-            return stub.Classify(request, timeout=10).results[0].predictions[0].label
+            reply = stubs[index % CONNECTIONS].Classify(request, timeout=10)
+            return reply.results[0].predictions[0].label
 
-        def sdk_call() -> object:
+        def sdk_call(index: int) -> object:
             return client.classify_preprocessed(frame, top_k=1)[0].top.label
 
         call = sdk_call if sdk else stub_call
 
-        def worker(stop_at: float) -> int:
+        def worker(index: int, stop_at: float) -> int:
             done = 0
             while time.monotonic() < stop_at:
-                call()
+                call(index)
                 done += 1
             return done
 
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            warm_up = time.monotonic() + 0.3
-            list(pool.map(lambda _: worker(warm_up), range(CONCURRENCY)))
-            cpu, started = time.process_time(), time.perf_counter()
-            stop_at = time.monotonic() + seconds
-            done = sum(pool.map(lambda _: worker(stop_at), range(CONCURRENCY)))
-            elapsed = time.perf_counter() - started
-            return done / elapsed, (time.process_time() - cpu) / max(done, 1) * 1e6
+        try:
+            with ThreadPoolExecutor(CONCURRENCY) as pool:
+                warm_up = time.monotonic() + 0.3
+                list(pool.map(lambda i: worker(i, warm_up), range(CONCURRENCY)))
+                cpu, started = time.process_time(), time.perf_counter()
+                stop_at = time.monotonic() + seconds
+                done = sum(pool.map(lambda i: worker(i, stop_at), range(CONCURRENCY)))
+                elapsed = time.perf_counter() - started
+                return done / elapsed, (time.process_time() - cpu) / max(done, 1) * 1e6
+        finally:
+            for channel in channels:
+                channel.close()
 
 
 async def _stream_sdk(address: str, request: pb.StreamRequest, seconds: float) -> float:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from framecast_client.connections import OWN_CONNECTION_OPTION
 from serve_process import cpu_seconds, running, serve_command, wait_health
 
 # Stage name -> candidate (module, class or None, attribute): the first that exists is timed.
@@ -265,9 +266,18 @@ def load(address: str, method: str, payload: bytes, seconds: float, concurrency:
     """Unary calls of ``payload`` with ``concurrency`` outstanding, for ``seconds``."""
 
     async def run() -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
-            call = channel.unary_unary(method, None, None)
-            await _gather_unary(call, payload, seconds, concurrency)
+        # As protocols.unary_rate: at most 4 calls per connection (Framecast's default).
+        count = (concurrency + 3) // 4
+        options = [OWN_CONNECTION_OPTION]
+        channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+        calls = [channel.unary_unary(method, None, None) for channel in channels]
+        try:
+            await asyncio.gather(
+                *(_gather_unary(call, payload, seconds, concurrency // count) for call in calls)
+            )
+        finally:
+            for channel in channels:
+                await channel.close(None)
 
     asyncio.run(run())
 
