@@ -28,8 +28,27 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
         assert "target" in results[section]
     assert results["unary"]["echo_thread_hop_p50_ms"] > 0
     assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
-    for title in ("unary p50 latency", "bidi stream", "ONNX Runtime ResNet-50"):
+    assert results["unary_c8"]["framecast_server_cpu_us_per_request"] > 0
+    assert results["unary_c8"]["cpu_ratio"] > 0
+    assert results["sdk"]["sdk_client_cpu_us_per_request"] > 0
+    assert results["sdk"]["stub_client_cpu_us_per_request"] > 0
+    for concurrency in ("concurrency_1", "concurrency_8"):
+        breakdown = results["breakdown"][concurrency]
+        assert breakdown["requests"] > 0
+        # The direct reader and writer are the stages measured; the wait is the thread hop.
+        for stage in ("parse", "admit", "fill", "wait", "compute", "cpu"):
+            assert breakdown[stage] > 0, (concurrency, stage, breakdown)
+    for title in (
+        "unary p50 latency",
+        "unary, concurrency 8",
+        "bidi stream",
+        "SDK client cost",
+        "unary breakdown, concurrency 1",
+        "ONNX Runtime ResNet-50",
+    ):
         assert title in done.stdout
+    # This environment has no nvidia-pytriton unless told: Triton is skipped with the reason.
+    assert results["triton_skipped"] or "triton_p50_ms" in results["unary"]
 
 
 def test_preprocess_speed_reports_every_candidate() -> None:
