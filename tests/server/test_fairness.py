@@ -2,7 +2,9 @@
 
 Callers are connections: the greedy client's calls share one channel, the polite client has
 its own. The backend is held while the greedy client fills the queue, so the order the batcher
-chose is visible in what the backend saw.
+chose is visible in what the backend saw. The server lets one connection run 32 calls at once,
+as a deployment behind a proxy that multiplexes many calls would: at the default of 4 a flood
+waits on its own side and never reaches the batcher.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def test_a_polite_client_is_admitted_and_served_next_while_a_greedy_one_floods(
 ) -> None:
     backend = GatedBackend(max_batch=4)
     backend.release.set()  # the warm-up batch
-    settings = make_settings(cache_dir, backend="null", max_batch=4, max_queue=16)
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=4, max_queue=16, max_streams_per_connection=32
+    )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
         Client(server.address, timeout=WAIT_S) as greedy,

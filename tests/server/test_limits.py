@@ -3,6 +3,7 @@ calls; streams per connection, connections and idle connections are limited."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import Client, ResourceExhaustedError, oip, wire
+from framecast_client import AsyncClient, Client, ResourceExhaustedError, oip, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
@@ -37,7 +38,8 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
     )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S) as polite,
+        # Room for five calls at once: four admitted and one refused.
+        Client(server.address, timeout=WAIT_S, connections=2) as polite,
         ThreadPoolExecutor(8) as pool,
     ):
         serving = server.serving
@@ -146,6 +148,74 @@ def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path
                 event.set()
             assert [len(s.result(WAIT_S)) for s in streams] == [1, 1, 1]
         raw.close()
+
+
+def test_a_client_opens_connections_as_its_calls_need_under_the_per_connection_limit(
+    cache_dir: Path,
+) -> None:
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        Client(server.address, timeout=WAIT_S, connections=3) as client,
+        ThreadPoolExecutor(6) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        assert client.model_info().max_calls_per_connection == 2
+        backend.hold()
+        calls = [pool.submit(client.classify_preprocessed, random_frames(1)) for _ in range(6)]
+        # All six reach the server at once: on one connection only two could.
+        wait_until(
+            lambda: serving.batcher.admitted_bytes == 6 * FRAME_BYTES,
+            "the calls queued on the client behind one connection's limit",
+        )
+        backend.release()
+        assert [len(call.result(WAIT_S)) for call in calls] == [1] * 6
+
+
+def test_a_client_keeps_one_connection_unless_asked_for_more(cache_dir: Path) -> None:
+    # One connection is one caller to the server's fair queue: a client does not spread
+    # itself over more on its own, or a flood of one program would count as many callers.
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
+        Client(server.address, timeout=WAIT_S) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        serving = server.serving
+        assert serving is not None
+        client.model_info()
+        backend.hold()
+        calls = [pool.submit(client.classify_preprocessed, random_frames(1)) for _ in range(4)]
+        wait_until(lambda: serving.batcher.admitted_bytes == 2 * FRAME_BYTES, "none admitted")
+        time.sleep(0.2)  # let more calls in if the client opened another connection
+        assert serving.batcher.admitted_bytes == 2 * FRAME_BYTES
+        backend.release()
+        assert [len(call.result(WAIT_S)) for call in calls] == [1] * 4
+
+
+@pytest.mark.asyncio
+async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Path) -> None:
+    backend = HoldableNullBackend()
+    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
+        serving = server.serving
+        assert serving is not None
+        async with AsyncClient(server.address, timeout=WAIT_S, connections=3) as client:
+            await client.model_info()
+            backend.hold()
+            calls = [
+                asyncio.ensure_future(client.classify_preprocessed(random_frames(1)))
+                for _ in range(6)
+            ]
+            deadline = time.monotonic() + WAIT_S
+            while serving.batcher.admitted_bytes < 6 * FRAME_BYTES:
+                assert time.monotonic() < deadline, "the calls queued behind one connection"
+                await asyncio.sleep(0.01)
+            backend.release()
+            assert [len(r) for r in await asyncio.gather(*calls)] == [1] * 6
 
 
 def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:

@@ -19,6 +19,7 @@ from ._proto import classifier_pb2 as pb
 from ._proto import classifier_pb2_grpc as pb_grpc
 from ._rpc import mapped_rpc_errors
 from .balancing import Address, balancing_options, channel_target, display_address
+from .connections import OWN_CONNECTION_OPTION, ConnectionPool
 from .errors import InvalidArgumentError, PreprocessingChangedError
 from .preprocess import ChannelOrder, ImageInput, is_image_input, preprocess
 from .security import TLS, channel_security
@@ -60,6 +61,7 @@ class _BaseClient:
         allow_insecure_token: bool = False,
         wire: EncodingName = "raw",
         quality: int = 90,
+        connections: int = 1,
     ) -> None:
         # Checked first: a bad wire or quality is a ValueError before anything is opened.
         self.encoding = Encoding(wire, quality)
@@ -67,6 +69,8 @@ class _BaseClient:
             raise ValueError(f"timeout must be positive or None, got {timeout}")
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
+        # Most connections for unary calls (checked by the pool): framecast_client.connections.
+        self.connections = connections
         # One server, a dns:/// name of many, or a list: see framecast_client.balancing.
         self.target = channel_target(address)
         self.address = display_address(address)
@@ -192,14 +196,23 @@ class Client(_BaseClient):
     """
 
     def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
-        """``address``: ``host:port``, ``dns:///name:port`` or a list of ``host:port``."""
+        """``address``: ``host:port``, ``dns:///name:port`` or a list of ``host:port``.
+
+        ``connections``: most connections for unary calls (default 1). The server runs a few
+        calls at once on each (``model_info().max_calls_per_connection``) and the rest wait on
+        this side; give more to keep more calls in flight from many threads. Every stream
+        session has a connection of its own.
+        """
         super().__init__(address, **kwargs)
-        options = self._channel_options()
+        self._pool = ConnectionPool(self._connect, most=self.connections)
+
+    def _connect(self) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
+        options = [*self._channel_options(), OWN_CONNECTION_OPTION]
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=options)
+            channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(self.target, self._credentials, options=options)
-        self._stub = pb_grpc.ClassifierStub(self._channel)
+            channel = grpc.secure_channel(self.target, self._credentials, options=options)
+        return channel, pb_grpc.ClassifierStub(channel)
 
     def __enter__(self) -> Client:
         return self
@@ -211,19 +224,21 @@ class Client(_BaseClient):
         """Close the channel; the client cannot be used afterwards."""
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            for channel, _ in self._pool.opened:
+                channel.close()
 
     def model_info(self, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
         """What the server serves (fetched once, then cached unless refresh=True)."""
         self._check_open()
         if self._model_info is None or refresh:
-            with mapped_rpc_errors(self.address):
-                reply = self._stub.GetModelInfo(
+            with mapped_rpc_errors(self.address), self._pool.lease() as (_, stub):
+                reply = stub.GetModelInfo(
                     pb.GetModelInfoRequest(),
                     timeout=self._timeout(timeout),
                     metadata=self._metadata,
                 )
             self._model_info = self._remember(wire.model_info_from_proto(reply))
+            self._pool.limit = self._model_info.max_calls_per_connection
         return self._model_info
 
     def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
@@ -281,8 +296,8 @@ class Client(_BaseClient):
         self._check_open()
         results: list[Classification] = []
         for chunk in self._chunks(batch, info):
-            with mapped_rpc_errors(self.address):
-                reply = self._stub.Classify(
+            with mapped_rpc_errors(self.address), self._pool.lease() as (_, stub):
+                reply = stub.Classify(
                     self._request(chunk, top_k, info),
                     timeout=self._timeout(timeout),
                     metadata=self._metadata,
@@ -353,12 +368,15 @@ class AsyncClient(_BaseClient):
     def __init__(self, address: Address = DEFAULT_ADDRESS, **kwargs: Any) -> None:
         """``address``: as for Client."""
         super().__init__(address, **kwargs)
-        options = self._channel_options()
+        self._pool = ConnectionPool(self._connect, most=self.connections)
+
+    def _connect(self) -> tuple[grpc.aio.Channel, pb_grpc.ClassifierAsyncStub]:
+        options = [*self._channel_options(), OWN_CONNECTION_OPTION]
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            channel = grpc.aio.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
-        self._stub = pb_grpc.ClassifierStub(self._channel)
+            channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
+        return channel, pb_grpc.ClassifierStub(channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -370,19 +388,21 @@ class AsyncClient(_BaseClient):
         """Close the channel; the client cannot be used afterwards."""
         if not self._closed:
             self._closed = True
-            await self._channel.close(None)
+            for channel, _ in self._pool.opened:
+                await channel.close(None)
 
     async def model_info(self, *, refresh: bool = False, timeout: float | None = None) -> ModelInfo:
         """What the server serves (fetched once, then cached unless refresh=True)."""
         self._check_open()
         if self._model_info is None or refresh:
-            with mapped_rpc_errors(self.address):
-                reply = await self._stub.GetModelInfo(
+            with mapped_rpc_errors(self.address), self._pool.lease() as (_, stub):
+                reply = await stub.GetModelInfo(
                     pb.GetModelInfoRequest(),
                     timeout=self._timeout(timeout),
                     metadata=self._metadata,
                 )
             self._model_info = self._remember(wire.model_info_from_proto(reply))
+            self._pool.limit = self._model_info.max_calls_per_connection
         return self._model_info
 
     async def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
@@ -430,8 +450,8 @@ class AsyncClient(_BaseClient):
         self._check_open()
         results: list[Classification] = []
         for chunk in self._chunks(batch, info):
-            with mapped_rpc_errors(self.address):
-                reply = await self._stub.Classify(
+            with mapped_rpc_errors(self.address), self._pool.lease() as (_, stub):
+                reply = await stub.Classify(
                     self._request(chunk, top_k, info),
                     timeout=self._timeout(timeout),
                     metadata=self._metadata,

@@ -58,3 +58,6 @@ class ModelInfo:
     preprocessing_id: str = ""
     # The image encodings the server accepts ("raw", "jpeg", "png"); raw always.
     encodings: tuple[str, ...] = ("raw",)
+    # Calls the server runs at once on one connection (0: not stated); the client opens more
+    # connections rather than queue behind this limit.
+    max_calls_per_connection: int = 0

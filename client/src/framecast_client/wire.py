@@ -389,6 +389,7 @@ def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
         labels=tuple(message.labels),
         max_message_bytes=message.max_message_bytes,
         preprocessing_id=message.preprocessing_id,
+        max_calls_per_connection=message.max_calls_per_connection,
         # Unknown (newer) encodings are left out: this client cannot send them anyway.
         encodings=tuple(
             ["raw"]

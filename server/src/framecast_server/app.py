@@ -110,6 +110,7 @@ class FramecastServer:
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(
             max_message_bytes=settings.max_message_bytes,
+            max_calls_per_connection=settings.max_streams_per_connection,
             gate=self._gate,
             recorder=self.wiring.recorder,
         )

@@ -77,7 +77,13 @@ class ServerSettings:
     # Limits under load; the README's "Limits and behaviour under load" lists each one.
     memory_budget_bytes: int = 256 * MIB  # images admitted, waiting or computing
     max_connections: int = 1000
-    max_streams_per_connection: int = 100  # HTTP/2 concurrent calls on one connection
+    # HTTP/2 concurrent calls on one connection. Low on purpose: it is what keeps one client
+    # from crowding the others out of the event loop. gRPC takes calls in arrival order and
+    # each costs the loop some 200 us, so a polite caller waits behind every call the flood
+    # has queued: beside 200 of them its p99 went from 0.8 to 30-50 ms. benchmarks/fairness.py,
+    # flood p99 / idle p99 (median of 3 rounds, the flooder niced as a remote host): 2.4 at 4,
+    # 4.3 at 8, 25-59 at 100. The SDK opens more connections when it needs more calls.
+    max_streams_per_connection: int = 4
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
     # take the replica out meanwhile), then calls in flight get at most grace_s to finish.

@@ -416,6 +416,7 @@ class ModelInfo(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
     ENCODINGS_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_PER_CONNECTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     backend: _builtins.str
@@ -434,6 +435,11 @@ class ModelInfo(_message.Message):
     preprocessing_id: _builtins.str
     """A fingerprint of `preprocessing`: requests state it to say what their images were
     prepared for, so that images prepared for another model are refused, never misread.
+    """
+    max_calls_per_connection: _builtins.int
+    """Most calls (unary calls and streams) the server runs at once on one connection; further
+    calls wait on the client until one ends. A client that needs more opens more connections.
+    0: no limit stated.
     """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing: ...
@@ -459,10 +465,11 @@ class ModelInfo(_message.Message):
         max_message_bytes: _builtins.int = ...,
         preprocessing_id: _builtins.str = ...,
         encodings: _abc.Iterable[Global___ImageEncoding.ValueType] | None = ...,
+        max_calls_per_connection: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "encodings", b"encodings", "labels", b"labels", "max_batch", b"max_batch", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "preprocessing_id", b"preprocessing_id", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "encodings", b"encodings", "labels", b"labels", "max_batch", b"max_batch", "max_calls_per_connection", b"max_calls_per_connection", "max_message_bytes", b"max_message_bytes", "name", b"name", "precision", b"precision", "preprocessing", b"preprocessing", "preprocessing_id", b"preprocessing_id", "pretrained", b"pretrained", "version", b"version", "warning", b"warning", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

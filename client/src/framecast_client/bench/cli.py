@@ -402,7 +402,12 @@ def _bench(args: argparse.Namespace) -> int:
             steps = oip_steps(target, mode, payloads, plan, top_k=args.top_k)
             report = _run(args, plan, config, info, inputs, batch_size, steps)
     else:
-        with Client(args.address, timeout=args.timeout, **security) as client:
+        # A connection carries only the server's few calls at once (the rest would wait here,
+        # and the bench would measure its own queue): room for every worker's call.
+        most_in_flight = max(plan.concurrency) if plan.concurrency else plan.max_inflight
+        with Client(
+            args.address, timeout=args.timeout, connections=most_in_flight, **security
+        ) as client:
             info = client.model_info()
             batch_size = _batch_size(args, info)
             if mode == "stream" and not stream_supported(client):

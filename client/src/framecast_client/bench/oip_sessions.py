@@ -33,6 +33,7 @@ from framecast_client.bench.runner import (
     unary_steps,
 )
 from framecast_client.bench.stream_runner import run_stream_closed_step, run_stream_open_step
+from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.preprocess import PreprocessSpec
 from framecast_client.types import Classification, ModelInfo
 
@@ -48,14 +49,7 @@ class OipTarget:
         self.address = address
         self.model = model
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ],
-        )
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._channel, self.stub = self.connect()
         self.input_name = oip.INPUT_NAME
         self.output_name = oip.OUTPUT_NAME
 
@@ -68,6 +62,22 @@ class OipTarget:
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
+
+    def connect(self) -> tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]:
+        """A channel of its own connection, and its stub; the caller closes the channel.
+
+        Each session gets one: servers cap the calls running at once on one connection
+        (Framecast at 4 by default), and a stream holds its slot for as long as it lasts.
+        """
+        channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                OWN_CONNECTION_OPTION,
+            ],
+        )
+        return channel, pb_grpc.GRPCInferenceServiceStub(channel)
 
     def discover(self) -> ModelInfo:
         """ServerMetadata, ModelMetadata and ModelConfig, read into a ModelInfo.
@@ -146,21 +156,23 @@ def _preprocessing(meta: pb.ModelMetadataResponse, height: int, width: int) -> P
 
 
 class OipSession:
-    """Unary and batch modes: one ModelInfer call per payload on the shared channel."""
+    """Unary and batch modes: one ModelInfer call per payload, on the session's own connection."""
 
     def __init__(self, target: OipTarget, *, top_k: int) -> None:
         self._target = target
         self._top_k = top_k
+        self._channel, self._stub = target.connect()
 
     def send(self, payload: Payload) -> Sequence[Classification]:
         """Send the payload's images in one ModelInfer call."""
         target = self._target
         request = target.request(payload.batch, top_k=self._top_k)
-        response = target.stub.ModelInfer(request, timeout=target.timeout)
+        response = self._stub.ModelInfer(request, timeout=target.timeout)
         return oip.classifications_from_response(response)
 
     def close(self) -> None:
-        """Nothing to release: the channel belongs to the target."""
+        """Close this session's connection."""
+        self._channel.close()
 
 
 class OipStreamError(Exception):
@@ -187,7 +199,8 @@ class OipStream:
         self._window = threading.Semaphore(max_in_flight)
         self._closed = threading.Event()
         self._top_k = top_k
-        self._call = target.stub.ModelStreamInfer(self._requests(frames))
+        self._channel, stub = target.connect()
+        self._call = stub.ModelStreamInfer(self._requests(frames))
 
     def _requests(self, frames: Iterable[Any]) -> Iterator[pb.ModelInferRequest]:
         for index, frame in enumerate(frames):
@@ -216,6 +229,7 @@ class OipStream:
         """End the stream (requests not yet answered are abandoned)."""
         self._closed.set()
         self._call.cancel()  # type: ignore[no-untyped-call]
+        self._channel.close()
 
 
 def oip_steps(

@@ -55,12 +55,18 @@ class ClassifierServicer:
     """Serves framecast.v1.Classifier; answers UNAVAILABLE until a model is attached."""
 
     def __init__(
-        self, *, max_message_bytes: int, gate: CallGate, recorder: Recorder = NULL_RECORDER
+        self,
+        *,
+        max_message_bytes: int,
+        max_calls_per_connection: int,
+        gate: CallGate,
+        recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
+        self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
         self._gate = gate
         self._answered = recorder.frames_answered
@@ -117,6 +123,7 @@ class ClassifierServicer:
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
+            max_calls_per_connection=self._max_calls_per_connection,
             encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
         )
 
