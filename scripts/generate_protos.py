@@ -2,6 +2,9 @@
 
 Usage: uv run python scripts/generate_protos.py [OUT_DIR]
 
+The protoc is grpcio-tools 1.62's (pinned in pyproject.toml): its code imports on grpcio and
+protobuf versions as old as the client's floors and on the newest alike.
+
 protoc writes absolute imports (``from framecast.v1 import ...``); the generated modules live
 inside ``framecast_client._proto``, so those imports are rewritten to relative ones.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,11 @@ def test_preprocess_speed_reports_every_candidate() -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "preprocess_speed.py"), "--runs", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    for row in ("JPEG bytes", "numpy frame (RGB)", "draft to output", "reducing_gap 2"):
+    rows = ("JPEG bytes", "numpy frame (RGB)", "draft to output", "draft to 1/2", "reducing_gap 2")
+    for row in rows:
         assert row in done.stdout
+    # The 1080p budget is judged against the former path in the same run.
+    assert re.search(r"preprocess\(\) costs [+-]\d+\.\d\d ms against the former", done.stdout)
 
 
 @pytest.mark.slow

@@ -19,6 +19,27 @@ from framecast_server.background import BackgroundServer
 from PIL import Image
 
 LIST_NAMES = "import importlib.metadata as m\nfor d in m.distributions(): print(d.metadata['Name'])"
+# The SDK's other calls at the floors: JPEG on the wire, a ClassifyStream, the asyncio client.
+EDGE_SDK = """
+import asyncio, sys
+import numpy as np
+from framecast_client import AsyncClient, Client
+
+address, image = sys.argv[1], sys.argv[2]
+with Client(address, wire="jpeg", quality=90, timeout=60) as client:
+    print("encodings", *client.model_info().encodings)
+    print("jpeg", client.classify(image).top.label)
+    frames = [np.full((240, 320, 3), value, np.uint8) for value in (0, 128, 255)]
+    with client.stream(frames, mode="lossless") as session:
+        print("stream", *(result.ok for result in session))
+
+async def main() -> None:
+    async with AsyncClient(address, timeout=60) as client:
+        results = await client.classify([image, image], top_k=5)
+        print("async", *(len(result.predictions) for result in results))
+
+asyncio.run(main())
+"""
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"onnx", "onnxruntime", "tensorrt", "pycuda", "framecast-server", "safetensors"}
 
@@ -84,6 +105,17 @@ def test_client_alone_installs_lean_and_classifies(
     assert "RANDOM WEIGHTS" in classify.stderr
     assert "RANDOM WEIGHTS" not in classify.stdout
     assert "frame.jpg" in classify.stdout
+
+    sdk = subprocess.run(
+        [python, "-c", EDGE_SDK, onnx_server.address, str(image)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sdk.returncode == 0, sdk.stderr
+    lines = dict(line.split(" ", 1) for line in sdk.stdout.splitlines())
+    assert "jpeg" in lines["encodings"].split()
+    assert lines["jpeg"]
+    assert lines["stream"] == "True True True"
+    assert lines["async"] == "5 5"
 
     serve = subprocess.run([framecast, "serve"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2

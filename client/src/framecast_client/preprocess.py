@@ -69,14 +69,37 @@ _FILTER_SUPPORT: dict[str, float] = {"nearest": 0.5, "bilinear": 1.0, "bicubic":
 
 # How much shrinking the JPEG decoder's DCT scaling must leave to the antialiased resize. DCT
 # scaling filters each 8x8 block on its own, a different low-pass from the bilinear/bicubic
-# kernel the reference uses; when it does nearly all the shrinking (an image 2x, 4x or 8x the
-# resize target) the output is off by 2-3 grey levels on average and 60-100 at edges. Measured
-# over a sweep of 1x-10x (tests/client/test_preprocess.py): a headroom of 2 still leaves 13-14
-# at worst, 3 leaves 12, 4 about 8, 5 keeps the worst pixel under 5. So a 1080p JPEG (4.2x a
-# 256 resize) is decoded in full, about 4 ms more than drafting it, and a 12 MP photo at 1/2.
+# kernel the reference uses, and converts to RGB (clipping) after averaging where the
+# reference clips each full-resolution pixel; when it does nearly all the shrinking (an image
+# 2x, 4x or 8x the resize target) the output is off by 2-3 grey levels on average and 60-100
+# at edges. Headroom 5 keeps the worst pixel under 6; a 1080p JPEG (4.2x a 256 resize) is then
+# decoded in full, and a 12 MP photo at 1/2.
+#
+# The 1080p cost this buys conflicts with the "at most 1 ms more at 1080p": only a 1/2
+# draft (headroom <= 2.1) is cheap enough, and nothing tried at 1/2 keeps the worst pixel under
+# 8. Measured: worst mean/max abs difference from the float reference over tests/client/
+# test_preprocess.py's JPEG sweep ("sweep"), and over fresh pictures at the same sizes in JPEG
+# quality 75/90/95 with 4:2:0, 4:4:4 and 4:2:2 chroma ("other"); 1080p cost over the former
+# draft-to-output path (3.4 ms), all timed in one run as benchmarks/preprocess_speed.py does:
+#   option                                      1080p    sweep      other
+#   headroom 5 (this): full decode at 1080p     +3.9 ms  0.23/2.7   0.27/5.7
+#   headroom 4 (1080p in full as well)          +3.9 ms  0.25/3.4   0.35/15.1 (9.4 but 4:2:2)
+#   headroom 3 (1080p in full as well)          +3.9 ms  0.29/6.6   0.45/17.1 (10.7 but 4:2:2)
+#   headroom 2: 1080p at 1/2                    +0.8 ms  0.38/10.6  0.93/47.6 (20.1 but 4:2:2)
+#   headroom 2, and the decoder's extra blur
+#     undone to second order on the output      +1.6 ms  0.36/7.4   0.98/47.6 (17.4 but 4:2:2)
+#   full decode, reducing_gap=2 box pre-shrink  +2.6 ms  0.38/8.1   0.48/14.4
+#   full decode to YCbCr, resize, then RGB      decoding alone is 0.7 ms slower than to RGB
+#     (libjpeg-turbo's RGB conversion is SIMD, its YCbCr output not; 0.3 ms at 1/2), and
+#     Pillow's own YCbCr->RGB conversion is off by 0.64 on average.
+# A 1/2 decode is 0.3-0.5 ms dearer than the former 1/4 and its 2x resize 0.5 ms dearer than
+# the former 1.05x one, so 1/2 leaves no room for any correction; the errors left after one
+# are where JPEG ringing next to saturated colour detail overshoots 0-255 at full resolution
+# (up to 100 at quality 75), which the reference clips pixel by pixel and a scaled decode
+# cannot. Partial decoding (libjpeg-turbo's jpeg_crop_scanline) is not reachable from Pillow.
 _DRAFT_HEADROOM = 5
 # No reducing_gap: Pillow's integer box pre-shrink it enables is cheaper (about 1 ms on a 1080p
-# frame) but leaves 10-16 grey levels at worst at some sizes, against the budget of 8.
+# frame) but leaves 8-14 grey levels at worst at some sizes, against the budget of 8.
 
 # EXIF orientation tag value -> the transpose that shows the image upright, as
 # PIL.ImageOps.exif_transpose applies it.
