@@ -54,13 +54,13 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
-from serve_process import running, serve_command, tree_cpu_seconds
+from serve_process import connections_for, running, serve_command, tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent
 SIZE = 224
 IN_FLIGHT = 8
 CONCURRENCY = 8
-CONNECTIONS = 2  # for the CONCURRENCY unary calls: 4 on each, Framecast's default limit
+CONNECTIONS = connections_for(CONCURRENCY)  # for the CONCURRENCY unary calls
 MODEL = "resnet50"
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 CLASSIFY_STREAM = "/framecast.v1.Classifier/ClassifyStream"
@@ -166,8 +166,8 @@ def unary_p50(side: Side, seconds: float) -> float:
 async def unary_rate(side: Side, seconds: float) -> tuple[float, float]:
     """(requests/s, server CPU microseconds per request) with CONCURRENCY calls outstanding.
 
-    Spread over CONNECTIONS connections: Framecast runs at most 4 calls at once per connection
-    by default (the others would wait on the client), as the SDK does with ``connections=2``.
+    Spread over CONNECTIONS connections: Framecast runs only a few calls at once per connection
+    by default (the others would wait on the client), as the SDK does when given as many.
     """
     options = [*OPTIONS, OWN_CONNECTION_OPTION]
     channels = [

@@ -14,7 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+from framecast_server.settings import ServerSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def connections_for(concurrency: int) -> int:
+    """Connections that carry ``concurrency`` calls at once to a server on default limits.
+
+    `framecast serve` runs a few calls at once per connection (the rest wait on the client);
+    load generators spread theirs so that they measure the server, not their own queue.
+    """
+    return -(-concurrency // ServerSettings().max_streams_per_connection)
 
 
 def rss_mb(pid: int) -> float:

@@ -19,7 +19,7 @@ Servers run in their own processes (as in production: client and server do not s
 Measured for each, with the same raw client (pre-serialized request bytes, replies not parsed
 but for a check that one is a result), so the servers alone are compared: unary p50 latency at
 concurrency 1; unary requests/s and server CPU time per request (from /proc) at concurrency 8
-(over 2 connections: Framecast runs at most 4 calls per connection by default);
+(spread over connections: Framecast runs only a few calls per connection by default);
 bidi stream frames/s and server CPU per frame with 8 frames in flight. The SDK's own figures
 (``Client.classify_preprocessed``) are reported beside them: its p50, and its client CPU per
 request at concurrency 8 against a generated stub's (request built and reply parsed with

@@ -40,7 +40,7 @@ from typing import Any
 
 import grpc
 from framecast_client.connections import OWN_CONNECTION_OPTION
-from serve_process import cpu_seconds, running, serve_command, wait_health
+from serve_process import connections_for, cpu_seconds, running, serve_command, wait_health
 
 # Stage name -> candidate (module, class or None, attribute): the first that exists is timed.
 CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
@@ -266,8 +266,8 @@ def load(address: str, method: str, payload: bytes, seconds: float, concurrency:
     """Unary calls of ``payload`` with ``concurrency`` outstanding, for ``seconds``."""
 
     async def run() -> None:
-        # As protocols.unary_rate: at most 4 calls per connection (Framecast's default).
-        count = (concurrency + 3) // 4
+        # As protocols.unary_rate: Framecast's default calls per connection on each.
+        count = connections_for(concurrency)
         options = [OWN_CONNECTION_OPTION]
         channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
         calls = [channel.unary_unary(method, None, None) for channel in channels]

@@ -29,7 +29,10 @@ Held = tuple[GatedBackend, Client, ThreadPoolExecutor, BackgroundServer]
 def held(cache_dir: Path) -> Iterator[Held]:
     backend = GatedBackend(max_batch=2)
     backend.release.set()  # the warm-up batch
-    settings = make_settings(cache_dir, backend="null", max_batch=2, max_queue=2)
+    # Several calls of one connection in flight at once, to fill the queue.
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=2, max_queue=2, max_streams_per_connection=8
+    )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
         Client(server.address, timeout=30) as client,

@@ -38,8 +38,8 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
     )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        # Room for five calls at once: four admitted and one refused.
-        Client(server.address, timeout=WAIT_S, connections=2) as polite,
+        # Room for five calls at once (two per connection): four admitted and one refused.
+        Client(server.address, timeout=WAIT_S, connections=3) as polite,
         ThreadPoolExecutor(8) as pool,
     ):
         serving = server.serving

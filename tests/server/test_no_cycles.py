@@ -84,7 +84,10 @@ class Server:
 @pytest.fixture
 def served(cache_dir: Path) -> Iterator[Server]:
     backend = HoldableNullBackend(fail_key=FAIL_KEY)
-    settings = make_settings(cache_dir, backend="null", max_batch=2, max_queue=2)
+    # Several calls of one connection in flight at once, to fill the queue.
+    settings = make_settings(
+        cache_dir, backend="null", max_batch=2, max_queue=2, max_streams_per_connection=8
+    )
     with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
         s = Server(server, backend)
         yield s

@@ -126,7 +126,7 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-streams-per-connection",
         type=positive_int,
-        help="concurrent calls on one connection (default 4); more wait on the client",
+        help="concurrent calls on one connection (default 2); more wait on the client",
     )
     group.add_argument(
         "--idle-timeout-s",

@@ -81,9 +81,11 @@ class ServerSettings:
     # from crowding the others out of the event loop. gRPC takes calls in arrival order and
     # each costs the loop some 200 us, so a polite caller waits behind every call the flood
     # has queued: beside 200 of them its p99 went from 0.8 to 30-50 ms. benchmarks/fairness.py,
-    # flood p99 / idle p99 (median of 3 rounds, the flooder niced as a remote host): 2.4 at 4,
-    # 4.3 at 8, 25-59 at 100. The SDK opens more connections when it needs more calls.
-    max_streams_per_connection: int = 4
+    # flood p99 / idle p99 on 2 cores (median of 3-5 rounds; with the flooder niced as a remote
+    # host / competing for the cores): 1.7 / 2.4 at 2, 2.4 / 2.8 at 3, 3.0 / 3.5 at 4, 4.3 /
+    # 6.5 at 8, 32-52 at 100. A client wanting more calls in flight asks for more connections
+    # (Client(connections=N)); a stream needs only one.
+    max_streams_per_connection: int = 2
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
     # take the replica out meanwhile), then calls in flight get at most grace_s to finish.

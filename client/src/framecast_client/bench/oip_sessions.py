@@ -67,7 +67,7 @@ class OipTarget:
         """A channel of its own connection, and its stub; the caller closes the channel.
 
         Each session gets one: servers cap the calls running at once on one connection
-        (Framecast at 4 by default), and a stream holds its slot for as long as it lasts.
+        (Framecast at 2 by default), and a stream holds its slot for as long as it lasts.
         """
         channel = grpc.insecure_channel(
             self.address,
