@@ -66,17 +66,7 @@ class Report:
 
 # --- case generation -------------------------------------------------------------------------
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+varint = wire.encode_varint
 
 
 def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:
@@ -178,7 +168,7 @@ def _semantic(rng: random.Random, method: str) -> bytes:
             file_by_filename=named
         ).SerializeToString()
         return asked
-    return pb.GetModelInfoRequest().SerializeToString() + _varint(8) + _varint(rng.randrange(99))
+    return pb.GetModelInfoRequest().SerializeToString() + varint(8) + varint(rng.randrange(99))
 
 
 def mutate(rng: random.Random, valid: list[bytes], method: str) -> bytes:
@@ -196,16 +186,16 @@ def mutate(rng: random.Random, valid: list[bytes], method: str) -> bytes:
         return bytes(data)
     if kind == 3:  # a random tag and value inserted
         at = rng.randrange(len(base) + 1)
-        tag = _varint((rng.randrange(1, 20) << 3) | rng.randrange(8))
-        return base[:at] + tag + _varint(rng.randrange(2**35)) + base[at:]
+        tag = varint((rng.randrange(1, 20) << 3) | rng.randrange(8))
+        return base[:at] + tag + varint(rng.randrange(2**35)) + base[at:]
     if kind == 4:  # field 1 with the wrong wire type
-        return _varint((1 << 3) | rng.choice((0, 1, 5))) + rng.randbytes(8) + base
+        return varint((1 << 3) | rng.choice((0, 1, 5))) + rng.randbytes(8) + base
     if kind == 5:  # an absurd length prefix
-        return _varint((rng.randrange(1, 5) << 3) | 2) + _varint(rng.randrange(2**31, 2**40))
+        return varint((rng.randrange(1, 5) << 3) | 2) + varint(rng.randrange(2**31, 2**40))
     if kind == 6:  # invalid UTF-8 in a string field (field 3 or 4 in ours, 1 in health)
         number = {"Health": 1, "ClassifyStream": 4, "Reflection": 3, "ModelInfer": 1}.get(method, 3)
         bad = rng.choice((b"\xff\xfe", b"\xc3\x28", b"\xed\xa0\x80"))
-        return base + _varint((number << 3) | 2) + _varint(len(bad)) + bad
+        return base + varint((number << 3) | 2) + varint(len(bad)) + bad
     if kind == 7:  # end groups and reserved wire types
         return base + bytes([rng.choice((0x0C, 0x0E, 0x0F, 0x14, 0x07))])
     return _semantic(rng, method)

@@ -39,24 +39,14 @@ import grpc
 import numpy as np
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_server.settings import ServerSettings
 from serve_process import rss_mb, start_server, wait_serving
 
 STREAM = "/framecast.v1.Classifier/ClassifyStream"
 CLASSIFY = "/framecast.v1.Classifier/Classify"
-BUDGET_MB = 256.0  # the server's default memory budget
-GRACE_S = 10.0  # the server's default grace period
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+DEFAULTS = ServerSettings()  # the scenarios run the server on its default limits
+BUDGET_MB = DEFAULTS.memory_budget_bytes / 2**20
+GRACE_S = DEFAULTS.grace_s
 
 
 # One image, serialized once; a frame is its frame_id field followed by these bytes.
@@ -66,7 +56,7 @@ GOOD_REQUEST = wire.classify_request(_IMAGE[None], top_k=1).SerializeToString()
 
 
 def frame(frame_id: int) -> bytes:
-    return b"\x08" + _varint(frame_id) + _FRAME_TAIL
+    return b"\x08" + wire.encode_varint(frame_id) + _FRAME_TAIL
 
 
 class Server:

@@ -162,7 +162,7 @@ def classify_request_bytes(
     The same bytes protobuf would write, with one copy of each raw image (into the result)
     instead of three (into the message, out of it, and the array's own ``tobytes``).
     """
-    varint = _encode_varint
+    varint = encode_varint
     parts: list[bytes | memoryview] = []
     for image in batch:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != CHANNELS:
@@ -485,7 +485,8 @@ def fill_classification(
     timing.batch_size = batch_size
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A non-negative integer as protobuf's base-128 varint."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -512,7 +513,7 @@ class ClassificationEncoder:
         field = self._label_fields.get(index)
         if field is None:
             label = self._labels[index].encode()
-            field = b"\x12" + _encode_varint(len(label)) + label if label else b""
+            field = b"\x12" + encode_varint(len(label)) + label if label else b""
             self._label_fields[index] = field
         return field
 
@@ -526,7 +527,7 @@ class ClassificationEncoder:
         batch_size: int,
     ) -> bytes:
         """One Classification message's bytes (as :func:`fill_classification` fills one)."""
-        varint, parts = _encode_varint, []
+        varint, parts = encode_varint, []
         for index, probability in zip(indices, probabilities, strict=True):
             prediction = self._label_field(index)
             if index:
@@ -548,7 +549,7 @@ class ClassificationEncoder:
     @staticmethod
     def response(classifications: Sequence[bytes]) -> bytes:
         """A ClassifyResponse's bytes from its results' Classification bytes, in order."""
-        varint = _encode_varint
+        varint = encode_varint
         return b"".join(b"\x0a" + varint(len(c)) + c for c in classifications)
 
 
