@@ -233,7 +233,10 @@ def test_sticky_errors_are_told_apart(message: str, sticky: bool) -> None:
 def test_context_blocks_instead_of_spinning_and_streams_do_not_block(
     backend: TensorRTBackend, fake_driver: FakeDriver
 ) -> None:
-    assert fake_driver.context_flags == [FakeDriver.ctx_flags.SCHED_BLOCKING_SYNC]
+    # The worker runs on the device's primary context, set to block rather than spin.
+    assert fake_driver.context_flags == []  # no context of its own (make_context)
+    assert fake_driver.contexts == [fake_driver.primary]
+    assert fake_driver.primary.flags == FakeDriver.ctx_flags.SCHED_BLOCKING_SYNC
     streams = list(fake_driver.streams.values())
     assert len(streams) == 2
     assert [s.flags for s in streams] == [cuda.STREAM_NON_BLOCKING] * 2 == [1, 1]
