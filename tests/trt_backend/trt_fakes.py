@@ -134,6 +134,9 @@ class FakeDriver(types.ModuleType):
         self.timeline: list[DeviceOp] = []
         self.host_time = 0.0
         self._engine_free = {"h2d": 0.0, "execute": 0.0, "d2h": 0.0}
+        # When set, the first host-to-device copy waits for it: a test queues all its batches
+        # meanwhile, so what overlaps depends on the backend alone, not on thread timing.
+        self.hold: threading.Event | None = None
         self.streams: dict[int, Any] = {}
         self._pinned: dict[int, NDArray[Any]] = {}  # id(root array) -> root array
         self._poison: dict[int, int] = {}  # id(root array) -> pending copies using it
@@ -340,6 +343,10 @@ class FakeDriver(types.ModuleType):
     def memcpy_htod_async(self, dst: Any, src: NDArray[Any], stream: Any) -> None:
         self._record("memcpy_htod_async")
         self._require_context("memcpy_htod_async")
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            if not hold.wait(timeout=60):
+                raise FakeCudaError("memcpy_htod_async: the test never released its hold")
         stream = self._stream(stream, "memcpy_htod_async")
         root = self._root(src, "memcpy_htod_async")
         address, nbytes = int(dst), src.nbytes
