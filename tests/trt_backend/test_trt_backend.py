@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -386,3 +387,40 @@ def test_parts_are_gathered_straight_into_the_pinned_input(
 def test_bad_parts_are_rejected(backend: TensorRTBackend, parts: list[Any]) -> None:
     with pytest.raises(ValueError, match=r"images|batch"):
         backend.infer_parts(parts)
+
+
+class _NumpyWithoutConcatenate:
+    """numpy, except that joining arrays fails the test (the batcher's view of numpy)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "concatenate":
+            raise AssertionError("the batch was joined on the host before the pinned copy")
+        return getattr(np, name)
+
+
+async def test_the_batcher_gathers_requests_once_into_pinned_memory(
+    fake_trt: Any, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the batcher: several requests in one batch reach TensorRT's pinned input
+    buffer with one copy each (no np.concatenate, then np.copyto), and come back in place."""
+    from framecast_server import batcher as batcher_module
+    from framecast_server.batcher import Batcher, BatcherSettings
+
+    monkeypatch.setattr(batcher_module, "np", _NumpyWithoutConcatenate())
+    backend = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="x")
+    batcher = Batcher(backend, BatcherSettings(max_batch=8, max_delay_us=0, max_queue=64))
+    await batcher.start()
+    try:
+        requests = [make_images(n, seed=60 + n) for n in (1, 3, 2, 2)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(r, caller=i) for i, r in enumerate(requests))), 30
+        )
+    finally:
+        await asyncio.wait_for(batcher.close(), 30)
+        backend.close()
+    for images, items in zip(requests, results, strict=True):
+        got = [int(item.probabilities.argmax()) for item in items]
+        assert got == expected_class(images).tolist()
+    assert max(item.batch_size for items in results for item in items) > 3  # joined requests
+    executed = sum(op.images for op in fake_driver.timeline if op.kind == "execute")
+    assert executed == 8
