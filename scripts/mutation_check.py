@@ -87,7 +87,8 @@ MUTATIONS = (
     Mutation(
         "a CUDA context of the worker's own beside the primary one (two per process)",
         CUDA,
-        '        self._ctx: Any = _call("Device.retain_primary_context", dev.retain_primary_context)\n'
+        '        self._ctx: Any = _call("Device.retain_primary_context", '
+        "dev.retain_primary_context)\n"
         "        # Retaining does not make the context current; push it on this (the worker's) "
         "thread.\n"
         '        _call("Context.push", self._ctx.push)\n',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -331,8 +332,9 @@ def test_consecutive_batches_overlap_copies_and_compute_on_the_device_timeline(
     # Each batch's ops run in order on its stream; consecutive batches alternate streams.
     for a, b, c in zip(h2d, execute, d2h, strict=True):
         assert a.stream == b.stream == c.stream
-        assert a.end <= b.start and b.end <= c.start
-    assert all(x.stream != y.stream for x, y in zip(execute, execute[1:], strict=False))
+        assert a.end <= b.start
+        assert b.end <= c.start
+    assert all(x.stream != y.stream for x, y in itertools.pairwise(execute))
     for k in range(len(batches) - 1):
         assert h2d[k + 1].overlaps(execute[k]), f"batch {k + 1}'s copy-in waited for {k}"
         assert d2h[k].overlaps(execute[k + 1]), f"batch {k + 1}'s compute waited for {k}'s copy-out"

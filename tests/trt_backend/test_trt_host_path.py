@@ -123,9 +123,7 @@ def test_auto_falls_back_to_onnxruntime_loudly_when_tensorrt_fails(
     break_it(fake_trt)
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO)
-    backend = factory.create_backend(
-        "auto", served_path, max_batch=4, threads=1, cache_dir=cache
-    )
+    backend = factory.create_backend("auto", served_path, max_batch=4, threads=1, cache_dir=cache)
     try:
         assert isinstance(backend, OnnxRuntimeBackend)
         assert backend.infer(np.zeros((2, 224, 224, 3), np.uint8)).shape == (2, 1000)
