@@ -8,7 +8,12 @@ Two "slots" (execution context + stream + buffers sized for ``max_batch``) let t
 batch B's host-to-device copy on one stream while batch A still computes on the other. That
 overlap only exists when two batches are in flight at once, i.e. when callers use ``submit``
 (or call ``infer`` from several threads); a single caller doing ``infer`` one batch at a time
-gets plain sequential execution, which is still correct.
+gets plain sequential execution, which is still correct. ``infer_parts`` takes a batch as the
+batcher has it, one array per request, and the worker copies each straight into the slot's
+pinned input buffer: the batch's one host copy.
+
+The worker runs on the device's primary context (see ``cuda.CudaContext``), the one TensorRT's
+builder and runtime also use, so a process holds one CUDA context.
 
 A sticky CUDA error (illegal address, launch failure: the context is poisoned) breaks the
 backend for good: that batch, every queued one and every later call fail with
