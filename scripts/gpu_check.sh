@@ -105,11 +105,12 @@ venv_setup() {
     # Everything from the folder, offline; pip keeps the system's packages that already fit.
     "$venv/bin/python" -m pip install --no-index --find-links "$wheels" \
         "onnxconverter-common>=1.14" "filelock>=3.15" "safetensors>=0.4" "uvloop>=0.21" \
-        "grpcio-health-checking>=1.66" "grpcio-reflection>=1.66" "pytest-asyncio>=0.24" \
+        "grpcio-health-checking>=1.66" "grpcio-reflection>=1.66" "prometheus-client>=0.20" \
+        "pytest-asyncio>=0.24" \
         "pytest-timeout>=2.3" "pytools>=2011.2" "platformdirs>=2.2.0" mako setuptools wheel \
         "numpy>=1.24" "onnx>=1.16" "onnxruntime>=1.19" "grpcio>=1.66" pillow "pytest>=8.3" \
         || return 1
-    "$venv/bin/python" -c 'import framecast_server.backends.tensorrt, grpc_health, onnxconverter_common, pytest_asyncio; print("framecast imports from", framecast_server.__file__)'
+    "$venv/bin/python" -c 'import framecast_server.backends.tensorrt, framecast_server.background, grpc_health, onnxconverter_common, prometheus_client, pytest_asyncio; print("framecast imports from", framecast_server.__file__)'
 }
 step venv venv_setup || finish 1
 py="$venv/bin/python"
