@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -29,13 +30,16 @@ from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .drain import CallGate
 from .model import prepare_model
-from .runtime import ServingModel
+from .runtime import BatcherLike, ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
 from .service.decoding import guarded
 from .service.inference_protocol import InferenceServicer
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
 from .wiring import Wiring
+
+if TYPE_CHECKING:
+    from .shared_inference import InferenceLink
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +70,19 @@ class FramecastServer:
         backend_factory: Callable[[Path], Backend] | None = None,
         reuse_port: bool = False,
         shared_metrics: bool = False,
+        inference: tuple[InferenceLink, int] | None = None,
     ) -> None:
         """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests.
 
         reuse_port: share the port with other processes on purpose (the workers of
         ``--workers``, see workers.py); otherwise a second server on a taken port fails.
         shared_metrics: a worker's metrics go to the supervisor, which serves /metrics.
+        inference: (link, index): a front end of ``--inference shared``; its frames go to the
+        inference process (shared_inference.py), which owns the backend and the one batcher.
         """
         self.settings = settings
         self._backend_factory = backend_factory
+        self._inference = inference
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
         self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
@@ -114,7 +122,7 @@ class FramecastServer:
             gate=self._gate,
             recorder=self.wiring.recorder,
         )
-        self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
+        self._oip = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
         self._serving: ServingModel | None = None
         self._stopping: asyncio.Future[None] | None = None
         # Set when the backend breaks for the life of the process (a sticky CUDA error).
@@ -126,7 +134,7 @@ class FramecastServer:
         # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
         # answer throughout a drain).
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self._inference, guarded(self._server, self._gate)
+            self._oip, guarded(self._server, self._gate)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
         add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
@@ -169,7 +177,17 @@ class FramecastServer:
             settings.cache_dir,
             allow_download=settings.allow_download,
         )
-        if self._backend_factory is not None:
+        batcher_settings = BatcherSettings(
+            max_batch=settings.max_batch,
+            max_delay_us=settings.max_delay_us,
+            max_queue=settings.max_queue,
+            memory_budget_bytes=settings.memory_budget_bytes,
+        )
+        batcher: BatcherLike
+        backend: Backend
+        if self._inference is not None:
+            batcher, backend = await self._connect_inference(batcher_settings)
+        elif self._backend_factory is not None:
             backend = await asyncio.to_thread(self._backend_factory, prepared.onnx_path)
         else:
             backend = await asyncio.to_thread(
@@ -184,17 +202,9 @@ class FramecastServer:
         if isinstance(backend, BreakableBackend):
             loop = asyncio.get_running_loop()
             backend.on_broken(lambda reason: loop.call_soon_threadsafe(self._backend_broke, reason))
-        batcher = Batcher(
-            backend,
-            BatcherSettings(
-                max_batch=settings.max_batch,
-                max_delay_us=settings.max_delay_us,
-                max_queue=settings.max_queue,
-                memory_budget_bytes=settings.memory_budget_bytes,
-            ),
-            recorder=self.wiring.recorder,
-        )
-        await batcher.start()
+        if self._inference is None:
+            batcher = Batcher(backend, batcher_settings, recorder=self.wiring.recorder)
+            await batcher.start()
         try:
             # Warm up through the batcher, so the first batch runs on the thread all later ones
             # use (CUDA contexts and ORT's allocations are per thread).
@@ -208,7 +218,7 @@ class FramecastServer:
         if self.wiring.metrics is not None:
             self.wiring.metrics.serving(lambda: batcher.stats, prepared, backend.info)
         self._classifier.attach(self._serving)
-        self._inference.attach(self._serving)
+        self._oip.attach(self._serving)
         for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self._health.set(service, SERVING)
         logger.info(
@@ -221,6 +231,28 @@ class FramecastServer:
             time.monotonic() - started,
         )
         return self._serving
+
+    async def _connect_inference(self, settings: BatcherSettings) -> tuple[BatcherLike, Backend]:
+        """A front end: connect to the inference process, whose health becomes ours."""
+        from .shared_inference import InferenceProxy
+
+        assert self._inference is not None
+        link, index = self._inference
+
+        def on_state(up: bool) -> None:
+            # The inference process went away (or came back): every front end says so.
+            if self._serving is None or self._stopping is not None:
+                return
+            state = SERVING if up else NOT_SERVING
+            for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
+                task = asyncio.ensure_future(self._health.set(service, state))
+                self._health_tasks.add(task)
+                task.add_done_callback(self._health_tasks.discard)
+
+        proxy = InferenceProxy(link, index, settings, on_state=on_state)
+        await proxy.start()
+        assert proxy.backend is not None
+        return proxy, proxy.backend
 
     def _backend_broke(self, reason: str) -> None:
         # Calls already fail with UNAVAILABLE (the service's error mapping); tell health

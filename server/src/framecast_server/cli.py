@@ -392,7 +392,9 @@ def _serve(args: argparse.Namespace) -> int:
         from .workers import PortUnavailableError, Supervisor
 
         try:
-            return Supervisor(settings, args.workers, port_file=args.port_file).run()
+            return Supervisor(
+                settings, args.workers, port_file=args.port_file, inference=args.inference
+            ).run()
         except PortUnavailableError as exc:
             print(f"framecast serve: {exc}", file=sys.stderr)
             return 1
@@ -505,6 +507,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N|auto",
         help="server processes sharing the port, each with its own backend (default 1; auto: "
         "one per usable core)",
+    )
+    serve.add_argument(
+        "--inference",
+        choices=("per-worker", "shared", "auto"),
+        default="auto",
+        help="with --workers: a backend in every worker, or one shared inference process that "
+        "batches the frames of every worker (handed over in shared memory); auto (default): "
+        "shared on TensorRT, per-worker on the CPU",
     )
     _add_model_arguments(serve)
     serve.set_defaults(handler=_run(_serve))

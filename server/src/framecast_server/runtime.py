@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
 
 from .backends.base import Backend
-from .batcher import Batcher
+from .batcher import BatcherSettings, BatcherStats, Caller, ItemResult
 from .model import PreparedModel
+
+
+class BatcherLike(Protocol):
+    """What the servicers call: a :class:`~.batcher.Batcher`, or with ``--inference shared``
+    the proxy to the inference process (shared_inference.InferenceProxy)."""
+
+    @property
+    def settings(self) -> BatcherSettings: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def stats(self) -> BatcherStats: ...
+
+    async def submit(
+        self, images: NDArray[np.uint8], *, deadline: float | None = None, caller: Caller = None
+    ) -> list[ItemResult]: ...
+
+    def submit_nowait(
+        self, images: NDArray[np.uint8], *, deadline: float | None = None, caller: Caller = None
+    ) -> asyncio.Future[list[ItemResult]]: ...
+
+    async def wait_for_room(self, images: NDArray[np.uint8], *, caller: Caller = None) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,4 +46,4 @@ class ServingModel:
 
     model: PreparedModel
     backend: Backend
-    batcher: Batcher
+    batcher: BatcherLike

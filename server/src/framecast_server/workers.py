@@ -43,12 +43,19 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from .settings import ServerSettings
+from .settings import FRAME_BYTES, ServerSettings
 
 if TYPE_CHECKING:
+    from .backends.base import Backend
     from .metrics.multiprocess import SupervisorMetrics
+    from .shared_inference import InferenceLink
+
+InferenceMode = Literal["per-worker", "shared", "auto"]
+INFERENCE_MODES: tuple[InferenceMode, ...] = ("per-worker", "shared", "auto")
+# A picklable factory (prepared ONNX path -> Backend), for benchmarks and tests.
+BackendFactory = Callable[[Path], "Backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +120,37 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reserved
 
 
-async def _run_worker(settings: ServerSettings, report: Connection) -> int:
+def resolve_inference(mode: InferenceMode, settings: ServerSettings) -> InferenceMode:
+    """``auto``: the shared inference process on TensorRT (one GPU fed from every front end),
+    per-worker backends on the CPU, where each worker's ONNX Runtime uses its share of the
+    cores and the hand-off would only add a hop (docs/scaling.md has the figures)."""
+    if mode != "auto":
+        return mode
+    if settings.backend == "tensorrt":
+        return "shared"
+    if settings.backend == "auto":
+        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+        return "shared" if tensorrt_unavailable_reason() is None else "per-worker"
+    return "per-worker"
+
+
+async def _run_worker(
+    settings: ServerSettings,
+    report: Connection,
+    inference: tuple[InferenceLink, int] | None = None,
+    factory: BackendFactory | None = None,
+) -> int:
     """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
     from .app import FramecastServer
 
-    server = FramecastServer(settings, reuse_port=True, shared_metrics=True)
+    server = FramecastServer(
+        settings,
+        reuse_port=True,
+        shared_metrics=True,
+        inference=inference,
+        backend_factory=factory,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -142,7 +175,14 @@ async def _run_worker(settings: ServerSettings, report: Connection) -> int:
     return 0
 
 
-def _worker_main(settings: ServerSettings, index: int, report: Connection, level: int) -> None:
+def _worker_main(
+    settings: ServerSettings,
+    index: int,
+    report: Connection,
+    level: int,
+    link: InferenceLink | None = None,
+    factory: BackendFactory | None = None,
+) -> None:
     """The entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     from .event_loop import run
 
@@ -153,7 +193,82 @@ def _worker_main(settings: ServerSettings, index: int, report: Connection, level
         level=level,
         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s",
     )
-    raise SystemExit(run(_run_worker(settings, report)))
+    inference = None if link is None else (link, index)
+    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory)))
+
+
+async def _run_inference(
+    settings: ServerSettings,
+    link: InferenceLink,
+    factory: BackendFactory | None,
+    report: Connection,
+) -> int:
+    """The inference process: load the backend, serve the front ends until SIGTERM."""
+    from .backends.factory import create_backend
+    from .batcher import BatcherSettings
+    from .model import prepare_model
+    from .shared_inference import InferenceService
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    prepared = await asyncio.to_thread(
+        prepare_model, settings.model, settings.cache_dir, allow_download=settings.allow_download
+    )
+    if factory is not None:
+        backend = await asyncio.to_thread(factory, prepared.onnx_path)
+    else:
+        backend = await asyncio.to_thread(
+            create_backend,
+            settings.backend,
+            prepared.onnx_path,
+            max_batch=settings.max_batch,
+            threads=settings.threads,
+            cache_dir=settings.cache_dir,
+            engine=settings.engine_settings(),
+        )
+    recorder = None
+    if settings.metrics_port is not None:
+        # Batch sizes and times are known only here: this process writes them to the
+        # supervisor's metrics directory like a worker.
+        from .metrics import Metrics
+
+        recorder = Metrics(max_batch=settings.max_batch, shared=True)
+    service = InferenceService(
+        link,
+        backend,
+        BatcherSettings(
+            max_batch=settings.max_batch,
+            max_delay_us=settings.max_delay_us,
+            max_queue=settings.max_queue,
+            memory_budget_bytes=settings.memory_budget_bytes,
+        ),
+        input_size=prepared.preset.input_size,
+        recorder=recorder,
+    )
+    await service.start()
+    report.send((_SERVING, os.getpid()))
+    logger.info("inference process serving %d front ends on %s", link.front_ends, backend.info.name)
+    await stop.wait()
+    await service.close()
+    backend.close()
+    return 0
+
+
+def _inference_main(
+    settings: ServerSettings,
+    link: InferenceLink,
+    factory: BackendFactory | None,
+    report: Connection,
+    level: int,
+) -> None:
+    """The entry point of the inference process of ``--inference shared``."""
+    from .event_loop import run
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s inference %(name)s: %(message)s"
+    )
+    raise SystemExit(run(_run_inference(settings, link, factory, report)))
 
 
 @dataclasses.dataclass(slots=True)
@@ -175,16 +290,25 @@ class Supervisor:
         *,
         port_file: Path | None = None,
         on_worker_exit: Callable[[int], None] | None = None,
+        inference: InferenceMode = "per-worker",
+        backend_factory: BackendFactory | None = None,
     ) -> None:
+        """``inference``: per-worker backends, or one shared inference process (``auto``
+        picks by backend, see :func:`resolve_inference`). ``backend_factory`` (picklable)
+        replaces ``settings.backend`` in whichever process runs the backend."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.settings = settings
         self.workers = workers
+        self.inference = resolve_inference(inference, settings)
+        self._factory = backend_factory
+        self._link: InferenceLink | None = None
+        # The inference process sits in the slot after the workers'.
         self._port_file = port_file
         self._on_worker_exit = on_worker_exit
         self._metrics: SupervisorMetrics | None = None
         self._context = multiprocessing.get_context("spawn")
-        self._slots: list[_Worker | None] = [None] * workers
+        self._slots: list[_Worker | None] = [None] * (workers + (self.inference == "shared"))
         self._restart_at: dict[int, float] = {}
         self._quick_exits = 0
         self._announced = False
@@ -219,8 +343,19 @@ class Supervisor:
             port,
             settings.threads,
         )
+        link_dir = None
         try:
-            for index in range(self.workers):
+            if self.inference == "shared":
+                import tempfile
+
+                from .shared_inference import create_link
+
+                link_dir = tempfile.TemporaryDirectory(prefix="framecast-inference-")
+                self._link = create_link(
+                    Path(link_dir.name), self.workers, settings.memory_budget_bytes, FRAME_BYTES
+                )
+                logger.info("one shared inference process for the %d workers", self.workers)
+            for index in range(len(self._slots)):
                 self._start(index, settings)
             code = self._watch(settings, port, wake_read, received)
             self._stop_all()
@@ -236,6 +371,13 @@ class Supervisor:
             wake_read.close()
             wake_write.close()
             reserved.close()
+            if self._link is not None:
+                from .shared_inference import unlink_link
+
+                unlink_link(self._link)
+                self._link = None
+            if link_dir is not None:
+                link_dir.cleanup()
             if metrics is not None:
                 metrics.close()
                 self._metrics = None
@@ -263,7 +405,8 @@ class Supervisor:
         live = {}
         for worker in list(self._slots):
             if worker is not None and worker.process.pid is not None:
-                live[f"worker-{worker.index}"] = int(worker.process.pid)
+                label = "inference" if self._is_inference(worker.index) else "worker"
+                live[f"{label}-{worker.index}"] = int(worker.process.pid)
         return live
 
     def _ended(self, pid: int) -> None:
@@ -272,17 +415,31 @@ class Supervisor:
         if self._on_worker_exit is not None:
             self._on_worker_exit(pid)
 
+    def _is_inference(self, index: int) -> bool:
+        return index == self.workers
+
+    def _name(self, index: int) -> str:
+        return "the inference process" if self._is_inference(index) else f"worker {index}"
+
     def _start(self, index: int, settings: ServerSettings) -> None:
         receive, send = self._context.Pipe(duplex=False)
-        process = self._context.Process(
-            target=_worker_main,
-            args=(settings, index, send, logging.getLogger().getEffectiveLevel()),
-            name=f"framecast-worker-{index}",
-        )
+        level = logging.getLogger().getEffectiveLevel()
+        if self._is_inference(index):
+            process = self._context.Process(
+                target=_inference_main,
+                args=(settings, self._link, self._factory, send, level),
+                name="framecast-inference",
+            )
+        else:
+            process = self._context.Process(
+                target=_worker_main,
+                args=(settings, index, send, level, self._link, self._factory),
+                name=f"framecast-worker-{index}",
+            )
         process.start()
         send.close()  # the worker holds the other end; EOF here when it dies
         self._slots[index] = _Worker(index, process, receive, time.monotonic())
-        logger.info("worker %d started (pid %d)", index, process.pid)
+        logger.info("%s started (pid %d)", self._name(index), process.pid)
 
     def _watch(
         self, settings: ServerSettings, port: int, wake: socket.socket, received: list[int]
@@ -372,7 +529,16 @@ class Supervisor:
     def _stop_all(self) -> None:
         """SIGTERM to every worker (each drains), then wait; kill any that outlive the grace."""
         self._restart_at.clear()
-        workers = [w for w in self._slots if w is not None]
+        everyone = [w for w in self._slots if w is not None]
+        front = [w for w in everyone if not self._is_inference(w.index)]
+        # Front ends drain first (what they admitted is answered by the inference process),
+        # then the inference process.
+        self._stop_group(front)
+        self._stop_group([w for w in everyone if self._is_inference(w.index)])
+        if everyone:
+            logger.info("all workers stopped")
+
+    def _stop_group(self, workers: list[_Worker]) -> None:
         for worker in workers:
             if worker.process.is_alive():
                 os.kill(worker.process.pid, signal.SIGTERM)
@@ -388,5 +554,3 @@ class Supervisor:
             worker.report.close()
             self._slots[worker.index] = None
             self._ended(worker.process.pid)
-        if workers:
-            logger.info("all workers stopped")

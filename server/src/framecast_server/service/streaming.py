@@ -25,8 +25,9 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from ..batcher import Batcher, BatcherClosedError, Caller, ItemResult, QueueFullError
+from ..batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
 from ..drain import CallGate
+from ..runtime import BatcherLike
 from .errors import set_status, status_for
 
 __all__ = ["STREAM_WINDOW", "Outcome", "Prepared", "Status", "admitted"]
@@ -49,7 +50,7 @@ async def admitted(
     requests: AsyncIterator[Request],
     prepare: Callable[[Request], Awaitable[Prepared[Tag]]],
     *,
-    batcher: Batcher,
+    batcher: BatcherLike,
     caller: Caller,
     gate: CallGate,
     context: grpc.aio.ServicerContext[Any, Any],

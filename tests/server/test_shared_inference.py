@@ -1,0 +1,147 @@
+"""`serve --workers 2 --inference shared`: two front ends, one inference process, one batcher.
+
+Real processes and signals: frames cross shared memory to the inference process and back; a
+killed inference process turns every front end NOT_SERVING, is restarted, and a lossless
+stream running through it loses no frame.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from framecast_client import Classification, Client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from numpy.typing import NDArray
+from support import INPUT_SIZE
+
+DEADLINE_S = 120.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def health(address: str) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+    except grpc.RpcError:
+        return None
+    return int(reply.status)
+
+
+def keyed(key: int) -> NDArray[np.uint8]:
+    """A uniform frame the null backend classifies as class ``key`` (it keeps its key through
+    the client's resize and crop)."""
+    return np.full((INPUT_SIZE, INPUT_SIZE, 3), key, dtype=np.uint8)
+
+
+def inference_pid(log: Path) -> int:
+    found = re.findall(r"the inference process started \(pid (\d+)\)", log.read_text())
+    return int(found[-1])
+
+
+@pytest.fixture
+def shared_host(
+    cache_dir: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    port_file = tmp_path / "port"
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--inference", "shared", "--port", "0", "--port-file", str(port_file),
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stderr=sink, env={**os.environ, "PYTHONWARNINGS": "error"}
+        )
+    try:
+        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
+        assert process.poll() is None, log.read_text()
+        yield process, f"127.0.0.1:{port_file.read_text().strip()}", log
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_front_ends_classify_and_stream_through_one_inference_process(
+    shared_host: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    process, address, log = shared_host
+    assert "one shared inference process for the 2 workers" in log.read_text()
+    assert health(address) == SERVING
+    # Several clients, so both front ends get connections; every answer is the frame's own.
+    for key in range(1, 9):
+        with Client(address, timeout=30) as client:
+            results = client.classify([keyed(key), keyed(key + 100)])
+            assert [r.top.index for r in results] == [key, key + 100]
+    with Client(address, timeout=30) as client:
+        frames = [keyed(k) for k in range(50)]
+        with client.stream(frames, mode="lossless") as session:
+            got = [r.outcome for r in session]
+    assert all(isinstance(o, Classification) for o in got)
+    assert [o.top.index for o in got if isinstance(o, Classification)] == list(range(50))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert "all workers stopped" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_inference_process_turns_health_not_serving_and_loses_no_stream_frame(
+    shared_host: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    _, address, log = shared_host
+    victim = inference_pid(log)
+    count = 400
+    outcomes: list[object] = []
+
+    def frames() -> Iterator[NDArray[np.uint8]]:
+        for i in range(count):
+            time.sleep(0.005)  # a camera, not a flood: the kill lands mid-stream
+            yield keyed(i % 256)
+
+    def stream() -> None:
+        with (
+            Client(address, timeout=60) as client,
+            client.stream(frames(), mode="lossless") as session,
+        ):
+            outcomes.extend(r.outcome for r in session)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    time.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
+    # Every front end says so while the inference process is gone (it takes seconds to load).
+    wait_for(lambda: health(address) == NOT_SERVING, "NOT_SERVING")
+    wait_for(lambda: f"(pid {victim}) was killed by SIGKILL" in log.read_text(), "the restart")
+    wait_for(lambda: health(address) == SERVING, "SERVING again")
+    assert inference_pid(log) != victim
+    streamer.join(DEADLINE_S)
+    assert not streamer.is_alive()
+    assert len(outcomes) == count
+    classified = [o.top.index for o in outcomes if isinstance(o, Classification)]
+    assert classified == [i % 256 for i in range(count)]
+    with Client(address, timeout=30) as client:
+        assert client.classify(keyed(42)).top.index == 42
