@@ -37,6 +37,7 @@ def test_the_backend_answers_like_the_null_backend_and_counts_device_time(tmp_pa
     assert list(rows.argmax(axis=1)) == [3, 1, 4, 1]
     totals = device.totals()
     assert (totals.batches, totals.images) == (1, 4)
+    assert totals.by_size == (0, 0, 1, 0, 0, 0, 0, 0)  # one batch in the 4-7 bucket
     assert totals.device_ns == 4_000_000  # 2 ms + 4 x 0.5 ms, as modelled
     assert totals.busy_ns >= 4_000_000  # measured: at least the modelled time
     assert backend.info.device == "SIMULATED H100"

@@ -52,7 +52,12 @@ DeviceMode = Literal["exclusive", "mps"]
 # Cited in the module docstring.
 H100_RESNET50_FP16_LAUNCH_US = 400.0
 H100_RESNET50_FP16_PER_IMAGE_US = 20.0
-_STATE_FIELDS = ("occupancy", "busy_since_ns", "busy_ns", "device_ns", "batches", "images")
+# Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., 128 and more.
+BATCH_BUCKETS = ("1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+")
+_STATE_FIELDS = (
+    "occupancy", "busy_since_ns", "busy_ns", "device_ns", "batches", "images",
+    *(f"batches_{b}" for b in BATCH_BUCKETS),
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class DeviceTotals:
     device_ns: int  # each batch's modelled latency, summed
     batches: int
     images: int
+    by_size: tuple[int, ...] = ()  # batches in each of BATCH_BUCKETS
 
 
 class SimulatedDevice:
@@ -180,6 +186,7 @@ class SimulatedDevice:
                 state[3] += held_ns
                 state[4] += 1
                 state[5] += n
+                state[6 + min(len(BATCH_BUCKETS) - 1, max(n, 1).bit_length() - 1)] += 1
         finally:
             fcntl.flock(self._state_fd, fcntl.LOCK_UN)
 
@@ -192,7 +199,8 @@ class SimulatedDevice:
                 busy = int(state[2])
                 if state[0] > 0:
                     busy += time.monotonic_ns() - int(state[1])
-                return DeviceTotals(busy, int(state[3]), int(state[4]), int(state[5]))
+                by_size = tuple(int(x) for x in state[6:])
+                return DeviceTotals(busy, int(state[3]), int(state[4]), int(state[5]), by_size)
             finally:
                 fcntl.flock(self._state_fd, fcntl.LOCK_UN)
 
@@ -261,6 +269,17 @@ class SimulatedBackend:
 
     def close(self) -> None:
         self._answers.close()
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedBackendFactory:
+    """A picklable ``(onnx path) -> backend`` for the processes of a benchmark's server."""
+
+    spec: str
+    max_batch: int
+
+    def __call__(self, _onnx_path: Path) -> SimulatedBackend:
+        return open_simulated_backend(self.spec, max_batch=self.max_batch)
 
 
 def open_simulated_backend(spec: str, *, max_batch: int) -> SimulatedBackend:
