@@ -164,6 +164,9 @@ class _Records(asyncio.Protocol):
         self._on_lost = on_lost
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        # Records sent in one event-loop iteration leave in one write: a system call and a
+        # wake-up of the other process per iteration, not per record.
+        self._outbox: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -189,8 +192,16 @@ class _Records(asyncio.Protocol):
         self._on_lost()
 
     def send(self, record: bytes) -> None:
+        if self.transport is None:
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(record)
+
+    def _flush(self) -> None:
+        records, self._outbox = self._outbox, []
         if self.transport is not None:
-            self.transport.write(record)
+            self.transport.write(b"".join(records))
 
 
 # --------------------------------------------------------------------------- inference side
