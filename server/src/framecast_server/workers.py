@@ -6,13 +6,16 @@ multiply that: each is a complete server (gRPC, batcher, its own backend) in its
 listening on the same port with SO_REUSEPORT, and the kernel spreads incoming connections over
 them. A connection stays with its worker, so a camera's stream is served in order by one.
 
-Why each worker has its own backend rather than front ends that hand frames to one inference
-process through shared memory: it is what scales on the CPU (each worker's ONNX Runtime gets
-its share of the cores) and on the GPU for models this small (ResNet-50's TensorRT engine is
-about 50 MB; N execution contexts share the GPU, whose work queues interleave their batches);
-it adds no hop, no second queue and no new failure mode, and a crash takes one worker's
-connections down, not the host's. Its cost is smaller batches per worker on a GPU under light
-load. README's "Deploying" section has the measurements and the arithmetic.
+Two designs (``--inference``): each worker with its own backend (per-worker), or the workers
+as front ends that hand their frames through shared memory to one inference process that owns
+the backend and batches across all of them (shared; shared_inference.py). Per-worker is what
+scales on the CPU (each worker's ONNX Runtime gets its share of the cores) and adds no hop;
+shared is what feeds a GPU, whose throughput needs batches in the tens to hundreds that N
+workers' own queues do not form, and whose CUDA contexts time-slice the device without MPS.
+``auto`` takes shared on TensorRT, per-worker on the CPU; docs/scaling.md has the figures.
+The inference process sits in the supervisor's slot after the workers': it starts first,
+is restarted like a worker when it dies (the front ends say NOT_SERVING meanwhile), and is
+stopped last, after the front ends have drained.
 
 The supervisor (this process) reserves the port, starts the workers, restarts a worker that
 dies (logged, with backoff, giving up when restarts keep failing), and on SIGTERM or SIGINT
