@@ -12,12 +12,14 @@ The hand-off:
   made by the supervisor, as large as the memory budget). A request's images are copied once
   into a run of free frame-sized units there (the copy the batcher would otherwise keep in
   memory anyway); the inference process submits a view of that run to its batcher, and a
-  GatheringBackend (TensorRT) gathers the batch straight from the region, which it may register
-  as pinned memory (backends/tensorrt: ``register_host_memory``), so there is no host copy per
-  batch. The results (``n x classes`` float32, smaller than the frames) are written back over
-  the request's own units; the front end copies them out and frees the units.
+  GatheringBackend (TensorRT) gathers the batch straight from the region into its pinned
+  input buffer: one host copy per batch, as with per-worker backends. (Registering the regions
+  themselves as pinned memory, so that the host-to-device copy reads them in place, is not
+  done.) The results (``n x classes`` float32) travel back on the socket, so a request's frames
+  stay as they were until it is answered, and can be sent again if the inference process dies.
 * **Control.** A Unix socket per front end carries small fixed records: hello, submit (request
-  id, offset, shape, deadline, caller), cancel; and back: ready, result, error. No pickling.
+  id, offset, shape, deadline, caller), cancel; and back: ready, result (timings and rows),
+  error. No pickling; the records of one event-loop iteration leave in one write.
 * **Limits.** Admission is decided in the front end, at once, as the servicers expect: against
   the inference process's queue and admitted bytes, which it publishes in a shared block after
   every change, with the batcher's own reserve rule for modest callers (counted per front
@@ -25,9 +27,9 @@ The hand-off:
   inference process for room (``Batcher.wait_for_room``) rather than being refused after it
   was admitted, so a stream never loses a frame to that race and the budget holds exactly.
 * **Failures.** A front end that dies: the inference process withdraws its queued requests and
-  drops its results; nothing else notices. The inference process dying: every front end fails
-  what it had in flight (UNAVAILABLE), turns NOT_SERVING (``on_state``), and reconnects when
-  the supervisor has restarted it.
+  drops its results; nothing else notices. The inference process dying: every front end
+  turns NOT_SERVING (``on_state``), keeps what it had in flight (and admits more, within the
+  limits), reconnects when the supervisor has restarted it and sends it all again.
 
 Nothing here imports grpc or prometheus: this is core, used by workers.py and app.py.
 """
