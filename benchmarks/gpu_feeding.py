@@ -1,7 +1,7 @@
 """Feeding one GPU from N front ends, SIMULATED: per-worker backends against one shared process.
 
 Usage: uv run python benchmarks/gpu_feeding.py [--counts 1,2,4,8] [--seconds 3] [--rounds 2]
-       [--slowdown 8] [--out FILE]
+       [--slowdown 40] [--standin torch] [--out FILE]
 
 No GPU runs here, so the device is the SIMULATED H100 of backends/simulated.py (ResNet-50
 FP16: 400 us per launch + 20 us per image, both cited there), one per host, exclusive as CUDA
@@ -18,6 +18,10 @@ batch and the batch-size distribution, device busy fraction, simulated device ti
 and p99 latency (client side). Then, with the null backend and no device at all, the server
 CPU per frame (all server processes, from /proc) of per-worker and shared at N = 2: the cost
 of the shared-memory hand-off. Every device figure is SIMULATED.
+
+``--standin torch`` (a GPU host without TensorRT, scripts/gpu_check.sh): the device is a real
+GPU running ResNet-50 FP16 through PyTorch (benchmarks/gpu_standin.py); designs per-worker and
+shared; the device figures are then MEASURED (labelled GPU_), and no MPS is simulated.
 """
 
 from __future__ import annotations
@@ -67,8 +71,12 @@ def _serve_main(args: argparse.Namespace) -> int:
         allow_download=False,
         grace_s=5.0,
     )
-    factory = None
-    if args.device:
+    factory: Any = None
+    if args.device.startswith("torch:"):
+        from gpu_standin import TorchStandInFactory
+
+        factory = TorchStandInFactory(MAX_BATCH, args.device.removeprefix("torch:"))
+    elif args.device:
         factory = SimulatedBackendFactory(args.device, MAX_BATCH)
     supervisor = Supervisor(
         settings,
@@ -161,7 +169,10 @@ def measure(
     device_dir = Path(tempfile.mkdtemp(dir=tmp))
     null = design.startswith("null")
     spec = ""
-    if not null:
+    if not null and args.standin == "torch":
+        spec = f"torch:{device_dir}"
+        SimulatedDevice(device_dir).close()  # the counters' files, before any server uses them
+    elif not null:
         mode = f"mode=mps,mps_limit={count}" if design.endswith("mps") else "mode=exclusive"
         spec = f"{device_dir},{mode},slowdown={args.slowdown}"
     inference = "shared" if design.endswith("shared") else "per-worker"
@@ -201,8 +212,10 @@ def measure(
         images = after.images - before.images
         row.update(
             {
-                "SIMULATED_device_busy": (after.busy_ns - before.busy_ns) / (args.seconds * 1e9),
-                "SIMULATED_device_us_per_frame": (after.device_ns - before.device_ns)
+                "figures": "SIMULATED" if args.standin is None else "MEASURED",
+                f"{args.prefix}device_busy": (after.busy_ns - before.busy_ns)
+                / (args.seconds * 1e9),
+                f"{args.prefix}device_us_per_frame": (after.device_ns - before.device_ns)
                 / max(images, 1)
                 / 1e3,
                 "mean_batch": images / max(batches, 1),
@@ -223,10 +236,11 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def summarize(rows: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], counts: list[int], prefix: str) -> dict[str, Any]:
     """Medians over the rounds, and the acceptance lines of issue #22 checked on them."""
     table: dict[str, dict[int, dict[str, float]]] = {}
-    keys = ("frames_per_s", "p99_ms", "SIMULATED_device_us_per_frame", "SIMULATED_device_busy",
+    device_time = f"{prefix}device_us_per_frame"
+    keys = ("frames_per_s", "p99_ms", device_time, f"{prefix}device_busy",
             "mean_batch", "server_cpu_us_per_frame")  # fmt: skip
     for design in {r["design"] for r in rows}:
         for count in counts:
@@ -243,9 +257,11 @@ def summarize(rows: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
             continue
         shared = table["shared"][count]
         for other in ("per-worker", "per-worker+mps"):
+            if other not in table:
+                continue
             theirs = table[other][count]
             checks[f"N={count} shared < {other} device time per frame"] = (
-                shared["SIMULATED_device_us_per_frame"] < theirs["SIMULATED_device_us_per_frame"]
+                shared[device_time] < theirs[device_time]
             )
             checks[f"N={count} shared > {other} frames/s, p99 no worse"] = (
                 shared["frames_per_s"] > theirs["frames_per_s"]
@@ -261,13 +277,21 @@ def summarize(rows: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
 
 
 def print_report(summary: dict[str, Any], args: argparse.Namespace) -> None:
-    print(
-        f"SIMULATED device: ResNet-50 FP16 on an H100 (400 us/launch + 20 us/image) x "
-        f"{args.slowdown} slower, exclusive unless +mps; {args.seconds:.0f} s per cell, "
-        f"{args.rounds} alternating rounds, medians"
-    )
-    header = ("design", "N", "frames/s", "p99 ms", "SIM dev us/frame", "SIM busy", "mean batch",
-              "server CPU us/frame")  # fmt: skip
+    if args.standin is None:
+        print(
+            f"SIMULATED device: ResNet-50 FP16 on an H100 (400 us/launch + 20 us/image) x "
+            f"{args.slowdown} slower, exclusive unless +mps; {args.seconds:g} s per cell, "
+            f"{args.rounds} alternating rounds, medians"
+        )
+        tag = "SIM"
+    else:
+        print(
+            f"MEASURED on this GPU: ResNet-50 FP16 through PyTorch (the stand-in); "
+            f"{args.seconds:g} s per cell, {args.rounds} alternating rounds, medians"
+        )
+        tag = "GPU"
+    header = ("design", "N", "frames/s", "p99 ms", f"{tag} dev us/frame", f"{tag} busy",
+              "mean batch", "server CPU us/frame")  # fmt: skip
     print(" | ".join(header))
     for design, by_count in sorted(summary["table"].items()):
         for count, cell in sorted(by_count.items()):
@@ -278,8 +302,8 @@ def print_report(summary: dict[str, Any], args: argparse.Namespace) -> None:
                         str(count),
                         f"{cell['frames_per_s']:.0f}",
                         f"{cell.get('p99_ms', 0):.1f}",
-                        f"{cell.get('SIMULATED_device_us_per_frame', float('nan')):.0f}",
-                        f"{cell.get('SIMULATED_device_busy', float('nan')):.2f}",
+                        f"{cell.get(args.prefix + 'device_us_per_frame', float('nan')):.0f}",
+                        f"{cell.get(args.prefix + 'device_busy', float('nan')):.2f}",
                         f"{cell.get('mean_batch', float('nan')):.1f}",
                         f"{cell['server_cpu_us_per_frame']:.0f}",
                     ]
@@ -295,7 +319,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement per cell")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--slowdown", type=float, default=8.0, help="device latency factor")
+    parser.add_argument("--slowdown", type=float, default=40.0, help="device latency factor")
+    parser.add_argument("--standin", choices=("torch",), help="a real GPU through PyTorch")
     parser.add_argument("--no-null", dest="null", action="store_false",
                         help="skip the hand-off CPU comparison with the null backend")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
@@ -309,6 +334,15 @@ def main() -> int:
     if args.serve_workers:
         return _serve_main(args)
     counts = [int(n) for n in args.counts.split(",")]
+    args.prefix = "SIMULATED_" if args.standin is None else "GPU_"
+    designs = DESIGNS if args.standin is None else ("per-worker", "shared")
+    if args.standin == "torch":
+        from gpu_standin import torch_unavailable_reason
+
+        reason = torch_unavailable_reason()
+        if reason is not None:
+            print(f"gpu_feeding: the torch stand-in cannot run: {reason}", file=sys.stderr)
+            return 1
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -318,7 +352,7 @@ def main() -> int:
             for round_index in range(args.rounds):
                 for count in counts:
                     # Alternate the order from round to round: drift hits every design alike.
-                    order = DESIGNS if round_index % 2 == 0 else DESIGNS[::-1]
+                    order = designs if round_index % 2 == 0 else designs[::-1]
                     for design in order:
                         rows.append(measure(design, count, args, cache, tmp, pool))
                         print(json.dumps(rows[-1]), file=sys.stderr)
@@ -326,7 +360,7 @@ def main() -> int:
                     for design in ("null-per-worker", "null-shared")[:: 1 - 2 * (round_index % 2)]:
                         rows.append(measure(design, 2, args, cache, tmp, pool))
                         print(json.dumps(rows[-1]), file=sys.stderr)
-    summary = summarize(rows, counts)
+    summary = summarize(rows, counts, args.prefix)
     print_report(summary, args)
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, **summary}, indent=2))

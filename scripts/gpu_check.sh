@@ -165,12 +165,21 @@ else
     note bench "needs TensorRT: $trt_reason"
 fi
 
-# --- GPU STAND-IN BENCHMARK: NOT BUILT YET (issue #22, item 3) -------------------------------
-# Here, beside the cuda suite, a future step runs the benchmark's GPU stand-in (ResNet-50 FP16
-# through PyTorch, a benchmark-only backend plugin) so that a GPU host without TensorRT still
-# measures front-end-to-GPU feeding: frames/s, batch sizes and GPU utilisation for both serving
-# designs. Until then the step is reported as not run and the verdict says feeding is unproven.
-note standin "not built yet (issue #22 item 3): front-end-to-GPU feeding was not measured"
+# --- GPU STAND-IN BENCHMARK (issue #22, item 3) ----------------------------------------------
+# Beside the cuda suite: the benchmark's GPU stand-in (ResNet-50 FP16 through PyTorch, a
+# benchmark-only backend, benchmarks/gpu_standin.py) measures front-end-to-GPU feeding for both
+# serving designs, per-worker and shared: frames/s, batch sizes, GPU busy fraction, p99. It
+# needs PyTorch with CUDA, not TensorRT; without PyTorch it is reported as not run.
+standin_reason=$("$py" -c 'import sys; sys.path.insert(0, "benchmarks")
+from gpu_standin import torch_unavailable_reason
+print(torch_unavailable_reason() or "")' 2>&1)
+if [[ -z "$standin_reason" ]]; then
+    step standin "$py" benchmarks/gpu_feeding.py --standin torch --counts 1,2,4,8,14 \
+        --seconds 5 --rounds 2 --no-null --cache-dir "$logs/../bench-cache" \
+        --out "$logs/gpu_feeding.json"
+else
+    note standin "needs PyTorch with CUDA: $standin_reason; front-end-to-GPU feeding not measured"
+fi
 # --- end of the stand-in's place --------------------------------------------------------------
 
 if [[ $failed -ne 0 ]]; then

@@ -3,6 +3,7 @@ no GPU is (the scripts' GPU part runs on GPU hosts)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -155,8 +156,26 @@ def test_gpu_check_verdict_is_partial_unless_the_tensorrt_suite_ran(
     assert lines[1].startswith(trt_claim)
     if status:
         assert trt_line in lines[1]
-    # Until the stand-in exists, no run claims to have measured feeding.
+    # Without the stand-in benchmark's results, no run claims to have measured feeding.
     assert lines[2].startswith("NOT proven: front-end-to-GPU feeding")
+
+
+def test_gpu_check_verdict_says_feeding_was_measured_only_with_both_designs(
+    tmp_path: Path,
+) -> None:
+    _junit(tmp_path / "cuda.xml", 6, 0)
+    _junit(tmp_path / "gpu.xml", 7, 7)
+    (tmp_path / "trt.log").write_text("TensorRT backend unavailable: not installed\n")
+    rows = [{"design": "per-worker", "front_ends": 2}]
+    (tmp_path / "gpu_feeding.json").write_text(json.dumps({"rows": rows}))
+    command = [sys.executable, "scripts/gpu_check_verdict.py", str(tmp_path)]
+    one = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert one.stdout.splitlines()[2].startswith("NOT proven: front-end-to-GPU feeding")
+    rows.append({"design": "shared", "front_ends": 2})
+    (tmp_path / "gpu_feeding.json").write_text(json.dumps({"rows": rows}))
+    both = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 4  # still partial: TensorRT did not run
+    assert both.stdout.splitlines()[2].startswith("measured:   front-end-to-GPU feeding")
 
 
 def test_gpu_check_verdict_without_logs_proves_nothing(tmp_path: Path) -> None:

@@ -190,6 +190,21 @@ class SimulatedDevice:
         finally:
             fcntl.flock(self._state_fd, fcntl.LOCK_UN)
 
+    def record(self, n: int, held_ns: int) -> None:
+        """Count a batch that ran elsewhere (a real GPU) for ``held_ns``: the counters only."""
+        state = self._state
+        with self._state_lock:
+            fcntl.flock(self._state_fd, fcntl.LOCK_EX)
+            try:
+                if state[0] == 0:
+                    state[2] += held_ns
+                state[3] += held_ns
+                state[4] += 1
+                state[5] += n
+                state[6 + min(len(BATCH_BUCKETS) - 1, max(n, 1).bit_length() - 1)] += 1
+            finally:
+                fcntl.flock(self._state_fd, fcntl.LOCK_UN)
+
     def totals(self) -> DeviceTotals:
         """The host-wide counters now (busy time includes a batch running now)."""
         state = self._state
