@@ -10,8 +10,8 @@ host's few cores, is the bottleneck (at 1x the 2-core VM cannot offer an H100 en
 
 Three designs get the same load, in one run, in alternating order within each round, at each
 front-end count N: ``per-worker`` (every worker its own backend on the shared exclusive
-device), ``per-worker+mps`` (the same under simulated MPS, up to N batches at once: launch
-latencies overlap, the arithmetic does not) and ``shared`` (N front ends, one inference
+device), ``per-worker+mps`` (the same under simulated MPS: batches of every process side by side,
+launch latencies overlapping, the arithmetic not) and ``shared`` (N front ends, one inference
 process, one batcher). The load: 2 bidi streams per front end with 8 frames in flight each
 (closed loop), the same pre-built frame request. Reported per design and N: frames/s, mean
 batch and the batch-size distribution, device busy fraction, simulated device time per frame
@@ -173,8 +173,10 @@ def measure(
         spec = f"torch:{device_dir}"
         SimulatedDevice(device_dir).close()  # the counters' files, before any server uses them
     elif not null:
-        mode = f"mode=mps,mps_limit={count}" if design.endswith("mps") else "mode=exclusive"
-        spec = f"{device_dir},{mode},slowdown={args.slowdown}"
+        # Two batches in flight per process (TensorRT's two streams), in every design.
+        limit = 2 * count
+        mode = f"mode=mps,mps_limit={limit}" if design.endswith("mps") else "mode=exclusive"
+        spec = f"{device_dir},{mode},slowdown={args.slowdown},depth=2"
     inference = "shared" if design.endswith("shared") else "per-worker"
     process, address = _start(count, inference, spec, cache, tmp)
     device = None if null else SimulatedDevice(device_dir)
@@ -252,18 +254,22 @@ def summarize(rows: list[dict[str, Any]], counts: list[int], prefix: str) -> dic
                     if any(r.get(k) is not None for r in mine)
                 }
     checks: dict[str, bool] = {}
+    notes: dict[str, bool] = {}
     for count in counts:
         if count < 2 or count not in table.get("shared", {}):
             continue
         shared = table["shared"][count]
+        # The acceptance lines are against per-worker on the exclusive device; MPS is shown
+        # beside them (notes), since no GPU host here is configured with it.
         for other in ("per-worker", "per-worker+mps"):
             if other not in table:
                 continue
             theirs = table[other][count]
-            checks[f"N={count} shared < {other} device time per frame"] = (
+            lines = checks if other == "per-worker" else notes
+            lines[f"N={count} shared < {other} device time per frame"] = (
                 shared[device_time] < theirs[device_time]
             )
-            checks[f"N={count} shared > {other} frames/s, p99 no worse"] = (
+            lines[f"N={count} shared > {other} frames/s, p99 no worse"] = (
                 shared["frames_per_s"] > theirs["frames_per_s"]
                 and shared["p99_ms"] <= theirs["p99_ms"]
             )
@@ -273,7 +279,7 @@ def summarize(rows: list[dict[str, Any]], counts: list[int], prefix: str) -> dic
             - table["null-per-worker"][2]["server_cpu_us_per_frame"]
         )
         checks[f"hand-off costs {extra:.1f} us of server CPU per frame (<= 25)"] = extra <= 25
-    return {"table": table, "checks": checks}
+    return {"table": table, "checks": checks, "notes": notes}
 
 
 def print_report(summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -311,6 +317,8 @@ def print_report(summary: dict[str, Any], args: argparse.Namespace) -> None:
             )
     for line, ok in summary["checks"].items():
         print(f"{'holds' if ok else 'FAILS'}: {line}")
+    for line, ok in summary["notes"].items():
+        print(f"(MPS, not an acceptance line) {'yes' if ok else 'no'}: {line}")
 
 
 def main() -> int:

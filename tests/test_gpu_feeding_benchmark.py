@@ -39,6 +39,7 @@ def test_gpu_feeding_measures_every_design_and_checks_the_acceptance_lines(
             assert 0 < row["SIMULATED_device_busy"] <= 1.05, row
             assert sum(row["batches_by_size"].values()) > 0, row
     # Every acceptance line is checked and reported, whichever way it came out.
-    assert len(results["checks"]) == 5
+    assert len(results["checks"]) == 3  # two against per-worker at N=2, the hand-off's CPU
+    assert len(results["notes"]) == 2  # against per-worker+mps
     assert "SIMULATED device" in done.stdout
     assert "hand-off costs" in done.stdout

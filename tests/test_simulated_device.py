@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,21 @@ def test_mps_runs_batches_of_several_processes_at_once_up_to_its_limit(tmp_path:
     totals = device.totals()
     assert totals.batches == 9
     assert totals.busy_ns < 9 * 40_000_000  # launches overlapped
+    device.close()
+
+
+def test_one_process_overlaps_its_own_batches_launches_as_streams_do(tmp_path: Path) -> None:
+    device = SimulatedDevice(tmp_path / "gpu")
+    model = DeviceModel(launch_us=100_000, per_image_us=0)
+    spans: list[tuple[float, float]] = []
+    threads = [
+        threading.Thread(target=lambda: spans.append(device.run(model, 1))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _most_at_once(spans) == 2
     device.close()
 
 

@@ -23,10 +23,12 @@ So batch 1 runs at 2,400 images/s, batch 32 at 30,800, batch 128 at 43,200: the 
 batches in the tens to hundreds, which is what the shared process is for.
 
 The device is one per host, named by a directory: every process that opens the same directory
-shares it. ``exclusive`` (CUDA contexts without MPS time-slice the GPU): one batch at a time
-host-wide, a file lock held for the batch's latency. ``mps`` (NVIDIA MPS): up to
-``mps_limit`` batches at once; their fixed launch costs overlap, their per-image work does
-not (the SMs are shared), so MPS hides launch latency but adds no arithmetic. The device keeps
+shares it. A batch's launch part overlaps other batches running beside it; its per-image
+part takes the SMs, one batch at a time host-wide: concurrency hides launch latency but adds
+no arithmetic. ``exclusive`` (CUDA contexts without MPS time-slice the GPU): one process at a
+time holds the device (a file lock), and only its own batches (its streams) run side by side;
+after a time slice (2 ms x slowdown) it lets them finish and queues again. ``mps`` (NVIDIA
+MPS): up to ``mps_limit`` batches of any processes side by side. The device keeps
 host-wide counters in a small shared file: busy time (some batch on it), device time (each
 batch's latency, summed), batches and images.
 """
@@ -54,6 +56,9 @@ H100_RESNET50_FP16_LAUNCH_US = 400.0
 H100_RESNET50_FP16_PER_IMAGE_US = 20.0
 # Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., 128 and more.
 BATCH_BUCKETS = ("1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128+")
+# How long one process's context keeps the device while others may wait (CUDA time-slices
+# contexts at about this grain); scaled with the model's slowdown.
+_TIMESLICE_S = 0.002
 _STATE_FIELDS = (
     "occupancy", "busy_since_ns", "busy_ns", "device_ns", "batches", "images",
     *(f"batches_{b}" for b in BATCH_BUCKETS),
@@ -114,6 +119,11 @@ class SimulatedDevice:
         self._slot_locks = [threading.Lock() for _ in range(self.slots)]
         self._compute_lock = threading.Lock()
         self._state_lock = threading.Lock()
+        # Exclusive mode: this process's batches running, and since when it holds the device.
+        self._context = threading.Condition()
+        self._holders = 0
+        self._held_since = 0.0
+        self._draining = False
         size = 8 * len(_STATE_FIELDS)
         if os.fstat(self._state_fd).st_size < size:
             os.ftruncate(self._state_fd, size)
@@ -126,29 +136,63 @@ class SimulatedDevice:
     def run(self, model: DeviceModel, n: int) -> tuple[float, float]:
         """Hold the device as a batch of ``n`` images would; returns when it held it, as
         ``time.monotonic()`` start and end."""
+        if self.mode == "exclusive":
+            self._enter_context(model)
+            try:
+                return self._compute(model, n)
+            finally:
+                self._leave_context()
         index = self._take_slot()
         try:
-            self._account(entering=True)
-            started = time.monotonic()
-            if self.mode == "exclusive":
-                _sleep(model.latency_s(n))
-            else:
-                # Launch latencies overlap under MPS; the arithmetic shares the SMs.
-                _sleep(model.launch_s())
-                with self._compute_lock:
-                    fcntl.flock(self._compute_fd, fcntl.LOCK_EX)
-                    try:
-                        _sleep(model.latency_s(n) - model.launch_s())
-                    finally:
-                        fcntl.flock(self._compute_fd, fcntl.LOCK_UN)
-            ended = time.monotonic()
-            # Device time is the model's latency, not the sleep's (which the host's scheduler
-            # stretches): the figure compared between designs must not carry that noise.
-            self._account(entering=False, held_ns=round(model.latency_s(n) * 1e9), n=n)
-            return started, ended
+            return self._compute(model, n)
         finally:
             fcntl.flock(self._slot_fds[index], fcntl.LOCK_UN)
             self._slot_locks[index].release()
+
+    def _compute(self, model: DeviceModel, n: int) -> tuple[float, float]:
+        """A batch on the device: its launch overlaps the other batches running (streams of
+        one context, or MPS); its arithmetic takes the SMs, one batch at a time."""
+        self._account(entering=True)
+        started = time.monotonic()
+        _sleep(model.launch_s())
+        with self._compute_lock:
+            fcntl.flock(self._compute_fd, fcntl.LOCK_EX)
+            try:
+                _sleep(model.latency_s(n) - model.launch_s())
+            finally:
+                fcntl.flock(self._compute_fd, fcntl.LOCK_UN)
+        ended = time.monotonic()
+        # Device time is the model's latency, not the sleep's (which the host's scheduler
+        # stretches): the figure compared between designs must not carry that noise.
+        self._account(entering=False, held_ns=round(model.latency_s(n) * 1e9), n=n)
+        return started, ended
+
+    def _enter_context(self, model: DeviceModel) -> None:
+        """Exclusive mode: this process's context gets the device (a host-wide file lock held
+        while any of its batches runs), so its own batches overlap, other processes' do not.
+        After a time slice it lets its batches finish and queues again, as the GPU's
+        time-slicing between contexts does, so no process starves the others."""
+        timeslice = _TIMESLICE_S * model.slowdown
+        with self._context:
+            while self._draining or (
+                self._holders and time.monotonic() - self._held_since > timeslice
+            ):
+                self._draining = self._holders > 0
+                if not self._draining:
+                    break
+                self._context.wait()
+            if self._holders == 0:
+                fcntl.flock(self._slot_fds[0], fcntl.LOCK_EX)
+                self._held_since = time.monotonic()
+            self._holders += 1
+
+    def _leave_context(self) -> None:
+        with self._context:
+            self._holders -= 1
+            if self._holders == 0:
+                fcntl.flock(self._slot_fds[0], fcntl.LOCK_UN)
+                self._draining = False
+                self._context.notify_all()
 
     def _take_slot(self) -> int:
         """Take a free batch slot (thread lock, then file lock); returns its index."""
