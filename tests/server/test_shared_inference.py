@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 from framecast_client import Classification, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
+from prometheus_client.parser import text_string_to_metric_families
 from support import INPUT_SIZE
 
 DEADLINE_S = 120.0
@@ -49,6 +51,16 @@ def health(address: str) -> int | None:
     return int(reply.status)
 
 
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def keyed(key: int) -> NDArray[np.uint8]:
     """A uniform frame the null backend classifies as class ``key`` (it keeps its key through
     the client's resize and crop)."""
@@ -60,9 +72,9 @@ def inference_pid(log: Path) -> int:
     return int(found[-1])
 
 
-@pytest.fixture
+@pytest.fixture(params=[False, True], ids=["plain", "metrics"])
 def shared_host(
-    cache_dir: Path, tmp_path: Path
+    request: pytest.FixtureRequest, cache_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     port_file = tmp_path / "port"
     log = tmp_path / "serve.log"
@@ -71,10 +83,11 @@ def shared_host(
         "--inference", "shared", "--port", "0", "--port-file", str(port_file),
         "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
     ]  # fmt: skip
+    if request.param:
+        command += ["--metrics-port", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with log.open("wb") as sink:
-        process = subprocess.Popen(
-            command, stderr=sink, env={**os.environ, "PYTHONWARNINGS": "error"}
-        )
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
     try:
         wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
         assert process.poll() is None, log.read_text()
@@ -103,6 +116,25 @@ def test_front_ends_classify_and_stream_through_one_inference_process(
             got = [r.outcome for r in session]
     assert all(isinstance(o, Classification) for o in got)
     assert [o.top.index for o in got if isinstance(o, Classification)] == list(range(50))
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+    assert bool(found) == ("[metrics]" in os.environ.get("PYTEST_CURRENT_TEST", ""))
+    if found:
+        # One /metrics for the host: the front ends count calls and frames, the inference
+        # process the batches: every frame, its own warm-up image and each front end's (a
+        # front end checks the hand-off with one image before it says SERVING).
+        samples = scrape(int(found[1]))
+        frames_ok = sum(
+            v for (name, labels), v in samples.items()
+            if name == "framecast_frames_total" and ("code", "OK") in labels
+        )  # fmt: skip
+        assert frames_ok == 8 * 2 + 50
+        assert samples[("framecast_batch_size_sum", frozenset())] == 8 * 2 + 50 + 1 + 2
+        processes = {
+            dict(labels).get("process")
+            for (name, labels) in samples
+            if name == "process_cpu_seconds_total"
+        }
+        assert processes == {"supervisor", "worker-0", "worker-1", "inference-2"}
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert "all workers stopped" in log.read_text()
