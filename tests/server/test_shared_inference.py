@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from framecast_client import Classification, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
@@ -116,6 +117,16 @@ def test_front_ends_classify_and_stream_through_one_inference_process(
             got = [r.outcome for r in session]
     assert all(isinstance(o, Classification) for o in got)
     assert [o.top.index for o in got if isinstance(o, Classification)] == list(range(50))
+    # The Open Inference Protocol endpoint, through Triton's own client, rides the same hand-off.
+    with triton.InferenceServerClient(address) as oip:
+        assert oip.is_model_ready("resnet50")
+        batch = np.stack([keyed(5), keyed(6), keyed(7)])
+        tensor = triton.InferInput("images", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        result = oip.infer(
+            "resnet50", [tensor], outputs=[triton.InferRequestedOutput("probabilities")]
+        )
+        assert result.as_numpy("probabilities").argmax(axis=1).tolist() == [5, 6, 7]
     found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
     assert bool(found) == ("[metrics]" in os.environ.get("PYTEST_CURRENT_TEST", ""))
     if found:
@@ -127,8 +138,8 @@ def test_front_ends_classify_and_stream_through_one_inference_process(
             v for (name, labels), v in samples.items()
             if name == "framecast_frames_total" and ("code", "OK") in labels
         )  # fmt: skip
-        assert frames_ok == 8 * 2 + 50
-        assert samples[("framecast_batch_size_sum", frozenset())] == 8 * 2 + 50 + 1 + 2
+        assert frames_ok == 8 * 2 + 50 + 3
+        assert samples[("framecast_batch_size_sum", frozenset())] == 8 * 2 + 50 + 3 + 1 + 2
         processes = {
             dict(labels).get("process")
             for (name, labels) in samples
