@@ -188,3 +188,20 @@ def test_a_killed_inference_process_turns_health_not_serving_and_loses_no_stream
     assert classified == [i % 256 for i in range(count)]
     with Client(address, timeout=30) as client:
         assert client.classify(keyed(42)).top.index == 42
+
+
+@pytest.mark.slow
+def test_a_killed_front_end_is_restarted_and_the_inference_process_keeps_serving(
+    shared_host: tuple[subprocess.Popen[bytes], str, Path],
+) -> None:
+    _, address, log = shared_host
+    inference = inference_pid(log)
+    front = int(re.findall(r"worker 0 started \(pid (\d+)\)", log.read_text())[-1])
+    os.kill(front, signal.SIGKILL)
+    wait_for(lambda: f"(pid {front}) was killed by SIGKILL" in log.read_text(), "the restart")
+    wait_for(lambda: log.read_text().count("worker 0 serving") >= 2, "the new front end")
+    assert inference_pid(log) == inference  # untouched
+    assert Path(f"/proc/{inference}").exists()
+    for key in range(8):  # new connections, whichever front end they reach
+        with Client(address, timeout=30) as client:
+            assert client.classify(keyed(key)).top.index == key
