@@ -39,7 +39,7 @@ from .wiring import Wiring
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "ModelLoadError", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
@@ -50,6 +50,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
+
+
+class ModelLoadError(Exception):
+    """serve() could not load the model after the server started listening."""
 
 
 class FramecastServer:
@@ -292,6 +296,8 @@ def _write_port_file(path: Path, port: int) -> None:
 async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit code.
 
+    Raises ModelLoadError when the model cannot be loaded (the server stops first).
+
     port_file, when given, receives the bound port once the server listens (for --port 0).
     """
     server = FramecastServer(settings)
@@ -313,8 +319,8 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     if load.done() and load.exception() is not None:
         stopping.cancel()
         await server.stop(0)
-        logger.error("could not load the model: %s", load.exception())
-        return 1
+        # The command prints it as its last line (one sentence, no traceback).
+        raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())
     await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
     if not stopping.done():

@@ -288,11 +288,15 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def _model_errors() -> tuple[type[BaseException], ...]:
-    """What preparing a model raises for a file that is not a model, or missing weights."""
+    """What preparing a model raises for a file that is not a model, or missing weights.
+
+    Also serve's ModelLoadError: the model failed to load after the server started listening.
+    """
+    from .app import ModelLoadError
     from .model.download import WeightsUnavailableError
     from .model.weights import WeightsError
 
-    return (ValueError, OSError, WeightsError, WeightsUnavailableError)
+    return (ValueError, OSError, WeightsError, WeightsUnavailableError, ModelLoadError)
 
 
 def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -338,7 +342,26 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
         check_files(settings)  # the TLS and token files, read once before anything starts
     except (PlaintextRefusedError, SecurityFlagError, TLSFilesError, TokenFileError) as exc:
         raise CommandError(str(exc), status=2) from None
+    _check_model_and_backend(settings)
     return settings
+
+
+def _check_model_and_backend(settings: ServerSettings) -> None:
+    """Refuse, before the server listens, a model file or backend that cannot work.
+
+    Otherwise the server binds, logs its progress and only then fails: a user sees several
+    lines with the reason last. What is cheap to know is checked here; the rest (a build
+    that fails) is still reported by serve as its last line.
+    """
+    from .model.prepare import check_source
+
+    check_source(settings.model)  # a user's mistake: _run prints it as one line
+    if settings.backend == "tensorrt":
+        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            raise CommandError(reason)
 
 
 def _serve(args: argparse.Namespace) -> int:
