@@ -7,11 +7,12 @@ imports only the standard library at load time so `framecast --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -403,9 +404,25 @@ def demo_images() -> list[tuple[str, bytes]]:
     return made
 
 
+@contextlib.contextmanager
+def _without_the_sdks_copy_of_the_warning() -> Iterator[None]:
+    """The demo's server logs the random-weights warning as it starts; its client must not
+    log it a second time in the same terminal (the SDK logs it once per client)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "RANDOM WEIGHTS" not in record.getMessage()
+
+    sdk = logging.getLogger("framecast_client.client")
+    sdk.addFilter(keep)
+    try:
+        yield
+    finally:
+        sdk.removeFilter(keep)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
-    from framecast_client.cli import format_predictions, print_warning
+    from framecast_client.cli import format_predictions
 
     from .background import BackgroundServer
 
@@ -414,7 +431,11 @@ def _demo(args: argparse.Namespace) -> int:
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
     )
-    with BackgroundServer(settings) as server, Client(server.address) as client:
+    with (
+        BackgroundServer(settings) as server,
+        _without_the_sdks_copy_of_the_warning(),
+        Client(server.address) as client,
+    ):
         info = client.model_info()
         print(
             f"Serving {info.name} ({info.version}) on {info.backend} {info.precision} "
@@ -425,7 +446,6 @@ def _demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             result = client.classify(image, top_k=args.top_k)
             rows.append((name, result, (time.perf_counter() - started) * 1000.0))
-        print_warning(info)
         print(format_predictions(rows, info))
         latencies = sorted(latency for _, _, latency in rows)
         print(
