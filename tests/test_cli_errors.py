@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from framecast_client.cli import main
+from support import not_a_classifier
 
 USAGE, RUNTIME = 2, 1
 
@@ -225,15 +225,7 @@ def test_serve_reports_a_model_failing_its_build_last_without_false_alarms(
 ) -> None:
     # A real ONNX graph that is not an image classifier passes the check before listening and
     # fails while the server loads it: progress lines, then the reason as the last line.
-    node = onnx.helper.make_node("Relu", ["x"], ["y"])
-    graph = onnx.helper.make_graph(
-        [node],
-        "not-a-classifier",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
-    )
-    path = tmp_path / "relu.onnx"
-    onnx.save(onnx.helper.make_model(graph), str(path))
+    path = not_a_classifier(tmp_path / "relu.onnx")
     done = serve_in_a_process(tmp_path, "--onnx", str(path))
     assert done.returncode == RUNTIME
     assert "Traceback" not in done.stderr
