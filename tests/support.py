@@ -63,17 +63,17 @@ def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
 def running_server(
     cache_dir: Path,
     *,
-    backend: Backend | None = None,
+    backend_instance: Backend | None = None,
     load: bool = True,
     **overrides: Any,
 ) -> Iterator[BackgroundServer]:
-    """A real server on a free loopback port, stopped on exit: the null backend unless given.
+    """A real server on a free loopback port, stopped on exit: the null backend by default.
 
-    ``backend`` replaces the one the settings name (a held or failing backend of a test);
-    ``overrides`` are ServerSettings fields (TLS, tokens, limits, metrics_port=0).
+    ``backend_instance`` replaces the backend the settings name (a test's held or failing
+    one); ``overrides`` are ServerSettings fields (backend, TLS, tokens, limits, metrics_port).
     """
     overrides.setdefault("backend", "null")
-    factory = None if backend is None else (lambda _path: backend)
+    factory = None if backend_instance is None else (lambda _path: backend_instance)
     with BackgroundServer(
         make_settings(cache_dir, **overrides), backend_factory=factory, load=load
     ) as server:

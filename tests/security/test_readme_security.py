@@ -15,11 +15,10 @@ import grpc
 import pytest
 from certs import Certificates
 from framecast_client.cli import main
-from framecast_server.background import BackgroundServer
 from framecast_server.settings import ServerTLS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from support import make_settings
+from support import running_server
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -62,14 +61,13 @@ def test_the_tls_example_runs_with_mutual_tls_and_a_token(
     tls = ServerTLS(
         cert=certificates.server.cert, key=certificates.server.key, client_ca=certificates.ca.cert
     )
-    settings = make_settings(cache_dir, backend="null", tls=tls, auth_tokens=tokens)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ca.pem").write_bytes(certificates.ca.cert.read_bytes())
     (tmp_path / "camera.pem").write_bytes(certificates.camera.cert.read_bytes())
     (tmp_path / "camera.key").write_bytes(certificates.camera.key.read_bytes())
     Image.new("RGB", (640, 480), (120, 120, 110)).save("elephant.jpg")
     monkeypatch.setenv("FRAMECAST_TOKEN", "readme-token")
-    with BackgroundServer(settings) as server:
+    with running_server(cache_dir, tls=tls, auth_tokens=tokens) as server:
         exec(compile(code.replace("framecast.example:50051", server.address), "README", "exec"))
     assert capsys.readouterr().out.strip()
 
@@ -141,7 +139,7 @@ def test_the_metrics_scrape_and_every_documented_metric_exists(cache_dir: Path) 
     assert serve[:2] == ["serve", "--metrics-port"]
     (curl,) = [line for line in blocks(METRICS, "console")[0].splitlines() if "curl" in line]
     wanted = curl.split("grep ")[1].strip().lstrip("^")
-    with BackgroundServer(make_settings(cache_dir, backend="null", metrics_port=0)) as server:
+    with running_server(cache_dir, metrics_port=0) as server:
         from framecast_client import Client
         from support import random_frames
 
