@@ -48,6 +48,8 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Logged once every call has left during a drain, just before the port closes.
+ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
 
@@ -274,6 +276,9 @@ class FramecastServer:
         else:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
+            # A call arriving from now on is never received (a slow client's next call):
+            # benchmarks/overload_soak.py tells those from cut calls by this line.
+            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
             await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
         if self._serving is not None:
             await self._serving.batcher.close()
