@@ -170,7 +170,7 @@ def framecast(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("command", ["classify", "info", "demo"])
+@pytest.mark.parametrize("command", ["classify", "info", "demo", "bench", "bench oip"])
 def test_each_command_warns_about_random_weights_once(
     command: str, onnx_server: BackgroundServer, photo: Path, cache_dir: Path
 ) -> None:
@@ -178,6 +178,10 @@ def test_each_command_warns_about_random_weights_once(
         done = framecast("demo", str(photo), "--offline", "--cache-dir", str(cache_dir))
     elif command == "classify":
         done = framecast("classify", str(photo), "--address", onnx_server.address)
+    elif command.startswith("bench"):
+        protocol = "oip" if command.endswith("oip") else "framecast"
+        short = ["--concurrency", "1", "--warmup", "0", "--window", "0.3", "--max-windows", "1"]
+        done = framecast("bench", onnx_server.address, "--protocol", protocol, *short)
     else:
         done = framecast("info", "--address", onnx_server.address)
     assert done.returncode == 0, done.stderr
