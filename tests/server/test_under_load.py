@@ -28,7 +28,7 @@ CLEAN_STREAM_ENDS = (
 def run(script: str, *args: str, out: Path) -> dict[str, object]:
     command = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     results: dict[str, object] = json.loads(out.read_text())
     return results
 
@@ -64,11 +64,12 @@ def test_the_fairness_benchmark_runs_and_the_polite_client_is_never_refused(
         "fairness.py", "--seconds", "1", "--rounds", "1", "--in-flight", "50",
         "--cache-dir", str(cache_dir), out=tmp_path / "fairness.json",
     )  # fmt: skip
-    assert results["polite_resource_exhausted"] == 0
+    seen = json.dumps(results)  # a failure shows everything the run saw
+    assert results["polite_resource_exhausted"] == 0, seen
     answers, rounds = results["polite_flooded_answers"], results["rounds"]
-    assert isinstance(answers, int)
-    assert answers > 0
-    assert isinstance(rounds, list)
-    assert len(rounds) == 1
-    assert rounds[0]["greedy_codes"].get("OK", 0) > 0
-    assert isinstance(results["p99_ratio"], float)
+    assert isinstance(answers, int), seen
+    assert answers > 0, seen
+    assert isinstance(rounds, list), seen
+    assert len(rounds) == 1, seen
+    assert rounds[0]["greedy_codes"].get("OK", 0) > 0, seen
+    assert isinstance(results["p99_ratio"], float), seen
