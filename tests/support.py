@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from framecast_server.backends.base import BackendError, BackendInfo
+import pytest
+from framecast_server.backends.base import Backend, BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
+from framecast_server.background import BackgroundServer
 from framecast_server.settings import ServerSettings
 from numpy.typing import NDArray
 
 INPUT_SIZE = 224
 HOLD_TIMEOUT_S = 60.0  # how long a held backend waits for its test to release it
+# How long a test waits for something that takes milliseconds when the machine is idle: long
+# enough for a loaded 2-core CI runner, and a real hang still fails.
+WAIT_S = 30.0
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    *,
+    timeout_s: float = WAIT_S,
+    seen: Callable[[], object] | None = None,
+    interval_s: float = 0.01,
+) -> None:
+    """Poll ``condition`` until it is true; fail saying what was awaited, and ``seen()`` then.
+
+    The one wait-until of the tests: a test states the condition it needs, never a sleep.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            saw = f"; saw {seen()}" if seen is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{saw}")
+        time.sleep(interval_s)
 
 
 def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
@@ -29,6 +57,49 @@ def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
     }
     values.update(overrides)
     return ServerSettings(**values)
+
+
+@contextlib.contextmanager
+def running_server(
+    cache_dir: Path,
+    *,
+    backend_instance: Backend | None = None,
+    load: bool = True,
+    **overrides: Any,
+) -> Iterator[BackgroundServer]:
+    """A real server on a free loopback port, stopped on exit: the null backend by default.
+
+    ``backend_instance`` replaces the backend the settings name (a test's held or failing
+    one); ``overrides`` are ServerSettings fields (backend, TLS, tokens, limits, metrics_port).
+    """
+    overrides.setdefault("backend", "null")
+    factory = None if backend_instance is None else (lambda _path: backend_instance)
+    with BackgroundServer(
+        make_settings(cache_dir, **overrides), backend_factory=factory, load=load
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def start_server(cache_dir: Path) -> Iterator[Callable[..., BackgroundServer]]:
+    """Start servers as :func:`running_server` does; each is stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(running_server(cache_dir, **kwargs))
+
+
+def not_a_classifier(path: Path) -> Path:
+    """Write a valid ONNX graph that is not an image classifier: it fails when served."""
+    import onnx
+
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "not-a-classifier",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    return path
 
 
 def random_frames(count: int, *, seed: int = 0, size: int = INPUT_SIZE) -> NDArray[np.uint8]:

@@ -60,3 +60,34 @@ def test_plot_stays_readable(report_factory: Callable[..., BenchReport]) -> None
         assert not any("^" in label or "$" in label for label in labels)
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    ("scale", "concurrencies"),
+    [(1.0, (1, 2, 4)), (10.0, (2, 3)), (1.0, (1, 16, 256)), (25.0, (1, 1))],
+    ids=["within a decade", "narrow", "three decades", "one value"],
+)
+def test_log_axis_labels_enough_values_to_read_a_point(
+    scale: float, concurrencies: tuple[int, ...], report_factory: Callable[..., BenchReport]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from framecast_client.bench.plot import _pyplot, draw_latency_vs_throughput
+
+    steps = report_factory(scale=scale, concurrencies=concurrencies).steps
+    plt = _pyplot()
+    fig = draw_latency_vs_throughput(plt, steps, "t")
+    try:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        low, high = ax.get_ylim()
+        shown = [
+            (tick.get_loc(), tick.label1.get_text())
+            for tick in ax.yaxis.get_major_ticks()
+            if low <= tick.get_loc() <= high and tick.label1.get_visible()
+        ]
+        values = [float(text) for _, text in shown]  # plain numbers, each one readable
+        assert len(values) >= 3, (low, high, shown)
+        assert values == sorted(values)
+        assert all(abs(v - loc) <= 1e-9 * loc for v, (loc, _) in zip(values, shown, strict=True))
+    finally:
+        plt.close(fig)

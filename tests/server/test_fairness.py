@@ -9,8 +9,6 @@ waits on its own side and never reaches the batcher.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,17 +17,10 @@ import numpy as np
 from framecast_client import Client, ResourceExhaustedError, wire
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import GatedBackend, RawClassifier, make_settings, random_frames
+from support import GatedBackend, RawClassifier, make_settings, random_frames, wait_until
 
 WAIT_S = 30.0
 POLITE_KEY = 200
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def keyed(key: int) -> NDArray[np.uint8]:

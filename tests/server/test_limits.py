@@ -18,16 +18,9 @@ from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
-from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+from support import HoldableNullBackend, RawClassifier, make_settings, random_frames, wait_until
 
 WAIT_S = 30.0
-
-
-def wait_until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir: Path) -> None:

@@ -51,29 +51,18 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)
 
 
-def format_warning(info: ModelInfo) -> str:
-    """The banner every command that shows labels prints when the weights are not pretrained."""
-    return f"WARNING: {info.warning}" if info.warning else ""
-
-
-def print_warning(info: ModelInfo) -> None:
-    """Print the random-weights banner to stderr, where it cannot spoil parsed output."""
-    if info.warning:
-        print(format_warning(info), file=sys.stderr)
-
-
 def format_predictions(
     rows: Sequence[tuple[str, Classification, float | None]], info: ModelInfo
 ) -> str:
-    """A table of image, label and probability (the top-k of each), plus latency when given.
+    """A table of image, label and probability (the top-k of each), plus ms per image.
 
-    The random-weights warning is not part of it (stdout stays a table to parse): print it
-    with :func:`print_warning`.
+    The random-weights warning is not part of it (stdout stays a table to parse): the SDK logs
+    it to stderr, once per client.
     """
     name_width = max([5, *(len(name) for name, _, _ in rows)])
     label_width = max([5, *(len(p.label) for _, c, _ in rows for p in c.predictions)])
     lines = []
-    lines.append(f"{'image':<{name_width}}  {'label':<{label_width}}  probability  latency")
+    lines.append(f"{'image':<{name_width}}  {'label':<{label_width}}  probability  ms/image")
     for name, result, latency_ms in rows:
         for rank, p in enumerate(result.predictions):
             shown = name if rank == 0 else ""
@@ -127,12 +116,15 @@ def _classify(args: argparse.Namespace) -> int:
     ) as client:
         info = client.model_info()
         prepared: list[tuple[int, NDArray[np.uint8]]] = []
+        preprocess_ms: dict[int, float] = {}
         for position, item in enumerate(items):
             if isinstance(item, Path):
+                started = time.perf_counter()
                 try:
                     prepared.append((position, client.preprocess(item)))
                 except InvalidImageError as exc:
                     outcomes[position] = _Failure(str(item), str(exc))
+                preprocess_ms[position] = (time.perf_counter() - started) * 1000.0
         # Up to the server's max batch per request: one round trip for many images.
         step = max(1, info.max_batch)
         for start in range(0, len(prepared), step):
@@ -148,12 +140,14 @@ def _classify(args: argparse.Namespace) -> int:
                 for position, _ in chunk:
                     outcomes[position] = _Failure(str(items[position]), str(exc))
                 continue
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            # An image's time: its own decoding and resizing, plus its share of the request
+            # that carried it with the others of its batch.
+            share_ms = (time.perf_counter() - started) * 1000.0 / len(chunk)
             for (position, _), result in zip(chunk, results, strict=True):
+                latency_ms = preprocess_ms[position] + share_ms
                 outcomes[position] = (str(items[position]), result, latency_ms)
     rows = [o for o in outcomes if isinstance(o, tuple)]
     failures = [o for o in outcomes if isinstance(o, _Failure)]
-    print_warning(info)
     if rows:
         print(format_predictions(rows, info))
     for failure in failures:
@@ -193,7 +187,6 @@ def format_model_info(info: ModelInfo, address: str) -> str:
 def _info(args: argparse.Namespace) -> int:
     with Client(args.address, timeout=args.timeout, **client_security(args)) as client:
         info = client.model_info()
-    print_warning(info)
     print(format_model_info(info, args.address))
     return 0
 

@@ -39,7 +39,7 @@ from .wiring import Wiring
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "ModelLoadError", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
@@ -48,8 +48,14 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Logged once every call has left during a drain, just before the port closes.
+ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
+
+
+class ModelLoadError(Exception):
+    """serve() could not load the model after the server started listening."""
 
 
 class FramecastServer:
@@ -271,6 +277,9 @@ class FramecastServer:
         else:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
+            # A call arriving from now on is never received (a slow client's next call):
+            # benchmarks/overload_soak.py tells those from cut calls by this line.
+            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
             await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
         if self._serving is not None:
             await self._serving.batcher.close()
@@ -293,6 +302,8 @@ def _write_port_file(path: Path, port: int) -> None:
 async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit code.
 
+    Raises ModelLoadError when the model cannot be loaded (the server stops first).
+
     port_file, when given, receives the bound port once the server listens (for --port 0).
     """
     server = FramecastServer(settings)
@@ -314,8 +325,8 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     if load.done() and load.exception() is not None:
         stopping.cancel()
         await server.stop(0)
-        logger.error("could not load the model: %s", load.exception())
-        return 1
+        # The command prints it as its last line (one sentence, no traceback).
+        raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())
     await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
     if not stopping.done():

@@ -7,11 +7,12 @@ imports only the standard library at load time so `framecast --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -333,11 +334,15 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def _model_errors() -> tuple[type[BaseException], ...]:
-    """What preparing a model raises for a file that is not a model, or missing weights."""
+    """What preparing a model raises for a file that is not a model, or missing weights.
+
+    Also serve's ModelLoadError: the model failed to load after the server started listening.
+    """
+    from .app import ModelLoadError
     from .model.download import WeightsUnavailableError
     from .model.weights import WeightsError
 
-    return (ValueError, OSError, WeightsError, WeightsUnavailableError)
+    return (ValueError, OSError, WeightsError, WeightsUnavailableError, ModelLoadError)
 
 
 def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -383,7 +388,26 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
         check_files(settings)  # the TLS and token files, read once before anything starts
     except (PlaintextRefusedError, SecurityFlagError, TLSFilesError, TokenFileError) as exc:
         raise CommandError(str(exc), status=2) from None
+    _check_model_and_backend(settings)
     return settings
+
+
+def _check_model_and_backend(settings: ServerSettings) -> None:
+    """Refuse, before the server listens, a model file or backend that cannot work.
+
+    Otherwise the server binds, logs its progress and only then fails: a user sees several
+    lines with the reason last. What is cheap to know is checked here; the rest (a build
+    that fails) is still reported by serve as its last line.
+    """
+    from .model.prepare import check_source
+
+    check_source(settings.model)  # a user's mistake: _run prints it as one line
+    if settings.backend == "tensorrt":
+        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            raise CommandError(reason)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -425,9 +449,25 @@ def demo_images() -> list[tuple[str, bytes]]:
     return made
 
 
+@contextlib.contextmanager
+def _without_the_sdks_copy_of_the_warning() -> Iterator[None]:
+    """The demo's server logs the random-weights warning as it starts; its client must not
+    log it a second time in the same terminal (the SDK logs it once per client)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "RANDOM WEIGHTS" not in record.getMessage()
+
+    sdk = logging.getLogger("framecast_client.client")
+    sdk.addFilter(keep)
+    try:
+        yield
+    finally:
+        sdk.removeFilter(keep)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
-    from framecast_client.cli import format_predictions, print_warning
+    from framecast_client.cli import format_predictions
 
     from .background import BackgroundServer
 
@@ -436,7 +476,11 @@ def _demo(args: argparse.Namespace) -> int:
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
     )
-    with BackgroundServer(settings) as server, Client(server.address) as client:
+    with (
+        BackgroundServer(settings) as server,
+        _without_the_sdks_copy_of_the_warning(),
+        Client(server.address) as client,
+    ):
         info = client.model_info()
         print(
             f"Serving {info.name} ({info.version}) on {info.backend} {info.precision} "
@@ -447,7 +491,6 @@ def _demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             result = client.classify(image, top_k=args.top_k)
             rows.append((name, result, (time.perf_counter() - started) * 1000.0))
-        print_warning(info)
         print(format_predictions(rows, info))
         latencies = sorted(latency for _, _, latency in rows)
         print(

@@ -353,7 +353,8 @@ def _run(
     batch_size: int,
     steps: tuple[ClosedStep, OpenStep],
 ) -> BenchReport:
-    if info.warning:
+    if info.warning and args.protocol != "framecast":
+        # Framecast's own protocol reads the info through the SDK's client, which logged it.
         print(f"WARNING: {info.warning}", file=sys.stderr)
     precision = f" ({info.precision})" if info.precision else ""
     print(
