@@ -36,6 +36,7 @@ import grpc
 import numpy as np
 from framecast_client import oip, wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client.wire_format import encode_varint
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from PIL import Image
@@ -66,7 +67,7 @@ class Report:
 
 # --- case generation -------------------------------------------------------------------------
 
-varint = wire.encode_varint
+varint = encode_varint
 
 
 def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:

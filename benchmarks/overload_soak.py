@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client.wire_format import encode_varint
 from framecast_server.settings import ServerSettings
 from serve_process import rss_mb, start_server, wait_serving
 
@@ -56,7 +57,7 @@ GOOD_REQUEST = wire.classify_request(_IMAGE[None], top_k=1).SerializeToString()
 
 
 def frame(frame_id: int) -> bytes:
-    return b"\x08" + wire.encode_varint(frame_id) + _FRAME_TAIL
+    return b"\x08" + encode_varint(frame_id) + _FRAME_TAIL
 
 
 class Server:
