@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client" / "src" / "framecast_client"
 SERVER = ROOT / "server" / "src" / "framecast_server"
+BENCH = ROOT / "bench" / "src" / "framecast_bench"
 # The server's core: model building, backends, batcher. Only service/, app and the CLI speak gRPC.
 CORE = [
     SERVER / "model",
@@ -38,6 +39,19 @@ def test_client_imports_nothing_of_the_server() -> None:
     assert not offenders
 
 
+def test_the_bench_stands_beside_the_sdk_not_on_the_server() -> None:
+    """framecast-bench installs without the server; the SDK never carries the bench."""
+    assert not (CLIENT / "bench").exists()
+    offenders = [(f, m) for f, m in imports(CLIENT) if m.split(".")[0] == "framecast_bench"]
+    offenders += [(f, m) for f, m in imports(BENCH) if m.split(".")[0] == "framecast_server"]
+    assert not offenders
+    allowed = {"grpc", "google", "numpy", "framecast_client", "framecast_bench"}
+    optional = {"av", "matplotlib"}  # the video and plot extras, imported lazily
+    stdlib = __import__("sys").stdlib_module_names
+    third_party = {m.split(".")[0] for _, m in imports(BENCH) if m.split(".")[0] not in stdlib}
+    assert third_party <= allowed | optional
+
+
 def test_server_core_never_imports_grpc() -> None:
     offenders = [
         (str(f.relative_to(ROOT)), m)
@@ -61,7 +75,7 @@ def test_only_the_metrics_exporter_imports_prometheus() -> None:
 
 def test_client_depends_only_on_its_four_libraries() -> None:
     allowed = {"grpc", "google", "numpy", "PIL", "framecast_client", "typing_extensions"}
-    optional = {"av", "matplotlib"}  # the camera and plot extras, imported lazily
+    optional = {"av"}  # the camera extra, imported lazily
     stdlib = __import__("sys").stdlib_module_names
     third_party = {m.split(".")[0] for _, m in imports(CLIENT) if m.split(".")[0] not in stdlib}
     assert third_party <= allowed | optional
