@@ -34,7 +34,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from framecast_client import oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.wire_format import encode_varint
 from grpc_health.v1 import health_pb2

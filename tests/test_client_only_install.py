@@ -43,12 +43,13 @@ asyncio.run(main())
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"onnx", "onnxruntime", "tensorrt", "pycuda", "framecast-server", "safetensors"}
 # Neither the bench nor what only it uses goes onto a camera.
-BENCH_ONLY = {"framecast-bench", "matplotlib"}
+BENCH_ONLY = {"framecast-bench", "framecast-oip", "matplotlib"}
 # What the SDK must not carry: the bench, the server's codecs, the Open Inference Protocol.
 NOT_IN_THE_SDK = """
 import importlib.util, sys
 import framecast_client, framecast_client.wire as wire
-names = ["framecast_client.bench"]
+names = ["framecast_client.bench", "framecast_client.oip"]
+names += ["framecast_client._proto.open_inference_pb2"]
 print(*[n for n in names if importlib.util.find_spec(n) is not None])
 print(*[n for n in ("read_classify_request", "ClassificationEncoder") if hasattr(wire, n)])
 """
@@ -134,21 +135,23 @@ def test_client_alone_installs_lean_and_classifies(
     serve = subprocess.run([framecast, "serve"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2
     # A hint that works: the packages are installed from a checkout, not a public index.
-    assert "pip install ./client ./server" in serve.stderr
+    assert "pip install ./client ./oip ./server" in serve.stderr
     assert "uv build --all-packages" in serve.stderr
     bench = subprocess.run([framecast, "bench"], capture_output=True, text=True, timeout=60)
     assert bench.returncode == 2
-    assert "pip install ./client ./bench" in bench.stderr
+    assert "pip install ./client ./oip ./bench" in bench.stderr
 
     # The bench installs on its own beside the SDK (no server), at the same floors, and drives
     # both protocols.
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", str(ROOT / "bench")], check=True, timeout=600
+        [python, "-m", "pip", "install", "--quiet", str(ROOT / "oip"), str(ROOT / "bench")],
+        check=True,
+        timeout=600,
     )
     listed = subprocess.run(
         [python, "-c", LIST_NAMES], check=True, capture_output=True, text=True
     ).stdout.lower().split()  # fmt: skip
-    assert "framecast-bench" in listed
+    assert {"framecast-bench", "framecast-oip"} <= set(listed)
     assert not SERVER_ONLY & set(listed)
     for protocol in ("framecast", "oip"):
         run = subprocess.run(

@@ -352,8 +352,8 @@ def test_without_nvml_there_are_no_gpu_metrics(monkeypatch: pytest.MonkeyPatch) 
 def test_the_open_inference_protocol_gets_the_same_auth_and_metrics(
     server: BackgroundServer,
 ) -> None:
-    from framecast_client import oip
-    from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+    from framecast_bench import oip_codec as oip
+    from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 
     port = server.server.wiring.metrics_port
     assert port is not None

@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from framecast_client import oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames

@@ -1,4 +1,4 @@
-"""Open Inference Protocol requests and results as a client writes and reads them.
+"""Open Inference Protocol requests and results as the bench writes and reads them.
 
 ``framecast bench --protocol oip`` builds requests and reads results with it, against any Open
 Inference Protocol server (Framecast, Triton, KServe). The server's side of the same tensors is
@@ -16,15 +16,12 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+from framecast_client.types import Classification, Prediction
+from framecast_client.wire_format import CHANNELS, WireFormatError
+from framecast_oip import CLASSIFICATION, INPUT_NAME, OUTPUT_NAME
+from framecast_oip._proto import open_inference_pb2 as oip
 from numpy.typing import NDArray
 
-from ._proto import open_inference_pb2 as oip
-from .types import Classification, Prediction
-from .wire_format import CHANNELS, WireFormatError
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-CLASSIFICATION = "classification"  # the requested-output parameter of the extension
 _LENGTH = struct.Struct("<I")
 
 

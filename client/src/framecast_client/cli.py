@@ -32,15 +32,15 @@ logger = logging.getLogger(_package)
 
 SERVER_COMMANDS = ("serve", "demo", "build-engine")
 # Commands other distributions add through the ``framecast.commands`` entry point, by the
-# distribution (and its folder in a Framecast checkout) that adds them: where one is not
+# distribution (and the folders of a Framecast checkout to install) that adds them: where one is not
 # installed, its commands say what to install.
 PLUGIN_COMMANDS = {
-    **dict.fromkeys(SERVER_COMMANDS, ("framecast-server", "server", "runs the server")),
-    "bench": ("framecast-bench", "bench", "is the benchmark tool"),
+    **dict.fromkeys(SERVER_COMMANDS, ("framecast-server", "./oip ./server", "runs the server")),
+    "bench": ("framecast-bench", "./oip ./bench", "is the benchmark tool"),
 }
 # Where the server comes from: the packages are not on a public index.
 SERVER_INSTALL_HINT = (
-    "install it from a Framecast checkout with: pip install ./client ./server "
+    "install it from a Framecast checkout with: pip install ./client ./oip ./server "
     "(or pip install the wheels that `uv build --all-packages` writes to dist/)"
 )
 Handler = Callable[[argparse.Namespace], int]
@@ -206,8 +206,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _plugin_missing(args: argparse.Namespace) -> int:
-    distribution, folder, what = PLUGIN_COMMANDS[args.command]
-    hint = SERVER_INSTALL_HINT.replace("./server", f"./{folder}")
+    distribution, folders, what = PLUGIN_COMMANDS[args.command]
+    hint = SERVER_INSTALL_HINT.replace("./oip ./server", folders)
     print(
         f"framecast {args.command}: this command {what}, which is not installed here "
         f"({distribution}); {hint}",

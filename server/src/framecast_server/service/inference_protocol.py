@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from framecast_client._proto import open_inference_pb2 as pb
-from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_client.wire_format import WireFormatError
+from framecast_oip._proto import open_inference_pb2 as pb
+from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from numpy.typing import NDArray
 
 from ..batcher import ItemResult

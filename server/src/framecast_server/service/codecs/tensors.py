@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from framecast_client._proto import open_inference_pb2 as oip
-from framecast_client.oip import CLASSIFICATION, INPUT_NAME, OUTPUT_NAME
 from framecast_client.wire_format import CHANNELS, WireFormatError
+from framecast_oip import CLASSIFICATION, INPUT_NAME, OUTPUT_NAME
+from framecast_oip._proto import open_inference_pb2 as oip
 from numpy.typing import NDArray
 
 __all__ = [
