@@ -5,8 +5,8 @@ queue and the memory budget and serves callers in a fair order; the call gate dr
 shutdown; the prepared model knows its labels and preprocessing.
 
 Handlers take the request as raw bytes: Classify reads a request of raw images straight from
-them (``requests.read_classify_request``, no parsed copy of each frame) and writes its response's
-bytes itself; everything else is parsed with ``requests.decode``, so bytes that are
+them (``requests.read_classify_request``, no parsed copy of each frame); everything else is
+parsed with ``requests.decode``, so bytes that are
 not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
 UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
 (see ``errors.set_status``), so a failed call leaves no reference cycle behind.
@@ -66,7 +66,6 @@ class ClassifierServicer:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
-        self._encoder = results.ClassificationEncoder(())
         self._max_message_bytes = max_message_bytes
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
@@ -79,8 +78,9 @@ class ClassifierServicer:
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            # Classify writes its response's bytes itself (results.ClassificationEncoder).
-            "Classify": grpc.unary_unary_rpc_method_handler(self.Classify),
+            "Classify": grpc.unary_unary_rpc_method_handler(
+                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
+            ),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
@@ -93,7 +93,6 @@ class ClassifierServicer:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
         self._preprocessing_id = self._model_info.preprocessing_id
-        self._encoder = results.ClassificationEncoder(serving.model.labels)
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -139,7 +138,7 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> bytes | None:
+    async def Classify(self, raw: bytes, context: _Context) -> pb.ClassifyResponse | None:
         try:
             self._gate.enter()
         except Exception as exc:
@@ -157,7 +156,7 @@ class ClassifierServicer:
             items = await serving.batcher.submit_nowait(
                 batch, deadline=_deadline(context), caller=caller_of(context)
             )
-            response = self._respond(items, k)
+            response = self._respond(items, k, serving)
             self._answered(CLASSIFY, "OK", len(items))
             return response
         except Exception as exc:
@@ -200,22 +199,15 @@ class ClassifierServicer:
         )
         return batch, k
 
-    def _respond(self, items: list[ItemResult], k: int) -> bytes:
-        """The ClassifyResponse's bytes, written directly (no message objects per result)."""
-        encode = self._encoder.classification
-        encoded = []
+    def _respond(
+        self, items: list[ItemResult], k: int, serving: ServingModel
+    ) -> pb.ClassifyResponse:
+        """The ClassifyResponse, its results filled in place as a stream's are."""
+        response = pb.ClassifyResponse()
+        add, fill = response.results.add, self._fill_result
         for item in items:
-            indices, probabilities = top_k(item.probabilities, k)
-            encoded.append(
-                encode(
-                    indices,
-                    probabilities,
-                    queue_us=item.queue_us,
-                    compute_us=item.compute_us,
-                    batch_size=item.batch_size,
-                )
-            )
-        return self._encoder.response(encoded)
+            fill(add(), item, k, serving)
+        return response
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
