@@ -53,7 +53,7 @@ GRACE_S = DEFAULTS.grace_s
 # One image, serialized once; a frame is its frame_id field followed by these bytes.
 _IMAGE = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
 _FRAME_TAIL = pb.StreamRequest(image=wire.image_to_proto(_IMAGE)).SerializeToString()
-GOOD_REQUEST = wire.classify_request(_IMAGE[None], top_k=1).SerializeToString()
+GOOD_REQUEST = wire.classify_request_bytes(_IMAGE[None], top_k=1)
 
 
 def frame(frame_id: int) -> bytes:

@@ -51,7 +51,8 @@ import framecast_client, framecast_client.wire as wire
 names = ["framecast_client.bench", "framecast_client.oip"]
 names += ["framecast_client._proto.open_inference_pb2"]
 print(*[n for n in names if importlib.util.find_spec(n) is not None])
-print(*[n for n in ("read_classify_request", "ClassificationEncoder") if hasattr(wire, n)])
+server_codecs = ("read_classify_request", "images_from_proto", "fill_classification")
+print(*[n for n in server_codecs if hasattr(wire, n)])
 """
 
 

@@ -107,7 +107,9 @@ def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> N
         stub = pb_grpc.ClassifierStub(channel)
         served = stub.GetModelInfo(pb.GetModelInfoRequest()).preprocessing_id
         image = np.zeros((1, 224, 224, 3), dtype=np.uint8)
-        request = wire.classify_request(image, top_k=1, preprocessing_id="0123456789abcdef")
+        request = pb.ClassifyRequest.FromString(
+            wire.classify_request_bytes(image, top_k=1, preprocessing_id="0123456789abcdef")
+        )
         with pytest.raises(grpc.RpcError) as refused:
             stub.Classify(request)
         assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
@@ -116,7 +118,9 @@ def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> N
         assert served in details
         # Stated right, or not stated at all (raw clients): served.
         for stated in (served, ""):
-            request = wire.classify_request(image, top_k=1, preprocessing_id=stated)
+            request = pb.ClassifyRequest.FromString(
+                wire.classify_request_bytes(image, top_k=1, preprocessing_id=stated)
+            )
             assert len(stub.Classify(request).results) == 1
 
         # In a stream only the frame fails; the frames around it are answered.

@@ -137,8 +137,10 @@ def test_scrape_after_known_traffic_adds_up(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             queued = stub.Classify.future(
-                wire.classify_request(
-                    random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                pb.ClassifyRequest.FromString(
+                    wire.classify_request_bytes(
+                        random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                    )
                 ),
                 timeout=60,
                 metadata=metadata,

@@ -35,7 +35,7 @@ def keyed(key: int) -> NDArray[np.uint8]:
 
 
 def request(key: int, **fields: object) -> bytes:
-    message = wire.classify_request(keyed(key), top_k=1)
+    message = pb.ClassifyRequest.FromString(wire.classify_request_bytes(keyed(key), top_k=1))
     for name, value in fields.items():
         setattr(message, name, value)
     return message.SerializeToString()

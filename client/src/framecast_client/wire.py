@@ -70,25 +70,6 @@ def image_to_proto(image: NDArray[np.uint8], encoding: Encoding = RAW) -> pb.Ima
     return message
 
 
-def classify_request(
-    batch: NDArray[np.uint8],
-    *,
-    top_k: int,
-    preprocessing_id: str = "",
-    encoding: Encoding = RAW,
-) -> pb.ClassifyRequest:
-    """A Classify request for preprocessed images uint8 [N, H, W, 3].
-
-    ``preprocessing_id``: the ModelInfo.preprocessing_id the images were prepared for, or ""
-    when the caller cannot vouch for how they were prepared.
-    """
-    request = pb.ClassifyRequest(top_k=top_k, preprocessing_id=preprocessing_id)
-    for image in batch:
-        # Filled in place: wrapping a finished Image message would copy its 150 KB again.
-        _fill_image(request.images.add(), image, encoding)
-    return request
-
-
 def classify_request_bytes(
     batch: NDArray[np.uint8],
     *,
@@ -96,10 +77,14 @@ def classify_request_bytes(
     preprocessing_id: str = "",
     encoding: Encoding = RAW,
 ) -> bytes:
-    """The serialized :func:`classify_request`, written directly: what the SDK sends.
+    """A Classify request for preprocessed images uint8 [N, H, W, 3], serialized: what the
+    SDK sends, and the one way it builds a Classify request.
 
-    The same bytes protobuf would write, with one copy of each raw image (into the result)
-    instead of three (into the message, out of it, and the array's own ``tobytes``).
+    The same bytes protobuf would write for a ClassifyRequest of these images (the tests hold
+    it to that), with one copy of each raw image (into the result) instead of three (into the
+    message, out of it, and the array's own ``tobytes``). ``preprocessing_id``: the
+    ModelInfo.preprocessing_id the images were prepared for, or "" when the caller cannot
+    vouch for how they were prepared.
     """
     varint = encode_varint
     parts: list[bytes | memoryview] = []
