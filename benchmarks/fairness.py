@@ -35,9 +35,9 @@ from framecast_client import wire
 from serve_process import start_server, wait_serving
 
 CLASSIFY = "/framecast.v1.Classifier/Classify"
-REQUEST = wire.classify_request(
+REQUEST = wire.classify_request_bytes(
     np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), top_k=1
-).SerializeToString()
+)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -39,6 +39,7 @@ import grpc
 import numpy as np
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client.wire_format import encode_varint
 from framecast_server.app import ALL_CALLS_ANSWERED
 from framecast_server.settings import ServerSettings
 from serve_process import rss_mb, start_server, wait_serving
@@ -53,11 +54,11 @@ GRACE_S = DEFAULTS.grace_s
 # One image, serialized once; a frame is its frame_id field followed by these bytes.
 _IMAGE = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
 _FRAME_TAIL = pb.StreamRequest(image=wire.image_to_proto(_IMAGE)).SerializeToString()
-GOOD_REQUEST = wire.classify_request(_IMAGE[None], top_k=1).SerializeToString()
+GOOD_REQUEST = wire.classify_request_bytes(_IMAGE[None], top_k=1)
 
 
 def frame(frame_id: int) -> bytes:
-    return b"\x08" + wire.encode_varint(frame_id) + _FRAME_TAIL
+    return b"\x08" + encode_varint(frame_id) + _FRAME_TAIL
 
 
 class Server:

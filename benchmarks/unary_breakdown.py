@@ -140,6 +140,7 @@ def instrument() -> list[str]:
             else:
                 setattr(owner, attribute, _timed(stage, function))
             wrapped.append(f"{stage}: {class_name}.{attribute}")
+            break  # the first that exists: a later one may run inside it (counted twice)
     original = grpc.unary_unary_rpc_method_handler
 
     def handler(

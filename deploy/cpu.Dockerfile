@@ -9,6 +9,7 @@ RUN python3 -m pip install "uv==0.13.9"
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY client client
+COPY oip oip
 COPY server server
 COPY deploy/install.sh deploy/install.sh
 # The same commands tests/deploy/test_images.py runs into a fresh virtual environment.

@@ -20,6 +20,7 @@ ENV UV_NO_CACHE=1 \
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY client client
+COPY oip oip
 COPY server server
 COPY deploy/install.sh deploy/install.sh
 # /opt/framecast sees the container's TensorRT (system site packages; nothing installs a tensorrt

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framecast_client.bench.plot import PlotUnavailableError, plot_latency_vs_throughput
-from framecast_client.bench.report import BenchReport
+from framecast_bench.plot import PlotUnavailableError, plot_latency_vs_throughput
+from framecast_bench.report import BenchReport
 
 
 def test_missing_matplotlib_is_a_clear_error(
@@ -31,7 +31,7 @@ def test_plot_stays_readable(report_factory: Callable[..., BenchReport]) -> None
     pytest.importorskip("matplotlib")
     import dataclasses
 
-    from framecast_client.bench.plot import PLOTTED, _pyplot, draw_latency_vs_throughput
+    from framecast_bench.plot import PLOTTED, _pyplot, draw_latency_vs_throughput
 
     steps = list(report_factory(concurrencies=(1, 2, 4)).steps)
     # Coinciding percentiles (p50 = p99.9) and an unstable step.
@@ -71,7 +71,7 @@ def test_log_axis_labels_enough_values_to_read_a_point(
     scale: float, concurrencies: tuple[int, ...], report_factory: Callable[..., BenchReport]
 ) -> None:
     pytest.importorskip("matplotlib")
-    from framecast_client.bench.plot import _pyplot, draw_latency_vs_throughput
+    from framecast_bench.plot import _pyplot, draw_latency_vs_throughput
 
     steps = report_factory(scale=scale, concurrencies=concurrencies).steps
     plt = _pyplot()

@@ -129,8 +129,10 @@ def test_scrape_after_known_traffic_adds_up(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             queued = stub.Classify.future(
-                wire.classify_request(
-                    random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                pb.ClassifyRequest.FromString(
+                    wire.classify_request_bytes(
+                        random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                    )
                 ),
                 timeout=60,
                 metadata=metadata,
@@ -344,8 +346,8 @@ def test_without_nvml_there_are_no_gpu_metrics(monkeypatch: pytest.MonkeyPatch) 
 def test_the_open_inference_protocol_gets_the_same_auth_and_metrics(
     server: BackgroundServer,
 ) -> None:
-    from framecast_client import oip
-    from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+    from framecast_bench import oip_codec as oip
+    from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 
     port = server.server.wiring.metrics_port
     assert port is not None

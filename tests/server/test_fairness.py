@@ -59,7 +59,7 @@ def test_a_polite_client_is_admitted_and_served_next_while_a_greedy_one_floods(
         refused = [call.exception() for call in flood if call.done()]
         assert all(isinstance(error, ResourceExhaustedError) for error in refused)
         # The polite one is admitted into the quarter kept for modest callers.
-        request = wire.classify_request(keyed(POLITE_KEY), top_k=1).SerializeToString()
+        request = wire.classify_request_bytes(keyed(POLITE_KEY), top_k=1)
         answer = pool.submit(polite.status, "classify", request)
         wait_until(lambda: serving.batcher.queued == 13 or answer.done(), "never admitted")
         assert not answer.done(), answer.exception()

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import AsyncClient, Client, ResourceExhaustedError, oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import AsyncClient, Client, ResourceExhaustedError, wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames, wait_until

@@ -31,9 +31,16 @@ from .types import Classification, ModelInfo
 logger = logging.getLogger(_package)
 
 SERVER_COMMANDS = ("serve", "demo", "build-engine")
+# Commands other distributions add through the ``framecast.commands`` entry point, by the
+# distribution (and the folders of a Framecast checkout to install) that adds them: where one is not
+# installed, its commands say what to install.
+PLUGIN_COMMANDS = {
+    **dict.fromkeys(SERVER_COMMANDS, ("framecast-server", "./oip ./server", "runs the server")),
+    "bench": ("framecast-bench", "./oip ./bench", "is the benchmark tool"),
+}
 # Where the server comes from: the packages are not on a public index.
 SERVER_INSTALL_HINT = (
-    "install it from a Framecast checkout with: pip install ./client ./server "
+    "install it from a Framecast checkout with: pip install ./client ./oip ./server "
     "(or pip install the wheels that `uv build --all-packages` writes to dist/)"
 )
 Handler = Callable[[argparse.Namespace], int]
@@ -191,19 +198,21 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_missing(args: argparse.Namespace) -> int:
+def _plugin_missing(args: argparse.Namespace) -> int:
+    distribution, folders, what = PLUGIN_COMMANDS[args.command]
+    hint = SERVER_INSTALL_HINT.replace("./oip ./server", folders)
     print(
-        f"framecast {args.command}: this command runs the server, which is not installed "
-        f"here; {SERVER_INSTALL_HINT}",
+        f"framecast {args.command}: this command {what}, which is not installed here "
+        f"({distribution}); {hint}",
         file=sys.stderr,
     )
     return 2
 
 
 def _version() -> str:
-    """``framecast-client X`` and, where installed, ``framecast-server Y``."""
+    """``framecast-client X`` and the server's and the bench's versions where installed."""
     parts = []
-    for distribution in ("framecast-client", "framecast-server"):
+    for distribution in ("framecast-client", "framecast-server", "framecast-bench"):
         try:
             parts.append(f"{distribution} {version(distribution)}")
         except PackageNotFoundError:
@@ -253,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_plugins(commands)
     for sub in commands.choices.values():
         # -v works after the command too; SUPPRESS keeps the top-level value when absent.
-        stub = sub.get_default("handler") is _server_missing
+        stub = sub.get_default("handler") is _plugin_missing
         if not stub and "-v" not in sub._option_string_actions:
             sub.add_argument(
                 "-v",
@@ -266,23 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .bench.cli import add_parser as add_bench
     from .stream_cli import add_parser as add_stream
 
-    add_bench(commands)
     add_stream(commands)
-    registered = False
     for entry in entry_points(group="framecast.commands"):
         try:
             entry.load()(commands)
-            registered = True
         except ImportError as exc:
             logger.debug("framecast.commands entry %s not loadable: %s", entry.name, exc)
-    if not registered:
-        for name in SERVER_COMMANDS:
-            stub = commands.add_parser(name, help="(needs framecast-server)", add_help=False)
+    for name, (distribution, _, _) in PLUGIN_COMMANDS.items():
+        if name not in commands.choices:
+            stub = commands.add_parser(name, help=f"(needs {distribution})", add_help=False)
             stub.add_argument("rest", nargs=argparse.REMAINDER)
-            stub.set_defaults(handler=_server_missing)
+            stub.set_defaults(handler=_plugin_missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .backends.base import Backend, BreakableBackend

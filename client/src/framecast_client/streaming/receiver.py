@@ -16,6 +16,7 @@ from .. import wire
 from .._proto import classifier_pb2 as pb
 from .._rpc import from_status
 from ..errors import RpcError, UnavailableError
+from ..wire_format import WireFormatError
 from .config import StreamConfig
 from .pipeline import StreamCore
 
@@ -168,7 +169,7 @@ class Receiver:
         """
         try:
             spec = wire.preprocessing_from_proto(info.preprocessing)
-        except wire.WireFormatError as exc:
+        except WireFormatError as exc:
             logger.error("the stream to %s cannot go on: %s", self._config.address, exc)
             self._core.fail(exc)
             return False

@@ -5,8 +5,8 @@ queue and the memory budget and serves callers in a fair order; the call gate dr
 shutdown; the prepared model knows its labels and preprocessing.
 
 Handlers take the request as raw bytes: Classify reads a request of raw images straight from
-them (``wire.read_classify_request``, no parsed copy of each frame) and writes its response's
-bytes itself; everything else is parsed with ``wire.decode``, so bytes that are
+them (``requests.read_classify_request``, no parsed copy of each frame); everything else is
+parsed with ``requests.decode``, so bytes that are
 not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
 UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
 (see ``errors.set_status``), so a failed call leaves no reference cycle behind.
@@ -21,9 +21,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client.preprocess import PreprocessSpec
 from numpy.typing import NDArray
 
 from ..batcher import ItemResult
@@ -32,6 +30,7 @@ from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
+from .codecs import requests, results
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
 from .streaming import Outcome, Prepared, Status, admitted
@@ -67,7 +66,6 @@ class ClassifierServicer:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
-        self._encoder = wire.ClassificationEncoder(())
         self._max_message_bytes = max_message_bytes
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
@@ -80,8 +78,9 @@ class ClassifierServicer:
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            # Classify writes its response's bytes itself (wire.ClassificationEncoder).
-            "Classify": grpc.unary_unary_rpc_method_handler(self.Classify),
+            "Classify": grpc.unary_unary_rpc_method_handler(
+                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
+            ),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
@@ -94,7 +93,6 @@ class ClassifierServicer:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
         self._preprocessing_id = self._model_info.preprocessing_id
-        self._encoder = wire.ClassificationEncoder(serving.model.labels)
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -105,14 +103,7 @@ class ClassifierServicer:
     def _describe(self, serving: ServingModel) -> pb.ModelInfo:
         # Built once per model: it does not change while the model is served.
         model, preset, backend = serving.model, serving.model.preset, serving.backend.info
-        spec = PreprocessSpec(
-            input_height=preset.input_size,
-            input_width=preset.input_size,
-            resize_policy=preset.resize_policy,
-            resize_size=preset.resize_size,
-            interpolation=preset.interpolation,
-        )
-        preprocessing = wire.preprocessing_to_proto(spec, normalization=preset.normalization)
+        preprocessing = results.preprocessing_to_proto(preset)
         return pb.ModelInfo(
             name=model.name,
             version=model.version,
@@ -120,14 +111,14 @@ class ClassifierServicer:
             precision=backend.precision,
             max_batch=serving.batcher.settings.max_batch,
             preprocessing=preprocessing,
-            preprocessing_id=wire.preprocessing_id(preprocessing),
+            preprocessing_id=results.preprocessing_id(preprocessing),
             pretrained=model.pretrained,
             weights_source=model.weights_source,
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
             max_calls_per_connection=self._max_calls_per_connection,
-            encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
+            encodings=results.encodings_to_proto(requests.SERVER_ENCODINGS),
         )
 
     async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo | None:
@@ -137,7 +128,7 @@ class ClassifierServicer:
             set_status(context, exc)
             return None
         try:
-            wire.decode(pb.GetModelInfoRequest, raw)
+            requests.decode(pb.GetModelInfoRequest, raw)
             if self._model_info is None:
                 raise ModelNotReadyError
             return self._model_info
@@ -147,7 +138,7 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> bytes | None:
+    async def Classify(self, raw: bytes, context: _Context) -> pb.ClassifyResponse | None:
         try:
             self._gate.enter()
         except Exception as exc:
@@ -165,7 +156,7 @@ class ClassifierServicer:
             items = await serving.batcher.submit_nowait(
                 batch, deadline=_deadline(context), caller=caller_of(context)
             )
-            response = self._respond(items, k)
+            response = self._respond(items, k, serving)
             self._answered(CLASSIFY, "OK", len(items))
             return response
         except Exception as exc:
@@ -179,11 +170,11 @@ class ClassifierServicer:
         self, raw: bytes, serving: ServingModel
     ) -> tuple[NDArray[np.uint8], int] | None:
         """A request of raw images, read from its bytes (no parsed copy); None for others."""
-        request = wire.read_classify_request(raw)
+        request = requests.read_classify_request(raw)
         if request is None:
             return None
         k = self._top_k(request.top_k, serving)
-        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
         size = serving.model.preset.input_size
         batch = request.batch(height=size, width=size, max_batch=serving.batcher.settings.max_batch)
         return batch, k
@@ -196,9 +187,9 @@ class ClassifierServicer:
         # parsed message (a copy of every image) is freed on return rather than kept alive
         # while the images wait in the queue. Compressed images are decoded on the decoder's
         # threads, off the event loop.
-        request = wire.decode(pb.ClassifyRequest, raw)
+        request = requests.decode(pb.ClassifyRequest, raw)
         k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
-        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
         size = serving.model.preset.input_size
         batch = await self._decoder.batch(
             request.images,
@@ -208,22 +199,15 @@ class ClassifierServicer:
         )
         return batch, k
 
-    def _respond(self, items: list[ItemResult], k: int) -> bytes:
-        """The ClassifyResponse's bytes, written directly (no message objects per result)."""
-        encode = self._encoder.classification
-        results = []
+    def _respond(
+        self, items: list[ItemResult], k: int, serving: ServingModel
+    ) -> pb.ClassifyResponse:
+        """The ClassifyResponse, its results filled in place as a stream's are."""
+        response = pb.ClassifyResponse()
+        add, fill = response.results.add, self._fill_result
         for item in items:
-            indices, probabilities = top_k(item.probabilities, k)
-            results.append(
-                encode(
-                    indices,
-                    probabilities,
-                    queue_us=item.queue_us,
-                    compute_us=item.compute_us,
-                    batch_size=item.batch_size,
-                )
-            )
-        return self._encoder.response(results)
+            fill(add(), item, k, serving)
+        return response
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
@@ -267,8 +251,8 @@ class ClassifierServicer:
     def _frame_parser(self, serving: ServingModel) -> Callable[[bytes], _ParsedFrame]:
         """The per-frame parsing step of one stream, with the stream's constants bound once."""
         size = serving.model.preset.input_size
-        decode, image_from_proto = wire.decode, wire.image_from_proto
-        check_preprocessing = wire.check_preprocessing
+        decode, image_from_proto = requests.decode, requests.image_from_proto
+        check_preprocessing = requests.check_preprocessing
         served = self._preprocessing_id
         request_type = pb.StreamRequest
 
@@ -280,7 +264,7 @@ class ClassifierServicer:
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
-                if wire.is_encoded(frame.image):
+                if requests.is_encoded(frame.image):
                     return frame.frame_id, k, frame.image
                 image = image_from_proto(frame.image, height=size, width=size)
                 return frame.frame_id, k, image[None]
@@ -328,7 +312,7 @@ class ClassifierServicer:
 
     @staticmethod
     def _top_k(value: int | None, serving: ServingModel) -> int:
-        return wire.top_k_from_proto(
+        return requests.top_k_from_proto(
             value, num_classes=len(serving.model.labels), default=DEFAULT_TOP_K
         )
 
@@ -337,7 +321,7 @@ class ClassifierServicer:
         message: pb.Classification, item: ItemResult, k: int, serving: ServingModel
     ) -> None:
         indices, probabilities = top_k(item.probabilities, k)
-        wire.fill_classification(
+        results.fill_classification(
             message,
             indices,
             probabilities,

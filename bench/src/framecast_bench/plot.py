@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from framecast_client.bench.report import StepResult
+from framecast_bench.report import StepResult
 
 PLOTTED: tuple[str, ...] = ("p50", "p90", "p99", "p99.9")
 # One look per percentile: hollow markers of falling size, so that percentiles that coincide
@@ -26,14 +26,14 @@ class PlotUnavailableError(RuntimeError):
 
 def require_matplotlib() -> Any:
     """The matplotlib module; PlotUnavailableError, saying how to install it, when missing."""
-    # Imported here, not at module import: matplotlib is the optional extra ``plot`` and
+    # Imported here, not at module import: matplotlib is the bench's optional extra ``plot`` and
     # most runs never plot.
     try:
         import matplotlib
     except ImportError as exc:
         raise PlotUnavailableError(
-            "--plot needs matplotlib (the 'plot' extra of framecast-client): "
-            "pip install 'matplotlib>=3.8', or pip install './client[plot]' from a checkout"
+            "--plot needs matplotlib (the 'plot' extra of framecast-bench): "
+            "pip install 'matplotlib>=3.8', or pip install './bench[plot]' from a checkout"
         ) from exc
     return matplotlib
 
