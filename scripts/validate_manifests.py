@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # comes with kubernetes-validate
 import kubernetes_validate
 import yaml
 
