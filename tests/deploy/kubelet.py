@@ -799,6 +799,7 @@ class Pod:
         self.started: dict[str, bool] = {}
         self.ready_by: dict[str, bool] = {}
         self.restarts = 0
+        self.restart_reasons: list[str] = []
         self.events: list[str] = []
         self.created = time.monotonic()
         self.ready_at: float | None = None
@@ -938,6 +939,7 @@ class Pod:
             self._stop_container(process)
             return
         self.restarts += 1
+        self.restart_reasons.append(f"{container.name} {why}")
         # The kubelet's crash loop back-off: 10 s, doubling, at most 5 min.
         delay = min(300.0, 10.0 * 2 ** (self.restarts - 1))
         self.event(f"{container.name} restarts in {delay:.0f}s: {why}")
@@ -1065,9 +1067,12 @@ class Cluster:
         return thread
 
     def _check(self) -> None:
+        """A pod that failed, or restarted (the kubelet would crash-loop it): the test's failure."""
         for pod in self.pods:
             if pod.failed:
                 raise AssertionError(f"pod {pod.name} failed: {pod.failed}")
+            if pod.restart_reasons:
+                raise AssertionError(f"pod {pod.name} restarted: {pod.restart_reasons[0]}")
 
     def available(self, pods: Sequence[Pod]) -> list[Pod]:
         now = time.monotonic()

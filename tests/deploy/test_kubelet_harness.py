@@ -274,10 +274,6 @@ def run_deployment(overlay: str, root: Path, venv: Path, weights: Path) -> None:
     spec = kubelet.deployment(resources)
     (server,) = spec.template.containers
     args = server.args or ()
-    max_age = flag(args, "--max-connection-age")
-    assert max_age is not None, f"{overlay}: the server's args set no --max-connection-age: {args}"
-    metrics = server.ports.get("metrics")
-    assert metrics is not None, f"{overlay}: the container declares no port named metrics"
     service = kubelet.headless_service(resources, spec.template)
     cluster_secrets, client_kwargs = credentials(spec.template, service, root)
     seed = seeder(cache_volume(spec.template), weights)
@@ -290,6 +286,10 @@ def run_deployment(overlay: str, root: Path, venv: Path, weights: Path) -> None:
         kubelet.log(f"{overlay}: {spec.replicas} replicas of {server.name}: {server.args}")
         cluster.create(START_TIMEOUT_S)
         timings["first rollout"] = time.monotonic() - began
+        max_age = flag(args, "--max-connection-age")
+        assert max_age is not None, f"{overlay}: no --max-connection-age in the args: {args}"
+        metrics = server.ports.get("metrics")
+        assert metrics is not None, f"{overlay}: the container declares no port named metrics"
         with Client(cluster.target, timeout=60, **client_kwargs) as first:
             # Each frame's class, sent as it is (unary) and preprocessed (as streams send it).
             expected = Expected(
