@@ -90,7 +90,8 @@ def wait_startup(server: subprocess.Popen[bytes], probe: dict[str, Any]) -> floa
     last = ""
     while time.monotonic() - started < budget:
         if server.poll() is not None:
-            raise PodFailedError(f"the server exited with {server.returncode} before its probe passed")
+            code = server.returncode
+            raise PodFailedError(f"the server exited with {code} before its probe passed")
         last = health(probe["port"], probe["timeout_s"])
         if last == "SERVING":
             return time.monotonic() - started

@@ -34,9 +34,7 @@ from typing import Any
 import pytest
 import yaml
 from certs import CertificateAuthority
-from framecast_server.model import PRESETS, random_weights
-from framecast_server.model.download import CACHED_FILENAME, CHECKSUM_SUFFIX, file_sha256
-from safetensors.numpy import save_file
+from support import write_downloaded_weights
 
 from .test_images import exec_form, instructions
 from .test_kubernetes import validate_manifests
@@ -154,10 +152,7 @@ ENTRIES = pod_entries()
 def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache as the init container's download leaves it: the weights and their checksum."""
     cache = tmp_path_factory.mktemp("downloaded")
-    weights = cache / "weights" / CACHED_FILENAME
-    weights.parent.mkdir()
-    save_file(random_weights(20, PRESETS["torchvision"]), str(weights))
-    weights.with_name(weights.name + CHECKSUM_SUFFIX).write_text(file_sha256(weights) + "\n")
+    write_downloaded_weights(cache)
     return cache
 
 
@@ -194,9 +189,10 @@ def pod_spec(entry: Entry, pod: dict[str, Any], tmp: Path, cache: Path) -> dict[
     ca = CertificateAuthority(tmp, "manifest-test")
     issued = ca.issue("framecast.test", server=True, file_stem="server")
     for name, volume in volumes.items():
-        assert "hostPath" not in volume, f"{entry.name}: hostPath volume {name}"
-        if "emptyDir" in volume:
-            sources[name] = cache if name == "model-cache" else tmp / f"volume-{name}"
+        if "emptyDir" in volume or "hostPath" in volume:
+            # (hostPath: Pod Security "restricted" forbids it; test_kubernetes says so. Here,
+            # a directory like any other, so that the arguments are what is judged.)
+            sources[name] = cache if name in ("model-cache", "engine-cache") else tmp / name
             sources[name].mkdir(exist_ok=True)
         elif "secret" in volume:
             # The Secret's keys as the kubelet writes them: kubernetes.io/tls, and the tokens.
