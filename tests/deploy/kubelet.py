@@ -472,7 +472,8 @@ class Network:
     """A bridge with a private /24 of its own and a network namespace per pod on it.
 
     Names carry this process's id: namespaces and bridges left by a test process that died
-    (killed before its cleanup) are removed when the next one starts.
+    (killed before its cleanup), and the processes still in them, are removed when the next
+    one starts.
     """
 
     PREFIX = "fck"
@@ -495,6 +496,10 @@ class Network:
             name = line.split()[0] if line.split() else ""
             match = re.fullmatch(rf"{cls.PREFIX}([0-9a-f]+)-\d+", name)
             if match and not _pid_alive(int(match.group(1), 16)):
+                # Its pods' processes outlived the test that started them: they end with it.
+                for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
                 _ip("netns", "del", name, check=False)
         for line in _ip("-o", "link", "show", "type", "bridge").stdout.splitlines():
             name = line.split(":")[1].strip().split("@")[0]

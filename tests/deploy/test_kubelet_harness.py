@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -484,3 +485,32 @@ def test_the_harness_cleans_up_its_namespaces(tmp_path: Path, image_venv: Path) 
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert names[0] not in namespaces.split()
     assert f" {names[1]}:" not in links
+
+
+def test_what_a_killed_test_left_is_swept() -> None:
+    """Namespaces of a test process that is gone, and the processes in them, end at the next
+    node's start (a test killed by SIGKILL runs no cleanup)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    namespace = f"{kubelet.Network.PREFIX}{gone.pid:x}-0"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    left = subprocess.Popen(["ip", "netns", "exec", namespace, "sleep", "300"])
+    try:
+        kubelet.wait_for(
+            lambda: str(left.pid) in subprocess.run(
+                ["ip", "netns", "pids", namespace], capture_output=True, text=True
+            ).stdout.split(),
+            10,
+            "the process to be in the namespace",
+        )  # fmt: skip
+        kubelet.Network.sweep()
+        assert left.wait(timeout=10) == -signal.SIGKILL
+        assert (
+            namespace
+            not in subprocess.run(
+                ["ip", "netns", "list"], capture_output=True, text=True
+            ).stdout.split()
+        )
+    finally:
+        left.kill()
+        subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
