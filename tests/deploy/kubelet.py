@@ -578,6 +578,7 @@ class ClusterDns:
         self._records: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self.queries = 0
+        self.asked: list[float] = []  # when each A query came (time.monotonic())
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._socket.bind(("127.0.0.1", 0))
         self._socket.settimeout(0.2)
@@ -625,6 +626,8 @@ class ClusterDns:
         question = query[12 : offset + 5]
         with self._lock:
             self.queries += 1
+            if qtype == 1:
+                self.asked.append(time.monotonic())
             addresses = self._records.get(".".join(labels).lower())
         rd = flags & 0x0100
         if addresses is None:

@@ -313,6 +313,7 @@ def run_deployment(
 
             calls: dict[str, float] = {}
             last: dict[str, float] = {}
+            asked: list[float] = []
             if scale_up:
                 started = time.monotonic()
                 (added,) = cluster.scale(spec.replicas + 1, START_TIMEOUT_S)
@@ -327,6 +328,8 @@ def run_deployment(
                     time.sleep(max(0.0, added.ready_at + at - time.monotonic()))
                     counts.append(served(cluster.pods, metrics))
                 calls = {n: counts[2][n] - counts[0].get(n, 0.0) for n in counts[2]}
+                # When clients asked DNS again: when they could learn of the added replica.
+                asked = [round(t - added.ready_at, 1) for t in dns.asked if t > added.ready_at]
                 last = {n: counts[2][n] - counts[1][n] for n in counts[2]}
         finally:
             results = load.finish()
@@ -353,6 +356,7 @@ def run_deployment(
                 + f"; fair share {share:.1f}, the added replica's {counted[added.name]:.0f} "
                 f"({counted[added.name] / share if share else 0:.2f} of it)"
             )  # fmt: skip
+        kubelet.log(f"DNS queries after {added.name} was ready, at +s: {asked}")
     for name, termination in terminations.items():
         kubelet.log(f"{name}: {termination}")
 
