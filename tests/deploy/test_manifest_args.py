@@ -156,6 +156,22 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def prepared_cache(weights_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache once an init container has run in it: the weights and the prepared model."""
+    from framecast_server.model import ModelSource, prepare_model
+
+    cache = tmp_path_factory.mktemp("prepared") / "cache"
+    shutil.copytree(weights_cache, cache)
+    prepare_model(ModelSource(require_pretrained=True), cache, allow_download=False)
+    return cache
+
+
+# These start from the weights alone (an init container or the server prepares the model);
+# the others find it prepared, as a restarted pod does, which keeps the test short.
+FROM_WEIGHTS = {"overlay cpu", "docker run framecast-cpu", "docker run framecast-gpu"}
+
+
 def port_of(probe: dict[str, Any]) -> int:
     assert "grpc" in probe, f"not a gRPC probe: {probe}"
     return int(probe["grpc"]["port"])
@@ -275,7 +291,7 @@ def docker_spec(entry: Entry, tmp: Path, cache: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 def test_the_entry_point_starts_and_answers_its_probes(
-    entry: Entry, weights_cache: Path, tmp_path: Path
+    entry: Entry, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     if needs_tensorrt(entry) and (reason := tensorrt_problem()) is not None:
         pytest.skip(f"{entry.name} serves with TensorRT: {reason}")
@@ -283,7 +299,8 @@ def test_the_entry_point_starts_and_answers_its_probes(
     if problem is not None:
         pytest.skip(f"cannot make a pod's namespaces here: {problem}")
     cache = tmp_path / "model-cache"
-    shutil.copytree(weights_cache, cache)
+    seed = "weights_cache" if entry.name in FROM_WEIGHTS else "prepared_cache"
+    shutil.copytree(request.getfixturevalue(seed), cache)
     if entry.pod is not None:
         spec = pod_spec(entry, entry.pod, tmp_path, cache)
     else:
