@@ -328,3 +328,20 @@ def test_the_entry_point_starts_and_answers_its_probes(
     if spec["metrics_port"]:
         assert seen["metrics"] > 0
     assert seen["init"] == [c["name"] for c in (entry.pod or {}).get("initContainers", [])]
+
+
+def test_without_the_weights_the_init_container_fails_in_one_line(tmp_path: Path) -> None:
+    # Where the download cannot happen (HF_HUB_OFFLINE here; closed egress in a cluster), the
+    # pod stops at its init container, saying why, instead of serving random weights.
+    (entry,) = [e for e in ENTRIES if e.name == "overlay cpu"]
+    assert entry.pod is not None
+    (init,) = entry.pod["initContainers"]
+    env = with_our_python(image(DOCKERFILES[entry.image_name]).env)
+    env.update({e["name"]: e["value"] for e in init.get("env", [])})
+    env.update(FRAMECAST_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    command = [*init.get("command", image(DOCKERFILES[entry.image_name]).entrypoint), *init["args"]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("framecast prepare-model: pretrained weights are required")
+    assert not list(tmp_path.glob("prepared/*.onnx"))
