@@ -29,7 +29,7 @@ COPY deploy/install.sh deploy/install.sh
 RUN python3 -m venv /opt/uv && /opt/uv/bin/pip install --quiet "uv==0.13.9" \
     && python3 -m venv --system-site-packages /opt/framecast \
     && UV=/opt/uv/bin/uv deploy/install.sh /opt/framecast \
-    && /opt/uv/bin/uv pip install --python /opt/framecast/bin/python "pycuda>=2024.1.2" \
+    && /opt/uv/bin/uv pip install --python /opt/framecast/bin/python "pycuda==$(awk '/^name = "pycuda"$/ {getline; gsub(/"/, "", $3); print $3; exit}' uv.lock)" \
     && /opt/framecast/bin/python -c "import tensorrt, pycuda; print('TensorRT', tensorrt.__version__)" \
     && rm -rf /opt/uv /src
 WORKDIR /

@@ -70,6 +70,11 @@ USAGE_CASES = [
     (["demo", "--onnx", "/no/such/model.onnx"], "--onnx", "no such file"),
     (["serve", "--weights", "/no/such/weights.safetensors"], "--weights", "no such file"),
     (["build-engine", "--max-batch", "0"], "--max-batch", "at least 1"),
+    # The engine flags serve and build-engine share: the same checks for both.
+    (["build-engine", "--opt-batch", "64"], "--opt-batch (64) must be at most --max-batch (32)"),
+    (["serve", "--opt-batch", "9", "--max-batch", "8"], "--opt-batch (9)", "--max-batch (8)"),
+    (["serve", "--workspace-mib", "0"], "--workspace-mib", "at least 1"),
+    (["build-engine", "--optimization-level", "7"], "--optimization-level", "invalid choice"),
     (["classify", "x.jpg", "--top-k", "0"], "--top-k", "at least 1"),
     (["classify", "x.jpg", "--timeout", "0"], "--timeout", "more than 0"),
     (["classify", "x.jpg", "--timeout", "-3"], "--timeout", "more than 0"),
@@ -198,7 +203,7 @@ def test_version_and_verbose_after_the_command(capsys: pytest.CaptureFixture[str
         ("info", ["deadline per call, seconds (default 10)"]),
         ("stream", ["classes per frame (default 1)", "(default localhost:50051)"]),
         ("bench", ["(worker threads) (default 64)", "warm-up per step, s (default 2)"]),
-        ("build-engine", ["profile max batch (default 32)"]),
+        ("build-engine", ["profile max batch (default 32)", "workspace limit, MiB (default 1024)"]),
     ],
 )
 def test_help_describes_the_command_and_shows_defaults(

@@ -156,6 +156,22 @@ def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def prepared_cache(weights_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache once an init container has run in it: the weights and the prepared model."""
+    from framecast_server.model import ModelSource, prepare_model
+
+    cache = tmp_path_factory.mktemp("prepared") / "cache"
+    shutil.copytree(weights_cache, cache)
+    prepare_model(ModelSource(require_pretrained=True), cache, allow_download=False)
+    return cache
+
+
+# These start from the weights alone (an init container or the server prepares the model);
+# the others find it prepared, as a restarted pod does, which keeps the test short.
+FROM_WEIGHTS = {"overlay cpu", "docker run framecast-cpu", "docker run framecast-gpu"}
+
+
 def port_of(probe: dict[str, Any]) -> int:
     assert "grpc" in probe, f"not a gRPC probe: {probe}"
     return int(probe["grpc"]["port"])
@@ -275,7 +291,7 @@ def docker_spec(entry: Entry, tmp: Path, cache: Path) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e.name for e in ENTRIES])
 def test_the_entry_point_starts_and_answers_its_probes(
-    entry: Entry, weights_cache: Path, tmp_path: Path
+    entry: Entry, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     if needs_tensorrt(entry) and (reason := tensorrt_problem()) is not None:
         pytest.skip(f"{entry.name} serves with TensorRT: {reason}")
@@ -283,7 +299,8 @@ def test_the_entry_point_starts_and_answers_its_probes(
     if problem is not None:
         pytest.skip(f"cannot make a pod's namespaces here: {problem}")
     cache = tmp_path / "model-cache"
-    shutil.copytree(weights_cache, cache)
+    seed = "weights_cache" if entry.name in FROM_WEIGHTS else "prepared_cache"
+    shutil.copytree(request.getfixturevalue(seed), cache)
     if entry.pod is not None:
         spec = pod_spec(entry, entry.pod, tmp_path, cache)
     else:
@@ -311,3 +328,20 @@ def test_the_entry_point_starts_and_answers_its_probes(
     if spec["metrics_port"]:
         assert seen["metrics"] > 0
     assert seen["init"] == [c["name"] for c in (entry.pod or {}).get("initContainers", [])]
+
+
+def test_without_the_weights_the_init_container_fails_in_one_line(tmp_path: Path) -> None:
+    # Where the download cannot happen (HF_HUB_OFFLINE here; closed egress in a cluster), the
+    # pod stops at its init container, saying why, instead of serving random weights.
+    (entry,) = [e for e in ENTRIES if e.name == "overlay cpu"]
+    assert entry.pod is not None
+    (init,) = entry.pod["initContainers"]
+    env = with_our_python(image(DOCKERFILES[entry.image_name]).env)
+    env.update({e["name"]: e["value"] for e in init.get("env", [])})
+    env.update(FRAMECAST_CACHE_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    command = [*init.get("command", image(DOCKERFILES[entry.image_name]).entrypoint), *init["args"]]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("framecast prepare-model: pretrained weights are required")
+    assert not list(tmp_path.glob("prepared/*.onnx"))

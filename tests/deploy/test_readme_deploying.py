@@ -49,6 +49,12 @@ def health(address: str) -> int | None:
 
 def serve(words: list[str], cache_dir: Path, tmp_path: Path) -> None:
     """`framecast serve ...` as shown, on loopback and a free port, offline, null backend."""
+    # First the command exactly as shown: its flags must be accepted as they stand (a bare
+    # --host 0.0.0.0 is refused without TLS or --insecure), short of binding the address.
+    from framecast_client.cli import build_parser
+    from framecast_server.cli import _settings
+
+    _settings(build_parser().parse_args(words[1:]))
     port_file = tmp_path / "port"
     overrides = ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                  "--backend", "null", "--offline", "--cache-dir", str(cache_dir)]  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -67,3 +69,25 @@ def test_the_health_port_answers_health_in_plaintext_and_nothing_else(
     # Stopped with the server.
     with socket.socket() as again:
         again.bind(("127.0.0.1", health_port))
+
+
+def test_the_flags_reach_the_settings_and_a_port_clash_is_one_line(tmp_path: Path) -> None:
+    from framecast_client.cli import build_parser
+    from framecast_server.cli import _settings
+
+    flags = ["--health-port", "8081", "--max-connection-age", "30"]
+    args = build_parser().parse_args(["serve", *flags, "--max-connection-age-grace", "5"])
+    settings = _settings(args)
+    assert settings.health_port == 8081
+    assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (30.0, 5.0)
+    defaults = _settings(build_parser().parse_args(["serve"]))
+    assert defaults.health_port is None
+    assert defaults.max_connection_age_s == 0  # off unless asked (the manifests ask)
+    done = subprocess.run(
+        [sys.executable, "-m", "framecast_client.cli", "serve", "--port", "50551",
+         "--health-port", "50551", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    (line,) = done.stderr.strip().splitlines()
+    assert line == "framecast serve: health port must differ from the port (50551)"

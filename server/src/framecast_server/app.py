@@ -182,6 +182,7 @@ class FramecastServer:
                 max_batch=settings.max_batch,
                 threads=settings.threads,
                 cache_dir=settings.cache_dir,
+                engine=settings.engine_settings(),
             )
         if isinstance(backend, BreakableBackend):
             loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ from framecast_client.cli_args import (
 )
 
 if TYPE_CHECKING:
+    from .backends.tensorrt.settings import EngineSettings
     from .model import ModelSource
     from .settings import ServerSettings, ServerTLS
 
@@ -104,6 +105,49 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int
     )
     _add_require_pretrained(parser)
     _add_limit_arguments(parser)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in EngineSettings (one place). serve and build-engine take the same flags
+    # and make the same settings from them (_engine_settings): the engine cache's key covers
+    # them all, so any difference would make serve build again, for minutes.
+    group = parser.add_argument_group(
+        "TensorRT engine (build-engine and serve must be given the same)"
+    )
+    group.add_argument(
+        "--opt-batch", type=positive_int, help="profile optimum batch (default: --max-batch)"
+    )
+    group.add_argument(
+        "--workspace-mib", type=positive_int, help="builder workspace limit, MiB (default 1024)"
+    )
+    group.add_argument(
+        "--optimization-level",
+        type=int,
+        choices=range(6),
+        metavar="0-5",
+        help="builder optimization level (default 3)",
+    )
+
+
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    """The TensorRT engine settings the flags ask for: the same for serve and build-engine."""
+    import dataclasses
+
+    from .backends.tensorrt.settings import EngineSettings
+
+    opt_batch: int | None = getattr(args, "opt_batch", None)
+    workspace_mib: int | None = getattr(args, "workspace_mib", None)
+    level: int | None = getattr(args, "optimization_level", None)
+    if opt_batch is not None and opt_batch > args.max_batch:
+        raise CommandError(
+            f"--opt-batch ({opt_batch}) must be at most --max-batch ({args.max_batch})", status=2
+        )
+    settings = EngineSettings(max_batch=args.max_batch, opt_batch=opt_batch)
+    if workspace_mib is not None:
+        settings = dataclasses.replace(settings, workspace_bytes=workspace_mib * 1024 * 1024)
+    if level is not None:
+        settings = dataclasses.replace(settings, builder_optimization_level=level)
+    return settings
 
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -297,6 +341,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         insecure=getattr(args, "insecure", False),
         metrics_port=getattr(args, "metrics_port", None),
         health_port=getattr(args, "health_port", None),
+        engine=_engine_settings(args),
         **_limits(args),  # type: ignore[arg-type]
     )
 
@@ -439,24 +484,19 @@ def _build_engine(args: argparse.Namespace) -> int:
     from .backends.base import BackendUnavailableError
     from .backends.tensorrt.availability import tensorrt_unavailable_reason
 
+    engine_settings = _engine_settings(args)  # a mistake in the flags is said first
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         # Fail before preparing anything: a build here cannot succeed.
         print(f"framecast build-engine: {reason}", file=sys.stderr)
         return 2
-    from .backends.tensorrt import EngineSettings, build_engine
+    from .backends.tensorrt import build_engine
     from .model import prepare_model
     from .settings import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     output = args.output or cache_dir
     prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
-    engine_settings = EngineSettings(
-        max_batch=args.max_batch,
-        opt_batch=args.opt_batch or args.max_batch,
-        workspace_bytes=args.workspace_mib * 1024 * 1024,
-        builder_optimization_level=args.optimization_level,
-    )
     try:
         plan = build_engine(prepared.onnx_path, engine_settings, output)
     except BackendUnavailableError as exc:
@@ -496,6 +536,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _add_serving_arguments(serve, default_port=50051)
     _add_security_arguments(serve)
+    _add_engine_arguments(serve)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
     )
@@ -535,15 +576,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _add_model_arguments(build)
     build.add_argument("--max-batch", type=positive_int, default=32, help="profile max batch")
-    build.add_argument(
-        "--opt-batch", type=positive_int, help="profile optimum batch (default: max batch)"
-    )
-    build.add_argument(
-        "--workspace-mib", type=positive_int, default=4096, help="builder workspace limit, MiB"
-    )
-    build.add_argument(
-        "--optimization-level", type=int, default=3, choices=range(6), help="builder level 0-5"
-    )
+    _add_engine_arguments(build)
     build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
     _add_require_pretrained(build)
     build.set_defaults(handler=_run(_build_engine))

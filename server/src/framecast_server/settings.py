@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.factory import BackendName
+from .backends.tensorrt.settings import EngineSettings
 from .model import ModelSource
 
 DEFAULT_HOST = "127.0.0.1"
@@ -106,6 +107,9 @@ class ServerSettings:
     # gains nothing from it; the Kubernetes manifests set it).
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 10.0
+    # How TensorRT builds its engine: the same settings as `framecast build-engine`, so the
+    # server finds the engine built there. None: EngineSettings' defaults for max_batch.
+    engine: EngineSettings | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -133,6 +137,11 @@ class ServerSettings:
                 raise ValueError(f"{name.removesuffix('_s').replace('_', ' ')} must be positive")
         if self.drain_delay_s < 0:
             raise ValueError(f"drain delay must not be negative, got {self.drain_delay_s}")
+        if self.engine is not None and self.engine.max_batch != self.max_batch:
+            raise ValueError(
+                f"engine max batch ({self.engine.max_batch}) must equal max batch "
+                f"({self.max_batch})"
+            )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if self.health_port is not None:
@@ -155,6 +164,10 @@ class ServerSettings:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def engine_settings(self) -> EngineSettings:
+        """The TensorRT engine's build settings (defaults for ``max_batch`` unless given)."""
+        return EngineSettings(max_batch=self.max_batch) if self.engine is None else self.engine
 
     @property
     def max_message_bytes(self) -> int:
