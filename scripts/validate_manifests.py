@@ -5,26 +5,31 @@
 Renders every kustomize overlay with ``kubectl kustomize`` (offline) and checks each resource
 with kubernetes-validate (strict: unknown fields are errors) for the oldest Kubernetes we
 support (1.27, where native gRPC probes became GA) and the newest it knows. The KServe
-InferenceService is a custom resource without a schema there: its predictor container is
-checked as a core v1 container. CI runs this (.ci/run); tests/deploy checks what the
-manifests say.
+InferenceService is a custom resource without a schema there: it is checked against KServe's
+published CRD schema (scripts/schemas/, strict as the API server's strict field validation:
+unknown fields are errors), and its predictor as a core v1 Pod. CI runs this (.ci/run);
+tests/deploy checks what the manifests say.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]  # comes with kubernetes-validate
 import kubernetes_validate
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "secure")
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+KSERVE_SCHEMA = ROOT / "scripts" / "schemas" / "inferenceservice-v1beta1-v0.20.0.schema.json.gz"
 VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 
 
@@ -50,12 +55,42 @@ def kserve_as_pod() -> dict[str, Any]:
     if service.get("apiVersion") != "serving.kserve.io/v1beta1":
         raise SystemExit(f"validate_manifests: {KSERVE.name} is not a v1beta1 InferenceService")
     predictor = service["spec"]["predictor"]
+    pod_fields = ("containers", "initContainers", "volumes", "securityContext")
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": service["metadata"]["name"]},
-        "spec": {"containers": predictor["containers"]},
+        "spec": {name: predictor[name] for name in pod_fields if name in predictor},
     }
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema where an object's unknown fields are errors (the API server prunes them
+    silently, or refuses them under strict field validation), as kubernetes-validate's strict."""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _strict(value) for key, value in schema.items()}
+    if (
+        "properties" in strict
+        and "additionalProperties" not in strict
+        and not strict.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        strict["additionalProperties"] = False
+    return strict
+
+
+def validate_kserve(service: dict[str, Any]) -> list[str]:
+    """Errors of an InferenceService against KServe's v1beta1 CRD schema, one line each."""
+    schema = _strict(json.loads(gzip.decompress(KSERVE_SCHEMA.read_bytes())))
+    # The CRD's schema leaves metadata to the API server; check what it does not.
+    validator = jsonschema.Draft7Validator(schema)
+    errors = []
+    for error in sorted(validator.iter_errors(service), key=lambda e: list(e.path)):
+        path = ".".join(str(p) for p in error.path)
+        errors.append(f"kserve: InferenceService (KServe v0.20.0 schema): {path}: {error.message}")
+    return errors
 
 
 def validate(resources: list[dict[str, Any]], what: str) -> list[str]:
@@ -82,7 +117,8 @@ def main() -> int:
         kinds = ", ".join(sorted(str(r["kind"]) for r in resources))
         print(f"{overlay}: {len(resources)} resources ({kinds})")
     errors += validate([kserve_as_pod()], "kserve")
-    print("kserve: the InferenceService's predictor container (as a Pod)")
+    errors += validate_kserve(yaml.safe_load(KSERVE.read_text()))
+    print("kserve: the InferenceService (KServe's CRD schema) and its predictor (as a Pod)")
     for error in errors:
         print(error, file=sys.stderr)
     print(

@@ -221,3 +221,18 @@ class RawClassifier:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def write_downloaded_weights(cache_dir: Path, *, seed: int = 20) -> Path:
+    """Leave ``cache_dir`` as a download of the default weights leaves it, with no network:
+    random ResNet-50 weights as ``weights/<CACHED_FILENAME>`` and, beside them, their SHA-256
+    as the published checksum. ``--require-pretrained`` then accepts them."""
+    from framecast_server.model import PRESETS, random_weights
+    from framecast_server.model.download import CACHED_FILENAME, CHECKSUM_SUFFIX, file_sha256
+    from safetensors.numpy import save_file
+
+    weights = cache_dir / "weights" / CACHED_FILENAME
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(seed, PRESETS["torchvision"]), str(weights))
+    weights.with_name(weights.name + CHECKSUM_SUFFIX).write_text(file_sha256(weights) + "\n")
+    return weights

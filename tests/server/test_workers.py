@@ -14,7 +14,12 @@ import grpc
 import pytest
 from framecast_client import Client
 from framecast_server.settings import ServerSettings
-from framecast_server.workers import parse_workers, usable_cores, worker_settings
+from framecast_server.workers import (
+    cgroup_cpu_limit,
+    parse_workers,
+    usable_cores,
+    worker_settings,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import not_a_classifier, random_frames, wait_until
 
@@ -35,6 +40,50 @@ def test_each_worker_gets_its_share_of_the_cores_for_onnx_runtime() -> None:
     assert settings.port == 1234
     assert settings.threads == max(1, usable_cores() // 2)
     assert worker_settings(ServerSettings(threads=3), 2, 1).threads == 3  # told explicitly
+
+
+def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "400000 100000\n"}, 4.0),  # cgroup v2, limits.cpu: 4
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        # cgroup v1: Docker and the kubelet mount the container's own cgroup here.
+        (
+            {
+                "cpu,cpuacct/cpu.cfs_quota_us": "400000\n",
+                "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+            },
+            4.0,
+        ),
+        ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(
+    tmp_path: Path, files: dict[str, str], limit: float | None
+) -> None:
+    assert cgroup_cpu_limit(fake_cgroup(tmp_path, files)) == limit
+
+
+def test_auto_is_capped_by_a_cgroup_v1_quota(tmp_path: Path) -> None:
+    # A pod limited to 1 CPU on a bigger node: one worker, whatever the affinity says.
+    root = fake_cgroup(
+        tmp_path, {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    assert usable_cores(root) == 1
+    root = fake_cgroup(
+        tmp_path / "big", {"cpu/cpu.cfs_quota_us": "9600000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    assert usable_cores(root) == len(os.sched_getaffinity(0))  # never more than the affinity
 
 
 @pytest.mark.parametrize("value", ["0", "lots"])

@@ -35,7 +35,7 @@ from .service.decoding import guarded
 from .service.inference_protocol import InferenceServicer
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
-from .wiring import Wiring
+from .wiring import Wiring, connection_age_options
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class FramecastServer:
         """
         self.settings = settings
         self._backend_factory = backend_factory
+        self._reuse_port = reuse_port
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
         self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
@@ -109,6 +110,7 @@ class FramecastServer:
                 # 20 MB/s link at 50 ms round trip.
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+                *connection_age_options(settings),
             ],
         )
         self._gate = CallGate()
@@ -154,6 +156,7 @@ class FramecastServer:
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self.wiring.start_metrics()
+        await self.wiring.start_health_port(self._health, reuse_port=self._reuse_port)
         await self._server.start()
         logger.info(
             "listening on %s:%d, %s%s",
@@ -286,11 +289,13 @@ class FramecastServer:
             self._serving.backend.close()
             self._serving = None
         await self.wiring.stop_metrics()
+        await self.wiring.stop_health_port()
         logger.info("stopped")
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
         await self._server.stop(None)
+        await self.wiring.stop_health_port()
 
 
 def _write_port_file(path: Path, port: int) -> None:

@@ -1,4 +1,4 @@
-"""Server commands of `framecast`: serve, demo, build-engine.
+"""Server commands of `framecast`: serve, demo, build-engine, prepare-model.
 
 Registered into the client's CLI through the ``framecast.commands`` entry point. This module
 imports only the standard library at load time so `framecast --help` stays fast.
@@ -104,11 +104,7 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int
         type=positive_int,
         help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)",
     )
-    parser.add_argument(
-        "--require-pretrained",
-        action="store_true",
-        help="refuse to start on random weights (when the default weights cannot be had)",
-    )
+    _add_require_pretrained(parser)
     _add_limit_arguments(parser)
 
 
@@ -189,6 +185,19 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         help="on SIGTERM, calls in flight get this long to finish (default 10)",
     )
+    group.add_argument(
+        "--max-connection-age",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="end each connection after this long (+-10%%), so clients re-resolve and spread "
+        "onto new replicas; the SDK reconnects unnoticed (default 0: never)",
+    )
+    group.add_argument(
+        "--max-connection-age-grace",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="calls on a connection past its age get this long before it is closed (default 10)",
+    )
 
 
 def _limits(args: argparse.Namespace) -> dict[str, float | int]:
@@ -205,6 +214,12 @@ def _limits(args: argparse.Namespace) -> dict[str, float | int]:
     ):
         if getattr(args, name) is not None:
             limits[name] = getattr(args, name)
+    for flag, name in (
+        ("max_connection_age", "max_connection_age_s"),
+        ("max_connection_age_grace", "max_connection_age_grace_s"),
+    ):
+        if getattr(args, flag, None) is not None:
+            limits[name] = getattr(args, flag)
     return limits
 
 
@@ -240,6 +255,13 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 = any)",
+    )
+    group.add_argument(
+        "--health-port",
+        type=port,
+        metavar="PORT",
+        help="also serve grpc.health.v1, and nothing else, in plaintext without tokens on "
+        "HOST:PORT, for probes that cannot speak TLS (Kubernetes' gRPC probes; default off)",
     )
 
 
@@ -319,6 +341,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         auth_health=getattr(args, "auth_health", False),
         insecure=getattr(args, "insecure", False),
         metrics_port=getattr(args, "metrics_port", None),
+        health_port=getattr(args, "health_port", None),
         engine=_engine_settings(args),
         **_limits(args),  # type: ignore[arg-type]
     )
@@ -526,8 +549,27 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .model import prepare_model
+    from .settings import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
+    print(f"model: {prepared.onnx_path} ({prepared.name} {prepared.version}, "
+          f"{'pretrained' if prepared.pretrained else 'RANDOM weights'})")  # fmt: skip
+    return 0
+
+
+def _add_require_pretrained(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-pretrained",
+        action="store_true",
+        help="refuse random weights (when the default weights cannot be had)",
+    )
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add serve, demo and build-engine to the `framecast` command."""
+    """Add serve, demo, build-engine and prepare-model to the `framecast` command."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server",
@@ -579,4 +621,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     build.add_argument("--max-batch", type=positive_int, default=32, help="profile max batch")
     _add_engine_arguments(build)
     build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
+    _add_require_pretrained(build)
     build.set_defaults(handler=_run(_build_engine))
+
+    prepare = commands.add_parser(
+        "prepare-model",
+        help="download the weights and prepare the served model into the cache",
+        description="Prepare (or find in the cache) the model that `framecast serve` with the "
+        "same model flags and cache serves: the default weights are downloaded and checked "
+        "against their published SHA-256. Kubernetes runs it as an init container, so the "
+        "server itself starts with --offline --require-pretrained.",
+    )
+    _add_model_arguments(prepare)
+    _add_require_pretrained(prepare)
+    prepare.set_defaults(handler=_run(_prepare_model))
