@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +158,54 @@ class RawClassifier:
 
     def close(self) -> None:
         self.channel.close()
+
+
+WAIT_DEADLINE_S = 60.0  # generous: a loaded 2-core machine starts processes slowly
+
+
+def wait_for(condition: Callable[[], bool], what: str, deadline_s: float = WAIT_DEADLINE_S) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Host:
+    """A `framecast serve --workers 2 --metrics-port 0` process: its gRPC address and metrics."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    metrics_port: int
+    log: Path
+
+
+@contextmanager
+def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+    port_file = tmp_path / "port"
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
+    try:
+        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
+        assert process.poll() is None, log.read_text()
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+        assert found, log.read_text()
+        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
+    finally:
+        if process.poll() is None:
+            process.terminate()  # the supervisor removes its directory; a kill would leave it
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait()
