@@ -45,6 +45,7 @@ MONITORING = ROOT / "deploy" / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 ADAPTER = ROOT / "deploy" / "kubernetes" / "prometheus-adapter" / "values.yaml"
+PODMONITOR = ROOT / "deploy" / "kubernetes" / "base" / "podmonitor.yaml"
 README_METRICS = (ROOT / "README.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ")[0]
 # What Kubernetes service discovery would label the target with (the PodMonitor keeps them).
 NAMESPACE, POD = "framecast-e2e", "framecast-7d9f-abcde"
@@ -213,6 +214,7 @@ def prometheus(host: Host, tmp_path: Path) -> Iterator[Prometheus]:
             "rule_files": [str(ALERTS)],
             "scrape_configs": [{
                 "job_name": "framecast",
+                "metrics_path": scraped_path(),
                 "static_configs": [{
                     "targets": [f"127.0.0.1:{host.metrics_port}"],
                     "labels": {"namespace": NAMESPACE, "pod": POD},
@@ -232,6 +234,12 @@ def prometheus(host: Host, tmp_path: Path) -> Iterator[Prometheus]:
         yield server
     finally:
         stop(process)
+
+
+def scraped_path() -> str:
+    """The path the PodMonitor has the Operator scrape."""
+    (endpoint,) = yaml.safe_load(PODMONITOR.read_text())["spec"]["podMetricsEndpoints"]
+    return str(endpoint["path"])
 
 
 def start_prometheus(
@@ -399,6 +407,14 @@ def test_prometheus_scrapes_a_two_worker_server_and_every_query_has_data(
         finally:
             for title, expr in [(f"adapter {metric}", rendered), *panels]:
                 print(f"{title}: {expr}\n    -> {results.get(title)}")
+        # The dashboard's namespace variable lists the server's namespace.
+        (variable,) = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]
+                       if v["name"] == "namespace"]  # fmt: skip
+        found = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"])
+        assert found, variable
+        namespaces = prometheus.get(f"/api/v1/label/{found[2]}/values", **{"match[]": found[1]})
+        print(f"namespace variable: {variable['query']['query']} -> {namespaces}")
+        assert namespaces == [NAMESPACE]
         # The alert rules ran on the scraped data without errors (and fire on none of it).
         wait_for(lambda: rules_evaluated(prometheus), "the alert rules to run", DATA_DEADLINE_S)
         assert prometheus.get("/api/v1/alerts")["alerts"] == []
