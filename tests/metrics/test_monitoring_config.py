@@ -110,7 +110,7 @@ def rendered(module: ModuleType, overlay: str) -> dict[str, dict[str, Any]]:
     return {f"{r['kind']}/{r['metadata']['name']}": r for r in module.render(overlay)}
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", load_validate_manifests().OVERLAYS)
 def test_prometheus_and_grpc_clients_reach_the_replicas_and_nothing_else(
     overlay: str, validate_manifests: ModuleType
 ) -> None:
