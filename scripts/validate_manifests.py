@@ -7,14 +7,19 @@ with kubernetes-validate (strict: unknown fields are errors) for the oldest Kube
 support (1.27, where native gRPC probes became GA) and the newest it knows. The KServe
 InferenceService is a custom resource without a schema there: it is checked against KServe's
 published CRD schema (scripts/schemas/, strict as the API server's strict field validation:
-unknown fields are errors), and its predictor as a core v1 Pod. CI runs this (.ci/run);
-tests/deploy checks what the manifests say.
+unknown fields are errors), and its predictor as a core v1 Pod. The Prometheus Operator's
+PodMonitor has no schema there either: its fields are checked against the ones the Operator's
+API reference documents for monitoring.coreos.com/v1 (an unknown field is an error, as in
+strict validation), its values' types and formats, and its label selector and metadata against
+the core schema (as a PodDisruptionBudget's). CI runs this (.ci/run); tests/deploy checks what
+the manifests say.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -93,11 +98,112 @@ def validate_kserve(service: dict[str, Any]) -> list[str]:
     return errors
 
 
+# PodMonitor (monitoring.coreos.com/v1), from the Prometheus Operator's API reference: the
+# fields of its spec and of a podMetricsEndpoint that we may use, with their types.
+PODMONITOR_SPEC = {
+    "selector": dict,
+    "podMetricsEndpoints": list,
+    "namespaceSelector": dict,
+    "jobLabel": str,
+    "podTargetLabels": list,
+    "sampleLimit": int,
+    "targetLimit": int,
+    "labelLimit": int,
+    "labelNameLengthLimit": int,
+    "labelValueLengthLimit": int,
+    "attachMetadata": dict,
+}
+PODMONITOR_ENDPOINT = {
+    "port": str,
+    "path": str,
+    "scheme": str,
+    "params": dict,
+    "interval": str,
+    "scrapeTimeout": str,
+    "honorLabels": bool,
+    "honorTimestamps": bool,
+    "metricRelabelings": list,
+    "relabelings": list,
+    "followRedirects": bool,
+    "enableHttp2": bool,
+    "filterRunning": bool,
+}
+# The CRD's patterns: a Prometheus duration, and a port name (IANA_SVC_NAME).
+DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+                      r"(([0-9]+)s)?(([0-9]+)ms)?)$")  # fmt: skip
+PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+
+
+def _fields(found: dict[str, Any], documented: dict[str, type], where: str) -> list[str]:
+    errors = []
+    for key, value in found.items():
+        if key not in documented:
+            errors.append(f"{where}.{key}: not a documented field")
+        # A bool is an int to Python, not to Kubernetes: each only where documented.
+        elif not isinstance(value, documented[key]) or isinstance(value, bool) is not (
+            documented[key] is bool
+        ):
+            errors.append(f"{where}.{key}: {value!r} is not a {documented[key].__name__}")
+    return errors
+
+
+def podmonitor_errors(resource: dict[str, Any]) -> list[str]:
+    """A PodMonitor checked against the documented fields, and its selector and metadata
+    against the core schema (a PodDisruptionBudget has the same two)."""
+    if resource.get("apiVersion") != "monitoring.coreos.com/v1":
+        return [f"apiVersion: {resource.get('apiVersion')} is not monitoring.coreos.com/v1"]
+    top = {"apiVersion", "kind", "metadata", "spec"}
+    errors = [f"{key}: not a documented field" for key in resource if key not in top]
+    spec = resource.get("spec")
+    if not isinstance(spec, dict):
+        return [*errors, "spec: missing"]
+    errors += _fields(spec, PODMONITOR_SPEC, "spec")
+    endpoints = spec.get("podMetricsEndpoints")
+    if not endpoints:
+        errors.append("spec.podMetricsEndpoints: none")
+    for i, endpoint in enumerate(endpoints or []):
+        where = f"spec.podMetricsEndpoints.{i}"
+        if not isinstance(endpoint, dict):
+            errors.append(f"{where}: not an object")
+            continue
+        errors += _fields(endpoint, PODMONITOR_ENDPOINT, where)
+        if not PORT_NAME.match(str(endpoint.get("port", ""))):
+            errors.append(f"{where}.port: {endpoint.get('port')!r} is not a container port name")
+        for key in ("interval", "scrapeTimeout"):
+            if key in endpoint and not DURATION.match(str(endpoint[key])):
+                errors.append(f"{where}.{key}: {endpoint[key]!r} is not a Prometheus duration")
+        if not str(endpoint.get("path", "/")).startswith("/"):
+            errors.append(f"{where}.path: {endpoint['path']!r} is not an absolute path")
+    if "selector" not in spec:
+        errors.append("spec.selector: missing")
+    as_core = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": resource.get("metadata", {}),
+        "spec": {"selector": spec.get("selector", {}), "minAvailable": 1},
+    }
+    for version in VERSIONS:
+        try:
+            kubernetes_validate.validate(as_core, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            errors.append(f"{path} (Kubernetes {version}): {exc.message}")
+    return errors
+
+
+# Custom resources without a schema in kubernetes-validate, and how each is checked.
+CUSTOM_KINDS = {"PodMonitor": podmonitor_errors}
+
+
 def validate(resources: list[dict[str, Any]], what: str) -> list[str]:
     """Schema errors of ``resources``, one line each."""
     errors = []
     for resource in resources:
         name = f"{what}: {resource.get('kind')}/{resource.get('metadata', {}).get('name')}"
+        custom = CUSTOM_KINDS.get(str(resource.get("kind")))
+        if custom is not None:
+            errors += [f"{name}: {error}" for error in custom(resource)]
+            continue
         for version in VERSIONS:
             try:
                 kubernetes_validate.validate(resource, version, strict=True)

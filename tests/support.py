@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +241,46 @@ def write_downloaded_weights(cache_dir: Path, *, seed: int = 20) -> Path:
     save_file(random_weights(seed, PRESETS["torchvision"]), str(weights))
     weights.with_name(weights.name + CHECKSUM_SUFFIX).write_text(file_sha256(weights) + "\n")
     return weights
+
+
+@dataclass
+class Host:
+    """A `framecast serve --workers 2 --metrics-port 0` process: its gRPC address and metrics."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    metrics_port: int
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+    port_file = tmp_path / "port"
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
+    try:
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the port file",
+            timeout_s=60.0,  # generous: a loaded 2-core machine starts processes slowly
+        )
+        assert process.poll() is None, log.read_text()
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+        assert found, log.read_text()
+        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
+    finally:
+        if process.poll() is None:
+            process.terminate()  # the supervisor removes its directory; a kill would leave it
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait()

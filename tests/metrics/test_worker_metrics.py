@@ -9,13 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import re
 import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -31,7 +27,7 @@ from framecast_server.model import PreparedModel
 from framecast_server.model.presets import TORCHVISION
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from support import random_frames, wait_until
+from support import Host, random_frames, serve_workers, wait_until
 
 DEADLINE_S = 60.0
 CLASSIFY = "/framecast.v1.Classifier/Classify"
@@ -84,44 +80,10 @@ def own_figure(directory: Path, pid: int, name: str, **labels: str) -> float:
     return 0.0
 
 
-@dataclass
-class Host:
-    process: subprocess.Popen[bytes]
-    address: str
-    metrics_port: int
-    log: Path
-
-
 @pytest.fixture
 def host(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    port_file = tmp_path / "port"
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
-        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
-        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
-    try:
-        wait_until(
-            lambda: port_file.exists() or process.poll() is not None,
-            "the port file",
-            timeout_s=DEADLINE_S,
-        )
-        assert process.poll() is None, log.read_text()
-        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
-        assert found, log.read_text()
-        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
-    finally:
-        if process.poll() is None:
-            process.terminate()  # the supervisor removes its directory; a kill would leave it
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+    with serve_workers(cache_dir, tmp_path) as running:
+        yield running
 
 
 def _open_stream(
