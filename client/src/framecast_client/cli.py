@@ -275,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_plugins(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .bench.cli import add_parser as add_bench
     from .stream_cli import add_parser as add_stream
+    from .top_cli import add_parser as add_top
 
     add_bench(commands)
     add_stream(commands)
+    add_top(commands)
     registered = False
     for entry in entry_points(group="framecast.commands"):
         try:

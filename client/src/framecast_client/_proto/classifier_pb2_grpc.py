@@ -30,6 +30,11 @@ class ClassifierStub(object):
                 request_serializer=framecast_dot_v1_dot_classifier__pb2.StreamRequest.SerializeToString,
                 response_deserializer=framecast_dot_v1_dot_classifier__pb2.StreamResponse.FromString,
                 )
+        self.ListStreams = channel.unary_unary(
+                '/framecast.v1.Classifier/ListStreams',
+                request_serializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.SerializeToString,
+                response_deserializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.FromString,
+                )
 
 
 class ClassifierServicer(object):
@@ -51,6 +56,17 @@ class ClassifierServicer(object):
 
     def ClassifyStream(self, request_iterator, context):
         """Frames in, results out, each result tagged with its frame id, in the order the frames came.
+        Stream options travel as call metadata: "framecast-stream-name" names the stream in
+        ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
+        frames older than that before computing them (FrameError with a DropReason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStreams(self, request, context):
+        """The streams this server runs now, for operators (`framecast top`); bounded in count and
+        in the size of every field.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,6 +89,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ClassifyStream,
                     request_deserializer=framecast_dot_v1_dot_classifier__pb2.StreamRequest.FromString,
                     response_serializer=framecast_dot_v1_dot_classifier__pb2.StreamResponse.SerializeToString,
+            ),
+            'ListStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStreams,
+                    request_deserializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.FromString,
+                    response_serializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,5 +153,22 @@ class Classifier(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/framecast.v1.Classifier/ClassifyStream',
             framecast_dot_v1_dot_classifier__pb2.StreamRequest.SerializeToString,
             framecast_dot_v1_dot_classifier__pb2.StreamResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/framecast.v1.Classifier/ListStreams',
+            framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.SerializeToString,
+            framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
