@@ -375,8 +375,10 @@ class Client(_BaseClient):
                 says why. None: no limit.
             follow_hints: Realtime mode: skip frames at capture, before preparing and
                 sending them, to the rate the server says it can serve this stream now
-                (``stats.skipped``); False sends as fast as the window allows and drops the
-                oldest unsent frame instead. Lossless sessions answer every frame either way.
+                (``stats.skipped``), and keep no more frames in flight than it says are
+                served within the max age; False sends as fast as ``max_in_flight`` allows and
+                drops the oldest unsent frame instead. Lossless sessions answer every frame
+                either way.
 
         Raises:
             ValueError: An argument is out of range.

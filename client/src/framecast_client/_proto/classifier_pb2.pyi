@@ -397,18 +397,24 @@ class FlowHint(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RATE_FPS_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     rate_fps: _builtins.float
     """Frames per second this stream gets now: the server's measured capacity shared equally
-    among its streams.
+    among its streams, less a margin so that queues drain.
+    """
+    max_in_flight: _builtins.int
+    """Frames this stream should have in flight at most: what rate_fps computes within half the
+    stream's max age (100 ms without one), at least 1.
     """
     def __init__(
         self,
         *,
         rate_fps: _builtins.float = ...,
+        max_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_fps", b"rate_fps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "rate_fps", b"rate_fps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

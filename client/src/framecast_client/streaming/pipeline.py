@@ -140,6 +140,7 @@ class StreamCore:
         # capture time at which the next frame is taken at that rate.
         self._pace = self._realtime and config.follow_hints
         self._rate_hint = 0.0
+        self._window = config.max_in_flight  # lowered to the hint's max_in_flight
         self._next_take = 0.0
         self._skipped = 0
         self._bytes_sent = 0
@@ -381,7 +382,7 @@ class StreamCore:
             return slot.item.request
         while (
             self._ready
-            and len(self._outstanding) < self.config.max_in_flight
+            and len(self._outstanding) < self._window
             and len(self._output) < self._output_capacity
         ):
             item = self._ready.popleft()
@@ -437,6 +438,9 @@ class StreamCore:
             outcome = FrameError(code, response.error.message, "server", reason)
         if response.HasField("hint"):
             self._rate_hint = response.hint.rate_fps
+            if self._pace:
+                hinted = max(1, response.hint.max_in_flight)
+                self._window = min(self.config.max_in_flight, hinted)
         age_us = response.age.at_compute_us if response.HasField("age") else 0
         self._in_flight -= 1
         self._complete_locked(response.frame_id, outcome, age_us / 1000 if age_us else None)
@@ -467,7 +471,9 @@ class StreamCore:
     def on_break_locked(self) -> int:
         """The current call failed: give up its frames (realtime) or queue them again."""
         self.generation += 1
-        self._rate_hint = 0.0  # the server (perhaps another one) states it afresh
+        # The server (perhaps another one) states the hint afresh.
+        self._rate_hint = 0.0
+        self._window = self.config.max_in_flight
         if not self._broken:
             self._broken = True
             self._disconnects += 1

@@ -494,9 +494,10 @@ class ClassifierServicer:
 
     def _hint(self, response: pb.StreamResponse, stream: StreamEntry) -> None:
         """Tell the stream the rate it gets now (FlowHint), once the capacity is measured."""
-        rate = self.streams.hint_fps()
+        rate, window = self.streams.hint(stream.max_age_ms)
         if rate > 0:
             response.hint.rate_fps = rate
+            response.hint.max_in_flight = window
             stream.rate_hint_fps = rate
 
     @staticmethod

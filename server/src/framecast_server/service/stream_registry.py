@@ -28,6 +28,11 @@ RECENT = 256
 WINDOW_S = 1.0
 # Frames a capacity window needs before its figure replaces the last one.
 _MIN_SAMPLES = 4
+# The share of the capacity the hints hand out: at a utilization of 1 a queue never drains, so
+# frames paced exactly at capacity would still wait ever longer.
+HEADROOM = 0.9
+# Without a max age, the hint's window keeps a stream's frames within this wait.
+DEFAULT_BUDGET_S = 0.1
 
 
 def _p99(values: collections.deque[float]) -> float:
@@ -153,9 +158,18 @@ class StreamRegistry:
         """The stream ended."""
         self._streams.pop(entry.id, None)
 
-    def hint_fps(self) -> float:
-        """Each stream's equal share of the measured capacity; 0 until measured."""
-        return self.capacity.fps / max(1, len(self._streams))
+    def hint(self, max_age_ms: int) -> tuple[float, int]:
+        """A stream's rate hint and window: (fps, frames in flight); (0, 0) until measured.
+
+        The rate is an equal share of the measured capacity, less :data:`HEADROOM`; the window
+        is what that rate computes within half the stream's max age (queue wait and the
+        client's own delay share the other half), at least one frame.
+        """
+        rate = HEADROOM * self.capacity.fps / max(1, len(self._streams))
+        if rate <= 0:
+            return 0.0, 0
+        budget_s = max_age_ms / 2000 if max_age_ms else DEFAULT_BUDGET_S
+        return rate, max(1, min(1 << 16, int(rate * budget_s)))
 
     def listing(self) -> tuple[list[StreamEntry], int]:
         """The oldest :data:`LIST_LIMIT` streams, and how many more there are."""
