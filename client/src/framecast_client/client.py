@@ -257,10 +257,10 @@ class Client(_BaseClient):
         return self._model_info
 
     def list_streams(self, *, timeout: float | None = None) -> list[StreamView]:
-        """The streams the server runs now, oldest first (its ListStreams admin call)."""
+        """The streams the server runs now, oldest first (the Admin service's ListStreams)."""
         self._check_open()
-        with mapped_rpc_errors(self.address), self._pool.lease() as (_, stub, _):
-            reply = stub.ListStreams(
+        with mapped_rpc_errors(self.address), self._pool.lease() as (channel, _, _):
+            reply = pb_grpc.AdminStub(channel).ListStreams(
                 pb.ListStreamsRequest(), timeout=self._timeout(timeout), metadata=self._metadata
             )
         return [wire.stream_view_from_proto(s) for s in reply.streams]

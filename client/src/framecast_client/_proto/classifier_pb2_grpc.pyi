@@ -47,10 +47,6 @@ class ClassifierStub:
     ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
     frames older than that before computing them (FrameError with a DropReason).
     """
-    ListStreams: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]
-    """The streams this server runs now, for operators (`framecast top`); bounded in count and
-    in the size of every field.
-    """
 
 @_typing.type_check_only
 class ClassifierAsyncStub(ClassifierStub):
@@ -64,10 +60,6 @@ class ClassifierAsyncStub(ClassifierStub):
     Stream options travel as call metadata: "framecast-stream-name" names the stream in
     ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
     frames older than that before computing them (FrameError with a DropReason).
-    """
-    ListStreams: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]  # type: ignore[assignment]
-    """The streams this server runs now, for operators (`framecast top`); bounded in count and
-    in the size of every field.
     """
 
 class ClassifierServicer(metaclass=_abc_1.ABCMeta):
@@ -99,14 +91,47 @@ class ClassifierServicer(metaclass=_abc_1.ABCMeta):
         frames older than that before computing them (FrameError with a DropReason).
         """
 
+def add_ClassifierServicer_to_server(servicer: ClassifierServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminStub:
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    ListStreams: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]
+    """The streams this server runs now (`framecast top`); bounded in count and in the size of
+    every field.
+    """
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListStreams: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]  # type: ignore[assignment]
+    """The streams this server runs now (`framecast top`); bounded in count and in the size of
+    every field.
+    """
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
     @_abc_1.abstractmethod
     def ListStreams(
         self,
         request: _classifier_pb2.ListStreamsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_classifier_pb2.ListStreamsResponse, _abc.Awaitable[_classifier_pb2.ListStreamsResponse]]:
-        """The streams this server runs now, for operators (`framecast top`); bounded in count and
-        in the size of every field.
+        """The streams this server runs now (`framecast top`); bounded in count and in the size of
+        every field.
         """
 
-def add_ClassifierServicer_to_server(servicer: ClassifierServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -42,7 +42,8 @@ DEFAULT_TOP_K = 5
 # Method names as gRPC (and the metrics' method label) spell them.
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
 CLASSIFY_STREAM = f"/{SERVICE_NAME}/ClassifyStream"
-LIST_STREAMS = f"/{SERVICE_NAME}/ListStreams"
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+LIST_STREAMS = f"/{ADMIN_SERVICE_NAME}/ListStreams"
 # Stream options, as call metadata (see ClassifyStream in classifier.proto).
 STREAM_NAME_KEY = "framecast-stream-name"
 MAX_AGE_KEY = "framecast-max-age-ms"
@@ -139,7 +140,7 @@ class ClassifierServicer:
         self.streams = StreamRegistry()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register the three methods, each taking its request as raw bytes."""
+        """Register the Classifier's methods and the Admin's, each taking raw bytes."""
         handlers = {
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
@@ -149,12 +150,18 @@ class ClassifierServicer:
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
+        }
+        # The Admin service lists this servicer's streams; the interceptors guard it alike.
+        admin = {
             "ListStreams": grpc.unary_unary_rpc_method_handler(
                 self.ListStreams, response_serializer=pb.ListStreamsResponse.SerializeToString
             ),
         }
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+            (
+                grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
+                grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin),
+            )
         )
 
     def attach(self, serving: ServingModel) -> None:
