@@ -43,7 +43,6 @@ DEFAULT_TOP_K = 5
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
 CLASSIFY_STREAM = f"/{SERVICE_NAME}/ClassifyStream"
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-LIST_STREAMS = f"/{ADMIN_SERVICE_NAME}/ListStreams"
 # Stream options, as call metadata (see ClassifyStream in classifier.proto).
 STREAM_NAME_KEY = "framecast-stream-name"
 MAX_AGE_KEY = "framecast-max-age-ms"
