@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,9 +75,19 @@ def server(cache_dir: Path) -> Iterator[BackgroundServer]:
         yield server
 
 
+def readme_top_command() -> list[str]:
+    """The README's ``$ uv run framecast top ...`` line, as argv after ``top``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("$ uv run framecast top ")]
+    return shlex.split(line.removeprefix("$ uv run framecast top "))
+
+
 def test_top_json_lists_the_running_streams_with_their_names(server: BackgroundServer) -> None:
+    """Runs the README's command, against this server."""
+    address, *flags = readme_top_command()
+    assert address == "localhost:50051"
     with streams(server.address, ["dock-3", LONG_NAME]):
-        done = top(server.address, "--json", "--once")
+        done = top(server.address, *flags)
     assert done.returncode == 0, done.stderr
     listing = json.loads(done.stdout)
     by_name = {s["name"]: s for s in listing["streams"]}
