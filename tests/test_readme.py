@@ -51,12 +51,15 @@ RUN_ELSEWHERE = {
     "docker build -f deploy/gpu.Dockerfile": GPU_HOST,
     'pip install --extra-index-url https://pypi.nvidia.com "./client"': GPU_HOST,
     "framecast build-engine --max-batch 32": GPU_HOST,
-    "framecast serve --host 0.0.0.0 --workers auto": DEPLOY_TEST,
+    "framecast serve --host 0.0.0.0 --insecure --workers auto": DEPLOY_TEST,
     "docker build -f deploy/cpu.Dockerfile": DEPLOY_TEST,
     "kubectl kustomize deploy/kubernetes/overlays/cpu": DEPLOY_TEST,
     "kubectl apply -f deploy/kserve/inferenceservice.yaml": DEPLOY_TEST,
     "python3 -m pip install uv && python3 -m uv run pytest": ".ci/run",
-    'uv run pytest -m "not slow"': ".ci/run",  # Development: .ci/run runs these tools
+    'uv run pytest -m "not slow"': ".ci/run",
+    "framecast top localhost:50051 --json --once": (
+        "tests/client/test_top.py::test_top_json_lists_the_running_streams_with_their_names"
+    ),  # Development: .ci/run runs these tools
 }
 RUN_HERE = {
     "python3 -m uv run framecast demo": "test_quick_start_demo_runs",

@@ -276,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_plugins(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .stream_cli import add_parser as add_stream
+    from .top_cli import add_parser as add_top
 
     add_stream(commands)
+    add_top(commands)
     for entry in entry_points(group="framecast.commands"):
         try:
             entry.load()(commands)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ._proto import classifier_pb2 as pb
 from .preprocess import Interpolation, PreprocessSpec, ResizePolicy
-from .types import Classification, ModelInfo, Prediction, ServerTiming
+from .types import Classification, ModelInfo, Prediction, ServerTiming, StreamView
 from .wire_format import (
     CHANNELS,
     ENCODING_FROM_PROTO,
@@ -213,4 +213,23 @@ def model_info_from_proto(message: pb.ModelInfo) -> ModelInfo:
                 if e in ENCODING_FROM_PROTO and e != pb.IMAGE_ENCODING_RAW
             ]
         ),
+    )
+
+
+def stream_view_from_proto(message: pb.StreamInfo) -> StreamView:
+    """One entry of a ListStreams answer, as the SDK's type."""
+    return StreamView(
+        id=message.id,
+        caller=message.caller,
+        name=message.name,
+        started_unix_s=message.started_unix_ms / 1000,
+        frames_in_per_s=message.frames_in_per_s,
+        frames_out_per_s=message.frames_out_per_s,
+        p99_latency_ms=message.p99_latency_ms,
+        p99_age_ms=message.p99_age_ms,
+        frames_in=message.frames_in,
+        frames_out=message.frames_out,
+        dropped=message.dropped,
+        max_age_ms=message.max_age_ms,
+        rate_hint_fps=message.rate_hint_fps,
     )
