@@ -129,6 +129,10 @@ def test_auth_health_protects_health_too(
             metadata=(("authorization", f"Bearer {SECRET}"),),
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # A watch without a token learns nothing either (UNIMPLEMENTED: see the next test).
+        with pytest.raises(grpc.RpcError) as e:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+        assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_stream_is_authenticated_once(
@@ -202,3 +206,15 @@ async def test_the_async_client_and_its_streams_send_the_token(
     async with AsyncClient(token_server.address, timeout=30) as anonymous:
         with pytest.raises(UnauthenticatedError):
             await anonymous.model_info()
+
+
+def test_a_balanced_client_with_a_token_is_served_where_health_needs_one_too(
+    start_server: Callable[..., BackgroundServer], token_file: Path
+) -> None:
+    # A client over several replicas watches grpc.health.v1 on each connection (client-side
+    # health checking); that watch carries no call metadata, so with --auth-health it must not
+    # leave every replica unhealthy and every call UNAVAILABLE.
+    servers = [start_server(auth_tokens=token_file, auth_health=True) for _ in range(2)]
+    with Client([s.address for s in servers], token=SECRET, timeout=30) as client:
+        for _ in range(4):
+            assert len(client.classify_preprocessed(random_frames(1))) == 1

@@ -36,6 +36,7 @@ from .handlers import rejecting, wrapped
 logger = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"
 BEARER = "bearer "
 # The token file is looked at (one stat) at most this often; a change is seen within this time.
 RELOAD_CHECK_S = 1.0
@@ -194,6 +195,18 @@ class AuthInterceptor(_ServerInterceptor):
             metadata = handler_call_details.invocation_metadata
             token = bearer_token(metadata)
             name = self._tokens.identify(token) if token else None
+            if name is None and not token and method == HEALTH_WATCH:
+                # A client over several replicas watches health on each connection (client-side
+                # health checking) and gRPC sends no call metadata with that watch. Refused with
+                # UNAUTHENTICATED, every replica would look unhealthy to it and every call fail;
+                # UNIMPLEMENTED makes gRPC turn that client's health checking off instead. The
+                # health state itself stays behind the token (Check, and Watch with a bad token).
+                return rejecting(
+                    handler,
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "health needs a token on this server (--auth-health): "
+                    "client-side health checking is off for this connection",
+                )
             if name is None:
                 reason = "missing" if not token else "invalid"
                 if self._on_failure is not None:
