@@ -18,7 +18,13 @@ from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
-from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+from support import (
+    HoldableNullBackend,
+    RawClassifier,
+    make_settings,
+    random_frames,
+    write_tokens,
+)
 
 WAIT_S = 30.0
 
@@ -30,16 +36,26 @@ def wait_until(condition: object, what: str) -> None:
         time.sleep(0.01)
 
 
-def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir: Path) -> None:
+def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
+    cache_dir: Path, tmp_path: Path
+) -> None:
     backend = HoldableNullBackend()
     budget = 16 * FRAME_BYTES
+    # Two callers: a stream and a camera with modest demand (on one host, so told apart by
+    # their tokens).
+    tokens = write_tokens(tmp_path / "tokens", "stream", "camera")
     settings = make_settings(
-        cache_dir, backend="null", max_batch=8, max_queue=64, memory_budget_bytes=budget
+        cache_dir,
+        backend="null",
+        max_batch=8,
+        max_queue=64,
+        memory_budget_bytes=budget,
+        auth_tokens=tokens,
     )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        # Room for five calls at once (two per connection): four admitted and one refused.
-        Client(server.address, timeout=WAIT_S, connections=3) as polite,
+        # Room for five calls at once: four admitted and one refused.
+        Client(server.address, timeout=WAIT_S, token="camera-secret") as polite,
         ThreadPoolExecutor(8) as pool,
     ):
         serving = server.serving
@@ -54,7 +70,7 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
                 image = wire.image_to_proto(random_frames(1, seed=i)[0])
                 yield pb.StreamRequest(frame_id=i, image=image)
 
-        raw = RawClassifier(server.address)
+        raw = RawClassifier(server.address, token="stream-secret")
         stream = pool.submit(
             lambda: [
                 pb.StreamResponse.FromString(r)

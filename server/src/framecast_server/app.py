@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .backends.base import Backend, BreakableBackend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
+from .admission import Admission
 from .drain import CallGate
 from .model import prepare_model
 from .runtime import ServingModel
@@ -106,12 +107,14 @@ class FramecastServer:
             ],
         )
         self._gate = CallGate()
+        self.admission = Admission(settings.max_unary_calls)
         # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._classifier = ClassifierServicer(
             max_message_bytes=settings.max_message_bytes,
             max_calls_per_connection=settings.max_streams_per_connection,
             gate=self._gate,
+            admission=self.admission,
             recorder=self.wiring.recorder,
         )
         self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
@@ -126,7 +129,7 @@ class FramecastServer:
         # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
         # answer throughout a drain).
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self._inference, guarded(self._server, self._gate)
+            self._inference, guarded(self._server, self._gate, self.admission)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
         add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))

@@ -42,6 +42,10 @@ RELOAD_CHECK_S = 1.0
 # Refusals are logged at most once per this many seconds (with a count of those left out): a
 # client retrying with a wrong token must not flood the log.
 REFUSAL_LOG_INTERVAL_S = 10.0
+# gRPC refuses a call whose metadata exceeds 16 KiB; the token's header ("authorization",
+# "Bearer " and HPACK's per-entry 32 bytes) must fit with room for the call's other headers.
+METADATA_LIMIT_BYTES = 16 * 1024
+MAX_TOKEN_BYTES = METADATA_LIMIT_BYTES - 1024
 
 
 class TokenFileError(ValueError):
@@ -67,6 +71,12 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, bytes]:
             raise TokenFileError(f"{source} line {number}: expected 'token' or 'name:token'")
         if any(c.isspace() for c in token):
             raise TokenFileError(f"{source} line {number}: a token must not contain spaces")
+        if len(token.encode()) > MAX_TOKEN_BYTES:
+            raise TokenFileError(
+                f"{source} line {number}: the token is {len(token.encode())} bytes long, more "
+                f"than {MAX_TOKEN_BYTES}: gRPC refuses call metadata over "
+                f"{METADATA_LIMIT_BYTES // 1024} KiB, so no client could send it"
+            )
         if name in tokens:
             raise TokenFileError(f"{source} line {number}: the name {name!r} is used twice")
         tokens[name] = token.encode()

@@ -26,12 +26,14 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.preprocess import PreprocessSpec
 from numpy.typing import NDArray
 
+from ..admission import Admission
 from ..batcher import ItemResult
 from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
+from .decoding import read_request
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
 from .streaming import Outcome, Prepared, Status, admitted
@@ -62,6 +64,7 @@ class ClassifierServicer:
         max_message_bytes: int,
         max_calls_per_connection: int,
         gate: CallGate,
+        admission: Admission,
         recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._serving: ServingModel | None = None
@@ -72,6 +75,7 @@ class ClassifierServicer:
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
         self._gate = gate
+        self._admission = admission
         self._answered = recorder.frames_answered
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -80,8 +84,10 @@ class ClassifierServicer:
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            # Classify writes its response's bytes itself (wire.ClassificationEncoder).
-            "Classify": grpc.unary_unary_rpc_method_handler(self.Classify),
+            # Classify writes its response's bytes itself (wire.ClassificationEncoder). A unary
+            # call on the wire, registered as request-streaming so that the handler runs before
+            # the request is read: it waits for admission first (admission.py).
+            "Classify": grpc.stream_unary_rpc_method_handler(self.Classify),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
@@ -147,23 +153,31 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> bytes | None:
+    async def Classify(self, requests: AsyncIterator[bytes], context: _Context) -> bytes | None:
         try:
             self._gate.enter()
         except Exception as exc:
             set_status(context, exc)
             return None
         frames = 1  # until the request is read: a refused request counts as one image
+        admission = self._admission
+        caller = caller_of(context)
+        admitted = False
         try:
             serving = self._require_serving()
+            # Unread until admitted: what waits is the call's HTTP/2 window, not its images.
+            await admission.enter(caller)
+            admitted = True
+            raw = await read_request(context)
             parsed = self._parse_classify(raw, serving)
             if parsed is None:
                 parsed = await self._parse_classify_message(raw, serving)
             batch, k = parsed
+            del raw  # the batch is a view of it where it could be; nothing else needs it
             frames = len(batch)
             # The batcher's future itself, awaited here: no coroutine or task per request.
             items = await serving.batcher.submit_nowait(
-                batch, deadline=_deadline(context), caller=caller_of(context)
+                batch, deadline=_deadline(context), caller=caller
             )
             response = self._respond(items, k)
             self._answered(CLASSIFY, "OK", len(items))
@@ -173,6 +187,8 @@ class ClassifierServicer:
             self._answered(CLASSIFY, code.name, frames)
             return None
         finally:
+            if admitted:
+                admission.leave()
             self._gate.leave()
 
     def _parse_classify(
