@@ -49,6 +49,11 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# gRPC servers sharing the port. grpc.aio accepts one new call per turn of the event loop and
+# server, so under a flood new calls queued in gRPC's own first-come queue, ahead of the
+# per-caller turns of admission.py: with one server a polite call waited behind some 200 of a
+# flood's calls (p99 100+ ms). benchmarks/fairness.py, 200 calls over 100 connections: FILLED.
+ACCEPT_LOOPS = 4
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
 
@@ -79,7 +84,44 @@ class FramecastServer:
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
         self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
-        self._server = grpc.aio.server(
+        # Several gRPC servers on one port and one event loop (SO_REUSEPORT): each accepts one
+        # new call per turn of the loop, so with one a flood's calls queued in gRPC, unseen
+        # by admission, ahead of everyone else's (see ACCEPT_LOOPS).
+        self._servers = [
+            self._grpc_server(settings, reuse_port=reuse_port or ACCEPT_LOOPS > 1)
+            for _ in range(ACCEPT_LOOPS)
+        ]
+        self._gate = CallGate()
+        self.admission = Admission(settings.max_unary_calls)
+        # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._classifier = ClassifierServicer(
+            max_message_bytes=settings.max_message_bytes,
+            max_calls_per_connection=settings.max_streams_per_connection,
+            gate=self._gate,
+            admission=self.admission,
+            recorder=self.wiring.recorder,
+        )
+        self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
+        self._serving: ServingModel | None = None
+        self._stopping: asyncio.Future[None] | None = None
+        # Set when the backend breaks for the life of the process (a sticky CUDA error).
+        self.broken = asyncio.Event()
+        self.broken_reason: str | None = None
+        self._health_tasks: set[asyncio.Future[None]] = set()
+        for server in self._servers:
+            self._classifier.add_to_server(server)
+            # Generated registrations go through guarded(): malformed requests get
+            # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it
+            # must answer throughout a drain).
+            oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+                self._inference, guarded(server, self._gate, self.admission)
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(server))
+            add_reflection(server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
+
+    def _grpc_server(self, settings: ServerSettings, *, reuse_port: bool) -> grpc.aio.Server:
+        return grpc.aio.server(
             interceptors=self.wiring.interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -106,33 +148,6 @@ class FramecastServer:
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             ],
         )
-        self._gate = CallGate()
-        self.admission = Admission(settings.max_unary_calls)
-        # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._classifier = ClassifierServicer(
-            max_message_bytes=settings.max_message_bytes,
-            max_calls_per_connection=settings.max_streams_per_connection,
-            gate=self._gate,
-            admission=self.admission,
-            recorder=self.wiring.recorder,
-        )
-        self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
-        self._serving: ServingModel | None = None
-        self._stopping: asyncio.Future[None] | None = None
-        # Set when the backend breaks for the life of the process (a sticky CUDA error).
-        self.broken = asyncio.Event()
-        self.broken_reason: str | None = None
-        self._health_tasks: set[asyncio.Future[None]] = set()
-        self._classifier.add_to_server(self._server)
-        # Generated registrations go through guarded(): malformed requests get
-        # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
-        # answer throughout a drain).
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self._inference, guarded(self._server, self._gate, self.admission)
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
-        add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 
     @property
     def gate(self) -> CallGate:
@@ -147,11 +162,12 @@ class FramecastServer:
         if self._serving is None:
             for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
                 await self._health.set(service, NOT_SERVING)
-        self.port = self.wiring.add_port(self._server)
+        self.port = self.wiring.add_port(self._servers)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self.wiring.start_metrics()
-        await self._server.start()
+        for server in self._servers:
+            await server.start()
         logger.info(
             "listening on %s:%d, %s%s",
             self.settings.host,
@@ -269,11 +285,11 @@ class FramecastServer:
                 self._gate.active,
                 grace,
             )
-            await self._server.stop(0)
+            await self._stop_servers(0)
         else:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
-            await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
+            await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
         if self._serving is not None:
             await self._serving.batcher.close()
             self._serving.backend.close()
@@ -283,7 +299,10 @@ class FramecastServer:
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
-        await self._server.stop(None)
+        await self._stop_servers(None)
+
+    async def _stop_servers(self, grace: float | None) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
 
 
 def _write_port_file(path: Path, port: int) -> None:
