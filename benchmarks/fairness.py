@@ -148,8 +148,9 @@ def server(
     tokens = tmp / "tokens"
     tokens.write_text("".join(f"{who}:{token}\n" for who, token in TOKENS.items()))
     port_file, log = tmp / f"{name}.port", tmp / f"{name}.log"
-    command = serve_command(port_file, cache_dir, "--auth-tokens", str(tokens), *flags.split())
-    command[0] = python
+    command = serve_command(
+        port_file, cache_dir, "--auth-tokens", str(tokens), *flags.split(), python=python
+    )
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:

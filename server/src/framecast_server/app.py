@@ -29,6 +29,7 @@ from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .admission import Admission
 from .drain import CallGate
+from .memory import MemoryTrimmer
 from .model import prepare_model
 from .runtime import ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
@@ -104,6 +105,7 @@ class FramecastServer:
         )
         self._inference = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
         self._serving: ServingModel | None = None
+        self._trimmer: MemoryTrimmer | None = None
         self._stopping: asyncio.Future[None] | None = None
         # Set when the backend breaks for the life of the process (a sticky CUDA error).
         self.broken = asyncio.Event()
@@ -223,6 +225,9 @@ class FramecastServer:
             backend.close()
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
+        # Freed memory back to the OS once a burst is over (memory.py).
+        self._trimmer = MemoryTrimmer(lambda: batcher.admitted_bytes == 0)
+        self._trimmer.start()
         if self.wiring.metrics is not None:
             self.wiring.metrics.serving(lambda: batcher.stats, prepared, backend.info)
         self._classifier.attach(self._serving)
@@ -290,6 +295,8 @@ class FramecastServer:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
             await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
+        if self._trimmer is not None:
+            await self._trimmer.stop()
         if self._serving is not None:
             await self._serving.batcher.close()
             self._serving.backend.close()
