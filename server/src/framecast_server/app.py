@@ -50,10 +50,11 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# gRPC servers sharing the port. grpc.aio accepts one new call per turn of the event loop and
-# server, so under a flood new calls queued in gRPC's own first-come queue, ahead of the
-# per-caller turns of admission.py: with one server a polite call waited behind some 200 of a
-# flood's calls (p99 100+ ms). benchmarks/fairness.py, 200 calls over 100 connections: FILLED.
+# gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
+# turn of the event loop, so under a flood new calls queued in gRPC's own first-come queue,
+# unseen by admission and ahead of everyone else's: the polite caller waited behind most of a
+# flood's calls. benchmarks/fairness.py, polite p99 beside 200 calls (flood/idle), one server
+# -> four: 7.2 -> 3.2 over one connection, 96 -> 30 over 100 connections.
 ACCEPT_LOOPS = 4
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
@@ -133,8 +134,13 @@ class FramecastServer:
                 # network); gRPC's default policy answers pings more often than one per 5 min
                 # without data with GOAWAY, which would break a paused camera's stream.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                # Connection limits: each connection holds buffers and a descriptor.
-                ("grpc.max_allowed_incoming_connections", settings.max_connections),
+                # Connection limits: each connection holds buffers and a descriptor. The
+                # kernel spreads connections over the servers sharing the port; each takes
+                # its share of the limit.
+                (
+                    "grpc.max_allowed_incoming_connections",
+                    -(-settings.max_connections // ACCEPT_LOOPS),
+                ),
                 ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
                 # The stream limit stays a hard cap, but gRPC's "overload protection" also
                 # counted streams still being torn down, so a client at the limit saw its next
