@@ -111,7 +111,7 @@ async def greedy(address: str, in_flight: int, connections: int, seconds: float)
         await asyncio.gather(*(loop(calls[i % connections]) for i in range(in_flight)))
         elapsed = time.monotonic() - started
     finally:
-        await asyncio.gather(*(channel.close() for channel in channels))
+        await asyncio.gather(*(channel.close(None) for channel in channels))
     return {**codes, "per_s": round(codes["OK"] / elapsed, 1)}
 
 

@@ -200,7 +200,7 @@ async def burst(server: Server, connections: int, calls: int, rounds: int) -> di
         for _ in range(rounds):
             await asyncio.gather(*(one(i) for i in range(calls)))
     finally:
-        await asyncio.gather(*(ch.close() for ch in channels))
+        await asyncio.gather(*(ch.close(None) for ch in channels))
     seconds = time.monotonic() - started
     stop.set()
     await sampler
@@ -242,7 +242,7 @@ async def connections_close(server: Server, count: int) -> dict[str, Any]:
         await asyncio.gather(*(one(ch) for ch in channels))
         peak = server.rss()
     finally:
-        await asyncio.gather(*(ch.close() for ch in channels))
+        await asyncio.gather(*(ch.close(None) for ch in channels))
     await asyncio.sleep(SETTLE_S)
     after = server.rss()
     return {

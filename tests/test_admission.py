@@ -53,12 +53,14 @@ async def test_a_call_cancelled_while_waiting_takes_no_place() -> None:
     assert admission.waiting == 2
     waiting.cancel()
     await asyncio.sleep(0)
-    assert admission.waiting == 1 and admission.waiting_for("b") == 0
+    assert admission.waiting == 1
+    assert admission.waiting_for("b") == 0
     admission.leave()
     await later
     assert admission.admitted == 1
     admission.leave()
-    assert admission.admitted == 0 and admission.waiting == 0
+    assert admission.admitted == 0
+    assert admission.waiting == 0
 
 
 def test_capacity_must_be_positive() -> None:

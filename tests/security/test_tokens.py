@@ -62,7 +62,9 @@ def test_a_token_too_long_for_grpc_metadata_is_refused_when_the_file_is_read(
         TokenStore(tokens)
     message = str(refused.value)
     assert "\n" not in message
-    assert "line 2" in message and "20000 bytes" in message and "8 KiB" in message
+    assert "line 2" in message
+    assert "20000 bytes" in message
+    assert "8 KiB" in message
 
 
 def test_the_longest_token_allowed_is_served(cache_dir: Path, tmp_path: Path) -> None:

@@ -160,9 +160,7 @@ def test_anonymous_connections_from_one_host_are_one_caller(cache_dir: Path) -> 
         backend.release.clear()
         request = wire.classify_request(keyed(1), top_k=1).SerializeToString()
         calls = [pool.submit(clients[i % 3].status, "classify", request) for i in range(6)]
-        wait_until(
-            lambda: admission.waiting_for("ipv4:127.0.0.1") == 4, "not one caller per host"
-        )
+        wait_until(lambda: admission.waiting_for("ipv4:127.0.0.1") == 4, "not one caller per host")
         backend.release.set()
         assert [call.result(WAIT_S)[0] for call in calls] == [grpc.StatusCode.OK] * 6
         for client in clients:

@@ -222,7 +222,9 @@ def test_tritonclients_streaming_and_inferring_on_one_connection_at_default_sett
             client.start_stream(callback=lambda result, error: results.put((result, error)))
         try:
             for n, client in enumerate((first, second)):
-                client.async_stream_infer(MODEL, [images_input(keyed_frames([n]))], request_id=str(n))
+                client.async_stream_infer(
+                    MODEL, [images_input(keyed_frames([n]))], request_id=str(n)
+                )
             streamed = [results.get(timeout=30) for _ in range(2)]
             assert all(error is None for _, error in streamed)
             for client in (first, second):

@@ -24,10 +24,10 @@ from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .admission import Admission
 from .backends.base import Backend, BreakableBackend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
-from .admission import Admission
 from .drain import CallGate
 from .memory import MemoryTrimmer
 from .model import prepare_model

@@ -69,7 +69,6 @@ class MemoryTrimmer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            if self._quiet():
-                # ctypes drops the GIL for the call: the loop goes on meanwhile.
-                if await asyncio.to_thread(malloc_trim):
-                    self.trims += 1
+            # ctypes drops the GIL for the call: the loop goes on meanwhile.
+            if self._quiet() and await asyncio.to_thread(malloc_trim):
+                self.trims += 1

@@ -32,4 +32,3 @@ def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
     authenticate); else, for a peer with no address (a Unix socket), its connection.
     """
     return current_caller.get() or peer_host(context.peer())
-

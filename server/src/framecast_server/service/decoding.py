@@ -38,7 +38,7 @@ else:
 async def read_request(context: _Context) -> Any:
     """The one request of a unary call registered as request-streaming (to admit it unread)."""
     request = await context.read()
-    if request is grpc.aio.EOF:
+    if request is grpc.aio.EOF:  # type: ignore[attr-defined]  # absent from grpc-stubs
         raise WireFormatError("the call ended without a request")
     return request
 
