@@ -1,7 +1,8 @@
 """Fair share between callers: a polite client's latency with and without a greedy neighbour.
 
 Usage: uv run python benchmarks/fairness.py [--seconds 5] [--rounds 3] [--in-flight 200]
-       [--connections 1] [--greedy-nice N] [--serve-flags "..."] [--json FILE]
+       [--connections 1] [--greedy-nice N] [--serve-flags "..."] [--server-python PYTHON]
+       [--json FILE]
        uv run python benchmarks/fairness.py --alone [--connections 8] [--in-flight 16]
        [--baseline-python PYTHON] [--baseline-flags "..."]
 
@@ -218,6 +219,9 @@ def main() -> int:
     parser.add_argument(
         "--baseline-flags", default="", help="with --alone: the second server's serve flags"
     )
+    parser.add_argument(
+        "--server-python", help="run the server with this Python (e.g. a main checkout's)"
+    )
     parser.add_argument("--greedy", metavar="ADDRESS", help=argparse.SUPPRESS)  # child role
     args = parser.parse_args()
     if args.greedy:
@@ -232,7 +236,8 @@ def main() -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
             return 0
-        with server(tmp, "server", cache_dir, args.serve_flags) as address:
+        python = args.server_python or sys.executable
+        with server(tmp, "server", cache_dir, args.serve_flags, python) as address:
             rounds = [flood_round(address, args) for _ in range(args.rounds)]
     results = {
         "serve_flags": args.serve_flags,

@@ -17,6 +17,9 @@ Each scenario starts its own server and reports what the issue "Robust under abu
 * ``one_connection``: 1,000 streams opened on one connection: how many the server runs at once
   (each sends one frame and waits) against the per-connection limit, and RSS 5 s after they
   end, against baseline + 100 MB.
+* ``shared_connection``: unary calls one at a time for 3 s on one connection, alone and then
+  beside two streams held open on the same connection: the ratio of the two rates (the target
+  is at least 0.5).
 * ``disconnects``: 2,000 streams cut abruptly mid-flight; then a good request and the RSS.
 * ``soak``: 100,000 frames over 4 streams with 8 in flight each; RSS before and after.
 * ``sigterm``: SIGTERM with 50 unary calls and 4 streams in flight: how every call ended
@@ -301,6 +304,35 @@ async def one_connection(server: Server, streams: int) -> dict[str, Any]:
     }
 
 
+async def shared_connection(server: Server, seconds: float = 3.0) -> dict[str, Any]:
+    async with channel(server.address) as ch:
+        classify = ch.unary_unary(CLASSIFY)  # type: ignore[call-arg]
+        await classify(GOOD_REQUEST, timeout=30)
+
+        async def rate() -> float:
+            count, end = 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                await classify(GOOD_REQUEST, timeout=30)
+                count += 1
+            return count / seconds
+
+        alone = await rate()
+        streams = [stream_call(ch, timeout=120) for _ in range(2)]
+        for index, call in enumerate(streams):
+            await call.write(frame(index + 1))
+            await call.read()  # open and served; held open from here on
+        beside = await rate()
+        for call in streams:
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                pass
+    return {
+        "unary_per_s_alone": round(alone),
+        "unary_per_s_beside_two_streams": round(beside),
+        "ratio": round(beside / alone, 2),
+    }
+
+
 async def disconnects(server: Server, count: int) -> dict[str, Any]:
     baseline = await warm(server)
     semaphore = asyncio.Semaphore(20)
@@ -461,6 +493,7 @@ def scenarios(quick: bool) -> dict[str, tuple[tuple[str, ...], Scenario]]:
         "burst": ((), lambda s: burst(s, connections=100 // q, calls=200 // q, rounds=3)),
         "connections": ((), lambda s: connections_close(s, count=500 // q)),
         "one_connection": ((), lambda s: one_connection(s, streams=1000 // q)),
+        "shared_connection": ((), shared_connection),
         "disconnects": ((), lambda s: disconnects(s, count=2000 // q)),
         "soak": ((), lambda s: soak(s, frames=100_000 // (50 if quick else 1))),
         "sigterm": ((), lambda s: sigterm(s, calls=50, streams=4)),
