@@ -80,14 +80,15 @@ class Wiring:
         Returns the port, or 0 when it could not be bound.
         """
         settings = self.settings
-        credentials = None
-        if settings.tls is not None:
-            credentials, self.tls_reloader = server_credentials(settings.tls)
         address, port = settings.address, 0
         for server in servers:
-            if credentials is None:
+            if settings.tls is None:
                 bound = server.add_insecure_port(address)
             else:
+                # Credentials of their own per server (gRPC does not share them); each reloads
+                # the files when they change.
+                credentials, reloader = server_credentials(settings.tls)
+                self.tls_reloader = self.tls_reloader or reloader
                 bound = server.add_secure_port(address, credentials)
             if bound == 0 or (port and bound != port):
                 return 0
