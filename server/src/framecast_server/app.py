@@ -231,8 +231,12 @@ class FramecastServer:
             backend.close()
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
-        # Freed memory back to the OS once a burst is over (memory.py).
-        self._trimmer = MemoryTrimmer(lambda: batcher.admitted_bytes == 0)
+        # Freed memory back to the OS once a burst is over (memory.py): only when nothing is
+        # admitted or waiting, since a trim holds malloc's locks while it runs.
+        admission = self.admission
+        self._trimmer = MemoryTrimmer(
+            lambda: batcher.admitted_bytes == 0 and admission.admitted + admission.waiting == 0
+        )
         self._trimmer.start()
         if self.wiring.metrics is not None:
             self.wiring.metrics.serving(lambda: batcher.stats, prepared, backend.info)

@@ -5,7 +5,8 @@ a hundred connections, thousands of streams) leaves hundreds of MB of it in the 
 arenas, freed but resident, long after the burst (measured: RSS 82 -> 392-640 MB five seconds
 after such a burst; benchmarks/overload_soak.py). :class:`MemoryTrimmer` calls
 ``malloc_trim(0)`` (every arena, free pages in the middle of the heap too) once a second while
-the batcher holds no images, so RSS comes back within a second or two of the load ending.
+the server holds no work (the caller says when: ``quiet``), so RSS comes back within a second or
+two of the load ending, and no call waits on malloc's locks while a trim runs.
 Measured against the alternatives in the README's memory section.
 """
 
