@@ -52,9 +52,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
 # turn of the event loop, so under a flood new calls queued in gRPC's own first-come queue,
-# unseen by admission and ahead of everyone else's: the polite caller waited behind most of a
-# flood's calls. benchmarks/fairness.py, polite p99 beside 200 calls (flood/idle), one server
-# -> four: 7.2 -> 3.2 over one connection, 96 -> 30 over 100 connections.
+# unseen by admission and ahead of everyone else's. Measured beside 200 calls over 100
+# connections: with one server admission saw 0-89 of them waiting (the rest sat in gRPC) and
+# let its places go unused; with four it saw some 190, so the turns of admission.py apply.
 ACCEPT_LOOPS = 4
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
