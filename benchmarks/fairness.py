@@ -50,9 +50,9 @@ from serve_process import serve_command, wait_serving
 
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 TOKENS = {"greedy": "greedy-secret", "polite": "polite-secret"}
-REQUEST = wire.classify_request(
+REQUEST = wire.classify_request_bytes(
     np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8), top_k=1
-).SerializeToString()
+)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -140,6 +140,7 @@ def instrument() -> list[str]:
             else:
                 setattr(owner, attribute, _timed(stage, function))
             wrapped.append(f"{stage}: {class_name}.{attribute}")
+            break  # the first that exists: a later one may run inside it (counted twice)
     # Classify is a unary call registered request-streaming (it waits for admission unread).
     for name in ("unary_unary_rpc_method_handler", "stream_unary_rpc_method_handler"):
         setattr(grpc, name, _timed_handler(getattr(grpc, name)))

@@ -44,7 +44,7 @@ target=(
 small=(
     # framecast-server's own dependencies a CUDA/PyTorch host does not have
     "onnxconverter-common>=1.14" "filelock>=3.15" "safetensors>=0.4" "uvloop>=0.21"
-    "grpcio-health-checking>=1.66" "grpcio-reflection>=1.66"
+    "grpcio-health-checking>=1.66" "grpcio-reflection>=1.66" "prometheus-client>=0.20"
     # the test suites' pytest plugins (pyproject's pytest settings name them)
     "pytest-asyncio>=0.24" "pytest-timeout>=2.3"
     # pycuda's run dependencies, and its build dependencies besides numpy

@@ -5,7 +5,8 @@ Usage: uv run python scripts/mutation_check.py
 Copies the server package to a temporary directory, applies one deliberate bug to the copy,
 and runs the TensorRT backend tests against it (the copy comes first on PYTHONPATH, ahead of
 the editable install). The unmutated copy must pass and every mutation must fail; exits 1
-otherwise. Each mutation is a bug the synchronous fakes of the past let through.
+otherwise. Each mutation is a bug the synchronous fakes of the past let through, or one that a
+GPU host would meet first (lost overlap, a second CUDA context, an engine that is not FP16).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "server" / "src" / "framecast_server"
 BACKEND = Path("backends/tensorrt/backend.py")
-TESTS = ["tests/trt_backend/test_trt_backend.py"]
+BUILDER = Path("backends/tensorrt/builder.py")
+CACHE = Path("backends/tensorrt/cache.py")
+CUDA = Path("backends/tensorrt/cuda.py")
+BATCHER = Path("batcher.py")
+TESTS = ["tests/trt_backend"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,59 @@ MUTATIONS = (
         BACKEND,
         "ctx.execute_async_v3(self.stream.handle)",
         "ctx.execute_async_v3(self.stream.raw)",
+    ),
+    Mutation(
+        "a synchronize after every batch (no overlap of copies and compute)",
+        BACKEND,
+        "        cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)\n",
+        "        cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)\n"
+        "        self.stream.synchronize()  # mutation: wait for each batch\n",
+    ),
+    Mutation(
+        "a builder without strong typing (TensorRT 10 picks precisions itself)",
+        BUILDER,
+        "network = builder.create_network(flags)",
+        "network = builder.create_network(0)",
+    ),
+    Mutation(
+        "an engine left in fp32 (the graph is not converted to fp16)",
+        BUILDER,
+        "model_bytes = convert_to_fp16(onnx_model).SerializeToString()",
+        "model_bytes = onnx_model.SerializeToString()",
+    ),
+    Mutation(
+        "a batch outside the profile reaches TensorRT",
+        BACKEND,
+        "if not 1 <= n <= self.max_batch:",
+        "if not 1 <= n:",
+    ),
+    Mutation(
+        "a CUDA context of the worker's own beside the primary one (two per process)",
+        CUDA,
+        '        self._ctx: Any = _call("Device.retain_primary_context", '
+        "dev.retain_primary_context)\n"
+        "        # Retaining does not make the context current; push it on this (the worker's) "
+        "thread.\n"
+        '        _call("Context.push", self._ctx.push)\n',
+        '        self._ctx = _call("Device.make_context", dev.make_context, 4)  # mutation\n',
+    ),
+    Mutation(
+        "the batch joined on the host before the copy into pinned memory",
+        BATCHER,
+        "self._gather = backend if isinstance(backend, GatheringBackend) else None",
+        "self._gather = None",
+    ),
+    Mutation(
+        "a cached plan invalidated outside the build lock",
+        CACHE,
+        "        with self._locked(spec):\n            if refused is not None:",
+        "        with contextlib.nullcontext():\n            if refused is not None:",
+    ),
+    Mutation(
+        "engine cache files left 0600 (unreadable by the serving user)",
+        CACHE,
+        "        tmp.chmod(FILE_MODE)\n",
+        "",
     ),
 )
 

@@ -28,7 +28,7 @@ def test_server_extras_name_their_cuda_and_pin_tensorrt_majors() -> None:
     extras = _toml(ROOT / "server" / "pyproject.toml")["project"]["optional-dependencies"]
     assert extras == {
         "gpu-cu12": ["tensorrt-cu12>=10.3,<11", "pycuda>=2024.1.2"],
-        "gpu-cu13": ["tensorrt-cu13>=11,<12", "pycuda>=2024.1.2"],
+        "gpu-cu13": ["tensorrt-cu13>=11,<12", "pycuda>=2025.1.2"],  # pycuda's first for CUDA 13
     }
     root = _toml(ROOT / "pyproject.toml")
     assert root["project"]["optional-dependencies"] == {
@@ -71,7 +71,16 @@ def test_container_image_is_pinned_non_root_with_a_cache_volume() -> None:
         assert (ROOT / copied).exists(), copied
     assert "deploy/install.sh /opt/framecast" in DOCKERFILE
     assert "--system-site-packages /opt/framecast" in DOCKERFILE
-    assert '"pycuda>=2024.1.2"' in DOCKERFILE
+    # pycuda (built in the image against its CUDA) at the version uv.lock pins, read from it.
+    (install,) = [line for line in DOCKERFILE.splitlines() if "uv pip install" in line]
+    found = re.search(r'"pycuda==\$\((awk .*? uv\.lock)\)"', install)
+    assert found is not None, install
+    pinned = subprocess.run(
+        ["sh", "-c", found.group(1)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    locked = [p["version"] for p in _toml(ROOT / "uv.lock")["package"] if p["name"] == "pycuda"]
+    assert [pinned] == locked
+    assert tuple(int(x) for x in pinned.split(".")) >= (2025, 1, 2)
 
 
 def test_the_cuda_marker_is_registered() -> None:
@@ -108,3 +117,55 @@ def test_scripts_are_executable() -> None:
     for name in ("gpu_check.sh", "download_gpu_wheels.sh"):
         assert (ROOT / "scripts" / name).stat().st_mode & 0o111, name
     assert sys.executable  # the suites' own interpreter runs the scripts' python parts
+
+
+def _junit(path: Path, tests: int, skipped: int) -> None:
+    path.write_text(
+        f'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="{tests}" '
+        f'skipped="{skipped}" failures="0" errors="0"></testsuite></testsuites>'
+    )
+
+
+@pytest.mark.parametrize(
+    ("gpu_skipped", "trt_line", "status", "trt_claim"),
+    [
+        (0, "TensorRT backend available", 0, "proved:     TensorRT"),
+        # A GPU host without TensorRT: the cuda suite ran, the gpu suite skipped everything.
+        (7, "TensorRT backend unavailable: tensorrt runtime not installed", 4, "NOT proven: Tens"),
+        (7, "TensorRT backend available", 4, "NOT proven: TensorRT"),
+    ],
+    ids=["tensorrt ran", "no tensorrt", "gpu suite skipped"],
+)
+def test_gpu_check_verdict_is_partial_unless_the_tensorrt_suite_ran(
+    tmp_path: Path, gpu_skipped: int, trt_line: str, status: int, trt_claim: str
+) -> None:
+    _junit(tmp_path / "cuda.xml", 6, 0)
+    _junit(tmp_path / "gpu.xml", 7, gpu_skipped)
+    (tmp_path / "trt.log").write_text(f"loading...\n{trt_line}\n")
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check_verdict.py", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == status, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("proved:     CUDA half of the backend on this GPU (6/6")
+    assert lines[1].startswith(trt_claim)
+    if status:
+        assert trt_line in lines[1]
+    # Until the stand-in exists, no run claims to have measured feeding.
+    assert lines[2].startswith("NOT proven: front-end-to-GPU feeding")
+
+
+def test_gpu_check_verdict_without_logs_proves_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check_verdict.py", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4
+    assert [line.split(":")[0] for line in done.stdout.splitlines()] == ["NOT proven"] * 3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,7 +23,7 @@ from framecast_server.auth import (
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import make_settings, random_frames
+from support import make_settings, random_frames, running_server
 
 SECRET = "s3cr3t-camera-token"
 OTHER = "another-one"
@@ -38,8 +38,7 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def token_server(cache_dir: Path, token_file: Path) -> Iterator[BackgroundServer]:
-    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file)
-    with BackgroundServer(settings) as server:
+    with running_server(cache_dir, auth_tokens=token_file) as server:
         yield server
 
 
@@ -142,10 +141,12 @@ def test_health_is_open_while_the_classifier_and_reflection_are_closed(
 
 
 def test_auth_health_protects_health_too(
-    cache_dir: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+    start_server: Callable[..., BackgroundServer],
+    token_file: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file, auth_health=True)
-    with BackgroundServer(settings) as server, grpc.insecure_channel(server.address) as channel:
+    server = start_server(auth_tokens=token_file, auth_health=True)
+    with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             health.Check(health_pb2.HealthCheckRequest(), timeout=30)

@@ -7,8 +7,6 @@ admitted and batched is visible in what the backend saw.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,17 +15,17 @@ import numpy as np
 from framecast_client import Client, ResourceExhaustedError, wire
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import GatedBackend, RawClassifier, make_settings, random_frames, write_tokens
+from support import (
+    GatedBackend,
+    RawClassifier,
+    make_settings,
+    random_frames,
+    wait_until,
+    write_tokens,
+)
 
 WAIT_S = 30.0
 POLITE_KEY = 200
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def keyed(key: int) -> NDArray[np.uint8]:
@@ -74,7 +72,7 @@ def test_a_polite_client_is_admitted_and_served_next_while_a_greedy_one_floods(
         refused = [call.exception() for call in flood if call.done()]
         assert all(isinstance(error, ResourceExhaustedError) for error in refused)
         # The polite one is admitted into the quarter kept for modest callers.
-        request = wire.classify_request(keyed(POLITE_KEY), top_k=1).SerializeToString()
+        request = wire.classify_request_bytes(keyed(POLITE_KEY), top_k=1)
         answer = pool.submit(polite.status, "classify", request)
         wait_until(lambda: serving.batcher.queued == 13 or answer.done(), "never admitted")
         assert not answer.done(), answer.exception()
@@ -121,7 +119,7 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
             pool.submit(
                 greedy[i % 8].status,
                 "classify",
-                wire.classify_request(keyed(10 + i), top_k=1).SerializeToString(),
+                wire.classify_request_bytes(keyed(10 + i), top_k=1),
             )
             for i in range(24)
         ]
@@ -130,7 +128,7 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
             "the greedy caller's excess did not wait",
         )
         assert not any(call.done() for call in flood)  # none refused
-        request = wire.classify_request(keyed(POLITE_KEY), top_k=1).SerializeToString()
+        request = wire.classify_request_bytes(keyed(POLITE_KEY), top_k=1)
         answer = pool.submit(polite.status, "classify", request)
         wait_until(lambda: admission.waiting_for("polite") == 1, "the polite call never came")
         admitted_before = admission.admitted_total
@@ -158,7 +156,7 @@ def test_anonymous_connections_from_one_host_are_one_caller(cache_dir: Path) -> 
         clients = [RawClassifier(server.address, own_connection=True) for _ in range(3)]
         assert clients[0].status("get_model_info", b"")[0] is grpc.StatusCode.OK
         backend.release.clear()
-        request = wire.classify_request(keyed(1), top_k=1).SerializeToString()
+        request = wire.classify_request_bytes(keyed(1), top_k=1)
         calls = [pool.submit(clients[i % 3].status, "classify", request) for i in range(6)]
         wait_until(lambda: admission.waiting_for("ipv4:127.0.0.1") == 4, "not one caller per host")
         backend.release.set()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from framecast_client import Client
-from framecast_client._proto import open_inference_pb2 as pb
-from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
+from framecast_oip._proto import open_inference_pb2 as pb
+from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
 from support import HoldableNullBackend, make_settings, random_frames

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import AsyncClient, Client, ResourceExhaustedError, oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import AsyncClient, Client, ResourceExhaustedError, wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.app import ACCEPT_LOOPS
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
@@ -24,17 +25,11 @@ from support import (
     RawClassifier,
     make_settings,
     random_frames,
+    wait_until,
     write_tokens,
 )
 
 WAIT_S = 30.0
-
-
-def wait_until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
@@ -370,7 +365,7 @@ def test_unary_calls_are_served_on_a_connection_with_two_streams_open(cache_dir:
         streams = [pool.submit(run, i) for i in range(2)]
         for event in answered:
             assert event.wait(WAIT_S), "a stream was not served"
-        request = wire.classify_request(random_frames(1), top_k=1).SerializeToString()
+        request = wire.classify_request_bytes(random_frames(1), top_k=1)
         codes = [raw.status("classify", request, timeout=WAIT_S)[0] for _ in range(20)]
         assert codes == [grpc.StatusCode.OK] * 20
         finish.set()

@@ -33,7 +33,7 @@ def fake_driver(monkeypatch: pytest.MonkeyPatch, fake_trt: Any) -> FakeDriver:
     engines queue their work on its streams."""
     import types
 
-    from framecast_server.backends.tensorrt import cuda
+    from framecast_server.backends.tensorrt import availability, cuda
 
     driver = FakeDriver()
     package = types.ModuleType("pycuda")
@@ -41,5 +41,7 @@ def fake_driver(monkeypatch: pytest.MonkeyPatch, fake_trt: Any) -> FakeDriver:
     monkeypatch.setitem(sys.modules, "pycuda", package)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
     monkeypatch.setattr(cuda, "_initialized", False)
+    # libcuda's own entry points (the primary context's flags) go to the fake driver too.
+    monkeypatch.setattr(availability, "load_libcuda", lambda: driver.libcuda)
     fake_trt.driver = driver
     return driver

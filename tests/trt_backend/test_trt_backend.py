@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +31,14 @@ from framecast_server.backends.tensorrt.errors import (
 )
 from framecast_server.backends.tensorrt.trt_logging import process_logger
 
-from .trt_fakes import INPUT_SHAPE, NON_STICKY, STICKY, FakeDriver, expected_class
+from .trt_fakes import (
+    INPUT_SHAPE,
+    NON_STICKY,
+    STICKY,
+    DeviceOp,
+    FakeDriver,
+    expected_class,
+)
 from .trt_testing import make_images
 
 
@@ -233,7 +242,10 @@ def test_sticky_errors_are_told_apart(message: str, sticky: bool) -> None:
 def test_context_blocks_instead_of_spinning_and_streams_do_not_block(
     backend: TensorRTBackend, fake_driver: FakeDriver
 ) -> None:
-    assert fake_driver.context_flags == [FakeDriver.ctx_flags.SCHED_BLOCKING_SYNC]
+    # The worker runs on the device's primary context, set to block rather than spin.
+    assert fake_driver.context_flags == []  # no context of its own (make_context)
+    assert fake_driver.contexts == [fake_driver.primary]
+    assert fake_driver.primary.flags == FakeDriver.ctx_flags.SCHED_BLOCKING_SYNC
     streams = list(fake_driver.streams.values())
     assert len(streams) == 2
     assert [s.flags for s in streams] == [cuda.STREAM_NON_BLOCKING] * 2 == [1, 1]
@@ -296,3 +308,121 @@ def test_sticky_error_breaks_the_backend_for_good(
     late: list[str] = []
     backend.on_broken(late.append)
     assert late == told
+
+
+def _timeline_of(driver: FakeDriver, kind: str) -> list[DeviceOp]:
+    return [op for op in driver.timeline if op.kind == kind]
+
+
+def test_consecutive_batches_overlap_copies_and_compute_on_the_device_timeline(
+    backend: TensorRTBackend, fake_driver: FakeDriver
+) -> None:
+    """TensorRTBackend itself, several batches: while one batch computes, the next one's input
+    is copied in and the previous one's output copied out, so compute never waits for a copy.
+    Read from the fake device's timeline (simulated ticks), not from wall time."""
+    batches = [make_images(4, seed=20 + s) for s in range(6)]
+    fake_driver.hold = threading.Event()  # all six are queued before the first copy returns
+    futures = [backend.submit(images) for images in batches]
+    fake_driver.hold.set()
+    for images, future in zip(batches, futures, strict=True):
+        np.testing.assert_array_equal(future.result().argmax(axis=1), expected_class(images))
+    h2d, execute, d2h = (_timeline_of(fake_driver, k) for k in ("h2d", "execute", "d2h"))
+    assert len(h2d) == len(execute) == len(d2h) == len(batches)
+    assert [op.images for op in execute] == [4] * len(batches)
+    # Each batch's ops run in order on its stream; consecutive batches alternate streams.
+    for a, b, c in zip(h2d, execute, d2h, strict=True):
+        assert a.stream == b.stream == c.stream
+        assert a.end <= b.start
+        assert b.end <= c.start
+    assert all(x.stream != y.stream for x, y in itertools.pairwise(execute))
+    for k in range(len(batches) - 1):
+        assert h2d[k + 1].overlaps(execute[k]), f"batch {k + 1}'s copy-in waited for {k}"
+        assert d2h[k].overlaps(execute[k + 1]), f"batch {k + 1}'s compute waited for {k}'s copy-out"
+        # The compute engine goes straight from one batch to the next.
+        assert execute[k + 1].start == execute[k].end, f"the GPU idled after batch {k}"
+
+
+def test_one_caller_at_a_time_gets_no_overlap_on_the_timeline(
+    backend: TensorRTBackend, fake_driver: FakeDriver
+) -> None:
+    """The timeline is not blind: batches that are never in flight together do not overlap."""
+    for s in range(3):
+        backend.infer(make_images(4, seed=s))
+    h2d, execute = _timeline_of(fake_driver, "h2d"), _timeline_of(fake_driver, "execute")
+    assert not any(h2d[k + 1].overlaps(execute[k]) for k in range(2))
+    assert all(execute[k + 1].start > execute[k].end for k in range(2))
+
+
+def test_parts_are_gathered_straight_into_the_pinned_input(
+    backend: TensorRTBackend, fake_driver: FakeDriver
+) -> None:
+    """A batch given as parts (the batcher's requests) comes back row for row, in order,
+    without the parts ever being joined into one array on the host."""
+    parts = [make_images(n, seed=40 + n) for n in (1, 3, 2)]
+    joined: list[object] = []
+    original = np.concatenate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        joined.append(args)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(np, "concatenate", spy)
+        probs = backend.infer_parts(parts)
+    assert joined == []
+    expected = [int(c) for part in parts for c in expected_class(part)]
+    assert probs.shape == (6, 1000)
+    assert probs.argmax(axis=1).tolist() == expected
+    # The only host-to-device copy read the pinned buffer: the six images, once.
+    (copy,) = _timeline_of(fake_driver, "h2d")
+    assert copy.end - copy.start == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [],
+        [np.zeros((5, 224, 224, 3), np.uint8), np.zeros((4, 224, 224, 3), np.uint8)],
+        [np.zeros((1, 224, 224, 3), np.uint8), np.zeros((1, 224, 224, 3), np.float32)],
+    ],
+)
+def test_bad_parts_are_rejected(backend: TensorRTBackend, parts: list[Any]) -> None:
+    with pytest.raises(ValueError, match=r"images|batch"):
+        backend.infer_parts(parts)
+
+
+class _NumpyWithoutConcatenate:
+    """numpy, except that joining arrays fails the test (the batcher's view of numpy)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "concatenate":
+            raise AssertionError("the batch was joined on the host before the pinned copy")
+        return getattr(np, name)
+
+
+async def test_the_batcher_gathers_requests_once_into_pinned_memory(
+    fake_trt: Any, fake_driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the batcher: several requests in one batch reach TensorRT's pinned input
+    buffer with one copy each (no np.concatenate, then np.copyto), and come back in place."""
+    from framecast_server import batcher as batcher_module
+    from framecast_server.batcher import Batcher, BatcherSettings
+
+    monkeypatch.setattr(batcher_module, "np", _NumpyWithoutConcatenate())
+    backend = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="x")
+    batcher = Batcher(backend, BatcherSettings(max_batch=8, max_delay_us=0, max_queue=64))
+    await batcher.start()
+    try:
+        requests = [make_images(n, seed=60 + n) for n in (1, 3, 2, 2)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(r, caller=i) for i, r in enumerate(requests))), 30
+        )
+    finally:
+        await asyncio.wait_for(batcher.close(), 30)
+        backend.close()
+    for images, items in zip(requests, results, strict=True):
+        got = [int(item.probabilities.argmax()) for item in items]
+        assert got == expected_class(images).tolist()
+    assert max(item.batch_size for items in results for item in items) > 3  # joined requests
+    executed = sum(op.images for op in fake_driver.timeline if op.kind == "execute")
+    assert executed == 8

@@ -314,3 +314,64 @@ def test_unchanged_timing_cache_is_replaced_without_merging(tmp_path: Path) -> N
     atomic_write_bytes(cache.timing_cache_path(SPEC), b"old")
     cache.get_or_build(SPEC, lambda timing: BuildResult(b"plan", (timing or b"") + b"+new"))
     assert cache.timing_cache_path(SPEC).read_bytes() == b"old+new"
+
+
+def test_cache_files_are_shared_like_the_model_files(tmp_path: Path) -> None:
+    """Plans, metadata and timing caches 0644 (model/prepare.py's mode), locks 0664: a build
+    by one user is served by another, whatever the builder's umask."""
+    old_umask = os.umask(0o077)
+    try:
+        cache = EngineCache(tmp_path)
+        plan_path = cache.get_or_build(SPEC, CountingBuilder()).path
+    finally:
+        os.umask(old_umask)
+    for path in (plan_path, cache.metadata_path(SPEC), cache.timing_cache_path(SPEC)):
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+    for lock in (cache.lock_path(SPEC), cache.timing_cache_path(SPEC).with_suffix(".cache.lock")):
+        assert lock.stat().st_mode & 0o777 == 0o664, lock.name
+
+
+def test_invalidating_a_refused_plan_keeps_one_another_process_rebuilt(tmp_path: Path) -> None:
+    cache, build = EngineCache(tmp_path), CountingBuilder()
+    refused = cache.get_or_build(SPEC, build).data
+    # Another worker refused it too, discarded it and rebuilt it first.
+    assert cache.invalidate(SPEC, "TensorRT refused it", refused=refused)
+    rebuilt = cache.get_or_build(SPEC, build).data
+    assert rebuilt != refused
+    # This worker's late invalidation must not throw the fresh plan away.
+    assert not cache.invalidate(SPEC, "TensorRT refused it", refused=refused)
+    assert cache.check(SPEC) == (rebuilt, None)
+    assert build.calls == 2
+
+
+def test_invalidate_waits_for_a_rebuild_under_the_lock_and_keeps_it(tmp_path: Path) -> None:
+    """Two workers refuse the same plan: B discards it and rebuilds; A's invalidation, coming
+    while B builds, waits for B's lock and then leaves B's fresh plan alone."""
+    cache = EngineCache(tmp_path)
+    refused = cache.get_or_build(SPEC, CountingBuilder()).data
+    building, finish = threading.Event(), threading.Event()
+
+    def slow_build(timing: bytes | None) -> BuildResult:
+        building.set()
+        assert finish.wait(30)
+        return BuildResult(plan=b"the rebuilt plan", timing_cache=None)
+
+    def worker_b() -> None:
+        cache.invalidate(SPEC, "refused by B", refused=refused)
+        cache.get_or_build(SPEC, slow_build)
+
+    kept: list[bool] = []
+    b = threading.Thread(target=worker_b)
+    b.start()
+    assert building.wait(30)
+    a = threading.Thread(
+        target=lambda: kept.append(cache.invalidate(SPEC, "refused by A", refused=refused))
+    )
+    a.start()
+    a.join(0.5)
+    assert a.is_alive(), "invalidate ran while another process held the build lock"
+    finish.set()
+    b.join(30)
+    a.join(30)
+    assert kept == [False]
+    assert cache.check(SPEC) == (b"the rebuilt plan", None)

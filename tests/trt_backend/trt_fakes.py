@@ -12,6 +12,14 @@ They fail where a GPU would, rather than only recording calls:
   raises TypeError, as pybind11 does); ``set_input_shape`` refuses shapes outside the profile.
 * ``create_timing_cache`` can return None; the TensorRT 11 fake has only the flags 11.x has.
 * TensorRT keeps the first logger it is given: later ones are recorded as ignored.
+* Contexts are counted like the driver's: ``make_context`` makes a new one, while
+  ``retain_primary_context`` and TensorRT's builder and runtime on a thread with no current
+  context (the CUDA runtime's rule) share the device's one primary context.
+* Every queued copy and execution lands on a device timeline (``FakeDriver.timeline``) with
+  simulated start and end ticks: one engine each for host-to-device copies, compute and
+  device-to-host copies, each op after its stream's previous one, and none before the host
+  queued it, where the host's clock moves only when it waits (``Stream.synchronize``). Whether
+  copies and compute of consecutive batches overlap is read from it, never from wall time.
 
 The fake engine's answer is a one-hot at (sum of the image's bytes) % 1000, so a test can tell
 whether each image's row came back in the right place.
@@ -19,10 +27,12 @@ whether each image's row came back in the right place.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +55,50 @@ def expected_class(images: NDArray[np.uint8]) -> NDArray[np.int64]:
 
 class FakeCudaError(Exception):
     """Stands in for pycuda.driver.Error."""
+
+
+# Simulated device durations, in ticks: a host-to-device copy of one image takes one tick,
+# computing a batch 2 ticks plus 3 per image (ResNet-50 is compute-bound), the copy back of one
+# image's probabilities a tenth of a tick.
+IMAGE_BYTES = 224 * 224 * 3
+H2D_TICKS_PER_BYTE = 1.0 / IMAGE_BYTES
+D2H_TICKS_PER_BYTE = 0.1 / (1000 * 4)
+EXEC_TICKS_FIXED = 2.0
+EXEC_TICKS_PER_IMAGE = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOp:
+    """One op on the fake device's timeline: which stream, what, and when (in ticks)."""
+
+    stream: int
+    kind: str  # "h2d", "execute" or "d2h"
+    start: float
+    end: float
+    images: int  # batch size for "execute"; 0 for copies
+
+    def overlaps(self, other: DeviceOp) -> bool:
+        """Whether the two ops ran at the same time for a positive stretch."""
+        return min(self.end, other.end) > max(self.start, other.start)
+
+
+class FakeLibCuda:
+    """The two libcuda entry points the backend calls through ctypes (pycuda wraps neither)."""
+
+    def __init__(self, driver: FakeDriver) -> None:
+        self._driver = driver
+
+    def cuDeviceGet(self, device: Any, ordinal: int) -> int:  # noqa: N802 (CUDA's name)
+        if not 0 <= ordinal < self._driver.Device.count():
+            return 101  # CUDA_ERROR_INVALID_DEVICE
+        device._obj.value = ordinal  # ctypes.byref(c_int)
+        return 0
+
+    def cuDevicePrimaryCtxSetFlags_v2(self, device: Any, flags: Any) -> int:  # noqa: N802
+        if not isinstance(device, ctypes.c_int) or not isinstance(flags, ctypes.c_uint):
+            raise ctypes.ArgumentError("expected c_int device and c_uint flags")
+        self._driver.primary_flags = flags.value
+        return 0
 
 
 class _HostBuffer(np.ndarray[Any, Any]):
@@ -71,6 +125,18 @@ class FakeDriver(types.ModuleType):
         self.calls: list[str] = []
         self.contexts_detached = 0
         self.context_flags: list[int] = []
+        # Every context that came to exist in this process (the primary one at most once).
+        self.contexts: list[Any] = []
+        self.primary: Any = None
+        self.primary_flags = 0  # what cuDevicePrimaryCtxSetFlags last set (0: SCHED_AUTO)
+        self.primary_refs = 0
+        self.libcuda = FakeLibCuda(self)
+        self.timeline: list[DeviceOp] = []
+        self.host_time = 0.0
+        self._engine_free = {"h2d": 0.0, "execute": 0.0, "d2h": 0.0}
+        # When set, the first host-to-device copy waits for it: a test queues all its batches
+        # meanwhile, so what overlaps depends on the backend alone, not on thread timing.
+        self.hold: threading.Event | None = None
         self.streams: dict[int, Any] = {}
         self._pinned: dict[int, NDArray[Any]] = {}  # id(root array) -> root array
         self._poison: dict[int, int] = {}  # id(root array) -> pending copies using it
@@ -95,16 +161,40 @@ class FakeDriver(types.ModuleType):
 
             def make_context(self, flags: int = 0) -> Any:
                 driver._record("Device.make_context")
-                context = _Context()
+                context = _Context(flags)
+                driver.contexts.append(context)
                 driver.context_flags.append(flags)
                 driver._stack().append(context)
                 return context
 
+            def retain_primary_context(self) -> Any:
+                driver._record("Device.retain_primary_context")
+                primary = driver.primary_context()
+                driver.primary_refs += 1
+                return primary
+
         class _Context:
+            def __init__(self, flags: int, primary: bool = False) -> None:
+                self._flags = flags
+                self.primary = primary
+
+            @property
+            def flags(self) -> int:
+                # A primary context runs with whatever flags were last set for it.
+                return driver.primary_flags if self.primary else self._flags
+
+            def push(self) -> None:
+                driver._record("Context.push")
+                driver._stack().append(self)
+
             def detach(self) -> None:
                 driver._record("Context.detach")
                 if self in driver._stack():
                     raise FakeCudaError("detach of a context still current on this thread")
+                if self.primary:
+                    if driver.primary_refs <= 0:
+                        raise FakeCudaError("cuDevicePrimaryCtxRelease: not retained")
+                    driver.primary_refs -= 1
                 driver.contexts_detached += 1
 
         class Context:
@@ -123,9 +213,12 @@ class FakeDriver(types.ModuleType):
                 self.handle = next(driver._handles)
                 self.queued: list[Callable[[], None]] = []
                 self.poisoned: list[int] = []
+                self.last_end = 0.0  # when the last op queued here ends on the device
                 driver.streams[self.handle] = self
 
             def synchronize(self) -> None:
+                # The host waits until everything queued here has run.
+                driver.host_time = max(driver.host_time, self.last_end)
                 work, self.queued = self.queued, []
                 poisoned, self.poisoned = self.poisoned, []
                 try:
@@ -149,8 +242,33 @@ class FakeDriver(types.ModuleType):
 
         self.Device = Device
         self.Context = Context
+        self._ContextClass = _Context
         self.Stream = Stream
         self._Allocation = _Allocation
+
+    def primary_context(self) -> Any:
+        """The device's primary context, created (and counted) the first time it is used."""
+        if self.primary is None:
+            self.primary = self._ContextClass(0, primary=True)
+            self.contexts.append(self.primary)
+        return self.primary
+
+    def runtime_context(self) -> Any:
+        """The context the CUDA runtime (TensorRT) uses on this thread: the current one, else
+        the primary context, which it retains and makes current (cudart's rule)."""
+        stack = self._stack()
+        if not stack:
+            stack.append(self.primary_context())
+        return stack[-1]
+
+    def _schedule(self, stream: Any, kind: str, ticks: float, images: int = 0) -> None:
+        """Put one op on the device timeline: after the stream's previous op, after the host
+        queued it and once its engine (h2d copy, compute, d2h copy) is free."""
+        start = max(self.host_time, stream.last_end, self._engine_free[kind])
+        end = start + ticks
+        stream.last_end = end
+        self._engine_free[kind] = end
+        self.timeline.append(DeviceOp(stream.handle, kind, start, end, images))
 
     def _stack(self) -> list[Any]:
         if not hasattr(self._local, "stack"):
@@ -193,11 +311,13 @@ class FakeDriver(types.ModuleType):
             raise FakeCudaError(f"{name}: expected a pycuda Stream, got {stream!r}")
         return stream
 
-    def enqueue(self, handle: int, step: Callable[[], None]) -> bool:
-        """Queue ``step`` on the stream whose raw handle is ``handle`` (for the fake engine)."""
+    def enqueue(self, handle: int, step: Callable[[], None], images: int) -> bool:
+        """Queue an engine execution of ``images`` images (``step``) on the stream whose raw
+        handle is ``handle`` (for the fake engine)."""
         stream = self.streams.get(handle)
         if stream is None:
             return False
+        self._schedule(stream, "execute", EXEC_TICKS_FIXED + EXEC_TICKS_PER_IMAGE * images, images)
         stream.queued.append(step)
         return True
 
@@ -223,6 +343,10 @@ class FakeDriver(types.ModuleType):
     def memcpy_htod_async(self, dst: Any, src: NDArray[Any], stream: Any) -> None:
         self._record("memcpy_htod_async")
         self._require_context("memcpy_htod_async")
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            if not hold.wait(timeout=60):
+                raise FakeCudaError("memcpy_htod_async: the test never released its hold")
         stream = self._stream(stream, "memcpy_htod_async")
         root = self._root(src, "memcpy_htod_async")
         address, nbytes = int(dst), src.nbytes
@@ -230,6 +354,7 @@ class FakeDriver(types.ModuleType):
         def copy() -> None:
             self.memory[address][:nbytes] = src.tobytes()
 
+        self._schedule(stream, "h2d", nbytes * H2D_TICKS_PER_BYTE)
         stream.queued.append(copy)
         self._poison_root(root, stream)
 
@@ -246,6 +371,7 @@ class FakeDriver(types.ModuleType):
             raw = bytes(self.memory[address][: dst.nbytes])
             dst[...] = np.frombuffer(raw, dst.dtype).reshape(dst.shape)
 
+        self._schedule(stream, "d2h", dst.nbytes * D2H_TICKS_PER_BYTE)
         stream.queued.append(copy)
         self._poison_root(root, stream)
 
@@ -332,6 +458,8 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
         if kind in trt.fail_create:
             raise TypeError(f"pybind11::init(): factory function returned nullptr ({kind})")
         trt.created.append((kind, logger))
+        if trt.driver is not None and kind in ("Builder", "Runtime"):
+            trt.driver.runtime_context()  # the CUDA runtime starts on the first TensorRT object
         if trt.first_logger is None:
             trt.first_logger = logger
         elif logger is not trt.first_logger:
@@ -568,7 +696,7 @@ def make_fake_trt(version: str, *, strongly_typed_flag: bool = True) -> Any:
                 out[np.arange(n), expected_class(images)] = 1.0
                 memory[probs_at][: out.nbytes] = out.tobytes()
 
-            return bool(trt.driver.enqueue(stream_handle, run))
+            return bool(trt.driver.enqueue(stream_handle, run, n))
 
     class _Engine:
         def __init__(self, max_batch: int) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admission import Admission
@@ -37,11 +37,11 @@ from .service.decoding import guarded
 from .service.inference_protocol import InferenceServicer
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
-from .wiring import Wiring
+from .wiring import Wiring, connection_age_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "ModelLoadError", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
@@ -56,8 +56,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # connections: with one server admission saw 0-89 of them waiting (the rest sat in gRPC) and
 # let its places go unused; with four it saw some 190, so the turns of admission.py apply.
 ACCEPT_LOOPS = 4
+# Logged once every call has left during a drain, just before the port closes.
+ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
+
+
+class ModelLoadError(Exception):
+    """serve() could not load the model after the server started listening."""
 
 
 class FramecastServer:
@@ -83,6 +89,7 @@ class FramecastServer:
         """
         self.settings = settings
         self._backend_factory = backend_factory
+        self._reuse_port = reuse_port
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
         self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
@@ -154,6 +161,7 @@ class FramecastServer:
                 # 20 MB/s link at 50 ms round trip.
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+                *connection_age_options(settings),
             ],
         )
 
@@ -174,6 +182,7 @@ class FramecastServer:
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self.wiring.start_metrics()
+        await self.wiring.start_health_port(self._health, reuse_port=self._reuse_port)
         for server in self._servers:
             await server.start()
         logger.info(
@@ -206,6 +215,7 @@ class FramecastServer:
                 max_batch=settings.max_batch,
                 threads=settings.threads,
                 cache_dir=settings.cache_dir,
+                engine=settings.engine_settings(),
             )
         if isinstance(backend, BreakableBackend):
             loop = asyncio.get_running_loop()
@@ -304,6 +314,9 @@ class FramecastServer:
         else:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
+            # A call arriving from now on is never received (a slow client's next call):
+            # benchmarks/overload_soak.py tells those from cut calls by this line.
+            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
             await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
         if self._trimmer is not None:
             await self._trimmer.stop()
@@ -312,11 +325,13 @@ class FramecastServer:
             self._serving.backend.close()
             self._serving = None
         await self.wiring.stop_metrics()
+        await self.wiring.stop_health_port()
         logger.info("stopped")
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
         await self._stop_servers(None)
+        await self.wiring.stop_health_port()
 
     async def _stop_servers(self, grace: float | None) -> None:
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
@@ -330,6 +345,8 @@ def _write_port_file(path: Path, port: int) -> None:
 
 async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit code.
+
+    Raises ModelLoadError when the model cannot be loaded (the server stops first).
 
     port_file, when given, receives the bound port once the server listens (for --port 0).
     """
@@ -352,8 +369,8 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     if load.done() and load.exception() is not None:
         stopping.cancel()
         await server.stop(0)
-        logger.error("could not load the model: %s", load.exception())
-        return 1
+        # The command prints it as its last line (one sentence, no traceback).
+        raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())
     await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
     if not stopping.done():

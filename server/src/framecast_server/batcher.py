@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends.base import Backend, BackendError
+from .backends.base import Backend, BackendError, GatheringBackend
 from .recorder import NULL_RECORDER, Recorder
 
 __all__ = [
@@ -291,6 +291,9 @@ class Batcher:
         # Backends that overlap batches (TensorRT: copies of one under compute of another) get
         # that many workers; the others get one, so infer is only ever called from one thread.
         self._depth = backend.max_concurrent_batches
+        # A backend that gathers the requests' frames itself gets them unjoined: one copy
+        # straight into its input buffer instead of a concatenation and then a second copy.
+        self._gather = backend if isinstance(backend, GatheringBackend) else None
         if self._depth < 1:
             raise ValueError(f"backend max_concurrent_batches must be >= 1, got {self._depth}")
         self._workers: list[threading.Thread] = []
@@ -728,12 +731,16 @@ class Batcher:
         self, arrays: list[NDArray[np.uint8]], size: int
     ) -> tuple[NDArray[np.float32], int]:
         """Worker thread: build the input, call the backend once, copy out the output."""
-        if len(arrays) == 1:
-            images = np.ascontiguousarray(arrays[0])
+        if self._gather is not None:
+            started = time.monotonic_ns()
+            output = self._gather.infer_parts(arrays)
         else:
-            images = np.concatenate(arrays, axis=0)
-        started = time.monotonic_ns()
-        output = self._backend.infer(images)
+            if len(arrays) == 1:
+                images = np.ascontiguousarray(arrays[0])
+            else:
+                images = np.concatenate(arrays, axis=0)
+            started = time.monotonic_ns()
+            output = self._backend.infer(images)
         compute_ns = time.monotonic_ns() - started
         probabilities = np.array(output, dtype=np.float32, copy=True)
         if probabilities.ndim != 2 or probabilities.shape[0] != size:

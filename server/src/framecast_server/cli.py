@@ -1,4 +1,4 @@
-"""Server commands of `framecast`: serve, demo, build-engine.
+"""Server commands of `framecast`: serve, demo, build-engine, prepare-model.
 
 Registered into the client's CLI through the ``framecast.commands`` entry point. This module
 imports only the standard library at load time so `framecast --help` stays fast.
@@ -7,11 +7,12 @@ imports only the standard library at load time so `framecast --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from framecast_client.cli_args import (
 )
 
 if TYPE_CHECKING:
+    from .backends.tensorrt.settings import EngineSettings
     from .model import ModelSource
     from .settings import ServerSettings, ServerTLS
 
@@ -102,12 +104,51 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int
         type=positive_int,
         help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)",
     )
-    parser.add_argument(
-        "--require-pretrained",
-        action="store_true",
-        help="refuse to start on random weights (when the default weights cannot be had)",
-    )
+    _add_require_pretrained(parser)
     _add_limit_arguments(parser)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults live in EngineSettings (one place). serve and build-engine take the same flags
+    # and make the same settings from them (_engine_settings): the engine cache's key covers
+    # them all, so any difference would make serve build again, for minutes.
+    group = parser.add_argument_group(
+        "TensorRT engine (build-engine and serve must be given the same)"
+    )
+    group.add_argument(
+        "--opt-batch", type=positive_int, help="profile optimum batch (default: --max-batch)"
+    )
+    group.add_argument(
+        "--workspace-mib", type=positive_int, help="builder workspace limit, MiB (default 1024)"
+    )
+    group.add_argument(
+        "--optimization-level",
+        type=int,
+        choices=range(6),
+        metavar="0-5",
+        help="builder optimization level (default 3)",
+    )
+
+
+def _engine_settings(args: argparse.Namespace) -> EngineSettings:
+    """The TensorRT engine settings the flags ask for: the same for serve and build-engine."""
+    import dataclasses
+
+    from .backends.tensorrt.settings import EngineSettings
+
+    opt_batch: int | None = getattr(args, "opt_batch", None)
+    workspace_mib: int | None = getattr(args, "workspace_mib", None)
+    level: int | None = getattr(args, "optimization_level", None)
+    if opt_batch is not None and opt_batch > args.max_batch:
+        raise CommandError(
+            f"--opt-batch ({opt_batch}) must be at most --max-batch ({args.max_batch})", status=2
+        )
+    settings = EngineSettings(max_batch=args.max_batch, opt_batch=opt_batch)
+    if workspace_mib is not None:
+        settings = dataclasses.replace(settings, workspace_bytes=workspace_mib * 1024 * 1024)
+    if level is not None:
+        settings = dataclasses.replace(settings, builder_optimization_level=level)
+    return settings
 
 
 def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +192,19 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         help="on SIGTERM, calls in flight get this long to finish (default 10)",
     )
+    group.add_argument(
+        "--max-connection-age",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="end each connection after this long (+-10%%), so clients re-resolve and spread "
+        "onto new replicas; the SDK reconnects unnoticed (default 0: never)",
+    )
+    group.add_argument(
+        "--max-connection-age-grace",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="calls on a connection past its age get this long before it is closed (default 10)",
+    )
 
 
 def _limits(args: argparse.Namespace) -> dict[str, float | int]:
@@ -168,6 +222,12 @@ def _limits(args: argparse.Namespace) -> dict[str, float | int]:
     ):
         if getattr(args, name) is not None:
             limits[name] = getattr(args, name)
+    for flag, name in (
+        ("max_connection_age", "max_connection_age_s"),
+        ("max_connection_age_grace", "max_connection_age_grace_s"),
+    ):
+        if getattr(args, flag, None) is not None:
+            limits[name] = getattr(args, flag)
     return limits
 
 
@@ -203,6 +263,13 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 = any)",
+    )
+    group.add_argument(
+        "--health-port",
+        type=port,
+        metavar="PORT",
+        help="also serve grpc.health.v1, and nothing else, in plaintext without tokens on "
+        "HOST:PORT, for probes that cannot speak TLS (Kubernetes' gRPC probes; default off)",
     )
 
 
@@ -282,6 +349,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         auth_health=getattr(args, "auth_health", False),
         insecure=getattr(args, "insecure", False),
         metrics_port=getattr(args, "metrics_port", None),
+        health_port=getattr(args, "health_port", None),
+        engine=_engine_settings(args),
         **_limits(args),  # type: ignore[arg-type]
     )
 
@@ -296,11 +365,15 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def _model_errors() -> tuple[type[BaseException], ...]:
-    """What preparing a model raises for a file that is not a model, or missing weights."""
+    """What preparing a model raises for a file that is not a model, or missing weights.
+
+    Also serve's ModelLoadError: the model failed to load after the server started listening.
+    """
+    from .app import ModelLoadError
     from .model.download import WeightsUnavailableError
     from .model.weights import WeightsError
 
-    return (ValueError, OSError, WeightsError, WeightsUnavailableError)
+    return (ValueError, OSError, WeightsError, WeightsUnavailableError, ModelLoadError)
 
 
 def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -346,7 +419,26 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
         check_files(settings)  # the TLS and token files, read once before anything starts
     except (PlaintextRefusedError, SecurityFlagError, TLSFilesError, TokenFileError) as exc:
         raise CommandError(str(exc), status=2) from None
+    _check_model_and_backend(settings)
     return settings
+
+
+def _check_model_and_backend(settings: ServerSettings) -> None:
+    """Refuse, before the server listens, a model file or backend that cannot work.
+
+    Otherwise the server binds, logs its progress and only then fails: a user sees several
+    lines with the reason last. What is cheap to know is checked here; the rest (a build
+    that fails) is still reported by serve as its last line.
+    """
+    from .model.prepare import check_source
+
+    check_source(settings.model)  # a user's mistake: _run prints it as one line
+    if settings.backend == "tensorrt":
+        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            raise CommandError(reason)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -388,9 +480,25 @@ def demo_images() -> list[tuple[str, bytes]]:
     return made
 
 
+@contextlib.contextmanager
+def _without_the_sdks_copy_of_the_warning() -> Iterator[None]:
+    """The demo's server logs the random-weights warning as it starts; its client must not
+    log it a second time in the same terminal (the SDK logs it once per client)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "RANDOM WEIGHTS" not in record.getMessage()
+
+    sdk = logging.getLogger("framecast_client.client")
+    sdk.addFilter(keep)
+    try:
+        yield
+    finally:
+        sdk.removeFilter(keep)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
-    from framecast_client.cli import format_predictions, print_warning
+    from framecast_client.cli import format_predictions
 
     from .background import BackgroundServer
 
@@ -399,7 +507,11 @@ def _demo(args: argparse.Namespace) -> int:
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
     )
-    with BackgroundServer(settings) as server, Client(server.address) as client:
+    with (
+        BackgroundServer(settings) as server,
+        _without_the_sdks_copy_of_the_warning(),
+        Client(server.address) as client,
+    ):
         info = client.model_info()
         print(
             f"Serving {info.name} ({info.version}) on {info.backend} {info.precision} "
@@ -410,7 +522,6 @@ def _demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             result = client.classify(image, top_k=args.top_k)
             rows.append((name, result, (time.perf_counter() - started) * 1000.0))
-        print_warning(info)
         print(format_predictions(rows, info))
         latencies = sorted(latency for _, _, latency in rows)
         print(
@@ -424,24 +535,19 @@ def _build_engine(args: argparse.Namespace) -> int:
     from .backends.base import BackendUnavailableError
     from .backends.tensorrt.availability import tensorrt_unavailable_reason
 
+    engine_settings = _engine_settings(args)  # a mistake in the flags is said first
     reason = tensorrt_unavailable_reason()
     if reason is not None:
         # Fail before preparing anything: a build here cannot succeed.
         print(f"framecast build-engine: {reason}", file=sys.stderr)
         return 2
-    from .backends.tensorrt import EngineSettings, build_engine
+    from .backends.tensorrt import build_engine
     from .model import prepare_model
     from .settings import default_cache_dir
 
     cache_dir = args.cache_dir or default_cache_dir()
     output = args.output or cache_dir
     prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
-    engine_settings = EngineSettings(
-        max_batch=args.max_batch,
-        opt_batch=args.opt_batch or args.max_batch,
-        workspace_bytes=args.workspace_mib * 1024 * 1024,
-        builder_optimization_level=args.optimization_level,
-    )
     try:
         plan = build_engine(prepared.onnx_path, engine_settings, output)
     except BackendUnavailableError as exc:
@@ -451,8 +557,27 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .model import prepare_model
+    from .settings import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
+    print(f"model: {prepared.onnx_path} ({prepared.name} {prepared.version}, "
+          f"{'pretrained' if prepared.pretrained else 'RANDOM weights'})")  # fmt: skip
+    return 0
+
+
+def _add_require_pretrained(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-pretrained",
+        action="store_true",
+        help="refuse random weights (when the default weights cannot be had)",
+    )
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add serve, demo and build-engine to the `framecast` command."""
+    """Add serve, demo, build-engine and prepare-model to the `framecast` command."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server",
@@ -462,6 +587,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _add_serving_arguments(serve, default_port=50051)
     _add_security_arguments(serve)
+    _add_engine_arguments(serve)
     serve.add_argument(
         "--port-file", type=Path, help="write the bound port here once listening (with --port 0)"
     )
@@ -501,14 +627,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _add_model_arguments(build)
     build.add_argument("--max-batch", type=positive_int, default=32, help="profile max batch")
-    build.add_argument(
-        "--opt-batch", type=positive_int, help="profile optimum batch (default: max batch)"
-    )
-    build.add_argument(
-        "--workspace-mib", type=positive_int, default=4096, help="builder workspace limit, MiB"
-    )
-    build.add_argument(
-        "--optimization-level", type=int, default=3, choices=range(6), help="builder level 0-5"
-    )
+    _add_engine_arguments(build)
     build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
+    _add_require_pretrained(build)
     build.set_defaults(handler=_run(_build_engine))
+
+    prepare = commands.add_parser(
+        "prepare-model",
+        help="download the weights and prepare the served model into the cache",
+        description="Prepare (or find in the cache) the model that `framecast serve` with the "
+        "same model flags and cache serves: the default weights are downloaded and checked "
+        "against their published SHA-256. Kubernetes runs it as an init container, so the "
+        "server itself starts with --offline --require-pretrained.",
+    )
+    _add_model_arguments(prepare)
+    _add_require_pretrained(prepare)
+    prepare.set_defaults(handler=_run(_prepare_model))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends.factory import BackendName
+from .backends.tensorrt.settings import EngineSettings
 from .model import ModelSource
 
 DEFAULT_HOST = "127.0.0.1"
@@ -97,6 +98,18 @@ class ServerSettings:
     auth_health: bool = False  # tokens for grpc.health.v1 too (probes then need one)
     insecure: bool = False  # allow plaintext on a non-loopback address
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    # A second, plaintext listener that serves grpc.health.v1 only (the same health state), for
+    # probes that cannot speak TLS or send tokens (Kubernetes' native gRPC probes). None: off.
+    health_port: int | None = None
+    # End each connection after this long (gRPC sends GOAWAY, jittered by +-10%), so clients
+    # re-resolve DNS and spread onto replicas added since; calls on it get the grace to finish,
+    # then it is closed (the SDK reconnects and resends). 0: never (gRPC's default: one host
+    # gains nothing from it; the Kubernetes manifests set it).
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 10.0
+    # How TensorRT builds its engine: the same settings as `framecast build-engine`, so the
+    # server finds the engine built there. None: EngineSettings' defaults for max_batch.
+    engine: EngineSettings | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -124,8 +137,22 @@ class ServerSettings:
                 raise ValueError(f"{name.removesuffix('_s').replace('_', ' ')} must be positive")
         if self.drain_delay_s < 0:
             raise ValueError(f"drain delay must not be negative, got {self.drain_delay_s}")
+        if self.engine is not None and self.engine.max_batch != self.max_batch:
+            raise ValueError(
+                f"engine max batch ({self.engine.max_batch}) must equal max batch "
+                f"({self.max_batch})"
+            )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                raise ValueError(f"health port must be in 0..65535, got {self.health_port}")
+            if self.health_port != 0 and self.health_port == self.port:
+                raise ValueError(f"health port must differ from the port ({self.port})")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                what = name.removesuffix("_s").replace("_", " ")
+                raise ValueError(f"{what} must not be negative, got {getattr(self, name)}")
         if self.tls is None and not self.insecure and not is_loopback_host(self.host):
             raise PlaintextRefusedError(
                 f"refusing to serve plaintext on {self.host}: anyone on the network could read "
@@ -137,6 +164,10 @@ class ServerSettings:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    def engine_settings(self) -> EngineSettings:
+        """The TensorRT engine's build settings (defaults for ``max_batch`` unless given)."""
+        return EngineSettings(max_batch=self.max_batch) if self.engine is None else self.engine
 
     @property
     def max_message_bytes(self) -> int:

@@ -7,7 +7,7 @@ thread, one batch at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -72,4 +72,15 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release what the backend holds; infer must not be called afterwards."""
+        ...
+
+
+@runtime_checkable
+class GatheringBackend(Protocol):
+    """A backend that gathers a batch from its parts itself, straight into its own input
+    buffer (TensorRT: the pinned host memory its copies read), so the batch is built once."""
+
+    def infer_parts(self, parts: Sequence[NDArray[np.uint8]]) -> NDArray[np.float32]:
+        """Classify the images of ``parts`` ([n_i, H, W, 3] each) as one batch, in order;
+        1 <= sum(n_i) <= max_batch. Raises BackendError on failure."""
         ...

@@ -4,12 +4,12 @@ protocol servicer, its calls pass the call gate (counted for the drain, refused 
 
 gRPC parses a request before the handler runs; bytes that do not parse make it answer UNKNOWN
 and log a traceback, for every such message. Our own servicers take raw bytes and parse them
-with ``wire.decode``. Services from libraries are registered through :func:`guarded`, which
-hands them the same treatment: their handlers receive raw bytes, parse them with the service's
-own deserializer, and a failure ends the call with INVALID_ARGUMENT through the one error
-mapping (a short message, a rate-limited log line, no traceback). Given a gate, each call
-enters it first (UNAVAILABLE once draining) and leaves it when it ends; health stays ungated,
-so it answers throughout a drain.
+with ``codecs.requests.decode``. Services from libraries are registered through
+:func:`guarded`, which hands them the same treatment: their handlers receive raw bytes, parse
+them with the service's own deserializer, and a failure ends the call with INVALID_ARGUMENT
+through the one error mapping (a short message, a rate-limited log line, no traceback). Given
+a gate, each call enters it first (UNAVAILABLE once draining) and leaves it when it ends;
+health stays ungated, so it answers throughout a drain.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from framecast_client.wire import WireFormatError
+from framecast_client.wire_format import WireFormatError
 
 from ..admission import Admission
 from ..drain import CallGate

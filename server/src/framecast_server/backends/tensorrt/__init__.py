@@ -110,7 +110,8 @@ def create_tensorrt_backend(onnx_path: Path, settings: EngineSettings, cache_dir
     except EngineDeserializeError as exc:
         if cached.built:
             raise
-        plan.cache.invalidate(plan.spec, str(exc))
+        # Under the lock, and only the plan refused here: another worker may have rebuilt it.
+        plan.cache.invalidate(plan.spec, str(exc), refused=cached.data)
         cached = plan.cache.get_or_build(plan.spec, plan.build)
         return TensorRTBackend(
             cached.data, settings, device_name=plan.device_name, device_index=DEVICE_INDEX

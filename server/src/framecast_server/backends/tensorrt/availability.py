@@ -41,7 +41,8 @@ class GpuState:
     cuda_version: tuple[int, int] | None = None
 
 
-def _load_libcuda() -> ctypes.CDLL | None:
+def load_libcuda() -> ctypes.CDLL | None:
+    """The CUDA driver library, or None where it is not installed."""
     for name in _CUDA_LIBRARY_NAMES:
         try:
             return ctypes.CDLL(name)
@@ -62,7 +63,7 @@ def gpu_state() -> GpuState:
     Calls ``cuInit`` in this process (cheap, idempotent). CUDA does not survive ``fork()``: a
     server that forks workers should check in each worker, not before forking.
     """
-    libcuda = _load_libcuda()
+    libcuda = load_libcuda()
     if libcuda is None:
         how = "nvidia-smi present but " if shutil.which("nvidia-smi") else "nvidia-smi/"
         return GpuState(f"no NVIDIA GPU found ({how}libcuda not present)")

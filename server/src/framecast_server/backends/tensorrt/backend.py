@@ -8,7 +8,12 @@ Two "slots" (execution context + stream + buffers sized for ``max_batch``) let t
 batch B's host-to-device copy on one stream while batch A still computes on the other. That
 overlap only exists when two batches are in flight at once, i.e. when callers use ``submit``
 (or call ``infer`` from several threads); a single caller doing ``infer`` one batch at a time
-gets plain sequential execution, which is still correct.
+gets plain sequential execution, which is still correct. ``infer_parts`` takes a batch as the
+batcher has it, one array per request, and the worker copies each straight into the slot's
+pinned input buffer: the batch's one host copy.
+
+The worker runs on the device's primary context (see ``cuda.CudaContext``), the one TensorRT's
+builder and runtime also use, so a process holds one CUDA context.
 
 A sticky CUDA error (illegal address, launch failure: the context is poisoned) breaks the
 backend for good: that batch, every queued one and every later call fail with
@@ -147,13 +152,16 @@ class _Slot:
         self.dev_out = cuda.DeviceBuffer(layout.output_bytes)
         self.buffers = [self.dev_in, self.dev_out]
 
-    def enqueue(self, images: NDArray[np.uint8]) -> None:
-        """Queue copy-in, inference and copy-out of one batch on this slot's stream."""
+    def enqueue(self, parts: Sequence[NDArray[np.uint8]], n: int) -> None:
+        """Queue copy-in, inference and copy-out of one batch of ``n`` images on this slot's
+        stream; the batch's ``parts`` are gathered straight into the pinned input buffer."""
         assert self.context is not None, "slot used after free"
         assert self.stream is not None, "slot used after free"
-        n = images.shape[0]
         host_in = self.host_in.array[:n]
-        np.copyto(host_in, images)
+        offset = 0
+        for part in parts:  # the batch's only host copy: each request's frames into place
+            np.copyto(host_in[offset : offset + part.shape[0]], part)
+            offset += part.shape[0]
         ctx = self.context
         if not succeeded(ctx.set_input_shape(INPUT_NAME, (n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS))):
             raise TensorRTCallError("IExecutionContext.set_input_shape", f"batch {n} rejected")
@@ -185,7 +193,8 @@ class _Slot:
 
 @dataclass(slots=True)
 class _Job:
-    images: NDArray[np.uint8]
+    parts: Sequence[NDArray[np.uint8]]
+    n: int  # images over all parts
     future: Future[NDArray[np.float32]]
 
 
@@ -265,14 +274,19 @@ class TensorRTBackend:
         Raises ValueError for a wrong shape or dtype, BackendError after ``close`` and
         BackendBrokenError once a sticky CUDA error broke the backend.
         """
-        self._validate(images)
+        return self.submit_parts((images,))
+
+    def submit_parts(self, parts: Sequence[NDArray[np.uint8]]) -> Future[NDArray[np.float32]]:
+        """Like ``submit`` for the batch made of ``parts`` in order, which the worker gathers
+        straight into its pinned input buffer (no joined copy of the batch is made)."""
+        n = self._validate(parts)
         future: Future[NDArray[np.float32]] = Future()
         with self._close_lock:
             if self._broken is not None:
                 raise BackendBrokenError(self._broken)
             if self._closed:
                 raise BackendError("TensorRT backend is closed")
-            self._queue.put(_Job(images, future))
+            self._queue.put(_Job(tuple(parts), n, future))
         return future
 
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -282,6 +296,10 @@ class TensorRTBackend:
         (CudaError, TensorRTCallError) naming the call that failed.
         """
         return self.submit(images).result()
+
+    def infer_parts(self, parts: Sequence[NDArray[np.uint8]]) -> NDArray[np.float32]:
+        """Classify the images of ``parts`` as one batch (the batcher's requests, unjoined)."""
+        return self.submit_parts(parts).result()
 
     def close(self) -> None:
         """Finish queued batches, then free contexts, engine, buffers, streams and the CUDA
@@ -293,15 +311,19 @@ class TensorRTBackend:
             self._queue.put(None)
         self._thread.join()
 
-    def _validate(self, images: NDArray[np.uint8]) -> None:
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be a uint8 ndarray, got {getattr(images, 'dtype', type(images))}"
-            )
-        if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
-            raise ValueError(f"images must be [N, 224, 224, 3], got {list(images.shape)}")
-        if not 1 <= images.shape[0] <= self.max_batch:
-            raise ValueError(f"batch of {images.shape[0]} outside 1..{self.max_batch}")
+    def _validate(self, parts: Sequence[NDArray[np.uint8]]) -> int:
+        """Check every part's dtype and shape and the batch size; return the batch size."""
+        n = 0
+        for images in parts:
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+                got = getattr(images, "dtype", type(images))
+                raise ValueError(f"images must be a uint8 ndarray, got {got}")
+            if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, CHANNELS):
+                raise ValueError(f"images must be [N, 224, 224, 3], got {list(images.shape)}")
+            n += images.shape[0]
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch of {n} outside 1..{self.max_batch}")
+        return n
 
     # --- worker thread -------------------------------------------------------------------
 
@@ -375,7 +397,7 @@ class TensorRTBackend:
                     break
                 slot = free.popleft()
                 try:
-                    slot.enqueue(job.images)
+                    slot.enqueue(job.parts, job.n)
                 except StickyCudaError as exc:
                     self._break(exc, [job, *(j for _, j in in_flight)])
                     return
@@ -398,7 +420,7 @@ class TensorRTBackend:
                 continue
             slot, job = in_flight.popleft()
             try:
-                job.future.set_result(slot.collect(job.images.shape[0]))
+                job.future.set_result(slot.collect(job.n))
             except StickyCudaError as exc:
                 self._break(exc, [job, *(j for _, j in in_flight)])
                 return

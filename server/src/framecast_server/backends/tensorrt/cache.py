@@ -39,6 +39,12 @@ KEY_SCHEMA = 2
 
 _CHUNK = 1 << 20
 
+# Like the model files (model/prepare.py): plans, metadata and timing caches readable by every
+# user, so that `framecast build-engine` as one user and `serve` as another share the cache;
+# lock files group-writable too, since taking the lock opens the file for writing.
+FILE_MODE = 0o644
+LOCK_MODE = 0o664
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (the ResNet-50 ONNX is ~100 MB)."""
@@ -53,7 +59,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never part.
 
     Writes a temporary file in the same directory, fsyncs it and ``os.replace``s it over the
-    target (atomic on POSIX and Windows within one filesystem).
+    target (atomic on POSIX and Windows within one filesystem). The file ends up FILE_MODE
+    (mkstemp's 0600 would hide it from other users).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -63,6 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        tmp.chmod(FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -202,8 +210,27 @@ class EngineCache:
             return None, f"plan sha256 {digest[:16]}... does not match the metadata (corrupt)"
         return data, None
 
-    def invalidate(self, spec: EngineSpec, reason: str) -> None:
-        """Delete the plan and metadata for ``spec`` (e.g. TensorRT refused to load it)."""
+    def invalidate(self, spec: EngineSpec, reason: str, *, refused: bytes | None = None) -> bool:
+        """Delete the plan and metadata for ``spec`` (e.g. TensorRT refused to load it).
+
+        Runs under the build lock, so it never deletes a plan while another process writes
+        it. With ``refused`` (the plan the caller could not load) a different plan found
+        there is kept: another process has rebuilt it meanwhile. Returns whether it deleted.
+        """
+        with self._locked(spec):
+            if refused is not None:
+                data, _ = self.check(spec)
+                if data is not None and data != refused:
+                    logger.info(
+                        "cached TensorRT engine %s was rebuilt by another process; keeping it",
+                        spec.key()[:16],
+                    )
+                    return False
+            self._discard(spec, reason)
+            return True
+
+    def _discard(self, spec: EngineSpec, reason: str) -> None:
+        """Delete the plan and metadata for ``spec``; the caller holds the build lock."""
         logger.warning("discarding cached TensorRT engine %s: %s", spec.key()[:16], reason)
         for path in (self.metadata_path(spec), self.plan_path(spec)):
             with contextlib.suppress(FileNotFoundError):
@@ -228,7 +255,7 @@ class EngineCache:
                 )
                 return CachedPlan(self.plan_path(spec), data, built=False)
             if reason is not None:
-                self.invalidate(spec, f"{reason}; rebuilding")
+                self._discard(spec, f"{reason}; rebuilding")
             return self._build(spec, build)
 
     def _build(self, spec: EngineSpec, build: BuildFn) -> CachedPlan:
@@ -277,7 +304,8 @@ class EngineCache:
         Builds of different models run at once and share this file; under its lock the file is
         re-read and, if it changed, combined with ours, so neither build's timings are lost.
         """
-        with filelock.FileLock(str(path.with_name(path.name + ".lock")), timeout=60):
+        lock_path = str(path.with_name(path.name + ".lock"))
+        with filelock.FileLock(lock_path, timeout=60, mode=LOCK_MODE):
             on_disk: bytes | None = None
             with contextlib.suppress(FileNotFoundError):
                 on_disk = path.read_bytes()
@@ -288,7 +316,7 @@ class EngineCache:
     @contextlib.contextmanager
     def _locked(self, spec: EngineSpec) -> Iterator[None]:
         self.engines_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(self.lock_path(spec)))
+        lock = filelock.FileLock(str(self.lock_path(spec)), mode=LOCK_MODE)
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:

@@ -106,31 +106,63 @@ def device_info(index: int = 0) -> DeviceInfo:
 
 
 class CudaContext:
-    """A CUDA context with blocking synchronization, current on the calling thread.
+    """The device's primary context with blocking synchronization, current on this thread.
+
+    One context per process: TensorRT's builder and runtime (the CUDA runtime) use the device's
+    *primary* context on any thread where none is current, e.g. the availability check and the
+    engine build. A context of our own (``make_context``) made a second one, with its own
+    device memory and its own copy of every module. So the worker retains the primary context
+    and pushes it; everything in the process then shares it.
 
     ``SCHED_BLOCKING_SYNC``: a thread waiting in ``synchronize`` sleeps on an interrupt instead
-    of spinning a core, which the server's gRPC threads need. The primary context cannot be
-    given that flag through pycuda, so this is a context of our own; TensorRT (the CUDA runtime)
-    uses whichever context is current on the calling thread, which is this one on the worker.
+    of spinning a core, which the server's gRPC threads need. pycuda cannot set a primary
+    context's flags, so they are set through the driver library (``cuDevicePrimaryCtxSetFlags``,
+    which since CUDA 11 also applies to an active primary context).
     """
 
     def __init__(self, index: int = 0) -> None:
         init()
         drv = _driver()
         dev = _call("Device", drv.Device, index)
-        # make_context creates the context and pushes it on this thread.
-        flags = drv.ctx_flags.SCHED_BLOCKING_SYNC
-        self._ctx: Any = _call("Device.make_context", dev.make_context, flags)
+        set_primary_context_flags(index, int(drv.ctx_flags.SCHED_BLOCKING_SYNC))
+        self._ctx: Any = _call("Device.retain_primary_context", dev.retain_primary_context)
+        # Retaining does not make the context current; push it on this (the worker's) thread.
+        _call("Context.push", self._ctx.push)
         self._active = True
 
     def close(self) -> None:
-        """Pop the context from this thread and destroy it (detach); idempotent."""
+        """Pop the context from this thread and release our hold on it (detach); idempotent."""
         if not self._active:
             return
         self._active = False
         drv = _driver()
         _call("Context.pop", drv.Context.pop)
         _call("Context.detach", self._ctx.detach)
+
+
+def _libcuda() -> Any:
+    """The CUDA driver library (ctypes), for the calls pycuda does not wrap."""
+    from .availability import load_libcuda
+
+    lib = load_libcuda()
+    if lib is None:
+        raise CudaError("libcuda", "the CUDA driver library could not be loaded")
+    return lib
+
+
+def set_primary_context_flags(index: int, flags: int) -> None:
+    """cuDevicePrimaryCtxSetFlags(device ``index``, ``flags``) through the driver library."""
+    import ctypes
+
+    lib = _libcuda()
+    device = ctypes.c_int(0)
+    status = int(lib.cuDeviceGet(ctypes.byref(device), index))
+    if status != 0:
+        raise CudaError("cuDeviceGet", f"CUDA error {status} for device {index}")
+    # The _v2 entry point is the one cuda.h maps the name to since CUDA 11.
+    status = int(lib.cuDevicePrimaryCtxSetFlags_v2(device, ctypes.c_uint(flags)))
+    if status != 0:
+        raise CudaError("cuDevicePrimaryCtxSetFlags", f"CUDA error {status} (flags {flags:#x})")
 
 
 class CudaStream:
