@@ -194,17 +194,46 @@ class HoldableNullBackend:
         self._inner.close()
 
 
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._entry])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def write_tokens(path: Path, *names: str) -> Path:
+    """A token file giving each name the token ``<name>-secret``."""
+    path.write_text("".join(f"{name}:{name}-secret\n" for name in names))
+    return path
+
+
 class RawClassifier:
     """framecast.v1.Classifier over a real channel with no serializers: bytes in, bytes out.
 
     What a test needs to send bytes that are not a valid message.
     """
 
-    def __init__(self, address: str, *, own_connection: bool = False) -> None:
-        # Channels with equal settings in one process share a connection (and so are one
-        # caller to the server) unless each keeps its own.
+    def __init__(
+        self, address: str, *, own_connection: bool = False, token: str | None = None
+    ) -> None:
+        # Channels with equal settings in one process share a connection unless each keeps
+        # its own. ``token``: sent on every call (the server knows the caller by its name).
         options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
         self.channel = grpc.insecure_channel(address, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _Bearer(token))
         # grpc-stubs wants serializers; without them the channel passes bytes through.
         self.get_model_info = self.channel.unary_unary(  # type: ignore[call-arg]
             "/framecast.v1.Classifier/GetModelInfo"

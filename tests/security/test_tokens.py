@@ -13,11 +13,17 @@ from framecast_client import Client, UnauthenticatedError
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.security import token_from
-from framecast_server.auth import TokenFileError, TokenStore, _RateLimitedLog, parse_tokens
+from framecast_server.auth import (
+    MAX_TOKEN_BYTES,
+    TokenFileError,
+    TokenStore,
+    _RateLimitedLog,
+    parse_tokens,
+)
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import random_frames, running_server
+from support import make_settings, random_frames, running_server
 
 SECRET = "s3cr3t-camera-token"
 OTHER = "another-one"
@@ -44,6 +50,29 @@ def test_parse_tokens_names_them_and_rejects_malformed_lines() -> None:
         parse_tokens("a:x\na:y\n")
     with pytest.raises(TokenFileError, match="no token"):
         parse_tokens("# only a comment\n")
+
+
+def test_a_token_too_long_for_grpc_metadata_is_refused_when_the_file_is_read(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"camera:short-token\nlong:{'x' * 20_000}\n")
+    with pytest.raises(TokenFileError) as refused:
+        TokenStore(tokens)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "line 2" in message
+    assert "20000 bytes" in message
+    assert "8 KiB" in message
+
+
+def test_the_longest_token_allowed_is_served(cache_dir: Path, tmp_path: Path) -> None:
+    longest = "y" * MAX_TOKEN_BYTES
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"long:{longest}\n")
+    settings = make_settings(cache_dir, backend="null", auth_tokens=tokens)
+    with BackgroundServer(settings) as server, Client(server.address, token=longest) as client:
+        assert len(client.classify_preprocessed(random_frames(1))) == 1
 
 
 def test_token_store_rereads_the_file_when_it_changes(tmp_path: Path) -> None:

@@ -43,6 +43,12 @@ RELOAD_CHECK_S = 1.0
 # Refusals are logged at most once per this many seconds (with a count of those left out): a
 # client retrying with a wrong token must not flood the log.
 REFUSAL_LOG_INTERVAL_S = 10.0
+# gRPC refuses calls whose metadata exceeds its soft limit, 8 KiB by default (past it, some
+# calls at random, up to the hard limit of 16 KiB, then all): a longer token could never be
+# used. The token's header ("authorization: Bearer ...") must fit with the call's others
+# (some 600 bytes: path, authority, timeout, user agent).
+METADATA_LIMIT_BYTES = 8 * 1024
+MAX_TOKEN_BYTES = METADATA_LIMIT_BYTES - 1024
 
 
 class TokenFileError(ValueError):
@@ -68,6 +74,12 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, bytes]:
             raise TokenFileError(f"{source} line {number}: expected 'token' or 'name:token'")
         if any(c.isspace() for c in token):
             raise TokenFileError(f"{source} line {number}: a token must not contain spaces")
+        if len(token.encode()) > MAX_TOKEN_BYTES:
+            raise TokenFileError(
+                f"{source} line {number}: the token is {len(token.encode())} bytes long, more "
+                f"than {MAX_TOKEN_BYTES}: gRPC refuses calls with over "
+                f"{METADATA_LIMIT_BYTES // 1024} KiB of metadata, so no client could use it"
+            )
         if name in tokens:
             raise TokenFileError(f"{source} line {number}: the name {name!r} is used twice")
         tokens[name] = token.encode()

@@ -167,7 +167,14 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-streams-per-connection",
         type=positive_int,
-        help="concurrent calls on one connection (default 2); more wait on the client",
+        help="concurrent calls on one connection, streams included (default 8); more wait "
+        "on the client",
+    )
+    group.add_argument(
+        "--max-unary-calls",
+        type=positive_int,
+        help="unary calls admitted at once, server-wide (default 8); more wait unread, each "
+        "caller in turn",
     )
     group.add_argument(
         "--idle-timeout-s",
@@ -208,6 +215,7 @@ def _limits(args: argparse.Namespace) -> dict[str, float | int]:
     for name in (
         "max_connections",
         "max_streams_per_connection",
+        "max_unary_calls",
         "idle_timeout_s",
         "drain_delay_s",
         "grace_s",

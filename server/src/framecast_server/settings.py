@@ -78,15 +78,15 @@ class ServerSettings:
     # Limits under load; the README's "Limits and behaviour under load" lists each one.
     memory_budget_bytes: int = 256 * MIB  # images admitted, waiting or computing
     max_connections: int = 1000
-    # HTTP/2 concurrent calls on one connection. Low on purpose: it is what keeps one client
-    # from crowding the others out of the event loop. gRPC takes calls in arrival order and
-    # each costs the loop some 200 us, so a polite caller waits behind every call the flood
-    # has queued: beside 200 of them its p99 went from 0.8 to 30-50 ms. benchmarks/fairness.py,
-    # flood p99 / idle p99 on 2 cores (median of 3-5 rounds; with the flooder niced as a remote
-    # host / competing for the cores): 1.7 / 2.4 at 2, 2.4 / 2.8 at 3, 3.0 / 3.5 at 4, 4.3 /
-    # 6.5 at 8, 32-52 at 100. A client wanting more calls in flight asks for more connections
-    # (Client(connections=N)); a stream needs only one.
-    max_streams_per_connection: int = 2
+    # HTTP/2 concurrent calls on one connection (streams included): enough that a client's
+    # long streams leave room for its unary calls on the same connection, and that
+    # perf_analyzer and tritonclient work unchanged. Fairness no longer rests on it: see
+    # max_unary_calls.
+    max_streams_per_connection: int = 8
+    # Unary calls admitted at once, server-wide; the others wait at the door, per caller in
+    # turn (admission.py), unread and unanswered, so a flood over many connections is held on
+    # its own side instead of queueing in gRPC and the event loop ahead of other callers.
+    max_unary_calls: int = 8
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
     # take the replica out meanwhile), then calls in flight get at most grace_s to finish.
@@ -129,7 +129,7 @@ class ServerSettings:
                 f"memory budget ({self.memory_budget_bytes / MIB:.1f} MiB) must hold at least "
                 f"one max batch of frames ({self.max_batch * FRAME_BYTES / MIB:.1f} MiB)"
             )
-        for name in ("max_connections", "max_streams_per_connection"):
+        for name in ("max_connections", "max_streams_per_connection", "max_unary_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1")
         for name in ("idle_timeout_s", "grace_s"):

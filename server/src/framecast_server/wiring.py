@@ -91,13 +91,26 @@ class Wiring:
         """What the core records into: the metrics, or nothing."""
         return self.metrics if self.metrics is not None else NULL_RECORDER
 
-    def add_port(self, server: grpc.aio.Server) -> int:
-        """Bind the gRPC port, with TLS when configured; 0 when it could not be bound."""
+    def add_port(self, servers: list[grpc.aio.Server]) -> int:
+        """Bind the gRPC port on each server (one port, shared), with TLS when configured.
+
+        Returns the port, or 0 when it could not be bound.
+        """
         settings = self.settings
-        if settings.tls is None:
-            return server.add_insecure_port(settings.address)
-        credentials, self.tls_reloader = server_credentials(settings.tls)
-        return server.add_secure_port(settings.address, credentials)
+        address, port = settings.address, 0
+        for server in servers:
+            if settings.tls is None:
+                bound = server.add_insecure_port(address)
+            else:
+                # Credentials of their own per server (gRPC does not share them), fed by one
+                # reloader: each server takes the new files when they change.
+                self.tls_reloader = self.tls_reloader or CertificateReloader(settings.tls)
+                bound = server.add_secure_port(address, server_credentials(self.tls_reloader))
+            if bound == 0 or (port and bound != port):
+                return 0
+            port = bound
+            address = address.rpartition(":")[0] + f":{port}"  # the others share it
+        return port
 
     async def start_health_port(self, health: Any, *, reuse_port: bool = False) -> None:
         """With ``--health-port``: a plaintext server with ``health`` (grpc.health.v1) only.

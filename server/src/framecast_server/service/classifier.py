@@ -25,6 +25,7 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.wire_format import WireFormatError
 from numpy.typing import NDArray
 
+from ..admission import Admission
 from ..batcher import DeadlineExpiredError, ItemResult
 from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
@@ -32,6 +33,7 @@ from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
 from .codecs import requests, results
+from .decoding import read_request
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
 from .stream_registry import NAME_LIMIT, StreamEntry, StreamRegistry
@@ -124,6 +126,7 @@ class ClassifierServicer:
         max_message_bytes: int,
         max_calls_per_connection: int,
         gate: CallGate,
+        admission: Admission,
         recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._serving: ServingModel | None = None
@@ -133,6 +136,7 @@ class ClassifierServicer:
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
         self._gate = gate
+        self._admission = admission
         self._answered = recorder.frames_answered
         self._recorder = recorder
         self.streams = StreamRegistry()
@@ -143,7 +147,9 @@ class ClassifierServicer:
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            "Classify": grpc.unary_unary_rpc_method_handler(
+            # A unary call on the wire, registered as request-streaming so that the handler
+            # runs before the request is read: it waits for admission first (admission.py).
+            "Classify": grpc.stream_unary_rpc_method_handler(
                 self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
             ),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
@@ -213,23 +219,33 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> pb.ClassifyResponse | None:
+    async def Classify(
+        self, request_iterator: AsyncIterator[bytes], context: _Context
+    ) -> pb.ClassifyResponse | None:
         try:
             self._gate.enter()
         except Exception as exc:
             set_status(context, exc)
             return None
         frames = 1  # until the request is read: a refused request counts as one image
+        admission = self._admission
+        caller = caller_of(context)
+        admitted = False
         try:
             serving = self._require_serving()
+            # Unread until admitted: what waits is the call's HTTP/2 window, not its images.
+            await admission.enter(caller)
+            admitted = True
+            raw = await read_request(context)
             parsed = self._parse_classify(raw, serving)
             if parsed is None:
                 parsed = await self._parse_classify_message(raw, serving)
             batch, k = parsed
+            del raw  # the batch is a view of it where it could be; nothing else needs it
             frames = len(batch)
             # The batcher's future itself, awaited here: no coroutine or task per request.
             items = await serving.batcher.submit_nowait(
-                batch, deadline=_deadline(context), caller=caller_of(context)
+                batch, deadline=_deadline(context), caller=caller
             )
             response = self._respond(items, k, serving)
             self._answered(CLASSIFY, "OK", len(items))
@@ -239,6 +255,8 @@ class ClassifierServicer:
             self._answered(CLASSIFY, code.name, frames)
             return None
         finally:
+            if admitted:
+                admission.leave()
             self._gate.leave()
 
     def _parse_classify(
