@@ -34,8 +34,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from framecast_client import oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client.wire_format import encode_varint
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from PIL import Image
@@ -66,7 +68,7 @@ class Report:
 
 # --- case generation -------------------------------------------------------------------------
 
-varint = wire.encode_varint
+varint = encode_varint
 
 
 def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:
@@ -74,8 +76,8 @@ def _valid_messages(rng: random.Random) -> dict[str, list[bytes]]:
     full = np.frombuffer(rng.randbytes(224 * 224 * 3), dtype=np.uint8).reshape(224, 224, 3)
     small = np.frombuffer(rng.randbytes(4 * 4 * 3), dtype=np.uint8).reshape(4, 4, 3)
     classify = [
-        wire.classify_request(small[None], top_k=3, preprocessing_id="abc").SerializeToString(),
-        wire.classify_request(full[None], top_k=1).SerializeToString(),
+        wire.classify_request_bytes(small[None], top_k=3, preprocessing_id="abc"),
+        wire.classify_request_bytes(full[None], top_k=1),
         pb.ClassifyRequest(images=[wire.image_to_proto(small)] * 3).SerializeToString(),
     ]
     stream = [
@@ -229,9 +231,7 @@ class Fuzzer:
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
             ),
         }
-        self.good = wire.classify_request(
-            np.zeros((1, 224, 224, 3), dtype=np.uint8), top_k=1
-        ).SerializeToString()
+        self.good = wire.classify_request_bytes(np.zeros((1, 224, 224, 3), dtype=np.uint8), top_k=1)
 
     def close(self) -> None:
         self.channel.close()

@@ -2,11 +2,11 @@
 
 Plain Pillow is the textbook pipeline: open, convert to RGB, resize the shorter side to 256
 (bilinear), center-crop 224. ``preprocess`` produces the same image (within the accuracy the
-tests hold it to) with a single box resize of the crop and, for JPEGs at least 5x the resize
-target, JPEG draft.
+tests hold it to) with a single box resize of the crop and, for JPEGs whose crop is at least
+10x the output on each side (2 x ``_DRAFT_HEADROOM``; not a 1080p frame), JPEG draft.
 
 A third candidate, "draft to output", is what ``preprocess`` did before it kept the JPEG
-decoder's DCT scaling to images at least 5x the resize target: draft down to the output size,
+decoder's DCT scaling to images that leave the resize a 5x reduction: draft down to the output size,
 then a box resize with ``reducing_gap=2`` (for numpy frames, "reducing_gap 2" is the same
 resize without the draft). Their rows are the price of the accuracy fix at 1080p
 (and its max difference shows what the fix buys: see tests/client/test_preprocess.py's sweep);

@@ -49,11 +49,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from framecast_client import oip
+from framecast_bench import oip_codec as oip
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
 from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
+from framecast_oip._proto import open_inference_pb2 as oip_pb
 from serve_process import connections_for, running, serve_command, tree_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent

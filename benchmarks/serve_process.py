@@ -68,11 +68,14 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def serve_command(
-    port_file: Path, cache_dir: Path, *flags: str, backend: str = "null"
+    port_file: Path, cache_dir: Path, *flags: str, backend: str = "null", python: str = ""
 ) -> list[str]:
-    """`framecast serve` on a free port (written to ``port_file``), offline, plus ``flags``."""
+    """`framecast serve` on a free port (written to ``port_file``), offline, plus ``flags``.
+
+    ``python``: the interpreter to run it (another checkout's, to compare); default this one.
+    """
     return [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
+        python or sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
         "--port-file", str(port_file), "--backend", backend, "--offline",
         "--cache-dir", str(cache_dir), *flags,
     ]  # fmt: skip
@@ -107,10 +110,10 @@ def running(
 
 
 def start_server(
-    cache_dir: Path, port_file: Path, log: Path, *flags: str
+    cache_dir: Path, port_file: Path, log: Path, *flags: str, python: str = ""
 ) -> subprocess.Popen[bytes]:
     """`framecast serve --backend null` on a free port; its output goes to ``log``."""
-    command = serve_command(port_file, cache_dir, *flags)
+    command = serve_command(port_file, cache_dir, *flags, python=python)
     with log.open("wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 

@@ -140,8 +140,14 @@ def instrument() -> list[str]:
             else:
                 setattr(owner, attribute, _timed(stage, function))
             wrapped.append(f"{stage}: {class_name}.{attribute}")
-    original = grpc.unary_unary_rpc_method_handler
+            break  # the first that exists: a later one may run inside it (counted twice)
+    # Classify is a unary call registered request-streaming (it waits for admission unread).
+    for name in ("unary_unary_rpc_method_handler", "stream_unary_rpc_method_handler"):
+        setattr(grpc, name, _timed_handler(getattr(grpc, name)))
+    return wrapped
 
+
+def _timed_handler(original: Any) -> Any:
     def handler(
         behavior: Any, request_deserializer: Any = None, response_serializer: Any = None
     ) -> Any:
@@ -151,8 +157,7 @@ def instrument() -> list[str]:
                 response_serializer = _timed("serialize", response_serializer)
         return original(behavior, request_deserializer, response_serializer)
 
-    grpc.unary_unary_rpc_method_handler = handler
-    return wrapped
+    return handler
 
 
 def _serve_instrumented(fifo: Path, stats: Path, argv: list[str]) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from framecast_client import Client, wire
 from framecast_client.preprocess import PreprocessSpec, preprocess
 from framecast_server.background import BackgroundServer
+from framecast_server.service.codecs import requests
 from framecast_server.settings import ServerSettings, default_cache_dir
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter
@@ -125,7 +126,7 @@ def accuracy(
     for name, encoding in ENCODINGS.items():
         decoded = np.stack(
             [
-                wire.image_from_proto(wire.image_to_proto(f, encoding), height=224, width=224)
+                requests.image_from_proto(wire.image_to_proto(f, encoding), height=224, width=224)
                 for f in frames
             ]
         )

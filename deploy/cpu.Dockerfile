@@ -9,6 +9,7 @@ RUN python3 -m pip install "uv==0.13.9"
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY client client
+COPY oip oip
 COPY server server
 COPY deploy/install.sh deploy/install.sh
 # The same commands tests/deploy/test_images.py runs into a fresh virtual environment.
@@ -25,8 +26,14 @@ ENV PATH=/opt/framecast/bin:$PATH \
 # Prepared models (and, on GPU hosts, engines) survive restarts here.
 VOLUME /var/cache/framecast
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 8081 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-m", "framecast_server.healthcheck", "--port", "50051"]
+    CMD ["python", "-m", "framecast_server.healthcheck", "--port", "8081"]
 ENTRYPOINT ["framecast"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--workers", "auto"]
+# Plaintext gRPC on every interface (--insecure): publish it on a network you trust, or run
+# with --tls-cert/--tls-key (and --auth-tokens) in place of --insecure (README, Deploying).
+# 8081 serves grpc.health.v1 only, in plaintext, for the HEALTHCHECK (keep --health-port 8081
+# in a command of your own); 9100 serves /metrics. --require-pretrained: the first start
+# downloads the weights into the volume, and the server exits rather than serve random ones.
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--insecure", "--health-port", "8081", \
+     "--metrics-port", "9100", "--workers", "auto", "--require-pretrained"]

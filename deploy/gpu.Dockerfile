@@ -20,6 +20,7 @@ ENV UV_NO_CACHE=1 \
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY client client
+COPY oip oip
 COPY server server
 COPY deploy/install.sh deploy/install.sh
 # /opt/framecast sees the container's TensorRT (system site packages; nothing installs a tensorrt
@@ -43,11 +44,17 @@ ENV PATH=/opt/framecast/bin:$PATH \
 # Prepared models, built engines and TensorRT's timing cache survive restarts here.
 VOLUME /var/cache/framecast
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 8081 9100
 # start-period covers the first engine build.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=1200s --retries=3 \
-    CMD ["python", "-m", "framecast_server.healthcheck", "--port", "50051"]
+    CMD ["python", "-m", "framecast_server.healthcheck", "--port", "8081"]
 # A sticky CUDA error makes serve exit with status 3: run with --restart unless-stopped (or under
 # Kubernetes) so that a fresh process takes over. --workers auto feeds a big GPU from every core.
 ENTRYPOINT ["framecast"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--backend", "tensorrt"]
+# Plaintext gRPC on every interface (--insecure): publish it on a network you trust, or run
+# with --tls-cert/--tls-key (and --auth-tokens) in place of --insecure (README, Deploying).
+# 8081 serves grpc.health.v1 only, in plaintext, for the HEALTHCHECK (keep --health-port 8081
+# in a command of your own); 9100 serves /metrics. --require-pretrained: the first start
+# downloads the weights into the volume, and the server exits rather than serve random ones.
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--insecure", "--health-port", "8081", \
+     "--metrics-port", "9100", "--workers", "auto", "--require-pretrained", "--backend", "tensorrt"]

@@ -1,9 +1,11 @@
 #!/bin/sh
-# Install framecast-server and framecast-client into the virtual environment given as $1, at the
+# Install framecast-server, framecast-client and framecast-oip (the Open Inference Protocol's
+# generated code) into the virtual environment given as $1, at the
 # versions uv.lock pins. The images run exactly this (deploy/cpu.Dockerfile), and so does
 # tests/deploy/test_images.py into a fresh virtual environment, so a broken step fails CI even
 # though no image is built there. Needs uv (the one running us under `uv run`, else `uv` on the
-# PATH, else `python3 -m uv`) and the repository (pyproject.toml, uv.lock, client/, server/).
+# PATH, else `python3 -m uv`) and the repository (pyproject.toml, uv.lock, client/, server/,
+# oip/). The bench (bench/) is not installed: a server never runs it.
 set -eu
 venv=${1:?usage: deploy/install.sh VENV}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,4 +22,4 @@ $uv export --project "$root" --frozen --no-dev --no-emit-workspace --no-hashes \
     --no-header --package framecast-server --output-file "$requirements" --quiet
 $uv pip install --python "$venv/bin/python" --quiet -r "$requirements"
 $uv pip install --python "$venv/bin/python" --quiet --no-deps \
-    "$root/client" "$root/server"
+    "$root/client" "$root/oip" "$root/server"

@@ -35,7 +35,7 @@ venv=${GPU_CHECK_VENV:-$root/.gpu-venv}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PATH="$CUDA_HOME/bin:$PATH"
 # The checkout's packages straight from source: nothing to build or install for them.
-export PYTHONPATH="$root/client/src:$root/server/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root/client/src:$root/oip/src:$root/server/src${PYTHONPATH:+:$PYTHONPATH}"
 jobs=$(nproc 2>/dev/null || echo 4)
 started=$(date +%s)
 summary=()

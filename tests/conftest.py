@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from framecast_client import Client
 from framecast_server.background import BackgroundServer
-from support import make_settings
+from support import make_settings, start_server  # noqa: F401  (a fixture, for every test)
 
 
 @pytest.fixture(scope="session")

@@ -2,19 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from framecast_server.backends.base import BackendError, BackendInfo
+import pytest
+from framecast_server.backends.base import Backend, BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
+from framecast_server.background import BackgroundServer
 from framecast_server.settings import ServerSettings
 from numpy.typing import NDArray
 
 INPUT_SIZE = 224
 HOLD_TIMEOUT_S = 60.0  # how long a held backend waits for its test to release it
+# How long a test waits for something that takes milliseconds when the machine is idle: long
+# enough for a loaded 2-core CI runner, and a real hang still fails.
+WAIT_S = 30.0
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str,
+    *,
+    timeout_s: float = WAIT_S,
+    seen: Callable[[], object] | None = None,
+    interval_s: float = 0.01,
+) -> None:
+    """Poll ``condition`` until it is true; fail saying what was awaited, and ``seen()`` then.
+
+    The one wait-until of the tests: a test states the condition it needs, never a sleep.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            saw = f"; saw {seen()}" if seen is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}{saw}")
+        time.sleep(interval_s)
 
 
 def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
@@ -29,6 +62,49 @@ def make_settings(cache_dir: Path, **overrides: Any) -> ServerSettings:
     }
     values.update(overrides)
     return ServerSettings(**values)
+
+
+@contextlib.contextmanager
+def running_server(
+    cache_dir: Path,
+    *,
+    backend_instance: Backend | None = None,
+    load: bool = True,
+    **overrides: Any,
+) -> Iterator[BackgroundServer]:
+    """A real server on a free loopback port, stopped on exit: the null backend by default.
+
+    ``backend_instance`` replaces the backend the settings name (a test's held or failing
+    one); ``overrides`` are ServerSettings fields (backend, TLS, tokens, limits, metrics_port).
+    """
+    overrides.setdefault("backend", "null")
+    factory = None if backend_instance is None else (lambda _path: backend_instance)
+    with BackgroundServer(
+        make_settings(cache_dir, **overrides), backend_factory=factory, load=load
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def start_server(cache_dir: Path) -> Iterator[Callable[..., BackgroundServer]]:
+    """Start servers as :func:`running_server` does; each is stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(running_server(cache_dir, **kwargs))
+
+
+def not_a_classifier(path: Path) -> Path:
+    """Write a valid ONNX graph that is not an image classifier: it fails when served."""
+    import onnx
+
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "not-a-classifier",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    return path
 
 
 def random_frames(count: int, *, seed: int = 0, size: int = INPUT_SIZE) -> NDArray[np.uint8]:
@@ -118,17 +194,46 @@ class HoldableNullBackend:
         self._inner.close()
 
 
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._entry])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def write_tokens(path: Path, *names: str) -> Path:
+    """A token file giving each name the token ``<name>-secret``."""
+    path.write_text("".join(f"{name}:{name}-secret\n" for name in names))
+    return path
+
+
 class RawClassifier:
     """framecast.v1.Classifier over a real channel with no serializers: bytes in, bytes out.
 
     What a test needs to send bytes that are not a valid message.
     """
 
-    def __init__(self, address: str, *, own_connection: bool = False) -> None:
-        # Channels with equal settings in one process share a connection (and so are one
-        # caller to the server) unless each keeps its own.
+    def __init__(
+        self, address: str, *, own_connection: bool = False, token: str | None = None
+    ) -> None:
+        # Channels with equal settings in one process share a connection unless each keeps
+        # its own. ``token``: sent on every call (the server knows the caller by its name).
         options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
         self.channel = grpc.insecure_channel(address, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _Bearer(token))
         # grpc-stubs wants serializers; without them the channel passes bytes through.
         self.get_model_info = self.channel.unary_unary(  # type: ignore[call-arg]
             "/framecast.v1.Classifier/GetModelInfo"
@@ -150,3 +255,61 @@ class RawClassifier:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def write_downloaded_weights(cache_dir: Path, *, seed: int = 20) -> Path:
+    """Leave ``cache_dir`` as a download of the default weights leaves it, with no network:
+    random ResNet-50 weights as ``weights/<CACHED_FILENAME>`` and, beside them, their SHA-256
+    as the published checksum. ``--require-pretrained`` then accepts them."""
+    from framecast_server.model import PRESETS, random_weights
+    from framecast_server.model.download import CACHED_FILENAME, CHECKSUM_SUFFIX, file_sha256
+    from safetensors.numpy import save_file
+
+    weights = cache_dir / "weights" / CACHED_FILENAME
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(seed, PRESETS["torchvision"]), str(weights))
+    weights.with_name(weights.name + CHECKSUM_SUFFIX).write_text(file_sha256(weights) + "\n")
+    return weights
+
+
+@dataclass
+class Host:
+    """A `framecast serve --workers 2 --metrics-port 0` process: its gRPC address and metrics."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    metrics_port: int
+    log: Path
+
+
+@contextlib.contextmanager
+def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+    port_file = tmp_path / "port"
+    log = tmp_path / "serve.log"
+    command = [
+        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
+    try:
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the port file",
+            timeout_s=60.0,  # generous: a loaded 2-core machine starts processes slowly
+        )
+        assert process.poll() is None, log.read_text()
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+        assert found, log.read_text()
+        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
+    finally:
+        if process.poll() is None:
+            process.terminate()  # the supervisor removes its directory; a kill would leave it
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,7 @@ def test_demo_classifies_generated_images_and_warns_about_random_weights(
     assert main(["demo", "--offline", "--cache-dir", str(cache_dir)]) == 0
     captured = capsys.readouterr()
     out = captured.out
-    # The warning goes to stderr: stdout stays a table a script can parse.
-    assert "WARNING: RANDOM WEIGHTS" in captured.err
+    # The warning goes to the log (stderr): stdout stays a table a script can parse.
     assert "WARNING" not in out
     assert "generated:sunset.jpg" in out
     assert "3 requests, latency per request" in out
@@ -48,9 +50,8 @@ def test_classify_prints_a_table_with_latency(
 ) -> None:
     assert main(["classify", str(photo), str(photo), "--address", onnx_server.address]) == 0
     captured = capsys.readouterr()
-    assert captured.err.startswith("WARNING: RANDOM WEIGHTS")
     lines = captured.out.splitlines()
-    assert lines[0].split() == ["image", "label", "probability", "latency"]
+    assert lines[0].split() == ["image", "label", "probability", "ms/image"]
     assert len(lines) == 3
     assert lines[1].startswith(str(photo))
     assert lines[1].endswith(" ms")
@@ -67,7 +68,6 @@ def test_info_shows_model_backend_preprocessing_and_weights(
     assert "backend        onnxruntime (fp32), max batch 8" in out
     assert "shorter side to 232, center crop 224x224, bilinear" in out
     assert "NOT pretrained" in out
-    assert "WARNING: RANDOM WEIGHTS" in captured.err
 
 
 def test_classify_without_a_server_says_so(photo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +134,7 @@ def test_classify_batches_directories_and_reports_each_failure(
     rows = captured.out.splitlines()[1:]
     assert [row.split()[0] for row in rows] == [str(photos / f"{i:02}.jpg") for i in range(10)]
     # Each failure on its own line, then a count.
-    failures = captured.err.splitlines()[1:]  # after the random-weights warning
+    failures = captured.err.splitlines()  # the warning is logged, not printed
     assert len(failures) == 4
     # In the order of the inputs.
     assert failures[0].startswith(f"framecast classify: {photos / 'broken.jpg'}: cannot decode")
@@ -157,3 +157,69 @@ def test_the_sdk_logs_the_random_weights_warning_once_per_client(
     warnings = [r for r in caplog.records if "RANDOM WEIGHTS" in r.getMessage()]
     assert len(warnings) == 2  # one per client, however often it asks
     assert all(r.name == "framecast_client.client" for r in warnings)
+
+
+def framecast(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The ``framecast`` command in its own process, with its real logging on stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "framecast_client.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", ["classify", "info", "demo", "bench", "bench oip"])
+def test_each_command_warns_about_random_weights_once(
+    command: str, onnx_server: BackgroundServer, photo: Path, cache_dir: Path
+) -> None:
+    if command == "demo":
+        done = framecast("demo", str(photo), "--offline", "--cache-dir", str(cache_dir))
+    elif command == "classify":
+        done = framecast("classify", str(photo), "--address", onnx_server.address)
+    elif command.startswith("bench"):
+        protocol = "oip" if command.endswith("oip") else "framecast"
+        short = ["--concurrency", "1", "--warmup", "0", "--window", "0.3", "--max-windows", "1"]
+        done = framecast("bench", onnx_server.address, "--protocol", protocol, *short)
+    else:
+        done = framecast("info", "--address", onnx_server.address)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("RANDOM WEIGHTS") == 1, done.stderr
+    assert "RANDOM WEIGHTS" not in done.stdout
+
+
+def test_classify_shows_each_images_share_of_its_batch(
+    onnx_server: BackgroundServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from framecast_client import Client
+
+    photos = [tmp_path / f"{i}.jpg" for i in range(4)]
+    for i, path in enumerate(photos):
+        Image.new("RGB", (320, 240), (60 * i, 100, 200)).save(path)
+    batch_s: list[float] = []
+    original = Client.classify_preprocessed
+
+    def slow_batch(self: Client, batch: Any, **kwargs: Any) -> Any:
+        # A batch that takes at least 2 s: per-batch figures would then add up to 8 s.
+        started = time.perf_counter()
+        time.sleep(2.0)
+        results = original(self, batch, **kwargs)
+        batch_s.append(time.perf_counter() - started)
+        return results
+
+    monkeypatch.setattr(Client, "classify_preprocessed", slow_batch)
+    started = time.perf_counter()
+    assert main(["classify", *map(str, photos), "--address", onnx_server.address]) == 0
+    wall_ms = (time.perf_counter() - started) * 1000.0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(batch_s) == 1, "the four images go in one request"
+    shown_ms = [float(row.split()[-2]) for row in rows]
+    assert len(shown_ms) == 4
+    for ms in shown_ms:
+        assert ms >= batch_s[0] * 1000.0 / 4 - 0.1, (shown_ms, batch_s)  # its share, at least
+    # Each image's time is its own: together they fit in the command's run.
+    assert sum(shown_ms) <= wall_ms, (shown_ms, wall_ms)

@@ -42,6 +42,18 @@ asyncio.run(main())
 """
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_ONLY = {"onnx", "onnxruntime", "tensorrt", "pycuda", "framecast-server", "safetensors"}
+# Neither the bench nor what only it uses goes onto a camera.
+BENCH_ONLY = {"framecast-bench", "framecast-oip", "matplotlib"}
+# What the SDK must not carry: the bench, the server's codecs, the Open Inference Protocol.
+NOT_IN_THE_SDK = """
+import importlib.util, sys
+import framecast_client, framecast_client.wire as wire
+names = ["framecast_client.bench", "framecast_client.oip"]
+names += ["framecast_client._proto.open_inference_pb2"]
+print(*[n for n in names if importlib.util.find_spec(n) is not None])
+server_codecs = ("read_classify_request", "images_from_proto", "fill_classification")
+print(*[n for n in server_codecs if hasattr(wire, n)])
+"""
 
 
 def declared_floors() -> dict[str, str]:
@@ -90,7 +102,11 @@ def test_client_alone_installs_lean_and_classifies(
         .split()
     )
     assert "framecast-client" in listed
-    assert not SERVER_ONLY & set(listed)
+    assert not (SERVER_ONLY | BENCH_ONLY) & set(listed)
+    carried = subprocess.run(
+        [python, "-c", NOT_IN_THE_SDK], check=True, capture_output=True, text=True
+    ).stdout
+    assert carried.split() == []
     assert {d.metadata["Name"].lower() for d in distributions()} & SERVER_ONLY  # sanity: dev env
 
     image = tmp_path / "frame.jpg"
@@ -120,8 +136,32 @@ def test_client_alone_installs_lean_and_classifies(
     serve = subprocess.run([framecast, "serve"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 2
     # A hint that works: the packages are installed from a checkout, not a public index.
-    assert "pip install ./client ./server" in serve.stderr
+    assert "pip install ./client ./oip ./server" in serve.stderr
     assert "uv build --all-packages" in serve.stderr
+    bench = subprocess.run([framecast, "bench"], capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 2
+    assert "pip install ./client ./oip ./bench" in bench.stderr
+
+    # The bench installs on its own beside the SDK (no server), at the same floors, and drives
+    # both protocols.
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", str(ROOT / "oip"), str(ROOT / "bench")],
+        check=True,
+        timeout=600,
+    )
+    listed = subprocess.run(
+        [python, "-c", LIST_NAMES], check=True, capture_output=True, text=True
+    ).stdout.lower().split()  # fmt: skip
+    assert {"framecast-bench", "framecast-oip"} <= set(listed)
+    assert not SERVER_ONLY & set(listed)
+    for protocol in ("framecast", "oip"):
+        run = subprocess.run(
+            [framecast, "bench", onnx_server.address, "--protocol", protocol, "--concurrency",
+             "1", "--warmup", "0.2", "--window", "0.5", "--max-windows", "2", "--inputs", "2"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert "p50" in run.stdout, run.stdout
 
 
 def _normalized(version: str) -> str:

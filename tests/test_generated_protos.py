@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "client" / "src" / "framecast_client" / "_proto"
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
@@ -20,10 +19,16 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
 
     module.generate(tmp_path)
 
-    fresh = {p.name: p.read_text() for p in tmp_path.iterdir()}
-    committed = {p.name: p.read_text() for p in COMMITTED.iterdir() if p.is_file()}
-    assert fresh.keys() == committed.keys()
-    stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, (
-        f"stale generated code {stale}: run `uv run python scripts/generate_protos.py`"
-    )
+    # framecast.v1 in the client, the Open Inference Protocol in framecast-oip, nowhere else.
+    assert {str(out) for out in module.OUT_DIRS.values()} == {
+        "client/src/framecast_client/_proto",
+        "oip/src/framecast_oip/_proto",
+    }
+    for out in module.OUT_DIRS.values():
+        fresh = {p.name: p.read_text() for p in (tmp_path / out).iterdir()}
+        committed = {p.name: p.read_text() for p in (ROOT / out).iterdir() if p.is_file()}
+        assert fresh.keys() == committed.keys(), out
+        stale = [name for name in fresh if fresh[name] != committed[name]]
+        assert not stale, (
+            f"stale generated code {stale} in {out}: run `uv run python scripts/generate_protos.py`"
+        )

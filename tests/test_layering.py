@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client" / "src" / "framecast_client"
 SERVER = ROOT / "server" / "src" / "framecast_server"
+BENCH = ROOT / "bench" / "src" / "framecast_bench"
 # The server's core: model building, backends, batcher. Only service/, app and the CLI speak gRPC.
 CORE = [
     SERVER / "model",
@@ -38,6 +39,60 @@ def test_client_imports_nothing_of_the_server() -> None:
     assert not offenders
 
 
+def test_the_bench_stands_beside_the_sdk_not_on_the_server() -> None:
+    """framecast-bench installs without the server; the SDK never carries the bench."""
+    assert not (CLIENT / "bench").exists()
+    offenders = [(f, m) for f, m in imports(CLIENT) if m.split(".")[0] == "framecast_bench"]
+    offenders += [(f, m) for f, m in imports(BENCH) if m.split(".")[0] == "framecast_server"]
+    assert not offenders
+    allowed = {"grpc", "google", "numpy", "framecast_client", "framecast_bench", "framecast_oip"}
+    optional = {"av", "matplotlib"}  # the video and plot extras, imported lazily
+    stdlib = __import__("sys").stdlib_module_names
+    third_party = {m.split(".")[0] for _, m in imports(BENCH) if m.split(".")[0] not in stdlib}
+    assert third_party <= allowed | optional
+
+
+# What the server may take from the client distribution: the wire format both ends share. A
+# frame's walk from the servicers to the backend and back stays inside the server package.
+SHARED_WIRE_FORMAT = ("framecast_client._proto", "framecast_client.wire_format")
+OIP = ROOT / "oip" / "src" / "framecast_oip"
+# The server's CLI adds commands to the client's `framecast` and runs a client in `demo`.
+SERVER_CLI = SERVER / "cli.py"
+
+
+def test_the_server_takes_only_the_shared_wire_format_from_the_client() -> None:
+    offenders = [
+        (str(f.relative_to(ROOT)), m)
+        for f, m in imports(SERVER)
+        if f != SERVER_CLI
+        and m.split(".")[0] == "framecast_client"
+        and not m.startswith(SHARED_WIRE_FORMAT)
+    ]
+    assert not offenders
+
+
+def test_the_sdk_carries_no_open_inference_protocol() -> None:
+    """The server and the bench speak it, from framecast-oip; the SDK never does."""
+    assert not (CLIENT / "oip.py").exists()
+    assert not list(CLIENT.rglob("open_inference*"))
+    assert list(OIP.rglob("open_inference_pb2*.py"))
+    offenders = [(f, m) for f, m in imports(CLIENT) if m.split(".")[0] == "framecast_oip"]
+    offenders += [(f, m) for f, m in imports(OIP) if m.split(".")[0].startswith("framecast")]
+    assert not offenders
+
+
+def test_the_shared_wire_format_imports_nothing_of_either_side() -> None:
+    module = CLIENT / "wire_format.py"
+    relative = [
+        node.module
+        for node in ast.walk(ast.parse(module.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert relative == ["_proto"]
+    stdlib = __import__("sys").stdlib_module_names
+    assert {m for _, m in imports(module) if m.split(".")[0] not in stdlib} == set()
+
+
 def test_server_core_never_imports_grpc() -> None:
     offenders = [
         (str(f.relative_to(ROOT)), m)
@@ -61,7 +116,7 @@ def test_only_the_metrics_exporter_imports_prometheus() -> None:
 
 def test_client_depends_only_on_its_four_libraries() -> None:
     allowed = {"grpc", "google", "numpy", "PIL", "framecast_client", "typing_extensions"}
-    optional = {"av", "matplotlib"}  # the camera and plot extras, imported lazily
+    optional = {"av"}  # the camera extra, imported lazily
     stdlib = __import__("sys").stdlib_module_names
     third_party = {m.split(".")[0] for _, m in imports(CLIENT) if m.split(".")[0] not in stdlib}
     assert third_party <= allowed | optional

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from framecast_client.bench.report import BenchReport, StepResult
-from framecast_client.bench.stats import Recorder, step_result
+from framecast_bench.report import BenchReport, StepResult
+from framecast_bench.stats import Recorder, step_result
 
 
 class FakeClock:

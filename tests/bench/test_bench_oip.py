@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from framecast_bench.inputs import Payload
+from framecast_bench.oip_sessions import OipSession, OipStream, OipTarget
+from framecast_bench.report import BenchReport
 from framecast_client import Client
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.oip_sessions import OipSession, OipStream, OipTarget
-from framecast_client.bench.report import BenchReport
 from framecast_client.cli import main
 from framecast_server.background import BackgroundServer
 from support import make_settings, random_frames

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from framecast_bench.inputs import make_payloads, prepare_inputs, synthetic_sources
+from framecast_bench.report import SPLIT_COMPONENTS, BenchReport
+from framecast_bench.sessions import stream_payloads
 from framecast_client import Client
-from framecast_client.bench.inputs import make_payloads, prepare_inputs, synthetic_sources
-from framecast_client.bench.report import SPLIT_COMPONENTS, BenchReport
-from framecast_client.bench.sessions import stream_payloads, stream_supported
 from framecast_client.cli import main
 from framecast_server.background import BackgroundServer
 from support import make_settings
@@ -70,8 +70,6 @@ def test_open_loop_run_against_a_real_server(null_server: BackgroundServer, tmp_
 @pytest.mark.slow
 def test_stream_mode_against_a_real_server(null_server: BackgroundServer, tmp_path: Path) -> None:
     with Client(null_server.address) as client:
-        if not stream_supported(client):
-            pytest.skip("this framecast-client has no Client.stream yet")
         # Stream frames go in carriers the session's preprocessing only slices back.
         payloads = make_payloads(
             prepare_inputs(synthetic_sources(2, 320, 240), client.preprocess, "s"), 1

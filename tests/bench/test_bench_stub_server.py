@@ -14,17 +14,14 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
+from framecast_bench.cli import run
+from framecast_bench.report import BenchReport
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
-from framecast_client.bench.cli import run
-from framecast_client.bench.report import BenchReport
-from framecast_client.bench.runner import BenchPlan, BenchUnavailableError
-from framecast_client.bench.sessions import mode_steps
 from framecast_client.cli import build_parser
 
 COMPUTE_S = 0.002
@@ -186,12 +183,6 @@ def test_batch_larger_than_the_server_allows_is_refused(
     address, _ = stub
     assert bench([address, "--mode", "batch", "--batch-size", "9", *FAST]) == 2
     assert "max batch of 8" in capsys.readouterr().err
-
-
-def test_stream_mode_without_a_stream_api_is_reported() -> None:
-    no_stream: Any = SimpleNamespace()
-    with pytest.raises(BenchUnavailableError, match=r"Client\.stream"):
-        mode_steps(no_stream, "stream", [], BenchPlan(concurrency=(1,)), top_k=1, timeout=1.0)
 
 
 def test_plot_of_a_run(stub: tuple[str, StubClassifier], tmp_path: Path) -> None:

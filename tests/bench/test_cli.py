@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framecast_client.bench.cli import add_parser, run
-from framecast_client.bench.report import BenchReport
+from framecast_bench.cli import add_parser, run
+from framecast_bench.report import BenchReport
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

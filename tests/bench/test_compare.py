@@ -6,8 +6,8 @@ import re
 from collections.abc import Callable
 
 import pytest
-from framecast_client.bench.compare import compare_reports, step_deltas
-from framecast_client.bench.report import BenchReport, StepResult
+from framecast_bench.compare import compare_reports, step_deltas
+from framecast_bench.report import BenchReport, StepResult
 
 StepFactory = Callable[..., StepResult]
 ReportFactory = Callable[..., BenchReport]

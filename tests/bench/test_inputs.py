@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from framecast_client.bench.inputs import (
+from framecast_bench.inputs import (
     InputError,
     directory_sources,
     make_payloads,

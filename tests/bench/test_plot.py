@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framecast_client.bench.plot import PlotUnavailableError, plot_latency_vs_throughput
-from framecast_client.bench.report import BenchReport
+from framecast_bench.plot import PlotUnavailableError, plot_latency_vs_throughput
+from framecast_bench.report import BenchReport
 
 
 def test_missing_matplotlib_is_a_clear_error(
@@ -31,7 +31,7 @@ def test_plot_stays_readable(report_factory: Callable[..., BenchReport]) -> None
     pytest.importorskip("matplotlib")
     import dataclasses
 
-    from framecast_client.bench.plot import PLOTTED, _pyplot, draw_latency_vs_throughput
+    from framecast_bench.plot import PLOTTED, _pyplot, draw_latency_vs_throughput
 
     steps = list(report_factory(concurrencies=(1, 2, 4)).steps)
     # Coinciding percentiles (p50 = p99.9) and an unstable step.
@@ -58,5 +58,36 @@ def test_plot_stays_readable(report_factory: Callable[..., BenchReport]) -> None
         labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
         assert labels
         assert not any("^" in label or "$" in label for label in labels)
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    ("scale", "concurrencies"),
+    [(1.0, (1, 2, 4)), (10.0, (2, 3)), (1.0, (1, 16, 256)), (25.0, (1, 1))],
+    ids=["within a decade", "narrow", "three decades", "one value"],
+)
+def test_log_axis_labels_enough_values_to_read_a_point(
+    scale: float, concurrencies: tuple[int, ...], report_factory: Callable[..., BenchReport]
+) -> None:
+    pytest.importorskip("matplotlib")
+    from framecast_bench.plot import _pyplot, draw_latency_vs_throughput
+
+    steps = report_factory(scale=scale, concurrencies=concurrencies).steps
+    plt = _pyplot()
+    fig = draw_latency_vs_throughput(plt, steps, "t")
+    try:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        low, high = ax.get_ylim()
+        shown = [
+            (tick.get_loc(), tick.label1.get_text())
+            for tick in ax.yaxis.get_major_ticks()
+            if low <= tick.get_loc() <= high and tick.label1.get_visible()
+        ]
+        values = [float(text) for _, text in shown]  # plain numbers, each one readable
+        assert len(values) >= 3, (low, high, shown)
+        assert values == sorted(values)
+        assert all(abs(v - loc) <= 1e-9 * loc for v, (loc, _) in zip(values, shown, strict=True))
     finally:
         plt.close(fig)

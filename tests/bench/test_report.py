@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from framecast_client.bench.report import (
+from framecast_bench.report import (
     LATENCY_KEYS,
     SPLIT_COMPONENTS,
     BenchReport,

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 import pytest
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.report import WindowResult
-from framecast_client.bench.runner import (
+from framecast_bench.inputs import Payload
+from framecast_bench.report import WindowResult
+from framecast_bench.runner import (
     BenchPlan,
     StepConfig,
     error_name,
@@ -19,7 +19,7 @@ from framecast_client.bench.runner import (
     run_closed_step,
     run_open_step,
 )
-from framecast_client.bench.stats import Window, is_stable
+from framecast_bench.stats import Window, is_stable
 from framecast_client.errors import DeadlineExceededError, UnavailableError
 from framecast_client.types import Classification, Prediction, ServerTiming
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from framecast_client.bench.schedule import constant_schedule, poisson_schedule
+from framecast_bench.schedule import constant_schedule, poisson_schedule
 from numpy.typing import NDArray
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.runner import BenchUnavailableError, StepConfig
-from framecast_client.bench.stream_runner import (
+from framecast_bench.inputs import Payload
+from framecast_bench.runner import BenchUnavailableError, StepConfig
+from framecast_bench.stream_runner import (
     client_stream_opener,
     run_stream_closed_step,
     run_stream_open_step,

@@ -1,8 +1,9 @@
-"""Targets and the service config of framecast_client.balancing (no server needed)."""
+"""Targets and the service config of framecast_client.balancing, and health-aware balancing."""
 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,6 +15,7 @@ from framecast_client.balancing import (
     is_balanced,
     service_config,
 )
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
 @pytest.mark.parametrize(
@@ -97,3 +99,53 @@ def test_grpc_accepts_the_service_config() -> None:
             assert caught.value.code is grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(0)
+
+
+def test_a_replica_that_says_not_serving_gets_no_new_calls() -> None:
+    # Client-side health checking (healthCheckConfig): round robin leaves a replica whose
+    # grpc.health.v1 Watch says NOT_SERVING, as a draining server does on SIGTERM, and takes it
+    # back when it serves again. Each replica answers GetModelInfo with an error naming itself.
+    hits = {"a": 0, "b": 0}
+    servers, healths, ports = [], {}, []
+    for name in hits:
+
+        def answer(request: bytes, context: grpc.ServicerContext, name: str = name) -> bytes:
+            hits[name] += 1
+            context.abort(grpc.StatusCode.INTERNAL, name)
+
+        server = grpc.server(ThreadPoolExecutor(4))
+        healths[name] = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(healths[name], server)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(
+                "framecast.v1.Classifier",
+                {"GetModelInfo": grpc.unary_unary_rpc_method_handler(answer)},
+            )]
+        )  # fmt: skip
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        servers.append(server)
+
+    def until(reached: dict[str, int], timeout: float = 30) -> None:
+        """Call in batches until a batch's hits (before - after) are as ``reached`` says."""
+        deadline = time.monotonic() + timeout
+        while True:
+            before = dict(hits)
+            for _ in range(10):
+                with pytest.raises(ServerError):
+                    client.model_info(refresh=True)
+            batch = {n: hits[n] - before[n] for n in hits}
+            if all((batch[n] > 0) == (reached[n] > 0) for n in hits):
+                return
+            assert time.monotonic() < deadline, f"calls per replica: {batch}, want {reached}"
+
+    try:
+        with Client([f"127.0.0.1:{port}" for port in ports], timeout=10) as client:
+            until({"a": 1, "b": 1})  # both serve: both get calls
+            healths["a"].set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            until({"a": 0, "b": 1})
+            healths["a"].set("", health_pb2.HealthCheckResponse.SERVING)
+            until({"a": 1, "b": 1})
+    finally:
+        for server in servers:
+            server.stop(0)

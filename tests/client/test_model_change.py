@@ -11,6 +11,7 @@ frame got. A frame prepared for the first server and answered by the second woul
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +35,11 @@ from framecast_client.preprocess import PreprocessSpec
 from framecast_client.streaming import make_stream_config
 from framecast_client.streaming.pipeline import StreamCore
 from framecast_client.streaming.receiver import Receiver
+from framecast_client.wire_format import WireFormatError
 from framecast_server.background import BackgroundServer
 from framecast_server.model.prepare import ModelSource
+from framecast_server.model.presets import CAFFE, TORCHVISION
+from framecast_server.service.codecs import results
 from numpy.typing import NDArray
 from support import HoldableNullBackend, make_settings
 
@@ -84,15 +88,18 @@ def test_the_two_presets_have_different_preprocessing_ids(cache_dir: Path) -> No
 
 
 def test_the_preprocessing_id_covers_what_the_client_does_to_the_pixels() -> None:
-    spec = PreprocessSpec()
-    torchvision = wire.preprocessing_to_proto(spec, normalization="torchvision")
-    caffe = wire.preprocessing_to_proto(spec, normalization="caffe")
-    # Normalization happens in the server's engine: the same images serve both.
-    assert wire.preprocessing_id(torchvision) == wire.preprocessing_id(caffe)
-    stretched = wire.preprocessing_to_proto(
-        PreprocessSpec(resize_policy="stretch", resize_size=224), normalization="torchvision"
+    torchvision = results.preprocessing_to_proto(TORCHVISION)
+    caffe_numerics = dataclasses.replace(
+        TORCHVISION, name="caffe", channel_order="BGR", mean=CAFFE.mean, std=CAFFE.std
     )
-    assert wire.preprocessing_id(stretched) != wire.preprocessing_id(torchvision)
+    other = results.preprocessing_to_proto(caffe_numerics)
+    assert other.normalization != torchvision.normalization
+    # Normalization happens in the server's engine: the same images serve both.
+    assert results.preprocessing_id(torchvision) == results.preprocessing_id(other)
+    stretched = results.preprocessing_to_proto(
+        dataclasses.replace(TORCHVISION, resize_policy="stretch", resize_size=224)
+    )
+    assert results.preprocessing_id(stretched) != results.preprocessing_id(torchvision)
 
 
 def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> None:
@@ -100,7 +107,9 @@ def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> N
         stub = pb_grpc.ClassifierStub(channel)
         served = stub.GetModelInfo(pb.GetModelInfoRequest()).preprocessing_id
         image = np.zeros((1, 224, 224, 3), dtype=np.uint8)
-        request = wire.classify_request(image, top_k=1, preprocessing_id="0123456789abcdef")
+        request = pb.ClassifyRequest.FromString(
+            wire.classify_request_bytes(image, top_k=1, preprocessing_id="0123456789abcdef")
+        )
         with pytest.raises(grpc.RpcError) as refused:
             stub.Classify(request)
         assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
@@ -109,7 +118,9 @@ def test_images_stated_for_other_preprocessing_are_refused(cache_dir: Path) -> N
         assert served in details
         # Stated right, or not stated at all (raw clients): served.
         for stated in (served, ""):
-            request = wire.classify_request(image, top_k=1, preprocessing_id=stated)
+            request = pb.ClassifyRequest.FromString(
+                wire.classify_request_bytes(image, top_k=1, preprocessing_id=stated)
+            )
             assert len(stub.Classify(request).results) == 1
 
         # In a stream only the frame fails; the frames around it are answered.
@@ -340,5 +351,5 @@ def test_a_preprocessing_this_client_does_not_know_ends_the_session_with_the_rea
     assert Receiver(core).adopt(newer) is False
     with core.lock:
         failure = core.pop_locked()
-    assert isinstance(failure, wire.WireFormatError)
+    assert isinstance(failure, WireFormatError)
     assert "upgrade framecast-client" in str(failure)

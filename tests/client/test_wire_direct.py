@@ -1,7 +1,8 @@
-"""Classify's bytes read and written directly (wire.py) mean exactly what protobuf says.
+"""Classify's request bytes, written directly by the SDK (``framecast_client.wire``) and read
+directly by the server (``framecast_server.service.codecs.requests``), mean what protobuf says.
 
 The reader takes only plain requests of raw images and leaves everything else to protobuf's
-parser (returns None); whatever it accepts, it reads as protobuf would. The writers produce the
+parser (returns None); whatever it accepts, it reads as protobuf would. The writer produces the
 bytes protobuf would serialize for the same message.
 """
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
+from framecast_client.wire_format import WireFormatError
+from framecast_server.service.codecs import requests
 from google.protobuf.message import DecodeError
 from numpy.typing import NDArray
 
@@ -21,9 +24,9 @@ def frames(count: int, *, seed: int = 0, size: int = SIZE) -> NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-def agrees_with_protobuf(raw: bytes) -> wire.RawClassifyRequest | None:
+def agrees_with_protobuf(raw: bytes) -> requests.RawClassifyRequest | None:
     """Read ``raw`` both ways; whatever the reader accepts must parse the same with protobuf."""
-    read = wire.read_classify_request(raw)
+    read = requests.read_classify_request(raw)
     if read is None:
         return None
     message = pb.ClassifyRequest.FromString(raw)  # raises if the reader took an invalid message
@@ -53,14 +56,14 @@ def test_plain_requests_are_read_as_protobuf_reads_them(
     read = agrees_with_protobuf(request.SerializeToString())
     assert read is not None
     batch = read.batch(height=SIZE, width=SIZE, max_batch=8)
-    expected = wire.images_from_proto(request.images, height=SIZE, width=SIZE, max_batch=8)
+    expected = requests.images_from_proto(request.images, height=SIZE, width=SIZE, max_batch=8)
     np.testing.assert_array_equal(batch, expected)
     assert batch.shape == (count, SIZE, SIZE, 3)
 
 
 def test_one_image_is_a_view_of_the_received_bytes() -> None:
     raw = wire.classify_request_bytes(frames(1), top_k=1)
-    read = wire.read_classify_request(raw)
+    read = requests.read_classify_request(raw)
     assert read is not None
     batch = read.batch(height=SIZE, width=SIZE, max_batch=8)
     assert not batch.flags.writeable  # a view of the (immutable) request bytes, not a copy
@@ -96,7 +99,7 @@ def test_every_truncation_and_byte_flip_is_refused_or_read_as_protobuf_reads_it(
     ],
 )
 def test_anything_but_a_plain_request_is_left_to_protobuf(raw: bytes) -> None:
-    assert wire.read_classify_request(raw) is None
+    assert requests.read_classify_request(raw) is None
 
 
 def test_repeated_scalar_fields_keep_the_last_value_as_protobuf_does() -> None:
@@ -122,13 +125,22 @@ def test_bad_images_are_refused_with_the_same_message_either_way(
     images: list[pb.Image], max_batch: int
 ) -> None:
     raw = pb.ClassifyRequest(images=images).SerializeToString()
-    read = wire.read_classify_request(raw)
+    read = requests.read_classify_request(raw)
     assert read is not None
-    with pytest.raises(wire.WireFormatError) as by_protobuf:
-        wire.images_from_proto(images, height=SIZE, width=SIZE, max_batch=max_batch)
-    with pytest.raises(wire.WireFormatError) as directly:
+    with pytest.raises(WireFormatError) as by_protobuf:
+        requests.images_from_proto(images, height=SIZE, width=SIZE, max_batch=max_batch)
+    with pytest.raises(WireFormatError) as directly:
         read.batch(height=SIZE, width=SIZE, max_batch=max_batch)
     assert str(directly.value) == str(by_protobuf.value)
+
+
+def protobufs_request(
+    batch: NDArray[np.uint8], top_k: int, preprocessing_id: str, encoding: wire.Encoding
+) -> bytes:
+    """The same request as protobuf serializes it: the oracle for the bytes the SDK writes."""
+    images = [wire.image_to_proto(image, encoding) for image in batch]
+    request = pb.ClassifyRequest(images=images, top_k=top_k, preprocessing_id=preprocessing_id)
+    return request.SerializeToString()
 
 
 @pytest.mark.parametrize("encoding", [wire.RAW, wire.Encoding("png")], ids=["raw", "png"])
@@ -136,9 +148,7 @@ def test_bad_images_are_refused_with_the_same_message_either_way(
 def test_request_bytes_are_what_protobuf_serializes(encoding: wire.Encoding, count: int) -> None:
     batch = frames(count, size=8)
     for top_k, preprocessing_id in ((1, ""), (0, "0123456789abcdef"), (300, "é")):
-        expected = wire.classify_request(
-            batch, top_k=top_k, preprocessing_id=preprocessing_id, encoding=encoding
-        ).SerializeToString()
+        expected = protobufs_request(batch, top_k, preprocessing_id, encoding)
         written = wire.classify_request_bytes(
             batch, top_k=top_k, preprocessing_id=preprocessing_id, encoding=encoding
         )
@@ -148,39 +158,10 @@ def test_request_bytes_are_what_protobuf_serializes(encoding: wire.Encoding, cou
 def test_request_bytes_of_a_non_contiguous_batch() -> None:
     batch = frames(2, size=8)[:, :, ::2]
     assert not batch.flags.c_contiguous
-    expected = wire.classify_request(batch, top_k=1).SerializeToString()
+    expected = protobufs_request(batch, 1, "", wire.RAW)
     assert wire.classify_request_bytes(batch, top_k=1) == expected
 
 
 def test_request_bytes_refuse_what_is_not_an_rgb_uint8_batch() -> None:
-    with pytest.raises(wire.WireFormatError, match="uint8 array of shape"):
+    with pytest.raises(WireFormatError, match="uint8 array of shape"):
         wire.classify_request_bytes(np.zeros((1, 4, 4, 4), np.uint8), top_k=1)
-
-
-def test_response_bytes_are_what_protobuf_serializes() -> None:
-    labels = [f"class {i}" for i in range(1000)]
-    labels[3] = ""  # an empty label is left out, as protobuf leaves out empty strings
-    encoder = wire.ClassificationEncoder(labels)
-    rng = np.random.default_rng(2)
-    cases = [([0, 3], [0.0, 0.5], 0, 0, 0), ([999], [1.0], 1, 2**40, 128)]
-    for _ in range(300):
-        k = int(rng.integers(1, 6))
-        cases.append(
-            (
-                [int(i) for i in rng.integers(0, 1000, k)],
-                [float(p) for p in rng.random(k).astype(np.float32)],
-                int(rng.integers(0, 2**40)),
-                int(rng.integers(0, 2**20)),
-                int(rng.integers(0, 200)),
-            )
-        )
-    for start in range(0, len(cases), 3):
-        message = pb.ClassifyResponse()
-        parts = []
-        for indices, probabilities, queue_us, compute_us, batch_size in cases[start : start + 3]:
-            timing = {"queue_us": queue_us, "compute_us": compute_us, "batch_size": batch_size}
-            wire.fill_classification(
-                message.results.add(), indices, probabilities, labels, **timing
-            )
-            parts.append(encoder.classification(indices, probabilities, **timing))
-        assert encoder.response(parts) == message.SerializeToString()

@@ -28,7 +28,7 @@ COMMANDS = [
     for line in block.splitlines()
     if line.strip()
 ]
-OVERLAYS = {"deploy/kubernetes/overlays/cpu", "deploy/kubernetes/overlays/gpu"}
+OVERLAYS = {f"deploy/kubernetes/overlays/{name}" for name in ("cpu", "gpu", "secure")}
 UV_RUN = ["python3", "-m", "uv", "run"]
 
 
@@ -49,6 +49,12 @@ def health(address: str) -> int | None:
 
 def serve(words: list[str], cache_dir: Path, tmp_path: Path) -> None:
     """`framecast serve ...` as shown, on loopback and a free port, offline, null backend."""
+    # First the command exactly as shown: its flags must be accepted as they stand (a bare
+    # --host 0.0.0.0 is refused without TLS or --insecure), short of binding the address.
+    from framecast_client.cli import build_parser
+    from framecast_server.cli import _settings
+
+    _settings(build_parser().parse_args(words[1:]))
     port_file = tmp_path / "port"
     overrides = ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                  "--backend", "null", "--offline", "--cache-dir", str(cache_dir)]  # fmt: skip
@@ -98,6 +104,19 @@ def test_the_command_runs_or_names_what_the_tests_check(
             ("-f", "deploy/kserve/inferenceservice.yaml")
         }
         return
+    elif words[:3] == ["kubectl", "create", "secret"]:
+        # No cluster here: the Secret and its keys are the ones the secure overlay mounts
+        # (test_kubernetes checks that its arguments name those files).
+        kind, name = words[3], words[4]
+        secure = (ROOT / "deploy" / "kubernetes" / "components" / "secure").glob("*.yaml")
+        assert any(f"secretName: {name}" in f.read_text() for f in secure)
+        if kind == "tls":  # kubernetes.io/tls: the keys tls.crt and tls.key
+            assert name == "framecast-tls"
+            assert {w.split("=")[0] for w in words[5:]} == {"--cert", "--key"}
+        else:
+            assert (kind, name) == ("generic", "framecast-tokens")
+            assert words[5].startswith("--from-file=tokens=")
+        return
     elif words[:2] == ["docker", "build"]:
         # No Docker engine here: test_images runs this Dockerfile's steps.
         assert words[words.index("-f") + 1] == "deploy/cpu.Dockerfile"
@@ -105,7 +124,9 @@ def test_the_command_runs_or_names_what_the_tests_check(
         return
     elif words[:2] == ["docker", "run"]:
         assert "framecast-cache:/var/cache/framecast" in words  # the image's VOLUME
-        assert "50051:50051" in words  # the image's EXPOSE and CMD port
+        # The image's CMD port, published on this host's loopback only (it is plaintext);
+        # test_manifest_args runs the CMD unchanged.
+        assert "127.0.0.1:50051:50051" in words
         built = next(c for c in COMMANDS if c.startswith("docker build"))
         assert words[-1] == shlex.split(built)[shlex.split(built).index("-t") + 1]
         return

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +28,7 @@ from framecast_server.model import PreparedModel
 from framecast_server.model.presets import TORCHVISION
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from support import HoldableNullBackend, make_settings, random_frames
+from support import HoldableNullBackend, make_settings, random_frames, wait_until
 
 TOKEN = "metrics-test-token"
 CLASSIFY = "/framecast.v1.Classifier/Classify"
@@ -75,13 +74,6 @@ def server(
     )
     with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
         yield server
-
-
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def test_scrape_after_known_traffic_adds_up(
@@ -137,17 +129,19 @@ def test_scrape_after_known_traffic_adds_up(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             queued = stub.Classify.future(
-                wire.classify_request(
-                    random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                pb.ClassifyRequest.FromString(
+                    wire.classify_request_bytes(
+                        random_frames(4), top_k=1, preprocessing_id=info.preprocessing_id
+                    )
                 ),
                 timeout=60,
                 metadata=metadata,
             )
-            _wait_for(lambda: batcher.queued == 4, "4 queued images")
+            wait_until(lambda: batcher.queued == 4, "4 queued images")
             with pytest.raises(ResourceExhaustedError):
                 client.classify_preprocessed(random_frames(4))
             queued.cancel()  # type: ignore[no-untyped-call]
-            _wait_for(
+            wait_until(
                 lambda: (
                     value(
                         scrape(port), "framecast_requests_total", method=CLASSIFY, code="CANCELLED"
@@ -284,7 +278,7 @@ def test_streams_written_by_the_servicer_itself_pass_through_and_are_counted(
         assert value(during, "framecast_active_streams", method=WATCH) == 1
         assert value(during, "framecast_connections_active") == 1
         watch.cancel()
-        _wait_for(
+        wait_until(
             lambda: value(scrape(port), "framecast_active_streams", method=WATCH) == 0,
             "the watch to end",
         )
@@ -352,8 +346,8 @@ def test_without_nvml_there_are_no_gpu_metrics(monkeypatch: pytest.MonkeyPatch) 
 def test_the_open_inference_protocol_gets_the_same_auth_and_metrics(
     server: BackgroundServer,
 ) -> None:
-    from framecast_client import oip
-    from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+    from framecast_bench import oip_codec as oip
+    from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 
     port = server.server.wiring.metrics_port
     assert port is not None

@@ -9,14 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
-import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,20 +27,12 @@ from framecast_server.model import PreparedModel
 from framecast_server.model.presets import TORCHVISION
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from support import random_frames
+from support import Host, random_frames, serve_workers, wait_until
 
 DEADLINE_S = 60.0
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 STREAM = "/framecast.v1.Classifier/ClassifyStream"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def scrape(port: int) -> Samples:
@@ -93,40 +80,10 @@ def own_figure(directory: Path, pid: int, name: str, **labels: str) -> float:
     return 0.0
 
 
-@dataclass
-class Host:
-    process: subprocess.Popen[bytes]
-    address: str
-    metrics_port: int
-    log: Path
-
-
 @pytest.fixture
 def host(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    port_file = tmp_path / "port"
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
-        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
-        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
-    try:
-        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
-        assert process.poll() is None, log.read_text()
-        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
-        assert found, log.read_text()
-        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
-    finally:
-        if process.poll() is None:
-            process.terminate()  # the supervisor removes its directory; a kill would leave it
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+    with serve_workers(cache_dir, tmp_path) as running:
+        yield running
 
 
 def _open_stream(
@@ -214,10 +171,12 @@ def test_one_scrape_sums_every_worker_and_keeps_a_dead_workers_counts(host: Host
         holder = next(pid for pid in workers if own_figure(
             directory, pid, "framecast_active_streams", method=STREAM) == 1)  # fmt: skip
         os.kill(holder, signal.SIGKILL)
-        wait_for(lambda: f"(pid {holder}) was killed by SIGKILL" in host.log.read_text(),
-                 "the supervisor to see the worker die")  # fmt: skip
-        wait_for(lambda: len(workers_of(host.process.pid)) == 2, "the worker's restart")
-        wait_for(lambda: host.log.read_text().count("serving (pid") == 3, "the new worker")
+        wait_until(lambda: f"(pid {holder}) was killed by SIGKILL" in host.log.read_text(),
+                   "the supervisor to see the worker die", timeout_s=DEADLINE_S)  # fmt: skip
+        wait_until(lambda: len(workers_of(host.process.pid)) == 2, "the worker's restart",
+                   timeout_s=DEADLINE_S)  # fmt: skip
+        wait_until(lambda: host.log.read_text().count("serving (pid") == 3, "the new worker",
+                   timeout_s=DEADLINE_S)  # fmt: skip
     finally:
         stream_frames.put(done)
         channel.close()

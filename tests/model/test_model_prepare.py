@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from filelock import FileLock
 from framecast_server.model import (
     DEFAULT_MODEL_PRESET,
     PRESETS,
@@ -30,6 +31,7 @@ from framecast_server.model import (
 from framecast_server.model import prepare as prepare_module
 from numpy.typing import NDArray
 from safetensors.numpy import save_file
+from support import wait_until
 
 from .model_helpers import HUB_PATH, FakeHub, photo_like, run_onnx, tiny_classifier
 
@@ -193,14 +195,22 @@ def test_concurrent_preparations_build_once(
     path = tmp_path / "user.onnx"
     onnx.save_model(tiny.model, str(path))
     calls: list[float] = []
+    attempts: list[str] = []
     real_wrap = prepare_module.wrap_external_onnx  # type: ignore[attr-defined]
 
-    def slow_wrap(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProto:
+    class WatchedLock(FileLock):
+        def acquire(self, *args: Any, **kwargs: Any) -> Any:
+            attempts.append(threading.current_thread().name)
+            return super().acquire(*args, **kwargs)
+
+    def build_once_the_other_waits(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProto:
         calls.append(time.monotonic())
-        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        # The builder holds the lock until the other thread is at it: no timing assumed.
+        wait_until(lambda: len(attempts) == 2, "the other thread to reach the lock")
         return real_wrap(model, preset)
 
-    monkeypatch.setattr(prepare_module, "wrap_external_onnx", slow_wrap)
+    monkeypatch.setattr(prepare_module, "FileLock", WatchedLock)
+    monkeypatch.setattr(prepare_module, "wrap_external_onnx", build_once_the_other_waits)
     results: list[Any] = []
     barrier = threading.Barrier(2)
 

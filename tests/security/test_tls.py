@@ -13,17 +13,13 @@ from certs import CertificateAuthority, Certificates
 from framecast_client import TLS, Client, UnavailableError
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import ServerTLS
-from support import make_settings, random_frames
-
-
-def _server(cache_dir: Path, tls: ServerTLS, **overrides: object) -> BackgroundServer:
-    return BackgroundServer(make_settings(cache_dir, backend="null", tls=tls, **overrides))
+from support import random_frames, running_server
 
 
 @pytest.fixture
 def tls_server(cache_dir: Path, tls_files: tuple[Path, Path]) -> Iterator[BackgroundServer]:
     cert, key = tls_files
-    with _server(cache_dir, ServerTLS(cert=cert, key=key)) as server:
+    with running_server(cache_dir, tls=ServerTLS(cert=cert, key=key)) as server:
         yield server
 
 
@@ -32,7 +28,7 @@ def mtls_server(cache_dir: Path, certificates: Certificates) -> Iterator[Backgro
     tls = ServerTLS(
         cert=certificates.server.cert, key=certificates.server.key, client_ca=certificates.ca.cert
     )
-    with _server(cache_dir, tls, metrics_port=0) as server:
+    with running_server(cache_dir, tls=tls, metrics_port=0) as server:
         yield server
 
 
@@ -142,5 +138,8 @@ def test_a_key_that_does_not_fit_the_certificate_is_refused_at_start(
     cache_dir: Path, certificates: Certificates
 ) -> None:
     tls = ServerTLS(cert=certificates.server.cert, key=certificates.camera.key)
-    with pytest.raises(ValueError, match="cannot be used together"), _server(cache_dir, tls):
+    with (
+        pytest.raises(ValueError, match="cannot be used together"),
+        running_server(cache_dir, tls=tls),
+    ):
         pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -13,11 +13,17 @@ from framecast_client import Client, UnauthenticatedError
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.security import token_from
-from framecast_server.auth import TokenFileError, TokenStore, _RateLimitedLog, parse_tokens
+from framecast_server.auth import (
+    MAX_TOKEN_BYTES,
+    TokenFileError,
+    TokenStore,
+    _RateLimitedLog,
+    parse_tokens,
+)
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import make_settings, random_frames
+from support import make_settings, random_frames, running_server
 
 SECRET = "s3cr3t-camera-token"
 OTHER = "another-one"
@@ -32,8 +38,7 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def token_server(cache_dir: Path, token_file: Path) -> Iterator[BackgroundServer]:
-    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file)
-    with BackgroundServer(settings) as server:
+    with running_server(cache_dir, auth_tokens=token_file) as server:
         yield server
 
 
@@ -45,6 +50,29 @@ def test_parse_tokens_names_them_and_rejects_malformed_lines() -> None:
         parse_tokens("a:x\na:y\n")
     with pytest.raises(TokenFileError, match="no token"):
         parse_tokens("# only a comment\n")
+
+
+def test_a_token_too_long_for_grpc_metadata_is_refused_when_the_file_is_read(
+    tmp_path: Path,
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"camera:short-token\nlong:{'x' * 20_000}\n")
+    with pytest.raises(TokenFileError) as refused:
+        TokenStore(tokens)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "line 2" in message
+    assert "20000 bytes" in message
+    assert "8 KiB" in message
+
+
+def test_the_longest_token_allowed_is_served(cache_dir: Path, tmp_path: Path) -> None:
+    longest = "y" * MAX_TOKEN_BYTES
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"long:{longest}\n")
+    settings = make_settings(cache_dir, backend="null", auth_tokens=tokens)
+    with BackgroundServer(settings) as server, Client(server.address, token=longest) as client:
+        assert len(client.classify_preprocessed(random_frames(1))) == 1
 
 
 def test_token_store_rereads_the_file_when_it_changes(tmp_path: Path) -> None:
@@ -113,10 +141,12 @@ def test_health_is_open_while_the_classifier_and_reflection_are_closed(
 
 
 def test_auth_health_protects_health_too(
-    cache_dir: Path, token_file: Path, caplog: pytest.LogCaptureFixture
+    start_server: Callable[..., BackgroundServer],
+    token_file: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    settings = make_settings(cache_dir, backend="null", auth_tokens=token_file, auth_health=True)
-    with BackgroundServer(settings) as server, grpc.insecure_channel(server.address) as channel:
+    server = start_server(auth_tokens=token_file, auth_health=True)
+    with grpc.insecure_channel(server.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             health.Check(health_pb2.HealthCheckRequest(), timeout=30)
@@ -128,6 +158,10 @@ def test_auth_health_protects_health_too(
             metadata=(("authorization", f"Bearer {SECRET}"),),
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # A watch without a token learns nothing either (UNIMPLEMENTED: see the next test).
+        with pytest.raises(grpc.RpcError) as e:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=30))
+        assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_stream_is_authenticated_once(
@@ -201,3 +235,15 @@ async def test_the_async_client_and_its_streams_send_the_token(
     async with AsyncClient(token_server.address, timeout=30) as anonymous:
         with pytest.raises(UnauthenticatedError):
             await anonymous.model_info()
+
+
+def test_a_balanced_client_with_a_token_is_served_where_health_needs_one_too(
+    start_server: Callable[..., BackgroundServer], token_file: Path
+) -> None:
+    # A client over several replicas watches grpc.health.v1 on each connection (client-side
+    # health checking); that watch carries no call metadata, so with --auth-health it must not
+    # leave every replica unhealthy and every call UNAVAILABLE.
+    servers = [start_server(auth_tokens=token_file, auth_health=True) for _ in range(2)]
+    with Client([s.address for s in servers], token=SECRET, timeout=30) as client:
+        for _ in range(4):
+            assert len(client.classify_preprocessed(random_frames(1))) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from framecast_client import Classification, Client, DeadlineExceededError, ResourceExhaustedError
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
-from support import GatedBackend, make_settings, random_frames
+from support import GatedBackend, make_settings, random_frames, wait_until
 
 
 def frame(key: int) -> NDArray[np.uint8]:
@@ -47,11 +46,13 @@ def held(cache_dir: Path) -> Iterator[Held]:
 
 
 def wait_queued(server: BackgroundServer, images: int) -> None:
-    assert server.serving is not None
-    deadline = time.monotonic() + 10
-    while server.serving.batcher.queued != images:
-        assert time.monotonic() < deadline, "requests never reached the queue"
-        time.sleep(0.01)
+    serving = server.serving
+    assert serving is not None
+    wait_until(
+        lambda: serving.batcher.queued == images,
+        f"{images} images in the queue",
+        seen=lambda: f"{serving.batcher.queued} queued",
+    )
 
 
 def test_a_full_queue_is_refused_at_once_and_the_server_recovers(held: Held) -> None:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import Client, UnavailableError, oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import Client, UnavailableError, wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+from support import HoldableNullBackend, RawClassifier, make_settings, random_frames, wait_until
 
 WAIT_S = 30.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,13 +38,6 @@ def health(address: str) -> int | None:
         except grpc.RpcError:
             return None
         return int(reply.status)
-
-
-def wait_until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 class Camera:

@@ -13,6 +13,7 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.errors import InvalidArgumentError
 from framecast_server.background import BackgroundServer
+from framecast_server.service.codecs import requests
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -61,7 +62,7 @@ def test_jpeg_round_trip_is_close_and_the_server_classifies_it(
         message = wire.image_to_proto(frame, wire.Encoding("jpeg", quality=90))
         assert message.encoding == pb.IMAGE_ENCODING_JPEG
         assert len(message.data) < frame.nbytes / 4  # the point of it
-        decoded = wire.image_from_proto(message, height=224, width=224)
+        decoded = requests.image_from_proto(message, height=224, width=224)
         assert np.abs(decoded.astype(np.int16) - frame).mean() < 2.0
     with Client(onnx_server.address, timeout=60, wire="jpeg", quality=90) as client:
         results = client.classify_preprocessed(frames, top_k=5)
@@ -96,13 +97,13 @@ def test_encoded_frames_are_decoded_off_the_event_loop(
     onnx_server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[str] = []
-    original = wire.image_from_proto
+    original = requests.image_from_proto
 
     def spy(*args: Any, **kwargs: Any) -> NDArray[np.uint8]:
         threads.append(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(wire, "image_from_proto", spy)
+    monkeypatch.setattr(requests, "image_from_proto", spy)
     frames = photo_like(2, seed=3)
     with Client(onnx_server.address, timeout=60, wire="jpeg") as client:
         client.classify_preprocessed(frames)

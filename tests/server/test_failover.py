@@ -14,8 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,7 +28,7 @@ from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
-from support import INPUT_SIZE, make_settings
+from support import INPUT_SIZE, make_settings, wait_until
 
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 UNARY_KEY = 255
@@ -85,14 +84,6 @@ def free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class Source:
@@ -225,10 +216,14 @@ def victim(cache_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[b
     ]  # fmt: skip
     process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
     try:
-        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the port file",
+            timeout_s=DEADLINE_S,
+        )
         assert process.poll() is None, "the server exited before listening"
         address = f"{HOSTS[2]}:{port_file.read_text().strip()}"
-        wait_for(lambda: health_serving(address), "the victim to serve")
+        wait_until(lambda: health_serving(address), "the victim to serve", timeout_s=DEADLINE_S)
         yield process, address
     finally:
         if process.poll() is None:
@@ -258,7 +253,7 @@ def test_a_replica_killed_mid_run_costs_no_call_and_no_frame(
         # Results are taken all along, so frames keep flowing (a session whose results are
         # not taken stops sending).
         consumer = pool.submit(results.extend, session)
-        wait_for(lambda: len(results) >= 50, "50 results from the victim")
+        wait_until(lambda: len(results) >= 50, "50 results from the victim", timeout_s=DEADLINE_S)
         survivors = [replica(cache_dir, h, p) for h, p in zip(HOSTS, ports, strict=False)]
         for server, _ in survivors:
             stack.enter_context(server)
@@ -271,15 +266,23 @@ def test_a_replica_killed_mid_run_costs_no_call_and_no_frame(
 
         callers = [pool.submit(call_repeatedly) for _ in range(3)]
         recorders = [recorder for _, recorder in survivors]
-        wait_for(lambda: all(r.count(UNARY_KEY) for r in recorders), "calls on both survivors")
+        wait_until(
+            lambda: all(r.count(UNARY_KEY) for r in recorders),
+            "calls on both survivors",
+            timeout_s=DEADLINE_S,
+        )
         # Freeze the victim with frames in flight, then kill it: those frames must be resent.
         process.send_signal(signal.SIGSTOP)
-        wait_for(lambda: session.stats.in_flight > 0, "frames in flight on the frozen victim")
+        wait_until(
+            lambda: session.stats.in_flight > 0,
+            "frames in flight on the frozen victim",
+            timeout_s=DEADLINE_S,
+        )
         process.kill()
         process.wait()
         killed.set()
         at_kill = len(results)
-        wait_for(lambda: len(results) >= at_kill + 50, "50 more results")
+        wait_until(lambda: len(results) >= at_kill + 50, "50 more results", timeout_s=DEADLINE_S)
         source.finish()
         consumer.result(timeout=DEADLINE_S)
         unary_done.set()

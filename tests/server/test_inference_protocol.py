@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from framecast_client import Client
-from framecast_client._proto import open_inference_pb2 as pb
-from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
+from framecast_oip._proto import open_inference_pb2 as pb
+from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.backends.null import NullBackend
 from framecast_server.background import BackgroundServer
 from support import HoldableNullBackend, make_settings, random_frames
@@ -203,6 +203,42 @@ def test_stream_many_in_flight_answers_every_request_in_order(
     assert ids == list(range(count))
     tops = [int(result.as_numpy("probabilities")[0, 0].split(b":")[1]) for result, _ in received]
     assert tops == [i % 256 for i in range(count)]
+
+
+def test_tritonclients_streaming_and_inferring_on_one_connection_at_default_settings(
+    cache_dir: Path,
+) -> None:
+    # Two tritonclient clients in one process share one connection (gRPC's subchannel pool);
+    # each holds a stream open and infers beside it, as perf_analyzer's do. At 2 calls per
+    # connection the two streams took every place and the infer calls never started.
+    settings = make_settings(cache_dir, backend="null", max_batch=8)
+    with (
+        BackgroundServer(settings, backend_factory=lambda _: NullBackend(max_batch=8)) as server,
+        triton.InferenceServerClient(server.address) as first,
+        triton.InferenceServerClient(server.address) as second,
+    ):
+        results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        for client in (first, second):
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            for n, client in enumerate((first, second)):
+                client.async_stream_infer(
+                    MODEL, [images_input(keyed_frames([n]))], request_id=str(n)
+                )
+            streamed = [results.get(timeout=30) for _ in range(2)]
+            assert all(error is None for _, error in streamed)
+            for client in (first, second):
+                for key in (3, 4, 5):
+                    result = client.infer(
+                        MODEL,
+                        [images_input(keyed_frames([key]))],
+                        outputs=[triton.InferRequestedOutput("probabilities", class_count=1)],
+                        client_timeout=30,
+                    )
+                    assert int(result.as_numpy("probabilities")[0, 0].split(b":")[1]) == key
+        finally:
+            for client in (first, second):
+                client.stop_stream()
 
 
 def test_a_stream_beyond_a_full_queue_waits_for_room_instead_of_failing(cache_dir: Path) -> None:

@@ -16,7 +16,7 @@ from framecast_client import Client, UnavailableError
 from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import GatedBackend, make_settings, random_frames
+from support import GatedBackend, random_frames, running_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -29,7 +29,7 @@ def health_status(address: str, service: str = "") -> int:
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(cache_dir: Path) -> None:
-    with BackgroundServer(make_settings(cache_dir), load=False) as server:
+    with running_server(cache_dir, backend="onnxruntime", load=False) as server:
         assert health_status(server.address) == NOT_SERVING
         assert health_status(server.address, "framecast.v1.Classifier") == NOT_SERVING
         with Client(server.address) as client, pytest.raises(UnavailableError, match="loading"):
@@ -50,11 +50,12 @@ def test_reflection_lists_the_services(onnx_server: BackgroundServer) -> None:
 
 def test_graceful_stop_finishes_in_flight_calls_and_reports_not_serving(cache_dir: Path) -> None:
     backend = GatedBackend()
-    server = BackgroundServer(
-        make_settings(cache_dir, backend="null"), backend_factory=lambda _: backend
-    )
     backend.release.set()  # let the warm-up batch through
-    with server, Client(server.address, timeout=30) as client, ThreadPoolExecutor(2) as pool:
+    with (
+        running_server(cache_dir, backend_instance=backend) as server,
+        Client(server.address, timeout=30) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
         client.model_info()
         backend.release.clear()
         backend.entered.clear()

@@ -12,34 +12,46 @@ from pathlib import Path
 
 import grpc
 import pytest
-from framecast_client import AsyncClient, Client, ResourceExhaustedError, oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import AsyncClient, Client, ResourceExhaustedError, wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_server.app import ACCEPT_LOOPS
 from framecast_server.background import BackgroundServer
 from framecast_server.settings import FRAME_BYTES
-from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
+from support import (
+    HoldableNullBackend,
+    RawClassifier,
+    make_settings,
+    random_frames,
+    wait_until,
+    write_tokens,
+)
 
 WAIT_S = 30.0
 
 
-def wait_until(condition: object, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
-def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir: Path) -> None:
+def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
+    cache_dir: Path, tmp_path: Path
+) -> None:
     backend = HoldableNullBackend()
     budget = 16 * FRAME_BYTES
+    # Two callers: a stream and a camera with modest demand (on one host, so told apart by
+    # their tokens).
+    tokens = write_tokens(tmp_path / "tokens", "stream", "camera")
     settings = make_settings(
-        cache_dir, backend="null", max_batch=8, max_queue=64, memory_budget_bytes=budget
+        cache_dir,
+        backend="null",
+        max_batch=8,
+        max_queue=64,
+        memory_budget_bytes=budget,
+        auth_tokens=tokens,
     )
     with (
         BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        # Room for five calls at once (two per connection): four admitted and one refused.
-        Client(server.address, timeout=WAIT_S, connections=3) as polite,
+        # Room for five calls at once: four admitted and one refused.
+        Client(server.address, timeout=WAIT_S, token="camera-secret") as polite,
         ThreadPoolExecutor(8) as pool,
     ):
         serving = server.serving
@@ -54,7 +66,7 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(cache_dir:
                 image = wire.image_to_proto(random_frames(1, seed=i)[0])
                 yield pb.StreamRequest(frame_id=i, image=image)
 
-        raw = RawClassifier(server.address)
+        raw = RawClassifier(server.address, token="stream-secret")
         stream = pool.submit(
             lambda: [
                 pb.StreamResponse.FromString(r)
@@ -219,19 +231,28 @@ async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Pa
 
 
 def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:
-    settings = make_settings(cache_dir, backend="null", max_connections=2)
+    # The limit is shared by the servers on the port (one per accept loop), a quarter each:
+    # connections beyond it are refused, and a closed one frees its place.
+    settings = make_settings(cache_dir, backend="null", max_connections=ACCEPT_LOOPS)
     with BackgroundServer(settings) as server:
         channels = [
             grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(3)
+            for _ in range(3 * ACCEPT_LOOPS)
         ]
         try:
             stubs = [RawInfo(channel) for channel in channels]
             assert stubs[0].ok()
-            assert stubs[1].ok()
-            assert not stubs[2].ok(timeout=2)
-            channels[0].close()
-            wait_until(lambda: stubs[2].ok(timeout=2), "a freed slot was never reused")
+            served = [stub.ok(timeout=2) for stub in stubs[1:]]
+            assert 1 + sum(served) <= ACCEPT_LOOPS
+            assert not all(served)
+            for channel, ok in zip(channels, [True, *served], strict=True):
+                if ok:
+                    channel.close()
+            fresh = grpc.insecure_channel(
+                server.address, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            channels.append(fresh)
+            wait_until(lambda: RawInfo(fresh).ok(timeout=2), "a freed slot was never reused")
         finally:
             for channel in channels:
                 channel.close()
@@ -318,3 +339,75 @@ def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() 
     for name in ("max_connections", "max_streams_per_connection", "idle_timeout_s", "grace_s"):
         assert f"(default {defaults[name]:g})" in helps[name], name
     assert f"(default {defaults['drain_delay_s']:g};" in helps["drain_delay_s"]
+
+
+def test_unary_calls_are_served_on_a_connection_with_two_streams_open(cache_dir: Path) -> None:
+    # Default limits: a client's long streams leave room for its unary calls on the same
+    # connection (at 2 calls per connection, two open streams left none: the calls waited).
+    settings = make_settings(cache_dir, backend="null")
+    with BackgroundServer(settings) as server, ThreadPoolExecutor(2) as pool:
+        raw = RawClassifier(server.address, own_connection=True)
+        finish = threading.Event()
+        answered = [threading.Event() for _ in range(2)]
+        frame = pb.StreamRequest(frame_id=1, image=wire.image_to_proto(random_frames(1)[0]))
+
+        def requests() -> Iterator[bytes]:
+            yield frame.SerializeToString()
+            finish.wait(WAIT_S)
+
+        def run(i: int) -> int:
+            count = 0
+            for _ in raw.stream(requests(), timeout=60):
+                count += 1
+                answered[i].set()
+            return count
+
+        streams = [pool.submit(run, i) for i in range(2)]
+        for event in answered:
+            assert event.wait(WAIT_S), "a stream was not served"
+        request = wire.classify_request_bytes(random_frames(1), top_k=1)
+        codes = [raw.status("classify", request, timeout=WAIT_S)[0] for _ in range(20)]
+        assert codes == [grpc.StatusCode.OK] * 20
+        finish.set()
+        assert [stream.result(WAIT_S) for stream in streams] == [1, 1]
+        raw.close()
+
+
+def test_every_server_on_the_port_lists_streams_and_ends_connections_at_their_age(
+    cache_dir: Path,
+) -> None:
+    # The kernel spreads connections over the servers sharing the port: each must register
+    # Admin.ListStreams and apply --max-connection-age. 4 x ACCEPT_LOOPS connections miss a
+    # given server with a probability of (3/4)^16, 1%: a server without them fails this test.
+    settings = make_settings(
+        cache_dir, backend="null", max_connection_age_s=1.0, max_connection_age_grace_s=0.5
+    )
+    with BackgroundServer(settings) as server:
+        channels = [
+            grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(4 * ACCEPT_LOOPS)
+        ]
+        ended = [threading.Event() for _ in channels]
+        try:
+            for channel, end in zip(channels, ended, strict=True):
+                list_streams = channel.unary_unary(
+                    "/framecast.v1.Admin/ListStreams",
+                    request_serializer=pb.ListStreamsRequest.SerializeToString,
+                    response_deserializer=pb.ListStreamsResponse.FromString,
+                )
+                assert list(list_streams(pb.ListStreamsRequest(), timeout=WAIT_S).streams) == []
+
+                def watch(state: grpc.ChannelConnectivity, end: threading.Event = end) -> None:
+                    # GOAWAY at the connection's age: the channel leaves READY without a call.
+                    if state is not grpc.ChannelConnectivity.READY:
+                        end.set()
+
+                channel.subscribe(watch)
+            wait_until(
+                lambda: all(end.is_set() for end in ended),
+                "every connection to end at its maximum age",
+                seen=lambda: sum(end.is_set() for end in ended),
+            )
+        finally:
+            for channel in channels:
+                channel.close()

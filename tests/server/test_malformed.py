@@ -23,7 +23,7 @@ def raw(onnx_server: BackgroundServer) -> Iterator[RawClassifier]:
 
 
 def good_request() -> bytes:
-    return wire.classify_request(random_frames(1), top_k=2).SerializeToString()
+    return wire.classify_request_bytes(random_frames(1), top_k=2)
 
 
 @pytest.mark.parametrize("method", ["classify", "get_model_info"])
@@ -66,8 +66,8 @@ def test_an_undecodable_frame_is_a_per_frame_error_and_the_stream_goes_on(
 
 
 def test_client_text_in_an_error_is_cut_short(raw: RawClassifier) -> None:
-    request = wire.classify_request(random_frames(1), top_k=1, preprocessing_id="p" * 16_000)
-    code, details = raw.status("classify", request.SerializeToString())
+    request = wire.classify_request_bytes(random_frames(1), top_k=1, preprocessing_id="p" * 16_000)
+    code, details = raw.status("classify", request)
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert "(16000 characters)" in details
     assert len(details) < 400
@@ -107,7 +107,7 @@ def test_a_request_with_fields_it_does_not_know_is_answered_as_protobuf_reads_it
     raw: RawClassifier,
 ) -> None:
     frame = random_frames(1, seed=3)
-    plain = wire.classify_request(frame, top_k=2).SerializeToString()
+    plain = wire.classify_request_bytes(frame, top_k=2)
     # Field 9 (unknown to this server): skipped by protobuf, so taken by the general path.
     answers = [
         pb.ClassifyResponse.FromString(raw.classify(request, timeout=30))

@@ -17,9 +17,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from framecast_client import oip, wire
+from framecast_bench import oip_codec as oip
+from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_server.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
@@ -34,7 +35,7 @@ def keyed(key: int) -> NDArray[np.uint8]:
 
 
 def request(key: int, **fields: object) -> bytes:
-    message = wire.classify_request(keyed(key), top_k=1)
+    message = pb.ClassifyRequest.FromString(wire.classify_request_bytes(keyed(key), top_k=1))
     for name, value in fields.items():
         setattr(message, name, value)
     return message.SerializeToString()

@@ -34,6 +34,7 @@ def test_reflection_lists_our_services_and_describes_only_our_files(
     listed = ask(address, version, list_services="").list_services_response.service
     assert {s.name for s in listed} == {
         "framecast.v1.Classifier",
+        "framecast.v1.Admin",
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",

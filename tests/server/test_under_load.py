@@ -28,7 +28,7 @@ CLEAN_STREAM_ENDS = (
 def run(script: str, *args: str, out: Path) -> dict[str, object]:
     command = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     results: dict[str, object] = json.loads(out.read_text())
     return results
 
@@ -43,16 +43,17 @@ def test_sigterm_with_calls_and_streams_in_flight_answers_every_call(
     )  # fmt: skip
     sigterm = results["sigterm"]
     assert isinstance(sigterm, dict)
-    assert sigterm["unary_cut"] == 0, sigterm["unary"]
-    assert sigterm["unary"]["answered OK"] > 0
-    assert sigterm["unary"]["refused: shutting down"] > 0
+    seen = json.dumps(sigterm)  # a failure shows everything the run saw
+    assert sigterm["unary_cut"] == 0, seen
+    assert sigterm["unary"].get("answered OK", 0) > 0, seen
+    assert sigterm["unary"].get("refused: shutting down", 0) > 0, seen
     ends = sigterm["stream_ends"]
-    assert sum(ends.values()) == 4
-    assert all(end.startswith(CLEAN_STREAM_ENDS) for end in ends), ends
-    assert sigterm["stream_gaps"] == 0
-    assert sigterm["exit_code"] == 0
-    assert sigterm["exit_s"] < sigterm["grace_s"] / 2
-    assert sigterm["tracebacks_in_log"] == 0
+    assert sum(ends.values()) == 4, seen
+    assert all(end.startswith(CLEAN_STREAM_ENDS) for end in ends), seen
+    assert sigterm["stream_gaps"] == 0, seen
+    assert sigterm["exit_code"] == 0, seen
+    assert sigterm["exit_s"] < sigterm["grace_s"] / 2, seen
+    assert sigterm["tracebacks_in_log"] == 0, seen
 
 
 @pytest.mark.slow
@@ -63,11 +64,12 @@ def test_the_fairness_benchmark_runs_and_the_polite_client_is_never_refused(
         "fairness.py", "--seconds", "1", "--rounds", "1", "--in-flight", "50",
         "--cache-dir", str(cache_dir), out=tmp_path / "fairness.json",
     )  # fmt: skip
-    assert results["polite_resource_exhausted"] == 0
+    seen = json.dumps(results)  # a failure shows everything the run saw
+    assert results["polite_resource_exhausted"] == 0, seen
     answers, rounds = results["polite_flooded_answers"], results["rounds"]
-    assert isinstance(answers, int)
-    assert answers > 0
-    assert isinstance(rounds, list)
-    assert len(rounds) == 1
-    assert rounds[0]["greedy_codes"].get("OK", 0) > 0
-    assert isinstance(results["p99_ratio"], float)
+    assert isinstance(answers, int), seen
+    assert answers > 0, seen
+    assert isinstance(rounds, list), seen
+    assert len(rounds) == 1, seen
+    assert rounds[0]["greedy_codes"].get("OK", 0) > 0, seen
+    assert isinstance(results["p99_ratio"], float), seen

@@ -7,28 +7,24 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from framecast_client import Client
 from framecast_server.settings import ServerSettings
-from framecast_server.workers import parse_workers, usable_cores, worker_settings
+from framecast_server.workers import (
+    cgroup_cpu_limit,
+    parse_workers,
+    usable_cores,
+    worker_settings,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import random_frames
+from support import not_a_classifier, random_frames, wait_until
 
 DEADLINE_S = 120.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_workers_is_a_count_or_auto() -> None:
@@ -44,6 +40,50 @@ def test_each_worker_gets_its_share_of_the_cores_for_onnx_runtime() -> None:
     assert settings.port == 1234
     assert settings.threads == max(1, usable_cores() // 2)
     assert worker_settings(ServerSettings(threads=3), 2, 1).threads == 3  # told explicitly
+
+
+def fake_cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "400000 100000\n"}, 4.0),  # cgroup v2, limits.cpu: 4
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        # cgroup v1: Docker and the kubelet mount the container's own cgroup here.
+        (
+            {
+                "cpu,cpuacct/cpu.cfs_quota_us": "400000\n",
+                "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+            },
+            4.0,
+        ),
+        ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(
+    tmp_path: Path, files: dict[str, str], limit: float | None
+) -> None:
+    assert cgroup_cpu_limit(fake_cgroup(tmp_path, files)) == limit
+
+
+def test_auto_is_capped_by_a_cgroup_v1_quota(tmp_path: Path) -> None:
+    # A pod limited to 1 CPU on a bigger node: one worker, whatever the affinity says.
+    root = fake_cgroup(
+        tmp_path, {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    assert usable_cores(root) == 1
+    root = fake_cgroup(
+        tmp_path / "big", {"cpu/cpu.cfs_quota_us": "9600000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    assert usable_cores(root) == len(os.sched_getaffinity(0))  # never more than the affinity
 
 
 @pytest.mark.parametrize("value", ["0", "lots"])
@@ -76,10 +116,9 @@ def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
 
 
 def test_workers_that_cannot_load_stop_the_host_instead_of_restarting(tmp_path: Path) -> None:
-    # A file that is there (a missing one is refused before any worker starts) but is not
-    # a model: each worker fails to load it.
-    broken = tmp_path / "broken.onnx"
-    broken.write_text("not a model")
+    # A real ONNX graph (a file that is not ONNX is refused before any worker starts) that
+    # is not an image classifier: each worker fails to load it.
+    broken = not_a_classifier(tmp_path / "broken.onnx")
     done = subprocess.run(
         [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2", "--port", "0",
          "--onnx", str(broken), "--offline", "--cache-dir", str(tmp_path)],
@@ -144,7 +183,11 @@ def two_workers(
         )
     try:
         # The supervisor writes the port once every worker serves.
-        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the port file",
+            timeout_s=DEADLINE_S,
+        )
         assert process.poll() is None, log.read_text()
         yield process, f"127.0.0.1:{port_file.read_text().strip()}", log
     finally:
@@ -181,10 +224,10 @@ def test_workers_share_the_port_restart_after_a_crash_and_drain_together(
     # A crashed worker is restarted, and the restart is logged.
     victim = first[0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(workers_of(process.pid)) == 2 and victim not in workers_of(process.pid),
-             "the worker to be restarted")  # fmt: skip
-    wait_for(lambda: "worker 0 serving" in log.read_text().split("killed by SIGKILL")[-1],
-             "the new worker to serve")  # fmt: skip
+    wait_until(lambda: len(workers_of(process.pid)) == 2 and victim not in workers_of(process.pid),
+               "the worker to be restarted", timeout_s=DEADLINE_S)  # fmt: skip
+    wait_until(lambda: "worker 0 serving" in log.read_text().split("killed by SIGKILL")[-1],
+               "the new worker to serve", timeout_s=DEADLINE_S)  # fmt: skip
     assert f"(pid {victim}) was killed by SIGKILL; restarting" in log.read_text()
     for _ in range(8):  # new connections, whichever worker they reach
         with Client(address, timeout=30) as client:

@@ -76,6 +76,10 @@ def service_config(*, balanced: bool = True, max_attempts: int = MAX_ATTEMPTS) -
     }
     if balanced:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
+        # Client-side health checking: each connection watches grpc.health.v1, and round robin
+        # stops picking a replica the moment it says NOT_SERVING (a drain begins), instead of
+        # sending it calls it refuses until the retry budget is spent.
+        config["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(config)
 
 

@@ -31,9 +31,16 @@ from .types import Classification, ModelInfo
 logger = logging.getLogger(_package)
 
 SERVER_COMMANDS = ("serve", "demo", "build-engine")
+# Commands other distributions add through the ``framecast.commands`` entry point, by the
+# distribution (and the folders of a Framecast checkout to install) that adds them: where one is not
+# installed, its commands say what to install.
+PLUGIN_COMMANDS = {
+    **dict.fromkeys(SERVER_COMMANDS, ("framecast-server", "./oip ./server", "runs the server")),
+    "bench": ("framecast-bench", "./oip ./bench", "is the benchmark tool"),
+}
 # Where the server comes from: the packages are not on a public index.
 SERVER_INSTALL_HINT = (
-    "install it from a Framecast checkout with: pip install ./client ./server "
+    "install it from a Framecast checkout with: pip install ./client ./oip ./server "
     "(or pip install the wheels that `uv build --all-packages` writes to dist/)"
 )
 Handler = Callable[[argparse.Namespace], int]
@@ -51,29 +58,18 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     add_security_arguments(parser)
 
 
-def format_warning(info: ModelInfo) -> str:
-    """The banner every command that shows labels prints when the weights are not pretrained."""
-    return f"WARNING: {info.warning}" if info.warning else ""
-
-
-def print_warning(info: ModelInfo) -> None:
-    """Print the random-weights banner to stderr, where it cannot spoil parsed output."""
-    if info.warning:
-        print(format_warning(info), file=sys.stderr)
-
-
 def format_predictions(
     rows: Sequence[tuple[str, Classification, float | None]], info: ModelInfo
 ) -> str:
-    """A table of image, label and probability (the top-k of each), plus latency when given.
+    """A table of image, label and probability (the top-k of each), plus ms per image.
 
-    The random-weights warning is not part of it (stdout stays a table to parse): print it
-    with :func:`print_warning`.
+    The random-weights warning is not part of it (stdout stays a table to parse): the SDK logs
+    it to stderr, once per client.
     """
     name_width = max([5, *(len(name) for name, _, _ in rows)])
     label_width = max([5, *(len(p.label) for _, c, _ in rows for p in c.predictions)])
     lines = []
-    lines.append(f"{'image':<{name_width}}  {'label':<{label_width}}  probability  latency")
+    lines.append(f"{'image':<{name_width}}  {'label':<{label_width}}  probability  ms/image")
     for name, result, latency_ms in rows:
         for rank, p in enumerate(result.predictions):
             shown = name if rank == 0 else ""
@@ -127,12 +123,15 @@ def _classify(args: argparse.Namespace) -> int:
     ) as client:
         info = client.model_info()
         prepared: list[tuple[int, NDArray[np.uint8]]] = []
+        preprocess_ms: dict[int, float] = {}
         for position, item in enumerate(items):
             if isinstance(item, Path):
+                started = time.perf_counter()
                 try:
                     prepared.append((position, client.preprocess(item)))
                 except InvalidImageError as exc:
                     outcomes[position] = _Failure(str(item), str(exc))
+                preprocess_ms[position] = (time.perf_counter() - started) * 1000.0
         # Up to the server's max batch per request: one round trip for many images.
         step = max(1, info.max_batch)
         for start in range(0, len(prepared), step):
@@ -148,12 +147,14 @@ def _classify(args: argparse.Namespace) -> int:
                 for position, _ in chunk:
                     outcomes[position] = _Failure(str(items[position]), str(exc))
                 continue
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            # An image's time: its own decoding and resizing, plus its share of the request
+            # that carried it with the others of its batch.
+            share_ms = (time.perf_counter() - started) * 1000.0 / len(chunk)
             for (position, _), result in zip(chunk, results, strict=True):
+                latency_ms = preprocess_ms[position] + share_ms
                 outcomes[position] = (str(items[position]), result, latency_ms)
     rows = [o for o in outcomes if isinstance(o, tuple)]
     failures = [o for o in outcomes if isinstance(o, _Failure)]
-    print_warning(info)
     if rows:
         print(format_predictions(rows, info))
     for failure in failures:
@@ -193,24 +194,25 @@ def format_model_info(info: ModelInfo, address: str) -> str:
 def _info(args: argparse.Namespace) -> int:
     with Client(args.address, timeout=args.timeout, **client_security(args)) as client:
         info = client.model_info()
-    print_warning(info)
     print(format_model_info(info, args.address))
     return 0
 
 
-def _server_missing(args: argparse.Namespace) -> int:
+def _plugin_missing(args: argparse.Namespace) -> int:
+    distribution, folders, what = PLUGIN_COMMANDS[args.command]
+    hint = SERVER_INSTALL_HINT.replace("./oip ./server", folders)
     print(
-        f"framecast {args.command}: this command runs the server, which is not installed "
-        f"here; {SERVER_INSTALL_HINT}",
+        f"framecast {args.command}: this command {what}, which is not installed here "
+        f"({distribution}); {hint}",
         file=sys.stderr,
     )
     return 2
 
 
 def _version() -> str:
-    """``framecast-client X`` and, where installed, ``framecast-server Y``."""
+    """``framecast-client X`` and the server's and the bench's versions where installed."""
     parts = []
-    for distribution in ("framecast-client", "framecast-server"):
+    for distribution in ("framecast-client", "framecast-server", "framecast-bench"):
         try:
             parts.append(f"{distribution} {version(distribution)}")
         except PackageNotFoundError:
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_plugins(commands)
     for sub in commands.choices.values():
         # -v works after the command too; SUPPRESS keeps the top-level value when absent.
-        stub = sub.get_default("handler") is _server_missing
+        stub = sub.get_default("handler") is _plugin_missing
         if not stub and "-v" not in sub._option_string_actions:
             sub.add_argument(
                 "-v",
@@ -273,23 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_plugins(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .bench.cli import add_parser as add_bench
     from .stream_cli import add_parser as add_stream
+    from .top_cli import add_parser as add_top
 
-    add_bench(commands)
     add_stream(commands)
-    registered = False
+    add_top(commands)
     for entry in entry_points(group="framecast.commands"):
         try:
             entry.load()(commands)
-            registered = True
         except ImportError as exc:
             logger.debug("framecast.commands entry %s not loadable: %s", entry.name, exc)
-    if not registered:
-        for name in SERVER_COMMANDS:
-            stub = commands.add_parser(name, help="(needs framecast-server)", add_help=False)
+    for name, (distribution, _, _) in PLUGIN_COMMANDS.items():
+        if name not in commands.choices:
+            stub = commands.add_parser(name, help=f"(needs {distribution})", add_help=False)
             stub.add_argument("rest", nargs=argparse.REMAINDER)
-            stub.set_defaults(handler=_server_missing)
+            stub.set_defaults(handler=_plugin_missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from .streaming import (
     StreamSession,
     make_stream_config,
 )
-from .types import Classification, ModelInfo
+from .types import Classification, ModelInfo, StreamView
 from .wire import Encoding, EncodingName
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,9 @@ class _BaseClient:
         reconnect: bool,
         backoff: Backoff | None,
         keepalive_s: float | None,
+        name: str | None = None,
+        max_age: float | None = None,
+        follow_hints: bool = True,
     ) -> StreamConfig:
         """What a stream session of this client needs; raises ValueError for bad arguments."""
         self._check_encoding(info)
@@ -184,6 +187,9 @@ class _BaseClient:
             backoff=backoff,
             keepalive_s=keepalive_s,
             encoding=self.encoding,
+            name=name,
+            max_age=max_age,
+            follow_hints=follow_hints,
         )
 
     @staticmethod
@@ -249,6 +255,15 @@ class Client(_BaseClient):
             self._model_info = self._remember(wire.model_info_from_proto(reply))
             self._pool.limit = self._model_info.max_calls_per_connection
         return self._model_info
+
+    def list_streams(self, *, timeout: float | None = None) -> list[StreamView]:
+        """The streams the server runs now, oldest first (the Admin service's ListStreams)."""
+        self._check_open()
+        with mapped_rpc_errors(self.address), self._pool.lease() as (channel, _, _):
+            reply = pb_grpc.AdminStub(channel).ListStreams(
+                pb.ListStreamsRequest(), timeout=self._timeout(timeout), metadata=self._metadata
+            )
+        return [wire.stream_view_from_proto(s) for s in reply.streams]
 
     def preprocess(self, image: ImageInput) -> NDArray[np.uint8]:
         """Preprocess one image as the server asks: uint8 [H, W, 3] RGB."""
@@ -324,6 +339,9 @@ class Client(_BaseClient):
         reconnect: bool = True,
         backoff: Backoff | None = None,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+        name: str | None = None,
+        max_age: float | None = None,
+        follow_hints: bool = True,
     ) -> StreamSession:
         """Classify a stream of frames over one ClassifyStream call; returns a running session.
 
@@ -350,6 +368,17 @@ class Client(_BaseClient):
                 without traffic and treat the connection as dead (and reconnect) when a ping
                 goes unanswered for as long: a network that silently stops delivering is
                 noticed in about twice this time instead of TCP's minutes. None: no pings.
+            name: What the stream is called in the server's stream listing (``framecast
+                top``), e.g. ``"dock-3"``; cut to 64 characters. Never a metrics label.
+            max_age: Seconds; the server drops frames older than this (from capture) before
+                computing them, and answers them with a FrameError whose ``drop_reason``
+                says why. None: no limit.
+            follow_hints: Realtime mode: skip frames at capture, before preparing and
+                sending them, to the rate the server says it can serve this stream now
+                (``stats.skipped``), and keep no more frames in flight than it says are
+                served within the max age; False sends as fast as ``max_in_flight`` allows and
+                drops the oldest unsent frame instead. Lossless sessions answer every frame
+                either way.
 
         Raises:
             ValueError: An argument is out of range.
@@ -367,6 +396,9 @@ class Client(_BaseClient):
             reconnect=reconnect,
             backoff=backoff,
             keepalive_s=keepalive_s,
+            name=name,
+            max_age=max_age,
+            follow_hints=follow_hints,
         )
         return StreamSession(frames, config)
 
@@ -483,6 +515,9 @@ class AsyncClient(_BaseClient):
         reconnect: bool = True,
         backoff: Backoff | None = None,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+        name: str | None = None,
+        max_age: float | None = None,
+        follow_hints: bool = True,
     ) -> AsyncStreamSession:
         """Classify a stream of frames; the same arguments and policies as Client.stream.
 
@@ -502,6 +537,9 @@ class AsyncClient(_BaseClient):
                 reconnect=reconnect,
                 backoff=backoff,
                 keepalive_s=keepalive_s,
+                name=name,
+                max_age=max_age,
+                follow_hints=follow_hints,
             )
 
         return AsyncStreamSession(frames, configure, mode=mode)

@@ -1,7 +1,8 @@
 """A log-bucketed latency histogram with bounded relative error (HDR/DDSketch-like).
 
 The one histogram of the SDK: streaming sessions keep their latency percentiles in it, and the
-benchmark tool (``framecast_client.bench``) its per-window and per-step latencies.
+benchmark tool (``framecast_bench``, its own distribution) its per-window and per-step
+latencies.
 
 Every recorded value lands in a bucket ``(g^(i-1), g^i]`` (in units of ``lowest``) with
 ``g = (1 + a) / (1 - a)``; a percentile is answered with the bucket's point

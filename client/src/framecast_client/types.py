@@ -61,3 +61,27 @@ class ModelInfo:
     # Calls the server runs at once on one connection (0: not stated); the client opens more
     # connections rather than queue behind this limit.
     max_calls_per_connection: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamView:
+    """One stream a server runs now, as its ListStreams reports it (``framecast top``).
+
+    Rates and percentiles cover the stream's last second and last 256 frames on the server;
+    latency is from the server receiving a frame to answering it, age is the frame's age when
+    its compute started (the client's capture-to-send time plus the server's own time).
+    """
+
+    id: int
+    caller: str
+    name: str
+    started_unix_s: float
+    frames_in_per_s: float
+    frames_out_per_s: float
+    p99_latency_ms: float
+    p99_age_ms: float
+    frames_in: int
+    frames_out: int
+    dropped: int
+    max_age_ms: int
+    rate_hint_fps: float

@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client._proto import open_inference_pb2 as oip_pb
-from framecast_client._proto import open_inference_pb2_grpc as oip_grpc
+from framecast_oip._proto import open_inference_pb2 as oip_pb
+from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .admission import Admission
 from .backends.base import Backend, BreakableBackend
 from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .drain import CallGate
+from .memory import MemoryTrimmer
 from .model import prepare_model
 from .runtime import BatcherLike, ServingModel
 from .service.classifier import SERVICE_NAME, ClassifierServicer
@@ -36,14 +38,14 @@ from .service.decoding import guarded
 from .service.inference_protocol import InferenceServicer
 from .service.reflection import add_reflection
 from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
-from .wiring import Wiring
+from .wiring import Wiring, connection_age_options
 
 if TYPE_CHECKING:
     from .shared_inference import InferenceLink
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "serve"]
+__all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "ModelLoadError", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
@@ -52,8 +54,20 @@ FINAL_STOP_GRACE_S = 0.25
 QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
+# turn of the event loop, so under a flood new calls queued in gRPC's own first-come queue,
+# unseen by admission and ahead of everyone else's. Measured beside 200 calls over 100
+# connections: with one server admission saw 0-89 of them waiting (the rest sat in gRPC) and
+# let its places go unused; with four it saw some 190, so the turns of admission.py apply.
+ACCEPT_LOOPS = 4
+# Logged once every call has left during a drain, just before the port closes.
+ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
+
+
+class ModelLoadError(Exception):
+    """serve() could not load the model after the server started listening."""
 
 
 class FramecastServer:
@@ -83,10 +97,49 @@ class FramecastServer:
         self.settings = settings
         self._backend_factory = backend_factory
         self._inference = inference
+        self._reuse_port = reuse_port
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
         self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
-        self._server = grpc.aio.server(
+        # Several gRPC servers on one port and one event loop (SO_REUSEPORT): each accepts one
+        # new call per turn of the loop, so with one a flood's calls queued in gRPC, unseen
+        # by admission, ahead of everyone else's (see ACCEPT_LOOPS).
+        self._servers = [
+            self._grpc_server(settings, reuse_port=reuse_port or ACCEPT_LOOPS > 1)
+            for _ in range(ACCEPT_LOOPS)
+        ]
+        self._gate = CallGate()
+        self.admission = Admission(settings.max_unary_calls)
+        # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._classifier = ClassifierServicer(
+            max_message_bytes=settings.max_message_bytes,
+            max_calls_per_connection=settings.max_streams_per_connection,
+            gate=self._gate,
+            admission=self.admission,
+            recorder=self.wiring.recorder,
+        )
+        self._oip = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
+        self._serving: ServingModel | None = None
+        self._trimmer: MemoryTrimmer | None = None
+        self._stopping: asyncio.Future[None] | None = None
+        # Set when the backend breaks for the life of the process (a sticky CUDA error).
+        self.broken = asyncio.Event()
+        self.broken_reason: str | None = None
+        self._health_tasks: set[asyncio.Future[None]] = set()
+        for server in self._servers:
+            self._classifier.add_to_server(server)
+            # Generated registrations go through guarded(): malformed requests get
+            # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it
+            # must answer throughout a drain).
+            oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+                self._oip, guarded(server, self._gate, self.admission)
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(server))
+            add_reflection(server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
+
+    def _grpc_server(self, settings: ServerSettings, *, reuse_port: bool) -> grpc.aio.Server:
+        return grpc.aio.server(
             interceptors=self.wiring.interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -96,8 +149,13 @@ class FramecastServer:
                 # network); gRPC's default policy answers pings more often than one per 5 min
                 # without data with GOAWAY, which would break a paused camera's stream.
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                # Connection limits: each connection holds buffers and a descriptor.
-                ("grpc.max_allowed_incoming_connections", settings.max_connections),
+                # Connection limits: each connection holds buffers and a descriptor. The
+                # kernel spreads connections over the servers sharing the port; each takes
+                # its share of the limit.
+                (
+                    "grpc.max_allowed_incoming_connections",
+                    -(-settings.max_connections // ACCEPT_LOOPS),
+                ),
                 ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
                 # The stream limit stays a hard cap, but gRPC's "overload protection" also
                 # counted streams still being torn down, so a client at the limit saw its next
@@ -111,33 +169,9 @@ class FramecastServer:
                 # 20 MB/s link at 50 ms round trip.
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+                *connection_age_options(settings),
             ],
         )
-        self._gate = CallGate()
-        # grpc-stubs predates grpc_health's asyncio servicer (health.aio, grpcio >= 1.37).
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._classifier = ClassifierServicer(
-            max_message_bytes=settings.max_message_bytes,
-            max_calls_per_connection=settings.max_streams_per_connection,
-            gate=self._gate,
-            recorder=self.wiring.recorder,
-        )
-        self._oip = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
-        self._serving: ServingModel | None = None
-        self._stopping: asyncio.Future[None] | None = None
-        # Set when the backend breaks for the life of the process (a sticky CUDA error).
-        self.broken = asyncio.Event()
-        self.broken_reason: str | None = None
-        self._health_tasks: set[asyncio.Future[None]] = set()
-        self._classifier.add_to_server(self._server)
-        # Generated registrations go through guarded(): malformed requests get
-        # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it must
-        # answer throughout a drain).
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self._oip, guarded(self._server, self._gate)
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(self._server))
-        add_reflection(self._server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 
     @property
     def gate(self) -> CallGate:
@@ -152,11 +186,13 @@ class FramecastServer:
         if self._serving is None:
             for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
                 await self._health.set(service, NOT_SERVING)
-        self.port = self.wiring.add_port(self._server)
+        self.port = self.wiring.add_port(self._servers)
         if self.port == 0:
             raise OSError(f"could not bind {self.settings.address}")
         await self.wiring.start_metrics()
-        await self._server.start()
+        await self.wiring.start_health_port(self._health, reuse_port=self._reuse_port)
+        for server in self._servers:
+            await server.start()
         logger.info(
             "listening on %s:%d, %s%s",
             self.settings.host,
@@ -215,6 +251,13 @@ class FramecastServer:
             backend.close()
             raise
         self._serving = ServingModel(model=prepared, backend=backend, batcher=batcher)
+        # Freed memory back to the OS once a burst is over (memory.py): only when nothing is
+        # admitted or waiting, since a trim holds malloc's locks while it runs.
+        admission = self.admission
+        self._trimmer = MemoryTrimmer(
+            lambda: batcher.admitted_bytes == 0 and admission.admitted + admission.waiting == 0
+        )
+        self._trimmer.start()
         if self.wiring.metrics is not None:
             self.wiring.metrics.serving(lambda: batcher.stats, prepared, backend.info)
         self._classifier.attach(self._serving)
@@ -299,21 +342,31 @@ class FramecastServer:
                 self._gate.active,
                 grace,
             )
-            await self._server.stop(0)
+            await self._stop_servers(0)
         else:
             left = max(0.0, grace - (time.monotonic() - started))
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
-            await self._server.stop(min(grace, FINAL_STOP_GRACE_S))
+            # A call arriving from now on is never received (a slow client's next call):
+            # benchmarks/overload_soak.py tells those from cut calls by this line.
+            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
+            await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
+        if self._trimmer is not None:
+            await self._trimmer.stop()
         if self._serving is not None:
             await self._serving.batcher.close()
             self._serving.backend.close()
             self._serving = None
         await self.wiring.stop_metrics()
+        await self.wiring.stop_health_port()
         logger.info("stopped")
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
-        await self._server.stop(None)
+        await self._stop_servers(None)
+        await self.wiring.stop_health_port()
+
+    async def _stop_servers(self, grace: float | None) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -324,6 +377,8 @@ def _write_port_file(path: Path, port: int) -> None:
 
 async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> int:
     """Run a server until SIGTERM or SIGINT; returns the process exit code.
+
+    Raises ModelLoadError when the model cannot be loaded (the server stops first).
 
     port_file, when given, receives the bound port once the server listens (for --port 0).
     """
@@ -346,8 +401,8 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     if load.done() and load.exception() is not None:
         stopping.cancel()
         await server.stop(0)
-        logger.error("could not load the model: %s", load.exception())
-        return 1
+        # The command prints it as its last line (one sentence, no traceback).
+        raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())
     await asyncio.wait({stopping, broken}, return_when=asyncio.FIRST_COMPLETED)
     if not stopping.done():

@@ -36,12 +36,19 @@ from .handlers import rejecting, wrapped
 logger = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"
 BEARER = "bearer "
 # The token file is looked at (one stat) at most this often; a change is seen within this time.
 RELOAD_CHECK_S = 1.0
 # Refusals are logged at most once per this many seconds (with a count of those left out): a
 # client retrying with a wrong token must not flood the log.
 REFUSAL_LOG_INTERVAL_S = 10.0
+# gRPC refuses calls whose metadata exceeds its soft limit, 8 KiB by default (past it, some
+# calls at random, up to the hard limit of 16 KiB, then all): a longer token could never be
+# used. The token's header ("authorization: Bearer ...") must fit with the call's others
+# (some 600 bytes: path, authority, timeout, user agent).
+METADATA_LIMIT_BYTES = 8 * 1024
+MAX_TOKEN_BYTES = METADATA_LIMIT_BYTES - 1024
 
 
 class TokenFileError(ValueError):
@@ -67,6 +74,12 @@ def parse_tokens(text: str, source: str = "token file") -> dict[str, bytes]:
             raise TokenFileError(f"{source} line {number}: expected 'token' or 'name:token'")
         if any(c.isspace() for c in token):
             raise TokenFileError(f"{source} line {number}: a token must not contain spaces")
+        if len(token.encode()) > MAX_TOKEN_BYTES:
+            raise TokenFileError(
+                f"{source} line {number}: the token is {len(token.encode())} bytes long, more "
+                f"than {MAX_TOKEN_BYTES}: gRPC refuses calls with over "
+                f"{METADATA_LIMIT_BYTES // 1024} KiB of metadata, so no client could use it"
+            )
         if name in tokens:
             raise TokenFileError(f"{source} line {number}: the name {name!r} is used twice")
         tokens[name] = token.encode()
@@ -194,6 +207,18 @@ class AuthInterceptor(_ServerInterceptor):
             metadata = handler_call_details.invocation_metadata
             token = bearer_token(metadata)
             name = self._tokens.identify(token) if token else None
+            if name is None and not token and method == HEALTH_WATCH:
+                # A client over several replicas watches health on each connection (client-side
+                # health checking) and gRPC sends no call metadata with that watch. Refused with
+                # UNAUTHENTICATED, every replica would look unhealthy to it and every call fail;
+                # UNIMPLEMENTED makes gRPC turn that client's health checking off instead. The
+                # health state itself stays behind the token (Check, and Watch with a bad token).
+                return rejecting(
+                    handler,
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "health needs a token on this server (--auth-health): "
+                    "client-side health checking is off for this connection",
+                )
             if name is None:
                 reason = "missing" if not token else "invalid"
                 if self._on_failure is not None:

@@ -1,4 +1,4 @@
-"""Server commands of `framecast`: serve, demo, build-engine.
+"""Server commands of `framecast`: serve, demo, build-engine, prepare-model.
 
 Registered into the client's CLI through the ``framecast.commands`` entry point. This module
 imports only the standard library at load time so `framecast --help` stays fast.
@@ -7,11 +7,12 @@ imports only the standard library at load time so `framecast --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,11 +104,7 @@ def _add_serving_arguments(parser: argparse.ArgumentParser, *, default_port: int
         type=positive_int,
         help="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)",
     )
-    parser.add_argument(
-        "--require-pretrained",
-        action="store_true",
-        help="refuse to start on random weights (when the default weights cannot be had)",
-    )
+    _add_require_pretrained(parser)
     _add_limit_arguments(parser)
 
 
@@ -170,7 +167,14 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-streams-per-connection",
         type=positive_int,
-        help="concurrent calls on one connection (default 2); more wait on the client",
+        help="concurrent calls on one connection, streams included (default 8); more wait "
+        "on the client",
+    )
+    group.add_argument(
+        "--max-unary-calls",
+        type=positive_int,
+        help="unary calls admitted at once, server-wide (default 8); more wait unread, each "
+        "caller in turn",
     )
     group.add_argument(
         "--idle-timeout-s",
@@ -188,6 +192,19 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         help="on SIGTERM, calls in flight get this long to finish (default 10)",
     )
+    group.add_argument(
+        "--max-connection-age",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="end each connection after this long (+-10%%), so clients re-resolve and spread "
+        "onto new replicas; the SDK reconnects unnoticed (default 0: never)",
+    )
+    group.add_argument(
+        "--max-connection-age-grace",
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="calls on a connection past its age get this long before it is closed (default 10)",
+    )
 
 
 def _limits(args: argparse.Namespace) -> dict[str, float | int]:
@@ -198,12 +215,19 @@ def _limits(args: argparse.Namespace) -> dict[str, float | int]:
     for name in (
         "max_connections",
         "max_streams_per_connection",
+        "max_unary_calls",
         "idle_timeout_s",
         "drain_delay_s",
         "grace_s",
     ):
         if getattr(args, name) is not None:
             limits[name] = getattr(args, name)
+    for flag, name in (
+        ("max_connection_age", "max_connection_age_s"),
+        ("max_connection_age_grace", "max_connection_age_grace_s"),
+    ):
+        if getattr(args, flag, None) is not None:
+            limits[name] = getattr(args, flag)
     return limits
 
 
@@ -239,6 +263,13 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default off; 0 = any)",
+    )
+    group.add_argument(
+        "--health-port",
+        type=port,
+        metavar="PORT",
+        help="also serve grpc.health.v1, and nothing else, in plaintext without tokens on "
+        "HOST:PORT, for probes that cannot speak TLS (Kubernetes' gRPC probes; default off)",
     )
 
 
@@ -318,6 +349,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         auth_health=getattr(args, "auth_health", False),
         insecure=getattr(args, "insecure", False),
         metrics_port=getattr(args, "metrics_port", None),
+        health_port=getattr(args, "health_port", None),
         engine=_engine_settings(args),
         **_limits(args),  # type: ignore[arg-type]
     )
@@ -333,11 +365,15 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def _model_errors() -> tuple[type[BaseException], ...]:
-    """What preparing a model raises for a file that is not a model, or missing weights."""
+    """What preparing a model raises for a file that is not a model, or missing weights.
+
+    Also serve's ModelLoadError: the model failed to load after the server started listening.
+    """
+    from .app import ModelLoadError
     from .model.download import WeightsUnavailableError
     from .model.weights import WeightsError
 
-    return (ValueError, OSError, WeightsError, WeightsUnavailableError)
+    return (ValueError, OSError, WeightsError, WeightsUnavailableError, ModelLoadError)
 
 
 def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -383,7 +419,26 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
         check_files(settings)  # the TLS and token files, read once before anything starts
     except (PlaintextRefusedError, SecurityFlagError, TLSFilesError, TokenFileError) as exc:
         raise CommandError(str(exc), status=2) from None
+    _check_model_and_backend(settings)
     return settings
+
+
+def _check_model_and_backend(settings: ServerSettings) -> None:
+    """Refuse, before the server listens, a model file or backend that cannot work.
+
+    Otherwise the server binds, logs its progress and only then fails: a user sees several
+    lines with the reason last. What is cheap to know is checked here; the rest (a build
+    that fails) is still reported by serve as its last line.
+    """
+    from .model.prepare import check_source
+
+    check_source(settings.model)  # a user's mistake: _run prints it as one line
+    if settings.backend == "tensorrt":
+        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            raise CommandError(reason)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -427,9 +482,25 @@ def demo_images() -> list[tuple[str, bytes]]:
     return made
 
 
+@contextlib.contextmanager
+def _without_the_sdks_copy_of_the_warning() -> Iterator[None]:
+    """The demo's server logs the random-weights warning as it starts; its client must not
+    log it a second time in the same terminal (the SDK logs it once per client)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "RANDOM WEIGHTS" not in record.getMessage()
+
+    sdk = logging.getLogger("framecast_client.client")
+    sdk.addFilter(keep)
+    try:
+        yield
+    finally:
+        sdk.removeFilter(keep)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
-    from framecast_client.cli import format_predictions, print_warning
+    from framecast_client.cli import format_predictions
 
     from .background import BackgroundServer
 
@@ -438,7 +509,11 @@ def _demo(args: argparse.Namespace) -> int:
     inputs: list[tuple[str, bytes | Path]] = (
         [(str(p), p) for p in args.images] if args.images else list(demo_images())
     )
-    with BackgroundServer(settings) as server, Client(server.address) as client:
+    with (
+        BackgroundServer(settings) as server,
+        _without_the_sdks_copy_of_the_warning(),
+        Client(server.address) as client,
+    ):
         info = client.model_info()
         print(
             f"Serving {info.name} ({info.version}) on {info.backend} {info.precision} "
@@ -449,7 +524,6 @@ def _demo(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             result = client.classify(image, top_k=args.top_k)
             rows.append((name, result, (time.perf_counter() - started) * 1000.0))
-        print_warning(info)
         print(format_predictions(rows, info))
         latencies = sorted(latency for _, _, latency in rows)
         print(
@@ -485,8 +559,27 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .model import prepare_model
+    from .settings import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    prepared = prepare_model(_model_source(args), cache_dir, allow_download=not args.offline)
+    print(f"model: {prepared.onnx_path} ({prepared.name} {prepared.version}, "
+          f"{'pretrained' if prepared.pretrained else 'RANDOM weights'})")  # fmt: skip
+    return 0
+
+
+def _add_require_pretrained(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--require-pretrained",
+        action="store_true",
+        help="refuse random weights (when the default weights cannot be had)",
+    )
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add serve, demo and build-engine to the `framecast` command."""
+    """Add serve, demo, build-engine and prepare-model to the `framecast` command."""
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server",
@@ -546,4 +639,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     build.add_argument("--max-batch", type=positive_int, default=32, help="profile max batch")
     _add_engine_arguments(build)
     build.add_argument("--output", type=Path, help="engine directory (default: the cache dir)")
+    _add_require_pretrained(build)
     build.set_defaults(handler=_run(_build_engine))
+
+    prepare = commands.add_parser(
+        "prepare-model",
+        help="download the weights and prepare the served model into the cache",
+        description="Prepare (or find in the cache) the model that `framecast serve` with the "
+        "same model flags and cache serves: the default weights are downloaded and checked "
+        "against their published SHA-256. Kubernetes runs it as an init container, so the "
+        "server itself starts with --offline --require-pretrained.",
+    )
+    _add_model_arguments(prepare)
+    _add_require_pretrained(prepare)
+    prepare.set_defaults(handler=_run(_prepare_model))

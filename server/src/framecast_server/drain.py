@@ -87,6 +87,8 @@ class CallGate:
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no call is in progress; False if ``timeout`` passed first."""
+        if self._idle.is_set():  # wait_for(..., 0) times out even on a set event
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:

@@ -1,7 +1,9 @@
 """`python -m framecast_server.healthcheck`: exit 0 when the server on this host says SERVING.
 
 For container health checks (Docker's HEALTHCHECK) where no grpc_health_probe is installed:
-it asks the standard grpc.health.v1 service, as Kubernetes' native gRPC probes do.
+it asks the standard grpc.health.v1 service, as Kubernetes' native gRPC probes do, in
+plaintext. The images ask the server's health-only port (``serve --health-port 8081``), which
+answers in plaintext and without a token whether the main port serves TLS or requires tokens.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ class Recorder(Protocol):
         answered one by one, each with its own code.
         """
 
+    def frame_age(self, at_admission_us: int, at_compute_us: int | None) -> None:
+        """A stream frame's age when admitted and when its batch started (None: not computed)."""
+
+    def frames_dropped(self, reason: str, n: int) -> None:
+        """``n`` stream frames dropped unanswered for ``reason`` ("stale_at_admission", ...)."""
+
 
 class NullRecorder:
     """Records nothing: the default when metrics are off."""
@@ -33,6 +39,12 @@ class NullRecorder:
         """Nothing to do."""
 
     def frames_answered(self, method: str, code: str, n: int) -> None:
+        """Nothing to do."""
+
+    def frame_age(self, at_admission_us: int, at_compute_us: int | None) -> None:
+        """Nothing to do."""
+
+    def frames_dropped(self, reason: str, n: int) -> None:
         """Nothing to do."""
 
 

@@ -78,15 +78,15 @@ class ServerSettings:
     # Limits under load; the README's "Limits and behaviour under load" lists each one.
     memory_budget_bytes: int = 256 * MIB  # images admitted, waiting or computing
     max_connections: int = 1000
-    # HTTP/2 concurrent calls on one connection. Low on purpose: it is what keeps one client
-    # from crowding the others out of the event loop. gRPC takes calls in arrival order and
-    # each costs the loop some 200 us, so a polite caller waits behind every call the flood
-    # has queued: beside 200 of them its p99 went from 0.8 to 30-50 ms. benchmarks/fairness.py,
-    # flood p99 / idle p99 on 2 cores (median of 3-5 rounds; with the flooder niced as a remote
-    # host / competing for the cores): 1.7 / 2.4 at 2, 2.4 / 2.8 at 3, 3.0 / 3.5 at 4, 4.3 /
-    # 6.5 at 8, 32-52 at 100. A client wanting more calls in flight asks for more connections
-    # (Client(connections=N)); a stream needs only one.
-    max_streams_per_connection: int = 2
+    # HTTP/2 concurrent calls on one connection (streams included): enough that a client's
+    # long streams leave room for its unary calls on the same connection, and that
+    # perf_analyzer and tritonclient work unchanged. Fairness no longer rests on it: see
+    # max_unary_calls.
+    max_streams_per_connection: int = 8
+    # Unary calls admitted at once, server-wide; the others wait at the door, per caller in
+    # turn (admission.py), unread and unanswered, so a flood over many connections is held on
+    # its own side instead of queueing in gRPC and the event loop ahead of other callers.
+    max_unary_calls: int = 8
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers
     # take the replica out meanwhile), then calls in flight get at most grace_s to finish.
@@ -98,6 +98,15 @@ class ServerSettings:
     auth_health: bool = False  # tokens for grpc.health.v1 too (probes then need one)
     insecure: bool = False  # allow plaintext on a non-loopback address
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; None: off, 0: any port
+    # A second, plaintext listener that serves grpc.health.v1 only (the same health state), for
+    # probes that cannot speak TLS or send tokens (Kubernetes' native gRPC probes). None: off.
+    health_port: int | None = None
+    # End each connection after this long (gRPC sends GOAWAY, jittered by +-10%), so clients
+    # re-resolve DNS and spread onto replicas added since; calls on it get the grace to finish,
+    # then it is closed (the SDK reconnects and resends). 0: never (gRPC's default: one host
+    # gains nothing from it; the Kubernetes manifests set it).
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 10.0
     # How TensorRT builds its engine: the same settings as `framecast build-engine`, so the
     # server finds the engine built there. None: EngineSettings' defaults for max_batch.
     engine: EngineSettings | None = None
@@ -120,7 +129,7 @@ class ServerSettings:
                 f"memory budget ({self.memory_budget_bytes / MIB:.1f} MiB) must hold at least "
                 f"one max batch of frames ({self.max_batch * FRAME_BYTES / MIB:.1f} MiB)"
             )
-        for name in ("max_connections", "max_streams_per_connection"):
+        for name in ("max_connections", "max_streams_per_connection", "max_unary_calls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1")
         for name in ("idle_timeout_s", "grace_s"):
@@ -135,6 +144,15 @@ class ServerSettings:
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.health_port is not None:
+            if not 0 <= self.health_port <= 65535:
+                raise ValueError(f"health port must be in 0..65535, got {self.health_port}")
+            if self.health_port != 0 and self.health_port == self.port:
+                raise ValueError(f"health port must differ from the port ({self.port})")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                what = name.removesuffix("_s").replace("_", " ")
+                raise ValueError(f"{what} must not be negative, got {getattr(self, name)}")
         if self.tls is None and not self.insecure and not is_loopback_host(self.host):
             raise PlaintextRefusedError(
                 f"refusing to serve plaintext on {self.host}: anyone on the network could read "

@@ -18,6 +18,7 @@ import os
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -75,14 +76,23 @@ def _check_pair(cert: bytes, key: bytes, client_ca: bytes | None, tls: ServerTLS
 
 
 class CertificateReloader:
-    """Serves the certificate configuration; a new one whenever the files change."""
+    """Serves the certificate configuration; a new one whenever the files change.
+
+    One reloader may feed the credentials of several servers on one port (app.py's
+    ACCEPT_LOOPS): each gets its own callback (:meth:`fetcher`), so each sees a change once.
+    """
 
     def __init__(self, tls: ServerTLS) -> None:
         self._tls = tls
         self._paths = [tls.cert, tls.key] + ([tls.client_ca] if tls.client_ca else [])
-        self._lock = threading.Lock()  # the callback may run on gRPC's threads
+        self._lock = threading.Lock()  # the callbacks may run on gRPC's threads
         self._stamp: _Stamp | None = None
-        self.reloads = 0  # configurations handed over after the first
+        self.reloads = 0  # configurations handed over after the first, over every server
+
+    @property
+    def requires_client_certificate(self) -> bool:
+        """Mutual TLS: clients must present a certificate from the client CA."""
+        return self._tls.client_ca is not None
 
     def load(self) -> grpc.ServerCertificateConfiguration:
         """Read and check the files now; raises TLSFilesError."""
@@ -97,31 +107,40 @@ class CertificateReloader:
         self._stamp = stamp
         return grpc.ssl_server_certificate_configuration([(key, cert)], client_ca)
 
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC's callback: None while the files are unchanged, else the new configuration."""
-        with self._lock:
-            try:
-                if _stamp(self._paths) == self._stamp:
+    def fetcher(self) -> Callable[[], grpc.ServerCertificateConfiguration | None]:
+        """gRPC's callback for one server's credentials, from the configuration loaded last."""
+        seen = self._stamp
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            """None while the files are unchanged for this server, else the new configuration."""
+            nonlocal seen
+            with self._lock:
+                try:
+                    if _stamp(self._paths) == seen:
+                        return None
+                    config = self.load()
+                except (OSError, TLSFilesError) as exc:
+                    # Mid-rotation or broken: keep serving the previous pair; say so once per
+                    # change (and server).
+                    logger.warning(
+                        "TLS files changed but cannot be used yet, keeping the old: %s", exc
+                    )
+                    with contextlib.suppress(OSError):
+                        seen = _stamp(self._paths)
                     return None
-                config = self.load()
-            except (OSError, TLSFilesError) as exc:
-                # Mid-rotation or broken: keep serving the previous pair; say so once per change.
-                logger.warning("TLS files changed but cannot be used yet, keeping the old: %s", exc)
-                with contextlib.suppress(OSError):
-                    self._stamp = _stamp(self._paths)
-                return None
-            self.reloads += 1
-            logger.info("TLS certificate reloaded from %s", self._tls.cert)
-            return config
+                seen = self._stamp
+                self.reloads += 1
+                logger.info("TLS certificate reloaded from %s", self._tls.cert)
+                return config
+
+        return fetch
 
 
-def server_credentials(tls: ServerTLS) -> tuple[grpc.ServerCredentials, CertificateReloader]:
-    """Dynamic server credentials for ``tls`` and their reloader; raises TLSFilesError."""
-    reloader = CertificateReloader(tls)
+def server_credentials(reloader: CertificateReloader) -> grpc.ServerCredentials:
+    """Dynamic server credentials for one server, fed by ``reloader``; raises TLSFilesError."""
     initial = reloader.load()
-    credentials = grpc.dynamic_ssl_server_credentials(
+    return grpc.dynamic_ssl_server_credentials(
         initial,
-        reloader.fetch,  # type: ignore[arg-type]  # None (unchanged) is allowed; stubs omit it
-        require_client_authentication=tls.client_ca is not None,
+        reloader.fetcher(),  # type: ignore[arg-type]  # None (unchanged) is allowed; stubs omit it
+        require_client_authentication=reloader.requires_client_certificate,
     )
-    return credentials, reloader

@@ -12,15 +12,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from .auth import AuthInterceptor, TokenStore
 from .metrics import Metrics, MetricsInterceptor, MetricsServer
 from .metrics.exporter import PUBLISH_INTERVAL_S
 from .recorder import NULL_RECORDER, Recorder
-from .settings import ServerSettings
+from .settings import HANDSHAKE_TIMEOUT_S, ServerSettings
 from .tls import CertificateReloader, server_credentials
 
 logger = logging.getLogger(__name__)
+
+
+# Connections to the health-only port: probes open one, ask, and close it.
+HEALTH_PORT_MAX_CONNECTIONS = 64
+
+
+def connection_age_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC options for ``--max-connection-age`` (none when it is off)."""
+    if settings.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+    ]
 
 
 def check_files(settings: ServerSettings) -> None:
@@ -40,6 +55,8 @@ class Wiring:
     metrics: Metrics | None = None
     tls_reloader: CertificateReloader | None = None
     metrics_port: int | None = None
+    health_port: int | None = None
+    _health_server: grpc.aio.Server | None = None
     _metrics_server: MetricsServer | None = None
     _publisher: asyncio.Task[None] | None = None
 
@@ -74,13 +91,60 @@ class Wiring:
         """What the core records into: the metrics, or nothing."""
         return self.metrics if self.metrics is not None else NULL_RECORDER
 
-    def add_port(self, server: grpc.aio.Server) -> int:
-        """Bind the gRPC port, with TLS when configured; 0 when it could not be bound."""
+    def add_port(self, servers: list[grpc.aio.Server]) -> int:
+        """Bind the gRPC port on each server (one port, shared), with TLS when configured.
+
+        Returns the port, or 0 when it could not be bound.
+        """
         settings = self.settings
-        if settings.tls is None:
-            return server.add_insecure_port(settings.address)
-        credentials, self.tls_reloader = server_credentials(settings.tls)
-        return server.add_secure_port(settings.address, credentials)
+        address, port = settings.address, 0
+        for server in servers:
+            if settings.tls is None:
+                bound = server.add_insecure_port(address)
+            else:
+                # Credentials of their own per server (gRPC does not share them), fed by one
+                # reloader: each server takes the new files when they change.
+                self.tls_reloader = self.tls_reloader or CertificateReloader(settings.tls)
+                bound = server.add_secure_port(address, server_credentials(self.tls_reloader))
+            if bound == 0 or (port and bound != port):
+                return 0
+            port = bound
+            address = address.rpartition(":")[0] + f":{port}"  # the others share it
+        return port
+
+    async def start_health_port(self, health: Any, *, reuse_port: bool = False) -> None:
+        """With ``--health-port``: a plaintext server with ``health`` (grpc.health.v1) only.
+
+        Plaintext and without tokens on purpose: Kubernetes' native gRPC probes speak neither
+        TLS nor tokens. It tells no more than whether this replica serves; every other method
+        there is UNIMPLEMENTED. ``health`` is the main port's servicer, so both say the same.
+        """
+        settings = self.settings
+        if settings.health_port is None:
+            return
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_allowed_incoming_connections", HEALTH_PORT_MAX_CONNECTIONS),
+                ("grpc.max_concurrent_streams", 4),
+                ("grpc.max_receive_message_length", 4096),
+                ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
+                ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_TIMEOUT_S * 1000)),
+            ]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        port = server.add_insecure_port(f"{host}:{settings.health_port}")
+        if port == 0:
+            raise OSError(f"could not bind the health port {host}:{settings.health_port}")
+        await server.start()
+        self._health_server, self.health_port = server, port
+
+    async def stop_health_port(self) -> None:
+        """Stop the health-only port (last: probes see NOT_SERVING throughout the drain)."""
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
 
     async def start_metrics(self) -> None:
         """Serve /metrics on the gRPC port's host (loopback unless told otherwise), if asked."""
@@ -123,4 +187,8 @@ class Wiring:
             transport = "mutual TLS"
         tokens = "tokens required" if settings.auth_tokens else "no tokens"
         metrics = f", metrics on port {self.metrics_port}" if self.metrics_port is not None else ""
+        if self.health_port is not None:
+            metrics += f", health only (plaintext) on port {self.health_port}"
+        if settings.max_connection_age_s > 0:
+            metrics += f", connections end after {settings.max_connection_age_s:g} s"
         return f"{transport}, {tokens}{metrics}"

@@ -76,17 +76,55 @@ class PortUnavailableError(OSError):
     """The port cannot be had (another program holds it, or the address is not this host's)."""
 
 
-def usable_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this container's cgroup in CPUs, or None when there is none.
+
+    cgroup v2 (``cpu.max``: "QUOTA PERIOD", or "max PERIOD") at ``root``; else cgroup v1
+    (``cpu.cfs_quota_us``, -1 for none, and ``cpu.cfs_period_us``) in ``root``'s ``cpu`` or
+    ``cpu,cpuacct`` hierarchy, where Docker and the kubelet put a container's own cgroup.
+    """
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        pass
+    else:
+        return _quota_cpus(quota, period)
+    for hierarchy in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        directory = root / hierarchy
+        try:
+            quota = (directory / "cpu.cfs_quota_us").read_text().strip()
+            period = (directory / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            continue
+        return _quota_cpus(quota, period)
+    return None
+
+
+def _quota_cpus(quota: str, period: str) -> float | None:
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:
+        return None  # "max" (v2) or something unreadable: no limit we can use
+    if quota_us <= 0 or period_us <= 0:
+        return None  # -1: no quota (v1)
+    return quota_us / period_us
+
+
+def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers).
+
+    A pod limited to 4 CPUs on a 96-core node sees all 96 in its affinity; the quota (cgroup v2
+    or v1) is what the kubelet sets from ``resources.limits.cpu``.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is None:
         return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    return max(1, min(cores, math.ceil(limit)))
 
 
 def parse_workers(value: str) -> int:
@@ -102,10 +140,14 @@ def parse_workers(value: str) -> int:
     return count
 
 
-def worker_settings(settings: ServerSettings, workers: int, port: int) -> ServerSettings:
-    """A worker's settings: the reserved port, and its share of the cores for ONNX Runtime."""
+def worker_settings(
+    settings: ServerSettings, workers: int, port: int, health_port: int | None = None
+) -> ServerSettings:
+    """A worker's settings: the reserved ports, and its share of the cores for ONNX Runtime."""
     threads = settings.threads or max(1, usable_cores() // workers)
-    return dataclasses.replace(settings, port=port, threads=threads)
+    return dataclasses.replace(
+        settings, port=port, threads=threads, health_port=health_port or settings.health_port
+    )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -325,11 +367,24 @@ class Supervisor:
                 f"cannot listen on {self.settings.address}: {exc.strerror or exc}"
             ) from exc
         port = int(reserved.getsockname()[1])
-        settings = worker_settings(self.settings, self.workers, port)
+        health: socket.socket | None = None
         try:
+            if self.settings.health_port is not None:
+                # The health-only port is shared by the workers too (each answers for itself).
+                try:
+                    health = reserve_port(self.settings.host, self.settings.health_port)
+                except OSError as exc:
+                    raise PortUnavailableError(
+                        f"cannot listen on the health port {self.settings.health_port}: "
+                        f"{exc.strerror or exc}"
+                    ) from exc
+            health_port = int(health.getsockname()[1]) if health is not None else None
+            settings = worker_settings(self.settings, self.workers, port, health_port)
             metrics = self._start_metrics()  # before any worker: they need its directory
         except BaseException:
             reserved.close()
+            if health is not None:
+                health.close()
             raise
         wake_read, wake_write = socket.socketpair()
         wake_write.setblocking(False)
@@ -374,6 +429,8 @@ class Supervisor:
             wake_read.close()
             wake_write.close()
             reserved.close()
+            if health is not None:
+                health.close()
             if self._link is not None:
                 from .shared_inference import unlink_link
 

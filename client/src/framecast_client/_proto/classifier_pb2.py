@@ -15,19 +15,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66ramecast/v1/classifier.proto\x12\x0c\x66ramecast.v1\"u\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.framecast.v1.ImageEncoding\"n\n\x0f\x43lassifyRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.framecast.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10preprocessing_id\x18\x03 \x01(\tB\x08\n\x06_top_k\"A\n\x10\x43lassifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.framecast.v1.Classification\"k\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.framecast.v1.Prediction\x12*\n\x06timing\x18\x02 \x01(\x0b\x32\x1a.framecast.v1.ServerTiming\"?\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"H\n\x0cServerTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x12\n\ncompute_us\x18\x02 \x01(\x04\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"}\n\rStreamRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.framecast.v1.Image\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10preprocessing_id\x18\x04 \x01(\tB\x08\n\x06_top_k\"\x90\x01\n\x0eStreamResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x36\n\x0e\x63lassification\x18\x02 \x01(\x0b\x32\x1c.framecast.v1.ClassificationH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.framecast.v1.FrameErrorH\x00\x42\t\n\x07outcome\"+\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xcd\x01\n\rPreprocessing\x12\x14\n\x0cinput_height\x18\x01 \x01(\r\x12\x13\n\x0binput_width\x18\x02 \x01(\r\x12\x31\n\rresize_policy\x18\x03 \x01(\x0e\x32\x1a.framecast.v1.ResizePolicy\x12\x13\n\x0bresize_size\x18\x04 \x01(\r\x12\x32\n\rinterpolation\x18\x05 \x01(\x0e\x32\x1b.framecast.v1.Interpolation\x12\x15\n\rnormalization\x18\x06 \x01(\t\"\xe9\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x32\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1b.framecast.v1.Preprocessing\x12\x12\n\npretrained\x18\x07 \x01(\x08\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\x0f\n\x07warning\x18\t \x01(\t\x12\x0e\n\x06labels\x18\n \x03(\t\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\x18\n\x10preprocessing_id\x18\x0c \x01(\t\x12.\n\tencodings\x18\r \x03(\x0e\x32\x1b.framecast.v1.ImageEncoding\x12 \n\x18max_calls_per_connection\x18\x0e \x01(\r*X\n\rImageEncoding\x12\x16\n\x12IMAGE_ENCODING_RAW\x10\x00\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*y\n\x0cResizePolicy\x12\x1d\n\x19RESIZE_POLICY_UNSPECIFIED\x10\x00\x12/\n+RESIZE_POLICY_SHORTER_SIDE_THEN_CENTER_CROP\x10\x01\x12\x19\n\x15RESIZE_POLICY_STRETCH\x10\x02*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x01\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x02\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x03\x32\xf4\x01\n\nClassifier\x12J\n\x0cGetModelInfo\x12!.framecast.v1.GetModelInfoRequest\x1a\x17.framecast.v1.ModelInfo\x12I\n\x08\x43lassify\x12\x1d.framecast.v1.ClassifyRequest\x1a\x1e.framecast.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.framecast.v1.StreamRequest\x1a\x1c.framecast.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66ramecast/v1/classifier.proto\x12\x0c\x66ramecast.v1\"u\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12-\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x1b.framecast.v1.ImageEncoding\"n\n\x0f\x43lassifyRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.framecast.v1.Image\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10preprocessing_id\x18\x03 \x01(\tB\x08\n\x06_top_k\"A\n\x10\x43lassifyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.framecast.v1.Classification\"k\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.framecast.v1.Prediction\x12*\n\x06timing\x18\x02 \x01(\x0b\x32\x1a.framecast.v1.ServerTiming\"?\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"H\n\x0cServerTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x12\n\ncompute_us\x18\x02 \x01(\x04\x12\x12\n\nbatch_size\x18\x03 \x01(\r\"\x95\x01\n\rStreamRequest\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.framecast.v1.Image\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10preprocessing_id\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pture_age_us\x18\x05 \x01(\x04\x42\x08\n\x06_top_k\"\xdb\x01\n\x0eStreamResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x36\n\x0e\x63lassification\x18\x02 \x01(\x0b\x32\x1c.framecast.v1.ClassificationH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.framecast.v1.FrameErrorH\x00\x12#\n\x03\x61ge\x18\x04 \x01(\x0b\x32\x16.framecast.v1.FrameAge\x12$\n\x04hint\x18\x05 \x01(\x0b\x32\x16.framecast.v1.FlowHintB\t\n\x07outcome\":\n\x08\x46rameAge\x12\x17\n\x0f\x61t_admission_us\x18\x01 \x01(\x04\x12\x15\n\rat_compute_us\x18\x02 \x01(\x04\"3\n\x08\x46lowHint\x12\x10\n\x08rate_fps\x18\x01 \x01(\x02\x12\x15\n\rmax_in_flight\x18\x02 \x01(\r\"Z\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x0b\x64rop_reason\x18\x03 \x01(\x0e\x32\x18.framecast.v1.DropReason\"\x14\n\x12ListStreamsRequest\"Q\n\x13ListStreamsResponse\x12)\n\x07streams\x18\x01 \x03(\x0b\x32\x18.framecast.v1.StreamInfo\x12\x0f\n\x07omitted\x18\x02 \x01(\r\"\x91\x02\n\nStreamInfo\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\x04 \x01(\x04\x12\x17\n\x0f\x66rames_in_per_s\x18\x05 \x01(\x02\x12\x18\n\x10\x66rames_out_per_s\x18\x06 \x01(\x02\x12\x16\n\x0ep99_latency_ms\x18\x07 \x01(\x02\x12\x12\n\np99_age_ms\x18\x08 \x01(\x02\x12\x11\n\tframes_in\x18\t \x01(\x04\x12\x12\n\nframes_out\x18\n \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x0b \x01(\x04\x12\x12\n\nmax_age_ms\x18\x0c \x01(\r\x12\x15\n\rrate_hint_fps\x18\r \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\xcd\x01\n\rPreprocessing\x12\x14\n\x0cinput_height\x18\x01 \x01(\r\x12\x13\n\x0binput_width\x18\x02 \x01(\r\x12\x31\n\rresize_policy\x18\x03 \x01(\x0e\x32\x1a.framecast.v1.ResizePolicy\x12\x13\n\x0bresize_size\x18\x04 \x01(\r\x12\x32\n\rinterpolation\x18\x05 \x01(\x0e\x32\x1b.framecast.v1.Interpolation\x12\x15\n\rnormalization\x18\x06 \x01(\t\"\xe9\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x32\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1b.framecast.v1.Preprocessing\x12\x12\n\npretrained\x18\x07 \x01(\x08\x12\x16\n\x0eweights_source\x18\x08 \x01(\t\x12\x0f\n\x07warning\x18\t \x01(\t\x12\x0e\n\x06labels\x18\n \x03(\t\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x04\x12\x18\n\x10preprocessing_id\x18\x0c \x01(\t\x12.\n\tencodings\x18\r \x03(\x0e\x32\x1b.framecast.v1.ImageEncoding\x12 \n\x18max_calls_per_connection\x18\x0e \x01(\r*X\n\rImageEncoding\x12\x16\n\x12IMAGE_ENCODING_RAW\x10\x00\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*o\n\nDropReason\x12\x1b\n\x17\x44ROP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1e\x44ROP_REASON_STALE_AT_ADMISSION\x10\x01\x12 \n\x1c\x44ROP_REASON_STALE_AT_COMPUTE\x10\x02*y\n\x0cResizePolicy\x12\x1d\n\x19RESIZE_POLICY_UNSPECIFIED\x10\x00\x12/\n+RESIZE_POLICY_SHORTER_SIDE_THEN_CENTER_CROP\x10\x01\x12\x19\n\x15RESIZE_POLICY_STRETCH\x10\x02*\x80\x01\n\rInterpolation\x12\x1d\n\x19INTERPOLATION_UNSPECIFIED\x10\x00\x12\x19\n\x15INTERPOLATION_NEAREST\x10\x01\x12\x1a\n\x16INTERPOLATION_BILINEAR\x10\x02\x12\x19\n\x15INTERPOLATION_BICUBIC\x10\x03\x32\xf4\x01\n\nClassifier\x12J\n\x0cGetModelInfo\x12!.framecast.v1.GetModelInfoRequest\x1a\x17.framecast.v1.ModelInfo\x12I\n\x08\x43lassify\x12\x1d.framecast.v1.ClassifyRequest\x1a\x1e.framecast.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.framecast.v1.StreamRequest\x1a\x1c.framecast.v1.StreamResponse(\x01\x30\x01\x32[\n\x05\x41\x64min\x12R\n\x0bListStreams\x12 .framecast.v1.ListStreamsRequest\x1a!.framecast.v1.ListStreamsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'framecast.v1.classifier_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_IMAGEENCODING']._serialized_start=1507
-  _globals['_IMAGEENCODING']._serialized_end=1595
-  _globals['_RESIZEPOLICY']._serialized_start=1597
-  _globals['_RESIZEPOLICY']._serialized_end=1718
-  _globals['_INTERPOLATION']._serialized_start=1721
-  _globals['_INTERPOLATION']._serialized_end=1849
+  _globals['_IMAGEENCODING']._serialized_start=2148
+  _globals['_IMAGEENCODING']._serialized_end=2236
+  _globals['_DROPREASON']._serialized_start=2238
+  _globals['_DROPREASON']._serialized_end=2349
+  _globals['_RESIZEPOLICY']._serialized_start=2351
+  _globals['_RESIZEPOLICY']._serialized_end=2472
+  _globals['_INTERPOLATION']._serialized_start=2475
+  _globals['_INTERPOLATION']._serialized_end=2603
   _globals['_IMAGE']._serialized_start=47
   _globals['_IMAGE']._serialized_end=164
   _globals['_CLASSIFYREQUEST']._serialized_start=166
@@ -40,18 +42,30 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_PREDICTION']._serialized_end=517
   _globals['_SERVERTIMING']._serialized_start=519
   _globals['_SERVERTIMING']._serialized_end=591
-  _globals['_STREAMREQUEST']._serialized_start=593
-  _globals['_STREAMREQUEST']._serialized_end=718
-  _globals['_STREAMRESPONSE']._serialized_start=721
-  _globals['_STREAMRESPONSE']._serialized_end=865
-  _globals['_FRAMEERROR']._serialized_start=867
-  _globals['_FRAMEERROR']._serialized_end=910
-  _globals['_GETMODELINFOREQUEST']._serialized_start=912
-  _globals['_GETMODELINFOREQUEST']._serialized_end=933
-  _globals['_PREPROCESSING']._serialized_start=936
-  _globals['_PREPROCESSING']._serialized_end=1141
-  _globals['_MODELINFO']._serialized_start=1144
-  _globals['_MODELINFO']._serialized_end=1505
-  _globals['_CLASSIFIER']._serialized_start=1852
-  _globals['_CLASSIFIER']._serialized_end=2096
+  _globals['_STREAMREQUEST']._serialized_start=594
+  _globals['_STREAMREQUEST']._serialized_end=743
+  _globals['_STREAMRESPONSE']._serialized_start=746
+  _globals['_STREAMRESPONSE']._serialized_end=965
+  _globals['_FRAMEAGE']._serialized_start=967
+  _globals['_FRAMEAGE']._serialized_end=1025
+  _globals['_FLOWHINT']._serialized_start=1027
+  _globals['_FLOWHINT']._serialized_end=1078
+  _globals['_FRAMEERROR']._serialized_start=1080
+  _globals['_FRAMEERROR']._serialized_end=1170
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=1172
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=1192
+  _globals['_LISTSTREAMSRESPONSE']._serialized_start=1194
+  _globals['_LISTSTREAMSRESPONSE']._serialized_end=1275
+  _globals['_STREAMINFO']._serialized_start=1278
+  _globals['_STREAMINFO']._serialized_end=1551
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1553
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1574
+  _globals['_PREPROCESSING']._serialized_start=1577
+  _globals['_PREPROCESSING']._serialized_end=1782
+  _globals['_MODELINFO']._serialized_start=1785
+  _globals['_MODELINFO']._serialized_end=2146
+  _globals['_CLASSIFIER']._serialized_start=2606
+  _globals['_CLASSIFIER']._serialized_end=2850
+  _globals['_ADMIN']._serialized_start=2852
+  _globals['_ADMIN']._serialized_end=2943
 # @@protoc_insertion_point(module_scope)

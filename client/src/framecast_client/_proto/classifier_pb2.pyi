@@ -51,6 +51,28 @@ IMAGE_ENCODING_PNG: ImageEncoding.ValueType  # 2
 """A PNG of the prepared image (lossless)."""
 Global___ImageEncoding: _TypeAlias = ImageEncoding  # noqa: Y015
 
+class _DropReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DropReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DropReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DROP_REASON_UNSPECIFIED: _DropReason.ValueType  # 0
+    DROP_REASON_STALE_AT_ADMISSION: _DropReason.ValueType  # 1
+    """Older than the stream's max age when it arrived."""
+    DROP_REASON_STALE_AT_COMPUTE: _DropReason.ValueType  # 2
+    """Grew older than the stream's max age while it waited in the queue."""
+
+class DropReason(_DropReason, metaclass=_DropReasonEnumTypeWrapper):
+    """Why a frame was dropped unanswered."""
+
+DROP_REASON_UNSPECIFIED: DropReason.ValueType  # 0
+DROP_REASON_STALE_AT_ADMISSION: DropReason.ValueType  # 1
+"""Older than the stream's max age when it arrived."""
+DROP_REASON_STALE_AT_COMPUTE: DropReason.ValueType  # 2
+"""Grew older than the stream's max age while it waited in the queue."""
+Global___DropReason: _TypeAlias = DropReason  # noqa: Y015
+
 class _ResizePolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -267,11 +289,17 @@ class StreamRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     PREPROCESSING_ID_FIELD_NUMBER: _builtins.int
+    CAPTURE_AGE_US_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.int
     """Chosen by the client; echoed on the result."""
     top_k: _builtins.int
     preprocessing_id: _builtins.str
     """As in ClassifyRequest; a mismatch fails this frame (FAILED_PRECONDITION), not the stream."""
+    capture_age_us: _builtins.int
+    """Microseconds from the frame's capture to its sending, measured on the client's clock.
+    The server adds the time it held the frame, measured on its own clock, so a frame's age
+    never depends on the two clocks agreeing (the network transit is not counted).
+    """
     @_builtins.property
     def image(self) -> Global___Image: ...
     def __init__(
@@ -281,10 +309,11 @@ class StreamRequest(_message.Message):
         image: Global___Image | None = ...,
         top_k: _builtins.int | None = ...,
         preprocessing_id: _builtins.str = ...,
+        capture_age_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "image", b"image", "top_k", b"top_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "frame_id", b"frame_id", "image", b"image", "preprocessing_id", b"preprocessing_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_k", b"_top_k", "capture_age_us", b"capture_age_us", "frame_id", b"frame_id", "image", b"image", "preprocessing_id", b"preprocessing_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
@@ -299,6 +328,8 @@ class StreamResponse(_message.Message):
     FRAME_ID_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    AGE_FIELD_NUMBER: _builtins.int
+    HINT_FIELD_NUMBER: _builtins.int
     frame_id: _builtins.int
     @_builtins.property
     def classification(self) -> Global___Classification: ...
@@ -306,16 +337,26 @@ class StreamResponse(_message.Message):
     def error(self) -> Global___FrameError:
         """A frame that failed; the stream goes on."""
 
+    @_builtins.property
+    def age(self) -> Global___FrameAge:
+        """How old the frame was (capture_age_us plus the server's time), set on every answer."""
+
+    @_builtins.property
+    def hint(self) -> Global___FlowHint:
+        """What the server can serve this stream now; absent until it has an estimate."""
+
     def __init__(
         self,
         *,
         frame_id: _builtins.int = ...,
         classification: Global___Classification | None = ...,
         error: Global___FrameError | None = ...,
+        age: Global___FrameAge | None = ...,
+        hint: Global___FlowHint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "error", b"error", "outcome", b"outcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "classification", b"classification", "error", b"error", "hint", b"hint", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "error", b"error", "frame_id", b"frame_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age", b"age", "classification", b"classification", "error", b"error", "frame_id", b"frame_id", "hint", b"hint", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["classification", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -324,27 +365,192 @@ class StreamResponse(_message.Message):
 Global___StreamResponse: _TypeAlias = StreamResponse  # noqa: Y015
 
 @_typing.final
+class FrameAge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_ADMISSION_US_FIELD_NUMBER: _builtins.int
+    AT_COMPUTE_US_FIELD_NUMBER: _builtins.int
+    at_admission_us: _builtins.int
+    """When the server admitted the frame to its queue."""
+    at_compute_us: _builtins.int
+    """When its batch started computing (absent, 0, for a frame that never computed)."""
+    def __init__(
+        self,
+        *,
+        at_admission_us: _builtins.int = ...,
+        at_compute_us: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_admission_us", b"at_admission_us", "at_compute_us", b"at_compute_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameAge: _TypeAlias = FrameAge  # noqa: Y015
+
+@_typing.final
+class FlowHint(_message.Message):
+    """Backpressure a realtime client acts on: it skips frames at capture, before preparing and
+    sending them, rather than sending frames the server would answer too late or drop.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_FPS_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    rate_fps: _builtins.float
+    """Frames per second this stream gets now: the server's measured capacity shared equally
+    among its streams, less a margin so that queues drain.
+    """
+    max_in_flight: _builtins.int
+    """Frames this stream should have in flight at most: what rate_fps computes within half the
+    stream's max age (100 ms without one), at least 1.
+    """
+    def __init__(
+        self,
+        *,
+        rate_fps: _builtins.float = ...,
+        max_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "rate_fps", b"rate_fps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlowHint: _TypeAlias = FlowHint  # noqa: Y015
+
+@_typing.final
 class FrameError(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DROP_REASON_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code / grpc.StatusCode value, e.g. 3 for INVALID_ARGUMENT."""
     message: _builtins.str
+    drop_reason: Global___DropReason.ValueType
+    """Set when the frame was dropped for its age (code DEADLINE_EXCEEDED)."""
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        drop_reason: Global___DropReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "drop_reason", b"drop_reason", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FrameError: _TypeAlias = FrameError  # noqa: Y015
+
+@_typing.final
+class ListStreamsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStreamsRequest: _TypeAlias = ListStreamsRequest  # noqa: Y015
+
+@_typing.final
+class ListStreamsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAMS_FIELD_NUMBER: _builtins.int
+    OMITTED_FIELD_NUMBER: _builtins.int
+    omitted: _builtins.int
+    """Streams running but not listed (the listing is capped)."""
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamInfo]: ...
+    def __init__(
+        self,
+        *,
+        streams: _abc.Iterable[Global___StreamInfo] | None = ...,
+        omitted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["omitted", b"omitted", "streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStreamsResponse: _TypeAlias = ListStreamsResponse  # noqa: Y015
+
+@_typing.final
+class StreamInfo(_message.Message):
+    """One running stream, as the server sees it; rates and percentiles cover the last seconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FRAMES_IN_PER_S_FIELD_NUMBER: _builtins.int
+    FRAMES_OUT_PER_S_FIELD_NUMBER: _builtins.int
+    P99_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    P99_AGE_MS_FIELD_NUMBER: _builtins.int
+    FRAMES_IN_FIELD_NUMBER: _builtins.int
+    FRAMES_OUT_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    MAX_AGE_MS_FIELD_NUMBER: _builtins.int
+    RATE_HINT_FPS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Server-assigned, unique while the process runs."""
+    caller: _builtins.str
+    """Who sent it: the caller identity the server's fairness uses (cut to 64 characters)."""
+    name: _builtins.str
+    """The name the stream gave itself (framecast-stream-name), cut to 64 characters."""
+    started_unix_ms: _builtins.int
+    """When it started, Unix milliseconds."""
+    frames_in_per_s: _builtins.float
+    frames_out_per_s: _builtins.float
+    p99_latency_ms: _builtins.float
+    """From receiving a frame to answering it, on the server."""
+    p99_age_ms: _builtins.float
+    """Frame age at compute (see FrameAge)."""
+    frames_in: _builtins.int
+    frames_out: _builtins.int
+    dropped: _builtins.int
+    """Frames answered with an error or dropped for their age."""
+    max_age_ms: _builtins.int
+    """The stream's max age; 0: none."""
+    rate_hint_fps: _builtins.float
+    """The last FlowHint.rate_fps sent to it; 0: none yet."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        caller: _builtins.str = ...,
+        name: _builtins.str = ...,
+        started_unix_ms: _builtins.int = ...,
+        frames_in_per_s: _builtins.float = ...,
+        frames_out_per_s: _builtins.float = ...,
+        p99_latency_ms: _builtins.float = ...,
+        p99_age_ms: _builtins.float = ...,
+        frames_in: _builtins.int = ...,
+        frames_out: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        max_age_ms: _builtins.int = ...,
+        rate_hint_fps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "dropped", b"dropped", "frames_in", b"frames_in", "frames_in_per_s", b"frames_in_per_s", "frames_out", b"frames_out", "frames_out_per_s", b"frames_out_per_s", "id", b"id", "max_age_ms", b"max_age_ms", "name", b"name", "p99_age_ms", b"p99_age_ms", "p99_latency_ms", b"p99_latency_ms", "rate_hint_fps", b"rate_hint_fps", "started_unix_ms", b"started_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamInfo: _TypeAlias = StreamInfo  # noqa: Y015
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):

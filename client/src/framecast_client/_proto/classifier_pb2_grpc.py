@@ -51,6 +51,9 @@ class ClassifierServicer(object):
 
     def ClassifyStream(self, request_iterator, context):
         """Frames in, results out, each result tagged with its frame id, in the order the frames came.
+        Stream options travel as call metadata: "framecast-stream-name" names the stream in
+        ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
+        frames older than that before computing them (FrameError with a DropReason).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,5 +135,74 @@ class Classifier(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/framecast.v1.Classifier/ClassifyStream',
             framecast_dot_v1_dot_classifier__pb2.StreamRequest.SerializeToString,
             framecast_dot_v1_dot_classifier__pb2.StreamResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+
+class AdminStub(object):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListStreams = channel.unary_unary(
+                '/framecast.v1.Admin/ListStreams',
+                request_serializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.SerializeToString,
+                response_deserializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.FromString,
+                )
+
+
+class AdminServicer(object):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    def ListStreams(self, request, context):
+        """The streams this server runs now (`framecast top`); bounded in count and in the size of
+        every field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListStreams': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStreams,
+                    request_deserializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.FromString,
+                    response_serializer=framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'framecast.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin(object):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    @staticmethod
+    def ListStreams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/framecast.v1.Admin/ListStreams',
+            framecast_dot_v1_dot_classifier__pb2.ListStreamsRequest.SerializeToString,
+            framecast_dot_v1_dot_classifier__pb2.ListStreamsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

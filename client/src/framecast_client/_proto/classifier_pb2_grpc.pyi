@@ -42,7 +42,11 @@ class ClassifierStub:
     Classify: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]
     """Classify one or more images; results come back in request order."""
     ClassifyStream: _grpc.StreamStreamMultiCallable[_classifier_pb2.StreamRequest, _classifier_pb2.StreamResponse]
-    """Frames in, results out, each result tagged with its frame id, in the order the frames came."""
+    """Frames in, results out, each result tagged with its frame id, in the order the frames came.
+    Stream options travel as call metadata: "framecast-stream-name" names the stream in
+    ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
+    frames older than that before computing them (FrameError with a DropReason).
+    """
 
 @_typing.type_check_only
 class ClassifierAsyncStub(ClassifierStub):
@@ -52,7 +56,11 @@ class ClassifierAsyncStub(ClassifierStub):
     Classify: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ClassifyRequest, _classifier_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Classify one or more images; results come back in request order."""
     ClassifyStream: _aio.StreamStreamMultiCallable[_classifier_pb2.StreamRequest, _classifier_pb2.StreamResponse]  # type: ignore[assignment]
-    """Frames in, results out, each result tagged with its frame id, in the order the frames came."""
+    """Frames in, results out, each result tagged with its frame id, in the order the frames came.
+    Stream options travel as call metadata: "framecast-stream-name" names the stream in
+    ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
+    frames older than that before computing them (FrameError with a DropReason).
+    """
 
 class ClassifierServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -77,6 +85,53 @@ class ClassifierServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_classifier_pb2.StreamRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_classifier_pb2.StreamResponse], _abc.AsyncIterator[_classifier_pb2.StreamResponse]]:
-        """Frames in, results out, each result tagged with its frame id, in the order the frames came."""
+        """Frames in, results out, each result tagged with its frame id, in the order the frames came.
+        Stream options travel as call metadata: "framecast-stream-name" names the stream in
+        ListStreams (cut to 64 characters; never a metrics label), "framecast-max-age-ms" drops
+        frames older than that before computing them (FrameError with a DropReason).
+        """
 
 def add_ClassifierServicer_to_server(servicer: ClassifierServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminStub:
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    ListStreams: _grpc.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]
+    """The streams this server runs now (`framecast top`); bounded in count and in the size of
+    every field.
+    """
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListStreams: _aio.UnaryUnaryMultiCallable[_classifier_pb2.ListStreamsRequest, _classifier_pb2.ListStreamsResponse]  # type: ignore[assignment]
+    """The streams this server runs now (`framecast top`); bounded in count and in the size of
+    every field.
+    """
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """What operators ask a server, on the same port and behind the same TLS and tokens as the
+    Classifier.
+    """
+
+    @_abc_1.abstractmethod
+    def ListStreams(
+        self,
+        request: _classifier_pb2.ListStreamsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classifier_pb2.ListStreamsResponse, _abc.Awaitable[_classifier_pb2.ListStreamsResponse]]:
+        """The streams this server runs now (`framecast top`); bounded in count and in the size of
+        every field.
+        """
+
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,6 +24,12 @@ STREAM_MODES: tuple[StreamMode, ...] = ("realtime", "lossless")
 # trip for throughput.
 DEFAULT_MAX_IN_FLIGHT: dict[StreamMode, int] = {"realtime": 3, "lossless": 8}
 
+# Stream options, sent as the call's metadata (see ClassifyStream in classifier.proto).
+STREAM_NAME_KEY = "framecast-stream-name"
+STREAM_NAME_LIMIT = 64
+MAX_AGE_KEY = "framecast-max-age-ms"
+MAX_AGE_LIMIT_S = 3600.0
+
 # Keepalive pings of a stream's channel, seconds. gRPC's guidance is not below 10 s; the server
 # accepts pings that often (it allows one per 5 s without data, see framecast_server.app).
 DEFAULT_KEEPALIVE_S = 10.0
@@ -104,6 +110,7 @@ class StreamConfig:
     reconnect: bool
     backoff: Backoff
     encoding: Encoding = RAW  # how frames travel (Client(wire=..., quality=...))
+    follow_hints: bool = True  # realtime: skip frames at capture as the server's hint says
 
 
 def make_stream_config(
@@ -124,6 +131,9 @@ def make_stream_config(
     keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
     encoding: Encoding = RAW,
     target: str | None = None,
+    name: str | None = None,
+    max_age: float | None = None,
+    follow_hints: bool = True,
 ) -> StreamConfig:
     """Validate the arguments of ``stream()`` and bundle them; raises ValueError."""
     if mode not in STREAM_MODES:
@@ -137,6 +147,18 @@ def make_stream_config(
         raise ValueError(f"top_k must be between 1 and {num_classes}, got {top_k!r}")
     if keepalive_s is not None and not keepalive_s > 0:
         raise ValueError(f"keepalive_s must be positive or None, got {keepalive_s!r}")
+    if max_age is not None and not 0.001 <= max_age <= MAX_AGE_LIMIT_S:
+        raise ValueError(
+            f"max_age must be from 0.001 to {MAX_AGE_LIMIT_S:.0f} seconds or None, got {max_age!r}"
+        )
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {name!r}")
+    metadata = tuple(metadata)
+    if name:
+        # Cut here as the server would: a long name costs bytes on every call for nothing.
+        metadata += ((STREAM_NAME_KEY, name[:STREAM_NAME_LIMIT]),)
+    if max_age is not None:
+        metadata += ((MAX_AGE_KEY, str(round(max_age * 1000))),)
     backoff = backoff or Backoff()
     # The channel reconnects on its own schedule, which by default starts at 1 s and grows to
     # 120 s: a stream retrying faster would only meet a channel still waiting. Align the
@@ -169,7 +191,7 @@ def make_stream_config(
         address=address,
         target=address if target is None else target,
         credentials=credentials,
-        metadata=tuple(metadata),
+        metadata=metadata,
         channel_options=options,
         spec=spec,
         preprocessing_id=preprocessing_id,
@@ -180,4 +202,5 @@ def make_stream_config(
         reconnect=reconnect,
         backoff=backoff,
         encoding=encoding,
+        follow_hints=follow_hints,
     )

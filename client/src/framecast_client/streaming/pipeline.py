@@ -35,6 +35,10 @@ _OUTPUT_SLACK = 8
 # thread behind (it is a daemon thread, and exits as soon as the source returns).
 _SOURCE_JOIN_TIMEOUT_S = 2.0
 _CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+_DROP_REASONS: dict[int, str] = {
+    pb.DROP_REASON_STALE_AT_ADMISSION: "stale_at_admission",
+    pb.DROP_REASON_STALE_AT_COMPUTE: "stale_at_compute",
+}
 
 
 class Signal:
@@ -132,6 +136,14 @@ class StreamCore:
         self._in_flight = 0
         self._max_in_flight = 0
         self._threads: list[threading.Thread] = []
+        # Backpressure (realtime, follow_hints): the server's last rate hint, and the earliest
+        # capture time at which the next frame is taken at that rate.
+        self._pace = self._realtime and config.follow_hints
+        self._rate_hint = 0.0
+        self._window = config.max_in_flight  # lowered to the hint's max_in_flight
+        self._next_take = 0.0
+        self._skipped = 0
+        self._bytes_sent = 0
 
     # -- plumbing
 
@@ -210,6 +222,13 @@ class StreamCore:
                     if self.is_stopping():
                         break
                     self._read += 1
+                    if self._pace and self._skip_locked(captured):
+                        # Skipped at capture: never prepared nor sent.
+                        self._skipped += 1
+                        self._dropped += 1
+                        self._changed_locked()
+                        index += 1
+                        continue
                     if len(self._raw) >= self._buffer_capacity:
                         self._raw.popleft()  # realtime: the latest frame wins
                         self._dropped += 1
@@ -231,6 +250,23 @@ class StreamCore:
             with self.lock:
                 self._source_done = True
                 self._changed_locked()
+
+    def _skip_locked(self, captured: float) -> bool:
+        """Whether a frame captured now exceeds the server's rate hint (realtime pacing).
+
+        Frames are taken at most one per 1 / rate seconds, with one interval of slack so that
+        a camera whose frame times do not divide the interval still gets the full rate.
+        """
+        rate = self._rate_hint
+        if rate <= 0:
+            return False
+        if captured < self._next_take:
+            return True
+        interval = 1.0 / rate
+        self._next_take = max(self._next_take + interval, captured - interval + 1e-9)
+        if self._next_take <= captured:
+            self._next_take = captured + interval
+        return False
 
     # -- preprocess thread
 
@@ -341,11 +377,12 @@ class StreamCore:
                 continue
             slot.sent = True
             self._resent += 1
+            self._stamp_locked(slot.item)
             self._count_in_flight_locked()
             return slot.item.request
         while (
             self._ready
-            and len(self._outstanding) < self.config.max_in_flight
+            and len(self._outstanding) < self._window
             and len(self._output) < self._output_capacity
         ):
             item = self._ready.popleft()
@@ -358,11 +395,18 @@ class StreamCore:
                 continue
             self._outstanding[item.frame_id] = _Outstanding(item, sent=True)
             self._sent += 1
+            self._stamp_locked(item)
             self._count_in_flight_locked()
             return item.request
         if self._source_done and self._preprocess_done and not self._raw and not self._ready:
             return END
         return WAIT
+
+    def _stamp_locked(self, item: _Ready) -> None:
+        """Set the frame's capture-to-send time (its age so far, on this clock) as it leaves."""
+        assert item.request is not None
+        item.request.capture_age_us = max(0, int((time.monotonic() - item.captured) * 1e6))
+        self._bytes_sent += item.request.ByteSize()
 
     def _count_in_flight_locked(self) -> None:
         self._in_flight += 1
@@ -390,14 +434,23 @@ class StreamCore:
             outcome = wire.classification_from_proto(response.classification)
         else:
             code = _CODE_BY_VALUE.get(response.error.code, grpc.StatusCode.UNKNOWN)
-            outcome = FrameError(code, response.error.message, "server")
+            reason = _DROP_REASONS.get(response.error.drop_reason, "")
+            outcome = FrameError(code, response.error.message, "server", reason)
+        if response.HasField("hint"):
+            self._rate_hint = response.hint.rate_fps
+            if self._pace:
+                hinted = max(1, response.hint.max_in_flight)
+                self._window = min(self.config.max_in_flight, hinted)
+        age_us = response.age.at_compute_us if response.HasField("age") else 0
         self._in_flight -= 1
-        self._complete_locked(response.frame_id, outcome)
+        self._complete_locked(response.frame_id, outcome, age_us / 1000 if age_us else None)
 
-    def _complete_locked(self, frame_id: int, outcome: Classification | FrameError) -> None:
+    def _complete_locked(
+        self, frame_id: int, outcome: Classification | FrameError, age_ms: float | None = None
+    ) -> None:
         slot = self._outstanding[frame_id]
         latency_ms = (time.monotonic() - slot.item.captured) * 1000.0
-        slot.result = StreamResult(frame_id, slot.item.index, outcome, latency_ms)
+        slot.result = StreamResult(frame_id, slot.item.index, outcome, latency_ms, age_ms)
         self._received += 1
         if isinstance(outcome, FrameError):
             self._errors += 1
@@ -418,6 +471,9 @@ class StreamCore:
     def on_break_locked(self) -> int:
         """The current call failed: give up its frames (realtime) or queue them again."""
         self.generation += 1
+        # The server (perhaps another one) states the hint afresh.
+        self._rate_hint = 0.0
+        self._window = self.config.max_in_flight
         if not self._broken:
             self._broken = True
             self._disconnects += 1
@@ -493,4 +549,7 @@ class StreamCore:
                 max_in_flight=self._max_in_flight,
                 latency_ms=self._latencies.summary(),
                 recent_latency_ms=self._latencies.recent_summary(),
+                skipped=self._skipped,
+                bytes_sent=self._bytes_sent,
+                rate_hint_fps=self._rate_hint,
             )

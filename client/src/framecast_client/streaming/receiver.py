@@ -16,6 +16,7 @@ from .. import wire
 from .._proto import classifier_pb2 as pb
 from .._rpc import from_status
 from ..errors import RpcError, UnavailableError
+from ..wire_format import WireFormatError
 from .config import StreamConfig
 from .pipeline import StreamCore
 
@@ -37,6 +38,16 @@ _RESET_MARKERS = (
 _ENDED_EARLY = (grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
 # How long GetModelInfo may take before a reconnect attempt counts as failed.
 MODEL_INFO_TIMEOUT_S = 5.0
+
+
+# How gRPC ends a call still open on a connection the server closes at its maximum age (the
+# server's --max-connection-age, after its grace): a healthy server rotating connections so
+# that clients re-resolve and spread, not an outage.
+_MAX_AGE_MARKER = "max connection age"
+
+
+def _connection_aged(code: grpc.StatusCode, details: str) -> bool:
+    return code is grpc.StatusCode.UNAVAILABLE and _MAX_AGE_MARKER in details.lower()
 
 
 def _retriable(code: grpc.StatusCode, details: str) -> bool:
@@ -72,6 +83,13 @@ class _Reconnector:
     def recovered(self) -> None:
         self._attempt = 0
         self._outage_since = None
+
+    def connection_aged(self) -> float:
+        """The server ended the connection at its maximum age: try again at once (counted as
+        a disconnect and, once answered, a reconnect; a failure after it backs off as usual)."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+        return 0.0
 
     def next_delay(self, code: grpc.StatusCode, details: str) -> float | RpcError:
         """Seconds to wait before the next attempt, or the error that ends the session."""
@@ -149,6 +167,18 @@ class Receiver:
         code, details = _ENDED_EARLY if error is None else rpc_status(error)
         if core.is_stopping():
             return None
+        if self._config.reconnect and _connection_aged(code, details):
+            # Reconnect at once (the new connection may reach another replica), quietly.
+            with core.lock:
+                lost = core.on_break_locked()
+            logger.info(
+                "the stream to %s reached the server's maximum connection age; reconnecting "
+                "(%d frame(s) in flight %s)",
+                self._config.address,
+                lost,
+                "resent" if self._config.mode == "lossless" else "dropped",
+            )
+            return self._reconnector.connection_aged()
         delay = self._reconnector.next_delay(code, details)
         if isinstance(delay, RpcError):
             core.fail(delay)
@@ -168,7 +198,7 @@ class Receiver:
         """
         try:
             spec = wire.preprocessing_from_proto(info.preprocessing)
-        except wire.WireFormatError as exc:
+        except WireFormatError as exc:
             logger.error("the stream to %s cannot go on: %s", self._config.address, exc)
             self._core.fail(exc)
             return False

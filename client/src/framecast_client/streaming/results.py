@@ -37,6 +37,9 @@ class FrameError:
     code: grpc.StatusCode
     message: str
     origin: Literal["client", "server"]
+    # Set when the server dropped the frame for its age (the stream's max_age):
+    # "stale_at_admission" or "stale_at_compute"; empty otherwise.
+    drop_reason: str = ""
 
     def exception(self) -> FramecastError:
         """The exception the blocking API would raise for this failure."""
@@ -57,12 +60,16 @@ class StreamResult:
         outcome: The classification, or the per-frame error.
         latency_ms: Client-side latency: from the moment the frame was read from the source
             to the moment its result arrived (preprocessing and queueing included).
+        age_ms: The frame's age when the server started computing it, as the server states
+            it (the client's capture-to-send time plus the server's own time); None when the
+            server did not compute it or states no age.
     """
 
     frame_id: int
     index: int
     outcome: Classification | FrameError
     latency_ms: float
+    age_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,6 +124,11 @@ class StreamStats:
         max_in_flight: The most frames ever in flight at once.
         latency_ms: Latency of every classified frame of the session.
         recent_latency_ms: Latency of the last classified frames (up to 256).
+        skipped: Frames skipped at capture (realtime, ``follow_hints``): read from the
+            source but neither prepared nor sent, since the server's rate hint said they
+            would not be served in time. Also counted in ``dropped``.
+        bytes_sent: Bytes of the frames sent (their encoded messages).
+        rate_hint_fps: The server's last rate hint for this stream; 0 before any.
     """
 
     mode: StreamMode
@@ -133,6 +145,9 @@ class StreamStats:
     max_in_flight: int
     latency_ms: LatencySummary
     recent_latency_ms: LatencySummary
+    skipped: int = 0
+    bytes_sent: int = 0
+    rate_hint_fps: float = 0.0
 
 
 class Latencies:

@@ -196,6 +196,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.frame_ages = Histogram(
+            "framecast_frame_age_seconds",
+            "Age of each stream frame (client capture-to-send plus server time) when it was "
+            "admitted and when its batch started computing",
+            ["at"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.stream_drops = Counter(
+            "framecast_stream_frames_dropped",
+            "Stream frames dropped unanswered before compute, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "framecast_batch_size",
             "Images per batch run by the backend",
@@ -231,6 +245,8 @@ class Metrics:
         self._observe_queue = self.queue_duration.observe
         self._observe_compute = self.compute_duration.observe
         self._observe_batch = self.batch_size.observe
+        self._observe_age_admission = self.frame_ages.labels("admission").observe
+        self._observe_age_compute = self.frame_ages.labels("compute").observe
 
     def serving(
         self, stats: Callable[[], BatcherStats], model: PreparedModel, backend: BackendInfo
@@ -276,6 +292,16 @@ class Metrics:
             self.invalid_frames += n
             if self.shared is not None:
                 self.shared.failures.labels("invalid").inc(n)
+
+    def frame_age(self, at_admission_us: int, at_compute_us: int | None) -> None:
+        """A stream frame's ages at admission and at compute (None: it never computed)."""
+        self._observe_age_admission(at_admission_us / 1e6)
+        if at_compute_us is not None:
+            self._observe_age_compute(at_compute_us / 1e6)
+
+    def frames_dropped(self, reason: str, n: int) -> None:
+        """``n`` stream frames dropped for ``reason`` (a fixed, small set)."""
+        self.stream_drops.labels(reason).inc(n)
 
     # Told by the interceptors.
 

@@ -59,7 +59,9 @@ class MetricsInterceptor(_ServerInterceptor):
             return handler  # type: ignore[return-value]
         method: str = handler_call_details.method
         metrics = self._metrics
-        streaming = handler.request_streaming or handler.response_streaming
+        # Unary calls that wait for admission unread are registered request-streaming
+        # (admission.py); to a client, and here, they are unary calls.
+        streaming = handler.response_streaming
         started = time.perf_counter()
         active = metrics.active_streams.labels(method) if streaming else None
 

@@ -45,7 +45,7 @@ from framecast_server.model.resnet50 import (
     build_resnet50,
     wrap_external_onnx,
 )
-from framecast_server.model.weights import load_safetensors, random_weights
+from framecast_server.model.weights import check_header, load_safetensors, random_weights
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +340,33 @@ def _cached(onnx_path: Path, meta_path: Path, key: str) -> bool:
         return bool(json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key)
     except (OSError, ValueError):
         return False
+
+
+def check_source(source: ModelSource) -> None:
+    """Refuse, in one sentence, a user's file that is not what its flag says it is.
+
+    Reads the file but builds nothing (a weights file's header, an ONNX graph without its
+    external data), so the server can refuse before it starts listening; the build checks the
+    rest. Raises WeightsError for weights, ValueError for an ONNX model.
+    """
+    if source.kind == "weights":
+        assert source.path is not None  # checked by ModelSource
+        check_header(source.path)
+    elif source.kind == "onnx":
+        assert source.path is not None
+        try:
+            model = onnx.load(str(source.path), load_external_data=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # protobuf's DecodeError for a file that is not ONNX
+            raise ValueError(
+                f"cannot read {source.path} as an ONNX model: it is not an .onnx file ({exc})"
+            ) from exc
+        if not model.graph.node:
+            raise ValueError(
+                f"cannot read {source.path} as an ONNX model: it holds no graph (is it an "
+                ".onnx file?)"
+            )
 
 
 def prepare_model(

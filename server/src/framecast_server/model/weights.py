@@ -231,25 +231,16 @@ def random_weights(seed: int, preset: Preset | None = None) -> WeightDict:
     return weights
 
 
-def validate(tensors: Mapping[str, NDArray[np.generic]], source: str) -> WeightDict:
-    """Check names and shapes against :func:`expected_shapes`; return float32 copies.
-
-    Raises WeightsError listing every missing, unexpected and mismatched tensor at once, so a
-    user fixing a checkpoint sees the whole problem, not the first symptom.
-    """
+def _layout_problems(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and mismatched tensors, against :func:`expected_shapes`."""
     expected = expected_shapes()
-    names = {n for n in tensors if not n.endswith(".num_batches_tracked")}
+    names = {n for n in shapes if not n.endswith(".num_batches_tracked")}
     missing = sorted(expected.keys() - names)
     unexpected = sorted(names - expected.keys())
     mismatched = sorted(
-        f"{n}: expected {expected[n]}, got {tuple(tensors[n].shape)}"
+        f"{n}: expected {expected[n]}, got {shapes[n]}"
         for n in names & expected.keys()
-        if tuple(tensors[n].shape) != expected[n]
-    )
-    non_float = sorted(
-        f"{n}: dtype {tensors[n].dtype}"
-        for n in names & expected.keys()
-        if not np.issubdtype(tensors[n].dtype, np.floating)
+        if shapes[n] != expected[n]
     )
     problems = []
     if missing:
@@ -258,12 +249,32 @@ def validate(tensors: Mapping[str, NDArray[np.generic]], source: str) -> WeightD
         problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
     if mismatched:
         problems.append(f"mismatched shapes {len(mismatched)}: {'; '.join(mismatched)}")
+    return problems
+
+
+def _layout_error(source: str, problems: list[str]) -> WeightsError:
+    return WeightsError(
+        f"{source} does not hold torchvision-layout ResNet-50 weights: " + " | ".join(problems)
+    )
+
+
+def validate(tensors: Mapping[str, NDArray[np.generic]], source: str) -> WeightDict:
+    """Check names and shapes against :func:`expected_shapes`; return float32 copies.
+
+    Raises WeightsError listing every missing, unexpected and mismatched tensor at once, so a
+    user fixing a checkpoint sees the whole problem, not the first symptom.
+    """
+    expected = expected_shapes()
+    problems = _layout_problems({n: tuple(t.shape) for n, t in tensors.items()})
+    non_float = sorted(
+        f"{n}: dtype {tensors[n].dtype}"
+        for n in tensors.keys() & expected.keys()
+        if not np.issubdtype(tensors[n].dtype, np.floating)
+    )
     if non_float:
         problems.append(f"not floating point {len(non_float)}: {'; '.join(non_float)}")
     if problems:
-        raise WeightsError(
-            f"{source} does not hold torchvision-layout ResNet-50 weights: " + " | ".join(problems)
-        )
+        raise _layout_error(source, problems)
     out: WeightDict = {}
     for name in expected:
         arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
@@ -290,3 +301,27 @@ def load_safetensors(path: Path | str) -> WeightDict:
         # bfloat16 tensors and truncated or non-safetensors files all end up here.
         raise WeightsError(f"cannot read {path} as safetensors: {exc}") from exc
     return validate(tensors, str(path))
+
+
+def check_header(path: Path | str) -> None:
+    """Check a weights file's names and shapes from its header alone, reading no tensor.
+
+    Cheap, so the server refuses a wrong file in one sentence before it starts listening;
+    :func:`load_safetensors` still checks the values when the model is built.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        # safe_open reads the header only; it has keys() but is not iterable.
+        with safe_open(str(path), framework="numpy") as weights:
+            shapes = {n: tuple(weights.get_slice(n).get_shape()) for n in weights.keys()}  # noqa: SIM118
+    except FileNotFoundError as exc:
+        raise WeightsError(f"weights file not found: {path}") from exc
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise WeightsError(
+            f"cannot read {path} as safetensors: it is not a .safetensors weights file ({exc})"
+        ) from exc
+    problems = _layout_problems(shapes)
+    if problems:
+        raise _layout_error(str(path), problems)

@@ -5,8 +5,8 @@ queue and the memory budget and serves callers in a fair order; the call gate dr
 shutdown; the prepared model knows its labels and preprocessing.
 
 Handlers take the request as raw bytes: Classify reads a request of raw images straight from
-them (``wire.read_classify_request``, no parsed copy of each frame) and writes its response's
-bytes itself; everything else is parsed with ``wire.decode``, so bytes that are
+them (``requests.read_classify_request``, no parsed copy of each frame); everything else is
+parsed with ``requests.decode``, so bytes that are
 not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
 UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
 (see ``errors.set_status``), so a failed call leaves no reference cycle behind.
@@ -21,19 +21,22 @@ from typing import Any
 
 import grpc
 import numpy as np
-from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client.preprocess import PreprocessSpec
+from framecast_client.wire_format import WireFormatError
 from numpy.typing import NDArray
 
-from ..batcher import ItemResult
+from ..admission import Admission
+from ..batcher import DeadlineExpiredError, ItemResult
 from ..drain import CallGate
 from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
+from .codecs import requests, results
+from .decoding import read_request
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
+from .stream_registry import NAME_LIMIT, StreamEntry, StreamRegistry
 from .streaming import Outcome, Prepared, Status, admitted
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
@@ -41,10 +44,71 @@ DEFAULT_TOP_K = 5
 # Method names as gRPC (and the metrics' method label) spell them.
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
 CLASSIFY_STREAM = f"/{SERVICE_NAME}/ClassifyStream"
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+# Stream options, as call metadata (see ClassifyStream in classifier.proto).
+STREAM_NAME_KEY = "framecast-stream-name"
+MAX_AGE_KEY = "framecast-max-age-ms"
+MAX_AGE_LIMIT_MS = 3_600_000
+# DropReason values by the name metrics count them under.
+DROP_REASONS = {
+    pb.DROP_REASON_STALE_AT_ADMISSION: "stale_at_admission",
+    pb.DROP_REASON_STALE_AT_COMPUTE: "stale_at_compute",
+}
 
-# A parsed stream frame: (frame_id, top_k, its image [1, H, W, 3], a compressed image still to
-# decode, or the status refusing it).
-_ParsedFrame = tuple[int, int, "NDArray[np.uint8] | pb.Image | Status"]
+# A parsed stream frame: (frame_id, top_k, capture_age_us, its image [1, H, W, 3], a compressed
+# image still to decode, or the status refusing it).
+_ParsedFrame = tuple[int, int, int, "NDArray[np.uint8] | pb.Image | Status"]
+
+
+class _Frame:
+    """What a stream frame's answer needs: its id, top-k and the times that make its age.
+
+    A frame's age is the client's capture-to-send time (its field capture_age_us, measured on
+    the client's clock) plus the server's receive-to-now time (on the server's clock): two
+    durations, so the clocks never need to agree. The network transit is not counted; on the
+    LAN links cameras use it is well under a millisecond, and estimating it from round trips
+    would need a ping per stream for little gain.
+    """
+
+    __slots__ = ("admitted_ns", "age_bound", "capture_age_us", "frame_id", "k", "received_ns")
+
+    def __init__(self, frame_id: int, k: int, capture_age_us: int, received_ns: int) -> None:
+        self.frame_id = frame_id
+        self.k = k
+        self.capture_age_us = capture_age_us
+        self.received_ns = received_ns
+        self.admitted_ns = 0  # 0: not admitted (refused, or dropped on arrival)
+        # True when the frame's deadline is its max age rather than the call's deadline.
+        self.age_bound = False
+
+    def age_us(self, at_ns: int) -> int:
+        return self.capture_age_us + max(0, at_ns - self.received_ns) // 1000
+
+
+def _printable(text: str) -> str:
+    """``text`` cut to NAME_LIMIT characters, control characters replaced (it reaches terminals)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:NAME_LIMIT])
+
+
+def _stream_options(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, int]:
+    """The stream's name and max age (ms, 0: none) from its metadata; raises WireFormatError."""
+    name, max_age_ms = "", 0
+    for key, value in context.invocation_metadata() or ():
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        if key == STREAM_NAME_KEY:
+            name = _printable(text)
+        elif key == MAX_AGE_KEY:
+            try:
+                max_age_ms = int(text)
+            except ValueError:
+                max_age_ms = -1
+            if not 0 <= max_age_ms <= MAX_AGE_LIMIT_MS:
+                raise WireFormatError(
+                    f"{MAX_AGE_KEY} must be an integer from 0 to {MAX_AGE_LIMIT_MS}, got {text!r}"
+                )
+    return name, max_age_ms
+
+
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -62,39 +126,54 @@ class ClassifierServicer:
         max_message_bytes: int,
         max_calls_per_connection: int,
         gate: CallGate,
+        admission: Admission,
         recorder: Recorder = NULL_RECORDER,
     ) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
         self._preprocessing_id = ""
-        self._encoder = wire.ClassificationEncoder(())
         self._max_message_bytes = max_message_bytes
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
         self._gate = gate
+        self._admission = admission
         self._answered = recorder.frames_answered
+        self._recorder = recorder
+        self.streams = StreamRegistry()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        """Register the three methods, each taking its request as raw bytes."""
+        """Register the Classifier's methods and the Admin's, each taking raw bytes."""
         handlers = {
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
             ),
-            # Classify writes its response's bytes itself (wire.ClassificationEncoder).
-            "Classify": grpc.unary_unary_rpc_method_handler(self.Classify),
+            # A unary call on the wire, registered as request-streaming so that the handler
+            # runs before the request is read: it waits for admission first (admission.py).
+            "Classify": grpc.stream_unary_rpc_method_handler(
+                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
+            ),
             "ClassifyStream": grpc.stream_stream_rpc_method_handler(
                 self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
             ),
         }
+        # The Admin service lists this servicer's streams; the interceptors guard it alike.
+        admin = {
+            "ListStreams": grpc.unary_unary_rpc_method_handler(
+                self.ListStreams, response_serializer=pb.ListStreamsResponse.SerializeToString
+            ),
+        }
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+            (
+                grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
+                grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, admin),
+            )
         )
 
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
         self._preprocessing_id = self._model_info.preprocessing_id
-        self._encoder = wire.ClassificationEncoder(serving.model.labels)
+        self.streams.set_concurrency(serving.backend.max_concurrent_batches)
         self._serving = serving
 
     def _require_serving(self) -> ServingModel:
@@ -105,14 +184,7 @@ class ClassifierServicer:
     def _describe(self, serving: ServingModel) -> pb.ModelInfo:
         # Built once per model: it does not change while the model is served.
         model, preset, backend = serving.model, serving.model.preset, serving.backend.info
-        spec = PreprocessSpec(
-            input_height=preset.input_size,
-            input_width=preset.input_size,
-            resize_policy=preset.resize_policy,
-            resize_size=preset.resize_size,
-            interpolation=preset.interpolation,
-        )
-        preprocessing = wire.preprocessing_to_proto(spec, normalization=preset.normalization)
+        preprocessing = results.preprocessing_to_proto(preset)
         return pb.ModelInfo(
             name=model.name,
             version=model.version,
@@ -120,14 +192,14 @@ class ClassifierServicer:
             precision=backend.precision,
             max_batch=serving.batcher.settings.max_batch,
             preprocessing=preprocessing,
-            preprocessing_id=wire.preprocessing_id(preprocessing),
+            preprocessing_id=results.preprocessing_id(preprocessing),
             pretrained=model.pretrained,
             weights_source=model.weights_source,
             warning=model.warning,
             labels=model.labels,
             max_message_bytes=self._max_message_bytes,
             max_calls_per_connection=self._max_calls_per_connection,
-            encodings=wire.encodings_to_proto(wire.SERVER_ENCODINGS),
+            encodings=results.encodings_to_proto(requests.SERVER_ENCODINGS),
         )
 
     async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo | None:
@@ -137,7 +209,7 @@ class ClassifierServicer:
             set_status(context, exc)
             return None
         try:
-            wire.decode(pb.GetModelInfoRequest, raw)
+            requests.decode(pb.GetModelInfoRequest, raw)
             if self._model_info is None:
                 raise ModelNotReadyError
             return self._model_info
@@ -147,25 +219,35 @@ class ClassifierServicer:
         finally:
             self._gate.leave()
 
-    async def Classify(self, raw: bytes, context: _Context) -> bytes | None:
+    async def Classify(
+        self, request_iterator: AsyncIterator[bytes], context: _Context
+    ) -> pb.ClassifyResponse | None:
         try:
             self._gate.enter()
         except Exception as exc:
             set_status(context, exc)
             return None
         frames = 1  # until the request is read: a refused request counts as one image
+        admission = self._admission
+        caller = caller_of(context)
+        admitted = False
         try:
             serving = self._require_serving()
+            # Unread until admitted: what waits is the call's HTTP/2 window, not its images.
+            await admission.enter(caller)
+            admitted = True
+            raw = await read_request(context)
             parsed = self._parse_classify(raw, serving)
             if parsed is None:
                 parsed = await self._parse_classify_message(raw, serving)
             batch, k = parsed
+            del raw  # the batch is a view of it where it could be; nothing else needs it
             frames = len(batch)
             # The batcher's future itself, awaited here: no coroutine or task per request.
             items = await serving.batcher.submit_nowait(
-                batch, deadline=_deadline(context), caller=caller_of(context)
+                batch, deadline=_deadline(context), caller=caller
             )
-            response = self._respond(items, k)
+            response = self._respond(items, k, serving)
             self._answered(CLASSIFY, "OK", len(items))
             return response
         except Exception as exc:
@@ -173,17 +255,19 @@ class ClassifierServicer:
             self._answered(CLASSIFY, code.name, frames)
             return None
         finally:
+            if admitted:
+                admission.leave()
             self._gate.leave()
 
     def _parse_classify(
         self, raw: bytes, serving: ServingModel
     ) -> tuple[NDArray[np.uint8], int] | None:
         """A request of raw images, read from its bytes (no parsed copy); None for others."""
-        request = wire.read_classify_request(raw)
+        request = requests.read_classify_request(raw)
         if request is None:
             return None
         k = self._top_k(request.top_k, serving)
-        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
         size = serving.model.preset.input_size
         batch = request.batch(height=size, width=size, max_batch=serving.batcher.settings.max_batch)
         return batch, k
@@ -196,9 +280,9 @@ class ClassifierServicer:
         # parsed message (a copy of every image) is freed on return rather than kept alive
         # while the images wait in the queue. Compressed images are decoded on the decoder's
         # threads, off the event loop.
-        request = wire.decode(pb.ClassifyRequest, raw)
+        request = requests.decode(pb.ClassifyRequest, raw)
         k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
-        wire.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
+        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
         size = serving.model.preset.input_size
         batch = await self._decoder.batch(
             request.images,
@@ -208,22 +292,15 @@ class ClassifierServicer:
         )
         return batch, k
 
-    def _respond(self, items: list[ItemResult], k: int) -> bytes:
-        """The ClassifyResponse's bytes, written directly (no message objects per result)."""
-        encode = self._encoder.classification
-        results = []
+    def _respond(
+        self, items: list[ItemResult], k: int, serving: ServingModel
+    ) -> pb.ClassifyResponse:
+        """The ClassifyResponse, its results filled in place as a stream's are."""
+        response = pb.ClassifyResponse()
+        add, fill = response.results.add, self._fill_result
         for item in items:
-            indices, probabilities = top_k(item.probabilities, k)
-            results.append(
-                encode(
-                    indices,
-                    probabilities,
-                    queue_us=item.queue_us,
-                    compute_us=item.compute_us,
-                    batch_size=item.batch_size,
-                )
-            )
-        return self._encoder.response(results)
+            fill(add(), item, k, serving)
+        return response
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
@@ -236,39 +313,90 @@ class ClassifierServicer:
         try:
             try:
                 serving = self._require_serving()
-            except ModelNotReadyError as exc:
+                name, max_age_ms = _stream_options(context)
+            except Exception as exc:
                 set_status(context, exc)
                 return
             parse = self._frame_parser(serving)
             decode_frame = self._frame_decoder(serving)
             deadline = _deadline(context)
+            caller = caller_of(context)
+            stream = self.streams.open(_printable(str(caller)), name, max_age_ms)
+            max_age_us = max_age_ms * 1000
 
-            async def prepare(raw: bytes) -> Prepared[tuple[int, int]]:
-                frame_id, k, outcome = parse(raw)
+            async def prepare(raw: bytes) -> Prepared[_Frame]:
+                received = time.monotonic_ns()
+                stream.received()
+                frame_id, k, capture_age_us, outcome = parse(raw)
                 if isinstance(outcome, pb.Image):
                     # Compressed: decoded on the decoder's threads, off the loop.
                     outcome = await decode_frame(outcome)
-                return (frame_id, k), outcome, deadline
+                frame = _Frame(frame_id, k, capture_age_us, received)
+                frame_deadline = deadline
+                if max_age_us and isinstance(outcome, np.ndarray):
+                    now = time.monotonic_ns()
+                    # The frame's age reaches max_age at this deadline: the batcher drops it
+                    # then if it has not started computing (or on admission, if already past).
+                    age_deadline = now / 1e9 + (max_age_us - frame.age_us(now)) / 1e6
+                    if frame_deadline is None or age_deadline < frame_deadline:
+                        frame_deadline = age_deadline
+                        frame.age_bound = True
+                return frame, outcome, frame_deadline
+
+            def on_admit(frame: _Frame) -> None:
+                frame.admitted_ns = time.monotonic_ns()
 
             frames = admitted(
                 request_iterator,
                 prepare,
                 batcher=serving.batcher,
-                caller=caller_of(context),
+                caller=caller,
                 gate=self._gate,
                 context=context,
+                on_admit=on_admit,
             )
-            async with contextlib.aclosing(frames):
-                async for entry in frames:
-                    yield await self._frame_response(entry, serving)
+            try:
+                async with contextlib.aclosing(frames):
+                    async for entry in frames:
+                        yield await self._frame_response(entry, serving, stream)
+            finally:
+                self.streams.close(stream)
         finally:
             self._gate.leave()
+
+    async def ListStreams(self, raw: bytes, context: _Context) -> pb.ListStreamsResponse | None:
+        """The open streams (ClassifyStream), oldest first; see StreamInfo in classifier.proto."""
+        try:
+            requests.decode(pb.ListStreamsRequest, raw)
+        except Exception as exc:
+            set_status(context, exc)
+            return None
+        streams, omitted = self.streams.listing()
+        response = pb.ListStreamsResponse(omitted=omitted)
+        for entry in streams:
+            rate_in, rate_out = entry.rates()
+            response.streams.add(
+                id=entry.id,
+                caller=entry.caller,
+                name=entry.name,
+                started_unix_ms=entry.started_unix_ms,
+                frames_in_per_s=rate_in,
+                frames_out_per_s=rate_out,
+                p99_latency_ms=entry.p99_latency_ms(),
+                p99_age_ms=entry.p99_age_ms(),
+                frames_in=entry.frames_in,
+                frames_out=entry.frames_out,
+                dropped=entry.dropped,
+                max_age_ms=entry.max_age_ms,
+                rate_hint_fps=entry.rate_hint_fps,
+            )
+        return response
 
     def _frame_parser(self, serving: ServingModel) -> Callable[[bytes], _ParsedFrame]:
         """The per-frame parsing step of one stream, with the stream's constants bound once."""
         size = serving.model.preset.input_size
-        decode, image_from_proto = wire.decode, wire.image_from_proto
-        check_preprocessing = wire.check_preprocessing
+        decode, image_from_proto = requests.decode, requests.image_from_proto
+        check_preprocessing = requests.check_preprocessing
         served = self._preprocessing_id
         request_type = pb.StreamRequest
 
@@ -276,16 +404,17 @@ class ClassifierServicer:
             try:
                 frame = decode(request_type, raw)
             except Exception as exc:
-                return 0, 0, status_for(exc)  # no frame id can be read: 0
+                return 0, 0, 0, status_for(exc)  # no frame id can be read: 0
+            age = frame.capture_age_us
             try:
                 k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
-                if wire.is_encoded(frame.image):
-                    return frame.frame_id, k, frame.image
+                if requests.is_encoded(frame.image):
+                    return frame.frame_id, k, age, frame.image
                 image = image_from_proto(frame.image, height=size, width=size)
-                return frame.frame_id, k, image[None]
+                return frame.frame_id, k, age, image[None]
             except Exception as exc:
-                return frame.frame_id, 0, status_for(exc)
+                return frame.frame_id, 0, age, status_for(exc)
 
         return parse
 
@@ -305,30 +434,84 @@ class ClassifierServicer:
         return decode_frame
 
     async def _frame_response(
-        self, entry: tuple[tuple[int, int], Outcome], serving: ServingModel
+        self, entry: tuple[_Frame, Outcome], serving: ServingModel, stream: StreamEntry
     ) -> pb.StreamResponse:
-        (frame_id, k), outcome = entry
+        frame, outcome = entry
         if isinstance(outcome, tuple):
-            return self._frame_error(frame_id, outcome)
+            if frame.age_bound and outcome[0] is grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Its max age passed before it could be admitted (on arrival, or while the
+                # stream waited for room in the queue).
+                return self._stale(frame, stream, pb.DROP_REASON_STALE_AT_ADMISSION)
+            return self._frame_error(frame, stream, outcome)
         try:
             (item,) = await outcome
+        except DeadlineExpiredError as exc:
+            if frame.age_bound:
+                return self._stale(frame, stream, pb.DROP_REASON_STALE_AT_COMPUTE)
+            return self._frame_error(frame, stream, status_for(exc))
         except Exception as exc:
-            return self._frame_error(frame_id, status_for(exc))
-        response = pb.StreamResponse(frame_id=frame_id)
-        self._fill_result(response.classification, item, k, serving)
+            return self._frame_error(frame, stream, status_for(exc))
+        response = pb.StreamResponse(frame_id=frame.frame_id)
+        self._fill_result(response.classification, item, frame.k, serving)
+        at_admission = frame.age_us(frame.admitted_ns)
+        at_compute = at_admission + item.queue_us
+        response.age.at_admission_us = at_admission
+        response.age.at_compute_us = at_compute
+        self._recorder.frame_age(at_admission, at_compute)
+        self.streams.capacity.computed(item.compute_us, item.batch_size)
+        self._hint(response, stream)
+        stream.answered((time.monotonic_ns() - frame.received_ns) / 1e6, at_compute / 1000, ok=True)
         self._answered(CLASSIFY_STREAM, "OK", 1)
         return response
 
-    def _frame_error(self, frame_id: int, status: Status) -> pb.StreamResponse:
+    def _stale(
+        self, frame: _Frame, stream: StreamEntry, reason: pb.DropReason.ValueType
+    ) -> pb.StreamResponse:
+        now = time.monotonic_ns()
+        age_us = frame.age_us(now)
+        where = "on arrival" if reason == pb.DROP_REASON_STALE_AT_ADMISSION else "while queued"
+        message = (
+            f"dropped {where}: the frame was {age_us / 1000:.0f} ms old, over the stream's "
+            f"max age of {stream.max_age_ms} ms"
+        )
+        self._recorder.frames_dropped(DROP_REASONS[reason], 1)
+        response = self._frame_error(
+            frame, stream, (grpc.StatusCode.DEADLINE_EXCEEDED, message), reason
+        )
+        response.age.at_admission_us = (
+            age_us if frame.admitted_ns == 0 else frame.age_us(frame.admitted_ns)
+        )
+        self._recorder.frame_age(response.age.at_admission_us, None)
+        return response
+
+    def _frame_error(
+        self,
+        frame: _Frame,
+        stream: StreamEntry,
+        status: Status,
+        reason: pb.DropReason.ValueType = pb.DROP_REASON_UNSPECIFIED,
+    ) -> pb.StreamResponse:
         code, message = status
         self._answered(CLASSIFY_STREAM, code.name, 1)
-        return pb.StreamResponse(
-            frame_id=frame_id, error=pb.FrameError(code=code.value[0], message=message)
+        response = pb.StreamResponse(
+            frame_id=frame.frame_id,
+            error=pb.FrameError(code=code.value[0], message=message, drop_reason=reason),
         )
+        self._hint(response, stream)
+        stream.answered((time.monotonic_ns() - frame.received_ns) / 1e6, None, ok=False)
+        return response
+
+    def _hint(self, response: pb.StreamResponse, stream: StreamEntry) -> None:
+        """Tell the stream the rate it gets now (FlowHint), once the capacity is measured."""
+        rate, window = self.streams.hint(stream.max_age_ms)
+        if rate > 0:
+            response.hint.rate_fps = rate
+            response.hint.max_in_flight = window
+            stream.rate_hint_fps = rate
 
     @staticmethod
     def _top_k(value: int | None, serving: ServingModel) -> int:
-        return wire.top_k_from_proto(
+        return requests.top_k_from_proto(
             value, num_classes=len(serving.model.labels), default=DEFAULT_TOP_K
         )
 
@@ -337,7 +520,7 @@ class ClassifierServicer:
         message: pb.Classification, item: ItemResult, k: int, serving: ServingModel
     ) -> None:
         indices, probabilities = top_k(item.probabilities, k)
-        wire.fill_classification(
+        results.fill_classification(
             message,
             indices,
             probabilities,

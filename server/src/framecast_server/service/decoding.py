@@ -4,12 +4,12 @@ protocol servicer, its calls pass the call gate (counted for the drain, refused 
 
 gRPC parses a request before the handler runs; bytes that do not parse make it answer UNKNOWN
 and log a traceback, for every such message. Our own servicers take raw bytes and parse them
-with ``wire.decode``. Services from libraries are registered through :func:`guarded`, which
-hands them the same treatment: their handlers receive raw bytes, parse them with the service's
-own deserializer, and a failure ends the call with INVALID_ARGUMENT through the one error
-mapping (a short message, a rate-limited log line, no traceback). Given a gate, each call
-enters it first (UNAVAILABLE once draining) and leaves it when it ends; health stays ungated,
-so it answers throughout a drain.
+with ``codecs.requests.decode``. Services from libraries are registered through
+:func:`guarded`, which hands them the same treatment: their handlers receive raw bytes, parse
+them with the service's own deserializer, and a failure ends the call with INVALID_ARGUMENT
+through the one error mapping (a short message, a rate-limited log line, no traceback). Given
+a gate, each call enters it first (UNAVAILABLE once draining) and leaves it when it ends;
+health stays ungated, so it answers throughout a drain.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from framecast_client.wire import WireFormatError
+from framecast_client.wire_format import WireFormatError
 
+from ..admission import Admission
 from ..drain import CallGate
+from .callers import caller_of
 from .errors import set_status
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -31,6 +33,14 @@ if TYPE_CHECKING:  # generic in grpc-stubs only
 else:
     _Handler = grpc.RpcMethodHandler
     _Generic = grpc.GenericRpcHandler
+
+
+async def read_request(context: _Context) -> Any:
+    """The one request of a unary call registered as request-streaming (to admit it unread)."""
+    request = await context.read()
+    if request is grpc.aio.EOF:  # type: ignore[attr-defined]  # absent from grpc-stubs
+        raise WireFormatError("the call ended without a request")
+    return request
 
 
 def _malformed(method: str, raw: bytes) -> WireFormatError:
@@ -49,10 +59,42 @@ def _entered(gate: CallGate | None, context: _Context) -> bool:
     return True
 
 
-def _guard_handler(method: str, handler: _Handler, gate: CallGate | None) -> _Handler:
+def _guard_handler(
+    method: str, handler: _Handler, gate: CallGate | None, admission: Admission | None
+) -> _Handler:
     deserialize: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
     serialize = handler.response_serializer
     leave = gate.leave if gate is not None else lambda: None
+    if handler.unary_unary is not None and admission is not None:
+        admitted_unary: Any = handler.unary_unary
+
+        async def admitted(requests: AsyncIterator[bytes], context: _Context) -> Any:
+            # Registered request-streaming: the call waits for admission before its request
+            # is read (admission.py).
+            if not _entered(gate, context):
+                return None
+            entered = False
+            try:
+                await admission.enter(caller_of(context))
+                entered = True
+                try:
+                    raw = await read_request(context)
+                except WireFormatError as exc:
+                    set_status(context, exc)
+                    return None
+                try:
+                    request = deserialize(raw)
+                except Exception:
+                    set_status(context, _malformed(method, raw))
+                    return None
+                del raw
+                return await admitted_unary(request, context)
+            finally:
+                if entered:
+                    admission.leave()
+                leave()
+
+        return grpc.stream_unary_rpc_method_handler(admitted, response_serializer=serialize)
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 
@@ -132,9 +174,10 @@ def _guard_handler(method: str, handler: _Handler, gate: CallGate | None) -> _Ha
 
 
 class _GuardedHandler(_Generic):
-    def __init__(self, inner: _Generic, gate: CallGate | None) -> None:
+    def __init__(self, inner: _Generic, gate: CallGate | None, admission: Admission | None) -> None:
         self._inner = inner
         self._gate = gate
+        self._admission = admission
         # Only the methods the inner handler serves are kept: a fixed, small set.
         self._cache: dict[str, _Handler] = {}
 
@@ -145,20 +188,25 @@ class _GuardedHandler(_Generic):
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None
-            guarded = self._cache[method] = _guard_handler(method, handler, self._gate)
+            guarded = self._cache[method] = _guard_handler(
+                method, handler, self._gate, self._admission
+            )
         return guarded
 
 
 class _GuardedServer:
     """What a library's ``add_..._to_server`` sees: registrations pass through, guarded."""
 
-    def __init__(self, server: grpc.aio.Server, gate: CallGate | None) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, gate: CallGate | None, admission: Admission | None
+    ) -> None:
         self._server = server
         self._gate = gate
+        self._admission = admission
 
     def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
         self._server.add_generic_rpc_handlers(
-            tuple(_GuardedHandler(h, self._gate) for h in handlers)
+            tuple(_GuardedHandler(h, self._gate, self._admission) for h in handlers)
         )
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, _Handler]) -> None:
@@ -166,10 +214,13 @@ class _GuardedServer:
         self.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
-def guarded(server: grpc.aio.Server, gate: CallGate | None = None) -> Any:
+def guarded(
+    server: grpc.aio.Server, gate: CallGate | None = None, admission: Admission | None = None
+) -> Any:
     """A stand-in for ``server`` to pass to a generated ``add_..._to_server`` function.
 
     With ``gate``, every call of the service passes it (a protocol servicer's calls); without,
-    calls only get their malformed requests handled (health, reflection).
+    calls only get their malformed requests handled (health, reflection). With ``admission``,
+    its unary calls also wait for admission before their request is read.
     """
-    return _GuardedServer(server, gate)
+    return _GuardedServer(server, gate, admission)

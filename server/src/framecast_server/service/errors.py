@@ -3,9 +3,10 @@
 Every servicer (ours, and any other protocol over the same core) turns a failure into a status
 here, and nowhere else. Two rules hold for every exception that passes through:
 
-* The message a client reads is short: client-supplied text is quoted by ``wire.quote``, and
-  the whole message is cut to :data:`MAX_MESSAGE_CHARS` (gRPC carries it in a header with a
-  size limit; an oversized one would turn the status into RESOURCE_EXHAUSTED).
+* The message a client reads is short: client-supplied text is quoted by
+  ``codecs.requests.quote``, and the whole message is cut to :data:`MAX_MESSAGE_CHARS` (gRPC
+  carries it in a header with a size limit; an oversized one would turn the status into
+  RESOURCE_EXHAUSTED).
 * The exception is *released*: its traceback (and those of its causes) is dropped once it is
   mapped. A traceback holds the frames it passed through, and their locals hold the request
   and often the exception itself: a reference cycle that keeps a 150 KB frame alive until a
@@ -22,11 +23,12 @@ import time
 from typing import Any
 
 import grpc
-from framecast_client.wire import PreprocessingMismatchError, WireFormatError
+from framecast_client.wire_format import WireFormatError
 
 from ..backends.base import BackendBrokenError, BackendError
 from ..batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 from ..drain import ShuttingDownError
+from .codecs.requests import PreprocessingMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Raw images are views of the received bytes and cost nothing: they are read on th
 JPEG and PNG images cost a decode each (a few hundred microseconds for 224x224), which on
 the event loop would stall every other call; they are decoded on a small thread pool
 (Pillow releases the GIL while it decodes), the same way the server runs model preparation
-and the backend off the loop. The wire format itself stays in ``framecast_client.wire``.
+and the backend off the loop. The reading itself is :mod:`.codecs.requests`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from numpy.typing import NDArray
+
+from .codecs import requests
 
 __all__ = ["ImageDecoder"]
 
@@ -52,8 +53,10 @@ class ImageDecoder:
         self, images: Sequence[pb.Image], *, height: int, width: int, max_batch: int
     ) -> NDArray[np.uint8]:
         """The images of a Classify request as one uint8 [N, H, W, 3] batch (validated)."""
-        if not any(wire.is_encoded(image) for image in images):
-            return wire.images_from_proto(images, height=height, width=width, max_batch=max_batch)
+        if not any(requests.is_encoded(image) for image in images):
+            return requests.images_from_proto(
+                images, height=height, width=width, max_batch=max_batch
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _images, images, height, width, max_batch)
 
@@ -66,8 +69,8 @@ class ImageDecoder:
 def _images(
     images: Sequence[pb.Image], height: int, width: int, max_batch: int
 ) -> NDArray[np.uint8]:
-    return wire.images_from_proto(images, height=height, width=width, max_batch=max_batch)
+    return requests.images_from_proto(images, height=height, width=width, max_batch=max_batch)
 
 
 def _image(image: pb.Image, height: int, width: int) -> NDArray[np.uint8]:
-    return wire.image_from_proto(image, height=height, width=width)
+    return requests.image_from_proto(image, height=height, width=width)

@@ -2,7 +2,7 @@
 
 ``inference.GRPCInferenceService`` on the same port as ``framecast.v1.Classifier``, through the
 same batcher and the same exception -> status mapping, so Triton's clients, perf_analyzer and
-KServe tooling talk to Framecast. Tensors are read and written by :mod:`framecast_client.oip`;
+KServe tooling talk to Framecast. Tensors are read and written by :mod:`.codecs.tensors`;
 this module maps requests to batcher calls and describes the model in the protocol's terms.
 
 The model is served as ``resnet50`` (the architecture, a stable name for tools and configs);
@@ -19,10 +19,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-from framecast_client import oip
-from framecast_client._proto import open_inference_pb2 as pb
-from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
-from framecast_client.wire import WireFormatError
+from framecast_client.wire_format import WireFormatError
+from framecast_oip._proto import open_inference_pb2 as pb
+from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from numpy.typing import NDArray
 
 from ..batcher import ItemResult
@@ -31,6 +30,7 @@ from ..recorder import NULL_RECORDER, Recorder
 from ..runtime import ServingModel
 from ..topk import top_k
 from .callers import caller_of
+from .codecs import tensors as oip
 from .errors import ModelNotFoundError, ModelNotReadyError, set_status, status_for
 from .streaming import Prepared, admitted
 

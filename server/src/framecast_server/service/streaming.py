@@ -54,8 +54,12 @@ async def admitted(
     caller: Caller,
     gate: CallGate,
     context: grpc.aio.ServicerContext[Any, Any],
+    on_admit: Callable[[Tag], None] | None = None,
 ) -> AsyncGenerator[tuple[Tag, Outcome], None]:
     """Each request's tag and outcome, in arrival order; see the module docstring.
+
+    ``on_admit(tag)`` is called as each request enters the batcher's queue (after any wait
+    for room), so a servicer can tell how long a request waited before admission.
 
     Iterate it inside ``contextlib.aclosing`` so that, when the call ends early, what it
     admitted is withdrawn at once. A drained stream ends with the call's status set.
@@ -77,6 +81,8 @@ async def admitted(
                         full = False
                         try:
                             entry = (tag, submit(images, deadline=deadline, caller=caller))
+                            if on_admit is not None:
+                                on_admit(tag)
                             break
                         except QueueFullError:
                             full = True

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
-
 from framecast_client.sources import IMAGE_SUFFIXES
+from numpy.typing import NDArray
 
 Preprocess = Callable[[Any], NDArray[np.uint8]]
 
@@ -75,12 +74,12 @@ def directory_sources(directory: Path, limit: int) -> Iterator[bytes]:
 
 
 def video_sources(path: Path, limit: int) -> Iterator[NDArray[np.uint8]]:
-    """Up to ``limit`` decoded RGB frames of a video (needs PyAV, the extra ``camera``)."""
+    """Up to ``limit`` decoded RGB frames of a video (needs PyAV, the extra ``video``)."""
     try:
         import av  # optional: only video input needs it
     except ImportError as exc:
         raise InputError(
-            "video input needs PyAV: pip install 'av>=12' "
+            "video input needs PyAV: pip install 'av>=12' (the bench's 'video' extra) "
             "(or benchmark with an image directory or synthetic frames)"
         ) from exc
     with av.open(str(path)) as container:

@@ -10,15 +10,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from framecast_client.histogram import LogHistogram
 
-from framecast_client.bench.report import (
+from framecast_bench.report import (
     SPLIT_COMPONENTS,
     StepResult,
     WindowResult,
     latency_summary,
     short_summary,
 )
-from framecast_client.histogram import LogHistogram
 
 
 @dataclass

@@ -10,33 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from framecast_client.bench.compare import compare_reports
-from framecast_client.bench.inputs import (
-    InputError,
-    PreparedInputs,
-    directory_sources,
-    make_payloads,
-    prepare_inputs,
-    synthetic_sources,
-    video_sources,
-)
-from framecast_client.bench.oip_sessions import DEFAULT_MODEL, OipTarget, oip_steps
-from framecast_client.bench.plot import (
-    PlotUnavailableError,
-    plot_latency_vs_throughput,
-    require_matplotlib,
-)
-from framecast_client.bench.report import BenchReport, StepResult, format_table
-from framecast_client.bench.runner import (
-    BenchPlan,
-    BenchUnavailableError,
-    ClosedStep,
-    Mode,
-    OpenStep,
-    StepConfig,
-    run_plan,
-)
-from framecast_client.bench.sessions import mode_steps, stream_supported
 from framecast_client.cli_args import (
     non_negative_float,
     non_negative_int,
@@ -48,6 +21,34 @@ from framecast_client.preprocess import preprocess
 from framecast_client.security_cli import add_security_arguments, client_security
 from framecast_client.sources import VIDEO_SUFFIXES
 from framecast_client.types import ModelInfo
+
+from framecast_bench.compare import compare_reports
+from framecast_bench.inputs import (
+    InputError,
+    PreparedInputs,
+    directory_sources,
+    make_payloads,
+    prepare_inputs,
+    synthetic_sources,
+    video_sources,
+)
+from framecast_bench.oip_sessions import DEFAULT_MODEL, OipTarget, oip_steps
+from framecast_bench.plot import (
+    PlotUnavailableError,
+    plot_latency_vs_throughput,
+    require_matplotlib,
+)
+from framecast_bench.report import BenchReport, StepResult, format_table
+from framecast_bench.runner import (
+    BenchPlan,
+    BenchUnavailableError,
+    ClosedStep,
+    Mode,
+    OpenStep,
+    StepConfig,
+    run_plan,
+)
+from framecast_bench.sessions import mode_steps
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16"
 DEFAULT_BATCH = 8
@@ -353,7 +354,8 @@ def _run(
     batch_size: int,
     steps: tuple[ClosedStep, OpenStep],
 ) -> BenchReport:
-    if info.warning:
+    if info.warning and args.protocol != "framecast":
+        # Framecast's own protocol reads the info through the SDK's client, which logged it.
         print(f"WARNING: {info.warning}", file=sys.stderr)
     precision = f" ({info.precision})" if info.precision else ""
     print(
@@ -410,12 +412,6 @@ def _bench(args: argparse.Namespace) -> int:
         ) as client:
             info = client.model_info()
             batch_size = _batch_size(args, info)
-            if mode == "stream" and not stream_supported(client):
-                # Before preprocessing the inputs: say so at once.
-                raise BenchUnavailableError(
-                    "stream mode needs Client.stream (the ClassifyStream API), which this "
-                    "framecast-client does not have yet; use --mode unary or --mode batch"
-                )
             inputs = _load_inputs(args, client.preprocess)
             payloads = make_payloads(inputs, batch_size)
             steps = mode_steps(client, mode, payloads, plan, top_k=args.top_k, timeout=args.timeout)

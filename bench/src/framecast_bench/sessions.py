@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
+from framecast_client.client import Client
+from framecast_client.types import Classification
 from numpy.typing import NDArray
 
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.runner import (
+from framecast_bench.inputs import Payload
+from framecast_bench.runner import (
     BenchPlan,
-    BenchUnavailableError,
     ClosedStep,
     Mode,
     OpenStep,
@@ -19,13 +19,11 @@ from framecast_client.bench.runner import (
     plan_steps,
     unary_steps,
 )
-from framecast_client.bench.stream_runner import (
+from framecast_bench.stream_runner import (
     client_stream_opener,
     run_stream_closed_step,
     run_stream_open_step,
 )
-from framecast_client.client import Client
-from framecast_client.types import Classification
 
 
 class ClassifySession:
@@ -48,11 +46,6 @@ class ClassifySession:
 
     def close(self) -> None:
         """Nothing to release: the client belongs to the caller."""
-
-
-def stream_supported(client: Any) -> bool:
-    """Whether this client version has the streaming API the stream mode needs."""
-    return callable(getattr(client, "stream", None))
 
 
 def _carrier(frame: NDArray[np.uint8], client: Client) -> NDArray[np.uint8] | None:
@@ -111,11 +104,6 @@ def mode_steps(
     if mode in ("unary", "batch"):
         factory: SessionFactory = lambda: ClassifySession(client, top_k=top_k, timeout=timeout)  # noqa: E731
         return unary_steps(factory, payloads, plan)
-    if not stream_supported(client):
-        raise BenchUnavailableError(
-            "stream mode needs Client.stream (the ClassifyStream API), which this "
-            "framecast-client does not have yet; use --mode unary or --mode batch"
-        )
     opener = client_stream_opener(client, top_k=top_k)
     payloads = stream_payloads(client, payloads)
     return plan_steps(run_stream_closed_step, run_stream_open_step, opener, payloads, plan)

@@ -21,13 +21,13 @@ from typing import Literal, Protocol, TypeVar
 
 import grpc
 import numpy as np
-
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.report import BenchReport, StepResult
-from framecast_client.bench.schedule import constant_schedule, poisson_schedule
-from framecast_client.bench.stats import Recorder, Window, is_stable, step_result
 from framecast_client.errors import RpcError
 from framecast_client.types import Classification
+
+from framecast_bench.inputs import Payload
+from framecast_bench.report import BenchReport, StepResult
+from framecast_bench.schedule import constant_schedule, poisson_schedule
+from framecast_bench.stats import Recorder, Window, is_stable, step_result
 
 Mode = Literal["unary", "batch", "stream"]
 Arrival = Literal["poisson", "constant"]

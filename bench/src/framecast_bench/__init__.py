@@ -7,9 +7,11 @@ a constant-memory log-bucketed histogram, and reports as a table, JSON, CSV and 
 
 from __future__ import annotations
 
-from framecast_client.bench.compare import compare_reports
-from framecast_client.bench.report import BenchReport, StepResult, WindowResult
-from framecast_client.bench.runner import (
+from framecast_client.histogram import LogHistogram
+
+from framecast_bench.compare import compare_reports
+from framecast_bench.report import BenchReport, StepResult, WindowResult
+from framecast_bench.runner import (
     BenchPlan,
     BenchUnavailableError,
     StepConfig,
@@ -17,8 +19,7 @@ from framecast_client.bench.runner import (
     run_open_step,
     run_plan,
 )
-from framecast_client.bench.schedule import constant_schedule, poisson_schedule
-from framecast_client.histogram import LogHistogram
+from framecast_bench.schedule import constant_schedule, poisson_schedule
 
 __all__ = [
     "BenchPlan",

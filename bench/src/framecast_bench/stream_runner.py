@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from framecast_client.types import Classification
 
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.report import StepResult
-from framecast_client.bench.runner import (
+from framecast_bench.inputs import Payload
+from framecast_bench.report import StepResult
+from framecast_bench.runner import (
     Arrival,
     BenchUnavailableError,
     Clock,
@@ -41,8 +42,7 @@ from framecast_client.bench.runner import (
     error_name,
     open_step_result,
 )
-from framecast_client.bench.stats import Window
-from framecast_client.types import Classification
+from framecast_bench.stats import Window
 
 #: Opens a session over ``frames`` with ``max_in_flight`` outstanding frames; the session is
 #: an iterable of results carrying ``index`` (position in ``frames``) and ``outcome`` (a

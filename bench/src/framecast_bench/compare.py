@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from framecast_client.bench.report import BenchReport, StepResult
+from framecast_bench.report import BenchReport, StepResult
 
 #: Step metrics compared, with whether a higher value is better.
 COMPARED: tuple[tuple[str, bool], ...] = (

@@ -17,13 +17,17 @@ from typing import Any
 
 import grpc
 import numpy as np
+from framecast_client.connections import OWN_CONNECTION_OPTION
+from framecast_client.preprocess import PreprocessSpec
+from framecast_client.types import Classification, ModelInfo
+from framecast_oip import INPUT_NAME, OUTPUT_NAME
+from framecast_oip._proto import open_inference_pb2 as pb
+from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from numpy.typing import NDArray
 
-from framecast_client import oip
-from framecast_client._proto import open_inference_pb2 as pb
-from framecast_client._proto import open_inference_pb2_grpc as pb_grpc
-from framecast_client.bench.inputs import Payload
-from framecast_client.bench.runner import (
+from framecast_bench import oip_codec as oip
+from framecast_bench.inputs import Payload
+from framecast_bench.runner import (
     BenchPlan,
     BenchUnavailableError,
     ClosedStep,
@@ -32,10 +36,7 @@ from framecast_client.bench.runner import (
     plan_steps,
     unary_steps,
 )
-from framecast_client.bench.stream_runner import run_stream_closed_step, run_stream_open_step
-from framecast_client.connections import OWN_CONNECTION_OPTION
-from framecast_client.preprocess import PreprocessSpec
-from framecast_client.types import Classification, ModelInfo
+from framecast_bench.stream_runner import run_stream_closed_step, run_stream_open_step
 
 DEFAULT_MODEL = "resnet50"  # the name Framecast serves its model under
 # As tritonclient does: the default 4 MiB receive limit is a few frames.
@@ -50,8 +51,8 @@ class OipTarget:
         self.model = model
         self.timeout = timeout
         self._channel, self.stub = self.connect()
-        self.input_name = oip.INPUT_NAME
-        self.output_name = oip.OUTPUT_NAME
+        self.input_name = INPUT_NAME
+        self.output_name = OUTPUT_NAME
 
     def __enter__(self) -> OipTarget:
         return self

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from framecast_client.bench.report import StepResult
+from framecast_bench.report import StepResult
 
 PLOTTED: tuple[str, ...] = ("p50", "p90", "p99", "p99.9")
 # One look per percentile: hollow markers of falling size, so that percentiles that coincide
@@ -26,14 +26,14 @@ class PlotUnavailableError(RuntimeError):
 
 def require_matplotlib() -> Any:
     """The matplotlib module; PlotUnavailableError, saying how to install it, when missing."""
-    # Imported here, not at module import: matplotlib is the optional extra ``plot`` and
+    # Imported here, not at module import: matplotlib is the bench's optional extra ``plot`` and
     # most runs never plot.
     try:
         import matplotlib
     except ImportError as exc:
         raise PlotUnavailableError(
-            "--plot needs matplotlib (the 'plot' extra of framecast-client): "
-            "pip install 'matplotlib>=3.8', or pip install './client[plot]' from a checkout"
+            "--plot needs matplotlib (the 'plot' extra of framecast-bench): "
+            "pip install 'matplotlib>=3.8', or pip install './bench[plot]' from a checkout"
         ) from exc
     return matplotlib
 
@@ -67,7 +67,7 @@ def plot_latency_vs_throughput(
 
 def draw_latency_vs_throughput(plt: Any, steps: Sequence[StepResult], title: str) -> Any:
     """The figure :func:`plot_latency_vs_throughput` saves (the caller closes it)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     xs = [s.throughput_ips for s in steps]
@@ -96,8 +96,10 @@ def draw_latency_vs_throughput(plt: Any, steps: Sequence[StepResult], title: str
             color="black" if s.stable else "red",
         )
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    ax.yaxis.set_major_formatter(plain)
+    # Matplotlib labels only powers of ten on a log axis: latencies within one decade (the
+    # usual case) got one labelled tick. Label enough values to read a point off the plot.
+    ax.yaxis.set_major_locator(FixedLocator(_log_ticks(*ax.get_ylim())))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     ax.set_xlabel("throughput (images/s)")
@@ -106,3 +108,30 @@ def draw_latency_vs_throughput(plt: Any, steps: Sequence[StepResult], title: str
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return fig
+
+
+def _log_ticks(low: float, high: float, wanted: int = 4) -> list[float]:
+    """At least ``wanted`` readable values between low and high for a log axis.
+
+    Tries 1-2-5 per decade, then every digit, then evenly spaced round values.
+    """
+    low, high = max(low, 1e-9), max(high, 1e-9)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for digits in ((1, 2, 5), tuple(range(1, 10))):
+        ticks = [
+            d * 10.0**e
+            for e in range(first, last + 1)
+            for d in digits
+            if low <= d * 10.0**e <= high
+        ]
+        if len(ticks) >= wanted:
+            return ticks
+    # A narrow range: round steps of 1, 2 or 5 x 10^k, as a linear axis would label it.
+    span = high - low
+    step = 10.0 ** math.floor(math.log10(span / wanted)) if span > 0 else 1.0
+    for factor in (1, 2, 5, 10):
+        if span / (step * factor) <= wanted + 2:
+            step *= factor
+            break
+    start = math.ceil(low / step) * step
+    return [round(start + i * step, 12) for i in range(int((high - start) / step) + 1)]

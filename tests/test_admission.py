@@ -1,0 +1,83 @@
+"""Admission of unary calls (admission.py): a server-wide number at once, callers in turn."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from framecast_server.admission import Admission
+from framecast_server.service.callers import peer_host
+
+
+async def _admit_all(admission: Admission, calls: list[tuple[str, int]]) -> list[int]:
+    """Start every call in order; each, once admitted, records its number and stays."""
+    order: list[int] = []
+
+    async def call(caller: str, number: int) -> None:
+        await admission.enter(caller)
+        order.append(number)
+
+    tasks = [asyncio.ensure_future(call(caller, n)) for caller, n in calls]
+    await asyncio.sleep(0)
+    while admission.waiting:
+        admission.leave()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_a_caller_alone_gets_every_place_and_waits_first_in_first_out() -> None:
+    admission = Admission(3)
+    order = await _admit_all(admission, [("a", n) for n in range(7)])
+    assert order == list(range(7))
+    assert admission.admitted == 3  # three places taken; four more were handed on
+
+
+async def test_freed_places_go_to_the_waiting_callers_in_turn() -> None:
+    admission = Admission(2)
+    calls = [("greedy", n) for n in range(10)] + [("polite", 100), ("other", 200)]
+    order = await _admit_all(admission, calls)
+    # Two admitted at once; then the greedy caller, the polite and the other take turns,
+    # so the polite caller's call is not behind the greedy caller's eight waiting ones.
+    assert order[:2] == [0, 1]
+    assert order[2:5] == [2, 100, 200]
+    assert order[5:] == list(range(3, 10))
+
+
+async def test_a_call_cancelled_while_waiting_takes_no_place() -> None:
+    admission = Admission(1)
+    await admission.enter("a")
+    waiting = asyncio.ensure_future(admission.enter("b"))
+    later = asyncio.ensure_future(admission.enter("c"))
+    await asyncio.sleep(0)
+    assert admission.waiting == 2
+    waiting.cancel()
+    await asyncio.sleep(0)
+    assert admission.waiting == 1
+    assert admission.waiting_for("b") == 0
+    admission.leave()
+    await later
+    assert admission.admitted == 1
+    admission.leave()
+    assert admission.admitted == 0
+    assert admission.waiting == 0
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Admission(0)
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:127.0.0.1:51234", "ipv4:127.0.0.1"),
+        ("ipv4:10.0.0.7:1", "ipv4:10.0.0.7"),
+        ("ipv6:[::1]:51234", "ipv6:[::1]"),
+        ("ipv6:%5B::1%5D:51234", "ipv6:%5B::1%5D"),
+        ("unix:/tmp/socket", "unix:/tmp/socket"),
+        ("unix-abstract:name", "unix-abstract:name"),
+    ],
+)
+def test_a_callers_host_is_its_peer_without_the_port(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
