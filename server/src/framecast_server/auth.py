@@ -213,13 +213,13 @@ class AuthInterceptor(_ServerInterceptor):
                 # UNAUTHENTICATED, every replica would look unhealthy to it and every call fail;
                 # UNIMPLEMENTED makes gRPC turn that client's health checking off instead. The
                 # health state itself stays behind the token (Check, and Watch with a bad token).
-                unimplemented: grpc.RpcMethodHandler[Any, Any] = rejecting(
+                unwatched: grpc.RpcMethodHandler[Any, Any] = rejecting(
                     handler,
                     grpc.StatusCode.UNIMPLEMENTED,
                     "health needs a token on this server (--auth-health): "
                     "client-side health checking is off for this connection",
                 )
-                return unimplemented
+                return unwatched
             if name is None:
                 reason = "missing" if not token else "invalid"
                 if self._on_failure is not None:
