@@ -64,7 +64,8 @@ def test_container_image_is_pinned_non_root_with_a_cache_volume() -> None:
     # Entrypoint and command as the CPU image has them: the Kubernetes GPU overlay replaces the
     # command (args) and keeps `framecast`.
     assert re.search(r'^ENTRYPOINT \["framecast"\]$', DOCKERFILE, flags=re.M)
-    cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE, flags=re.M)
+    # The command spans continuation lines ("\\" at a line's end): joined, as Docker reads it.
+    cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE.replace("\\\n", ""), flags=re.M)
     assert cmd is not None
     assert cmd.group(1).startswith('["serve"')
     assert '"--backend", "tensorrt"' in cmd.group(1)
