@@ -31,6 +31,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+ROOT = Path(__file__).resolve().parents[2]
+
 # The kubelet allows a startup probe period x threshold; a test has less patience.
 MAX_STARTUP_S = 240.0
 POLL_S = 0.2
@@ -49,9 +51,15 @@ def mount_volumes(mounts: list[dict[str, str]], scratch: Path) -> None:
     def hides_ours(mount: dict[str, str]) -> bool:
         return any(path.is_relative_to(mount["target"]) for path in ours)
 
+    # This checkout and its Python must stay visible under a volume mounted above them (a clone
+    # under /tmp, as CI's may be, under the pod's /tmp emptyDir): each is held open before the
+    # volume covers it and bound back at its own path inside the volume after.
+    keep = {Path(p).resolve() for p in (ROOT, sys.prefix, sys.base_prefix)}
+
     # A volume at /tmp would hide the test's directories there: it goes last.
     for mount in sorted(mounts, key=hides_ours):
         target = Path(mount["target"])
+        covered = {path: os.open(path, os.O_PATH) for path in keep if path.is_relative_to(target)}
         if not target.is_dir():
             existing = target
             while not existing.exists():
@@ -69,6 +77,10 @@ def mount_volumes(mounts: list[dict[str, str]], scratch: Path) -> None:
                 overlaid.add(existing)
             target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", mount["source"], str(target)], check=True)
+        for path, held in covered.items():
+            path.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", f"/proc/self/fd/{held}", str(path)], check=True)
+            os.close(held)
 
 
 def health(port: int, timeout: float) -> str:
