@@ -54,7 +54,8 @@ def mount_volumes(mounts: list[dict[str, str]], scratch: Path) -> None:
     # This checkout and its Python must stay visible under a volume mounted above them (a clone
     # under /tmp, as CI's may be, under the pod's /tmp emptyDir): each is held open before the
     # volume covers it and bound back at its own path inside the volume after.
-    keep = {Path(p).resolve() for p in (ROOT, sys.prefix, sys.base_prefix)}
+    wanted = {Path(p).resolve() for p in (ROOT, sys.prefix, sys.base_prefix)}
+    keep = {p for p in wanted if not any(p != q and p.is_relative_to(q) for q in wanted)}
 
     # A volume at /tmp would hide the test's directories there: it goes last.
     for mount in sorted(mounts, key=hides_ours):
@@ -79,7 +80,16 @@ def mount_volumes(mounts: list[dict[str, str]], scratch: Path) -> None:
         subprocess.run(["mount", "--bind", mount["source"], str(target)], check=True)
         for path, held in covered.items():
             path.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["mount", "--bind", f"/proc/self/fd/{held}", str(path)], check=True)
+            subprocess.run(
+                [
+                    "mount",
+                    "--no-canonicalize",
+                    "--bind",
+                    f"/proc/{os.getpid()}/fd/{held}",
+                    str(path),
+                ],
+                check=True,
+            )
             os.close(held)
 
 
