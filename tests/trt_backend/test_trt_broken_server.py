@@ -12,6 +12,7 @@ import grpc
 import pytest
 from framecast_client import Client, UnavailableError
 from framecast_server import app
+from framecast_server import settings as server_settings
 from framecast_server.backends.tensorrt import EngineSettings
 from framecast_server.backends.tensorrt.backend import TensorRTBackend
 from framecast_server.background import BackgroundServer
@@ -77,7 +78,7 @@ async def test_serve_exits_non_zero_when_the_backend_breaks(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(app, "create_backend", lambda name, path, **_: _backend(path))
+    monkeypatch.setattr(server_settings, "create_backend", lambda name, path, **_: _backend(path))
     port_file = tmp_path / "port"
     serving = asyncio.ensure_future(
         app.serve(make_settings(cache_dir, backend="tensorrt"), port_file=port_file)

@@ -27,7 +27,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .admission import Admission
 from .backends.base import Backend, BreakableBackend
-from .backends.factory import create_backend
 from .batcher import Batcher, BatcherSettings
 from .drain import CallGate
 from .memory import MemoryTrimmer
@@ -226,15 +225,7 @@ class FramecastServer:
         elif self._backend_factory is not None:
             backend = await asyncio.to_thread(self._backend_factory, prepared.onnx_path)
         else:
-            backend = await asyncio.to_thread(
-                create_backend,
-                settings.backend,
-                prepared.onnx_path,
-                max_batch=settings.max_batch,
-                threads=settings.threads,
-                cache_dir=settings.cache_dir,
-                engine=settings.engine_settings(),
-            )
+            backend = await asyncio.to_thread(settings.create_backend, prepared.onnx_path)
         if isinstance(backend, BreakableBackend):
             loop = asyncio.get_running_loop()
             backend.on_broken(lambda reason: loop.call_soon_threadsafe(self._backend_broke, reason))

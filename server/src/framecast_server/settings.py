@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.factory import BackendName
+from .backends.base import Backend
+from .backends.factory import BackendName, create_backend
 from .backends.tensorrt.settings import EngineSettings
 from .model import ModelSource
 
@@ -168,6 +169,17 @@ class ServerSettings:
     def engine_settings(self) -> EngineSettings:
         """The TensorRT engine's build settings (defaults for ``max_batch`` unless given)."""
         return EngineSettings(max_batch=self.max_batch) if self.engine is None else self.engine
+
+    def create_backend(self, onnx_path: Path) -> Backend:
+        """The backend these settings name, for the prepared model at ``onnx_path``."""
+        return create_backend(
+            self.backend,
+            onnx_path,
+            max_batch=self.max_batch,
+            threads=self.threads,
+            cache_dir=self.cache_dir,
+            engine=self.engine_settings(),
+        )
 
     @property
     def max_message_bytes(self) -> int:

@@ -249,7 +249,6 @@ async def _run_inference(
     report: Connection,
 ) -> int:
     """The inference process: load the backend, serve the front ends until SIGTERM."""
-    from .backends.factory import create_backend
     from .batcher import BatcherSettings
     from .model import prepare_model
     from .shared_inference import InferenceService
@@ -262,15 +261,7 @@ async def _run_inference(
     if factory is not None:
         backend = await asyncio.to_thread(factory, prepared.onnx_path)
     else:
-        backend = await asyncio.to_thread(
-            create_backend,
-            settings.backend,
-            prepared.onnx_path,
-            max_batch=settings.max_batch,
-            threads=settings.threads,
-            cache_dir=settings.cache_dir,
-            engine=settings.engine_settings(),
-        )
+        backend = await asyncio.to_thread(settings.create_backend, prepared.onnx_path)
     recorder = None
     if settings.metrics_port is not None:
         # Batch sizes and times are known only here: this process writes them to the
