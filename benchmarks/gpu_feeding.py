@@ -59,8 +59,8 @@ WINDOW = 8
 def _serve_main(args: argparse.Namespace) -> int:
     """Child mode: run a Supervisor with the simulated (or null) backend until SIGTERM."""
     from framecast_server.backends.simulated import SimulatedBackendFactory
+    from framecast_server.process.workers import Supervisor
     from framecast_server.settings import ServerSettings
-    from framecast_server.workers import Supervisor
 
     settings = ServerSettings(
         port=0,

@@ -50,7 +50,7 @@ import numpy as np
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.wire_format import encode_varint
-from framecast_server.app import ALL_CALLS_ANSWERED
+from framecast_server.process.app import ALL_CALLS_ANSWERED
 from framecast_server.settings import ServerSettings
 from serve_process import rss_mb, start_server, wait_serving
 

@@ -56,7 +56,7 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
-from framecast_server.event_loop import run
+from framecast_server.process.event_loop import run
 from protocols import (
     CONNECTIONS,
     Side,

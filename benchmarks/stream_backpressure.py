@@ -70,7 +70,7 @@ class SlowNullBackend:
 
 def serve(port_file: Path, per_image_ms: float) -> None:
     """The server process: a slowed null backend on a free port until SIGTERM."""
-    from framecast_server.background import BackgroundServer
+    from framecast_server.process.background import BackgroundServer
     from framecast_server.settings import ServerSettings
 
     settings = ServerSettings(

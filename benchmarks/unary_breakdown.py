@@ -47,12 +47,12 @@ CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
     "parse": [
         ("framecast_server.service.classifier", "ClassifierServicer", "_parse_classify"),
     ],
-    "admit": [("framecast_server.batcher", "Batcher", "submit_nowait")],
+    "admit": [("framecast_server.core.batcher", "Batcher", "submit_nowait")],
     "dispatch": [
-        ("framecast_server.batcher", "Batcher", "_dispatch_soon_now"),
-        ("framecast_server.batcher", "Batcher", "_on_batch_done"),
+        ("framecast_server.core.batcher", "Batcher", "_dispatch_soon_now"),
+        ("framecast_server.core.batcher", "Batcher", "_on_batch_done"),
     ],
-    "compute": [("framecast_server.batcher", "Batcher", "_compute")],
+    "compute": [("framecast_server.core.batcher", "Batcher", "_compute")],
     "fill": [
         ("framecast_server.service.classifier", "ClassifierServicer", "_respond"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_fill_result"),

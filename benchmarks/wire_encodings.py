@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from framecast_client import Client, wire
 from framecast_client.preprocess import PreprocessSpec, preprocess
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from framecast_server.service.codecs import requests
 from framecast_server.settings import ServerSettings, default_cache_dir
 from numpy.typing import NDArray

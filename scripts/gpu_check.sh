@@ -110,7 +110,7 @@ venv_setup() {
         "pytest-timeout>=2.3" "pytools>=2011.2" "platformdirs>=2.2.0" mako setuptools wheel \
         "numpy>=1.24" "onnx>=1.16" "onnxruntime>=1.19" "grpcio>=1.66" pillow "pytest>=8.3" \
         || return 1
-    "$venv/bin/python" -c 'import framecast_server.backends.tensorrt, framecast_server.background, grpc_health, onnxconverter_common, prometheus_client, pytest_asyncio; print("framecast imports from", framecast_server.__file__)'
+    "$venv/bin/python" -c 'import framecast_server.backends.tensorrt, framecast_server.process.background, grpc_health, onnxconverter_common, prometheus_client, pytest_asyncio; print("framecast imports from", framecast_server.__file__)'
 }
 step venv venv_setup || finish 1
 py="$venv/bin/python"

@@ -25,7 +25,7 @@ BACKEND = Path("backends/tensorrt/backend.py")
 BUILDER = Path("backends/tensorrt/builder.py")
 CACHE = Path("backends/tensorrt/cache.py")
 CUDA = Path("backends/tensorrt/cuda.py")
-BATCHER = Path("batcher.py")
+BATCHER = Path("core/batcher.py")
 TESTS = ["tests/trt_backend"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from framecast_client import Client
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import make_settings, start_server  # noqa: F401  (a fixture, for every test)
 
 

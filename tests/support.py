@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from framecast_server.backends.base import Backend, BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from framecast_server.settings import ServerSettings
 from numpy.typing import NDArray
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from framecast_server.admission import Admission
+from framecast_server.core.admission import Admission
 from framecast_server.service.callers import peer_host
 
 

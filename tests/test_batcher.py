@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 import pytest
 from framecast_server.backends.base import Backend, BackendError, BackendInfo
-from framecast_server.batcher import (
+from framecast_server.core.batcher import (
     Batcher,
     BatcherClosedError,
     BatcherSettings,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from framecast_client.cli import main
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from PIL import Image
 from support import make_settings
 

@@ -15,7 +15,7 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from PIL import Image
 
 LIST_NAMES = "import importlib.metadata as m\nfor d in m.distributions(): print(d.metadata['Name'])"

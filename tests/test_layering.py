@@ -10,28 +10,34 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "client" / "src" / "framecast_client"
 SERVER = ROOT / "server" / "src" / "framecast_server"
 BENCH = ROOT / "bench" / "src" / "framecast_bench"
-# The server's core: model building, backends, batcher. Only service/, app and the CLI speak gRPC.
+# The server's core: model building, backends, batching, admission, the drain. Only service/,
+# security/, process/ and the CLI speak gRPC.
 CORE = [
     SERVER / "model",
     SERVER / "backends",
-    SERVER / "batcher.py",
-    SERVER / "topk.py",
-    SERVER / "runtime.py",
+    SERVER / "core",
     SERVER / "settings.py",
-    SERVER / "recorder.py",  # what the core tells the metrics
-    SERVER / "caller.py",  # who is calling, as the auth layer established it
 ]
+# The server's folders, from the bottom up: a folder imports only folders to its left.
+# Interceptors (security/, metrics/) stand in front of the servicers, so they sit above service/.
+LAYERS = ["model", "backends", "core", "service", "security", "metrics", "process"]
 
 
 def imports(path: Path) -> Iterator[tuple[Path, str]]:
+    """Every module each file imports, relative imports resolved to absolute names."""
     files = [path] if path.is_file() else sorted(path.rglob("*.py"))
     for file in files:
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     yield file, alias.name
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 yield file, node.module
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+                parts = file.relative_to(ROOT).parts
+                package = list(parts[parts.index("src") + 1 : -1])
+                base = package[: len(package) - node.level + 1]
+                yield file, ".".join(base + ([node.module] if node.module else []))
 
 
 def test_client_imports_nothing_of_the_server() -> None:
@@ -77,7 +83,11 @@ def test_the_sdk_carries_no_open_inference_protocol() -> None:
     assert not list(CLIENT.rglob("open_inference*"))
     assert list(OIP.rglob("open_inference_pb2*.py"))
     offenders = [(f, m) for f, m in imports(CLIENT) if m.split(".")[0] == "framecast_oip"]
-    offenders += [(f, m) for f, m in imports(OIP) if m.split(".")[0].startswith("framecast")]
+    offenders += [
+        (f, m)
+        for f, m in imports(OIP)
+        if m.split(".")[0].startswith("framecast") and m.split(".")[0] != "framecast_oip"
+    ]
     assert not offenders
 
 
@@ -90,7 +100,25 @@ def test_the_shared_wire_format_imports_nothing_of_either_side() -> None:
     ]
     assert relative == ["_proto"]
     stdlib = __import__("sys").stdlib_module_names
-    assert {m for _, m in imports(module) if m.split(".")[0] not in stdlib} == set()
+    outside = {m for _, m in imports(module) if m.split(".")[0] not in stdlib}
+    assert outside == {"framecast_client._proto"}
+
+
+def test_imports_resolve_relative_ones() -> None:
+    """The checks below see `from ..x import y` too, not only absolute imports."""
+    assert "framecast_server.core.batcher" in {m for _, m in imports(SERVER / "process" / "app.py")}
+
+
+def test_server_folders_import_only_folders_below_them() -> None:
+    """model < backends < core < service < security < metrics < process: no arrow points up."""
+    offenders = []
+    for rank, layer in enumerate(LAYERS):
+        above = set(LAYERS[rank + 1 :])
+        for f, m in imports(SERVER / layer):
+            parts = m.split(".")
+            if parts[0] == "framecast_server" and len(parts) > 1 and parts[1] in above:
+                offenders.append((str(f.relative_to(ROOT)), m))
+    assert not offenders
 
 
 def test_server_core_never_imports_grpc() -> None:

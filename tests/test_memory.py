@@ -6,7 +6,7 @@ import asyncio
 import ctypes.util
 
 import pytest
-from framecast_server.memory import MemoryTrimmer, malloc_trim
+from framecast_server.core.memory import MemoryTrimmer, malloc_trim
 
 glibc = pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no libc to trim")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from framecast_server.backends.base import Backend, BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
-from framecast_server.batcher import Batcher, BatcherSettings
+from framecast_server.core.batcher import Batcher, BatcherSettings
 from numpy.typing import NDArray
 
 SIZE = 8

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from framecast_client.cli import main
 from framecast_client.preprocess import _DRAFT_HEADROOM, PreprocessSpec, _draft
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from PIL import Image
 from support import wait_until
 

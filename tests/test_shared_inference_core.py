@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from framecast_server.backends.base import BackendInfo
 from framecast_server.backends.null import NullBackend
-from framecast_server.batcher import BatcherSettings, QueueFullError
-from framecast_server.shared_inference import (
+from framecast_server.core.batcher import BatcherSettings, QueueFullError
+from framecast_server.process.shared_inference import (
     InferenceProxy,
     InferenceService,
     create_link,

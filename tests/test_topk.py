@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from framecast_server.topk import top_k
+from framecast_server.core.topk import top_k
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 1000])

@@ -13,7 +13,7 @@ from framecast_bench.report import SPLIT_COMPONENTS, BenchReport
 from framecast_bench.sessions import stream_payloads
 from framecast_client import Client
 from framecast_client.cli import main
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import make_settings
 
 

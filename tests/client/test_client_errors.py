@@ -18,7 +18,7 @@ from framecast_client import (
     UnavailableError,
 )
 from framecast_client._rpc import from_status
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import random_frames
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from framecast_client import Backoff, Client, StreamResult
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import INPUT_SIZE, make_settings
 

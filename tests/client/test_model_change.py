@@ -36,9 +36,9 @@ from framecast_client.streaming import make_stream_config
 from framecast_client.streaming.pipeline import StreamCore
 from framecast_client.streaming.receiver import Receiver
 from framecast_client.wire_format import WireFormatError
-from framecast_server.background import BackgroundServer
 from framecast_server.model.prepare import ModelSource
 from framecast_server.model.presets import CAFFE, TORCHVISION
+from framecast_server.process.background import BackgroundServer
 from framecast_server.service.codecs import results
 from numpy.typing import NDArray
 from support import HoldableNullBackend, make_settings

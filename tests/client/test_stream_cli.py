@@ -12,7 +12,7 @@ import pytest
 from framecast_client import Client, StreamSession
 from framecast_client.cli import main
 from framecast_client.streaming import DEFAULT_KEEPALIVE_S
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from PIL import Image
 from support import make_settings
 

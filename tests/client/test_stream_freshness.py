@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from framecast_client import Client
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 from support import HoldableNullBackend, make_settings

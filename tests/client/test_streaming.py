@@ -28,7 +28,7 @@ from framecast_client import (
     UnavailableError,
 )
 from framecast_client.streaming.receiver import _retriable
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, make_settings
 

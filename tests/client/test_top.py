@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from framecast_client import Client, StreamSession
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import make_settings
 

@@ -21,11 +21,11 @@ from framecast_client import (
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_server.backends.base import BackendInfo
-from framecast_server.background import BackgroundServer
-from framecast_server.batcher import BatcherStats
+from framecast_server.core.batcher import BatcherStats
 from framecast_server.metrics import Metrics
 from framecast_server.model import PreparedModel
 from framecast_server.model.presets import TORCHVISION
+from framecast_server.process.background import BackgroundServer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support import HoldableNullBackend, make_settings, random_frames, wait_until

@@ -21,7 +21,7 @@ from framecast_client import Client, InvalidArgumentError, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_server.backends.base import BackendInfo
-from framecast_server.batcher import BatcherStats
+from framecast_server.core.batcher import BatcherStats
 from framecast_server.metrics import Metrics
 from framecast_server.model import PreparedModel
 from framecast_server.model.presets import TORCHVISION

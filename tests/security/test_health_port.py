@@ -12,7 +12,7 @@ import pytest
 from certs import Certificates
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from framecast_server.settings import ServerTLS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import make_settings

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from certs import CertificateAuthority, Certificates
 from framecast_client import TLS, Client, UnavailableError
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from framecast_server.settings import ServerTLS
 from support import random_frames, running_server
 

@@ -13,14 +13,14 @@ from framecast_client import Client, UnauthenticatedError
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.security import token_from
-from framecast_server.auth import (
+from framecast_server.process.background import BackgroundServer
+from framecast_server.security.auth import (
     MAX_TOKEN_BYTES,
     TokenFileError,
     TokenStore,
     _RateLimitedLog,
     parse_tokens,
 )
-from framecast_server.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import make_settings, random_frames, running_server

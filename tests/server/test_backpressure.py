@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from framecast_client import Classification, Client, DeadlineExceededError, ResourceExhaustedError
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import GatedBackend, make_settings, random_frames, wait_until
 

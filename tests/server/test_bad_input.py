@@ -14,7 +14,7 @@ import pytest
 from framecast_client import Client
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import random_frames
 
 FRAME = random_frames(1)[0]

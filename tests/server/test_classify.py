@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from framecast_client import AsyncClient, Client, preprocess
 from framecast_server.backends.onnxruntime import OnnxRuntimeBackend
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import random_frames
 
 

@@ -20,7 +20,7 @@ from framecast_client import Client, UnavailableError, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames, wait_until
 

@@ -12,7 +12,7 @@ from framecast_client import AsyncClient, Client, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.errors import InvalidArgumentError
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from framecast_server.service.codecs import requests
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFilter

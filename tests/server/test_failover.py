@@ -25,7 +25,7 @@ import pytest
 from framecast_client import AsyncClient, Client, StreamResult
 from framecast_server.backends.base import BackendInfo
 from framecast_server.backends.null import NullBackend
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 from support import INPUT_SIZE, make_settings, wait_until

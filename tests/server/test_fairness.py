@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 from framecast_client import Client, ResourceExhaustedError, wire
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import (
     GatedBackend,

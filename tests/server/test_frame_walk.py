@@ -23,7 +23,7 @@ from framecast_bench import oip_codec
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_oip._proto import open_inference_pb2 as oip_pb
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import make_settings, random_frames
 
 CLIENT = Path(framecast_client.__file__).parent
@@ -93,7 +93,7 @@ def test_classify_and_model_infer_never_step_into_the_client(cache_dir: Path) ->
         "service/codecs/requests.py",
         "service/codecs/results.py",
         "service/codecs/tensors.py",
-        "batcher.py",
+        "core/batcher.py",
     } <= server_files, server_files
     stepped = {
         p for p in walk.in_package(CLIENT) if not any(p == s or p.is_relative_to(s) for s in SHARED)

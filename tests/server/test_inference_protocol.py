@@ -17,7 +17,7 @@ from framecast_client import Client
 from framecast_oip._proto import open_inference_pb2 as pb
 from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.backends.null import NullBackend
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import HoldableNullBackend, make_settings, random_frames
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException

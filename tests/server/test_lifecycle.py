@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from framecast_client import Client, UnavailableError
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import GatedBackend, random_frames, running_server

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import RawClassifier, random_frames
 
 GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the end

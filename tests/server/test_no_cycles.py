@@ -21,7 +21,7 @@ from framecast_bench import oip_codec as oip
 from framecast_client import wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_oip._proto import open_inference_pb2 as oip_pb
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, RawClassifier, make_settings, random_frames
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 from framecast_client import Client
-from framecast_server.settings import ServerSettings
-from framecast_server.workers import (
+from framecast_server.process.workers import (
     cgroup_cpu_limit,
     parse_workers,
     usable_cores,
     worker_settings,
 )
+from framecast_server.settings import ServerSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import not_a_classifier, random_frames, wait_until
 

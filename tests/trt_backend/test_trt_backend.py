@@ -405,8 +405,8 @@ async def test_the_batcher_gathers_requests_once_into_pinned_memory(
 ) -> None:
     """Through the batcher: several requests in one batch reach TensorRT's pinned input
     buffer with one copy each (no np.concatenate, then np.copyto), and come back in place."""
-    from framecast_server import batcher as batcher_module
-    from framecast_server.batcher import Batcher, BatcherSettings
+    from framecast_server.core import batcher as batcher_module
+    from framecast_server.core.batcher import Batcher, BatcherSettings
 
     monkeypatch.setattr(batcher_module, "np", _NumpyWithoutConcatenate())
     backend = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="x")

@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 import pytest
 from framecast_client import Client, UnavailableError
-from framecast_server import app
 from framecast_server import settings as server_settings
 from framecast_server.backends.tensorrt import EngineSettings
 from framecast_server.backends.tensorrt.backend import TensorRTBackend
-from framecast_server.background import BackgroundServer
+from framecast_server.process import app
+from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import make_settings, random_frames
 

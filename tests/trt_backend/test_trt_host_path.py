@@ -18,7 +18,7 @@ from framecast_server.backends import factory
 from framecast_server.backends.onnxruntime import OnnxRuntimeBackend
 from framecast_server.backends.tensorrt import EngineSettings, availability
 from framecast_server.backends.tensorrt.errors import EngineBuildError, OnnxParseError
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from model.model_helpers import tiny_classifier
 from support import random_frames
 

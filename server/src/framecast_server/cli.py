@@ -357,7 +357,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 
 def _check_bindable(host: str, port: int) -> None:
     """Refuse, in one line, a host or port the server could not listen on."""
-    from .bind_check import bind_problem
+    from .process.bind_check import bind_problem
 
     problem = bind_problem(host, port)
     if problem is not None:
@@ -369,9 +369,9 @@ def _model_errors() -> tuple[type[BaseException], ...]:
 
     Also serve's ModelLoadError: the model failed to load after the server started listening.
     """
-    from .app import ModelLoadError
     from .model.download import WeightsUnavailableError
     from .model.weights import WeightsError
+    from .process.app import ModelLoadError
 
     return (ValueError, OSError, WeightsError, WeightsUnavailableError, ModelLoadError)
 
@@ -395,7 +395,7 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 
 def _workers(value: str) -> int:
-    from .workers import parse_workers
+    from .process.workers import parse_workers
 
     try:
         return parse_workers(value)
@@ -408,10 +408,10 @@ def _checked_settings(args: argparse.Namespace) -> ServerSettings:
 
     An address that is not this host's is said first: no flag would make it work.
     """
-    from .auth import TokenFileError
+    from .process.wiring import check_files
+    from .security.auth import TokenFileError
+    from .security.tls import TLSFilesError
     from .settings import PlaintextRefusedError
-    from .tls import TLSFilesError
-    from .wiring import check_files
 
     _check_bindable(args.host, args.port)
     try:
@@ -444,7 +444,7 @@ def _check_model_and_backend(settings: ServerSettings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     settings = _checked_settings(args)
     if args.workers > 1:
-        from .workers import PortUnavailableError, Supervisor
+        from .process.workers import PortUnavailableError, Supervisor
 
         try:
             return Supervisor(
@@ -453,8 +453,8 @@ def _serve(args: argparse.Namespace) -> int:
         except PortUnavailableError as exc:
             print(f"framecast serve: {exc}", file=sys.stderr)
             return 1
-    from .app import serve
-    from .event_loop import run
+    from .process.app import serve
+    from .process.event_loop import run
 
     return run(serve(settings, port_file=args.port_file))
 
@@ -502,7 +502,7 @@ def _demo(args: argparse.Namespace) -> int:
     from framecast_client import Client
     from framecast_client.cli import format_predictions
 
-    from .background import BackgroundServer
+    from .process.background import BackgroundServer
 
     settings = _checked_settings(args)
     print(f"Starting a Framecast server in-process on a free port (backend {settings.backend})...")

@@ -31,7 +31,7 @@ MAX_AGE_KEY = "framecast-max-age-ms"
 MAX_AGE_LIMIT_S = 3600.0
 
 # Keepalive pings of a stream's channel, seconds. gRPC's guidance is not below 10 s; the server
-# accepts pings that often (it allows one per 5 s without data, see framecast_server.app).
+# accepts pings that often (it allows one per 5 s without data, see framecast_server.process.app).
 DEFAULT_KEEPALIVE_S = 10.0
 # The channel's reconnection schedule, which a session sets from its Backoff (replacing the
 # client's, see framecast_client.balancing).

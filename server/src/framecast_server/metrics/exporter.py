@@ -21,7 +21,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ..backends.base import BackendInfo
-from ..batcher import BatcherStats
+from ..core.batcher import BatcherStats
 from ..model import PreparedModel
 from .nvml import register_gpu_metrics
 
@@ -271,7 +271,7 @@ class Metrics:
         if self.shared is not None and self.batcher_stats is not None:
             self.shared.publish(self.batcher_stats())
 
-    # The Recorder interface (framecast_server.recorder), called by the core and servicers.
+    # The Recorder interface (framecast_server.core.recorder), called by the core and servicers.
 
     def batch_done(self, size: int, compute_ns: int, queue_ns: Sequence[int]) -> None:
         """One batch ran: its size, its backend time and each image's queue time."""

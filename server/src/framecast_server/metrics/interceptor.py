@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
 else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
-from ..caller import ANONYMOUS, current_caller
-from ..handlers import wrapped
+from ..core.caller import ANONYMOUS, current_caller
+from ..service.handlers import wrapped
 from .exporter import UNKNOWN_METHOD, Metrics
 
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import grpc
 
-from ..batcher import Caller
-from ..caller import current_caller
+from ..core.batcher import Caller
+from ..core.caller import current_caller
 
 
 def peer_host(peer: str) -> str:

@@ -25,12 +25,12 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.wire_format import WireFormatError
 from numpy.typing import NDArray
 
-from ..admission import Admission
-from ..batcher import DeadlineExpiredError, ItemResult
-from ..drain import CallGate
-from ..recorder import NULL_RECORDER, Recorder
-from ..runtime import ServingModel
-from ..topk import top_k
+from ..core.admission import Admission
+from ..core.batcher import DeadlineExpiredError, ItemResult
+from ..core.drain import CallGate
+from ..core.recorder import NULL_RECORDER, Recorder
+from ..core.runtime import ServingModel
+from ..core.topk import top_k
 from .callers import caller_of
 from .codecs import requests, results
 from .decoding import read_request

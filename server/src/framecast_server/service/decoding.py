@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from framecast_client.wire_format import WireFormatError
 
-from ..admission import Admission
-from ..drain import CallGate
+from ..core.admission import Admission
+from ..core.drain import CallGate
 from .callers import caller_of
 from .errors import set_status
 

@@ -26,8 +26,8 @@ import grpc
 from framecast_client.wire_format import WireFormatError
 
 from ..backends.base import BackendBrokenError, BackendError
-from ..batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
-from ..drain import ShuttingDownError
+from ..core.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
+from ..core.drain import ShuttingDownError
 from .codecs.requests import PreprocessingMismatchError
 
 logger = logging.getLogger(__name__)

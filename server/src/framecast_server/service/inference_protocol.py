@@ -24,11 +24,11 @@ from framecast_oip._proto import open_inference_pb2 as pb
 from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from numpy.typing import NDArray
 
-from ..batcher import ItemResult
-from ..drain import CallGate
-from ..recorder import NULL_RECORDER, Recorder
-from ..runtime import ServingModel
-from ..topk import top_k
+from ..core.batcher import ItemResult
+from ..core.drain import CallGate
+from ..core.recorder import NULL_RECORDER, Recorder
+from ..core.runtime import ServingModel
+from ..core.topk import top_k
 from .callers import caller_of
 from .codecs import tensors as oip
 from .errors import ModelNotFoundError, ModelNotReadyError, set_status, status_for

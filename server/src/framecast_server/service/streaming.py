@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
-from ..batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
-from ..drain import CallGate
-from ..runtime import BatcherLike
+from ..core.batcher import BatcherClosedError, Caller, ItemResult, QueueFullError
+from ..core.drain import CallGate
+from ..core.runtime import BatcherLike
 from .errors import set_status, status_for
 
 __all__ = ["STREAM_WINDOW", "Outcome", "Prepared", "Status", "admitted"]

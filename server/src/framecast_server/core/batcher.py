@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends.base import Backend, BackendError, GatheringBackend
+from ..backends.base import Backend, BackendError, GatheringBackend
 from .recorder import NULL_RECORDER, Recorder
 
 __all__ = [

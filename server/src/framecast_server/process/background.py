@@ -9,11 +9,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ..backends.base import Backend
+from ..core.runtime import ServingModel
+from ..settings import ServerSettings
 from .app import FramecastServer
-from .backends.base import Backend
 from .event_loop import new_event_loop
-from .runtime import ServingModel
-from .settings import ServerSettings
 
 T = TypeVar("T")
 

@@ -9,9 +9,9 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends.base import Backend
+from ..backends.base import Backend
+from ..model import PreparedModel
 from .batcher import BatcherSettings, BatcherStats, Caller, ItemResult
-from .model import PreparedModel
 
 
 class BatcherLike(Protocol):

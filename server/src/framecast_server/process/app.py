@@ -25,18 +25,18 @@ from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .admission import Admission
-from .backends.base import Backend, BreakableBackend
-from .batcher import Batcher, BatcherSettings
-from .drain import CallGate
-from .memory import MemoryTrimmer
-from .model import prepare_model
-from .runtime import BatcherLike, ServingModel
-from .service.classifier import SERVICE_NAME, ClassifierServicer
-from .service.decoding import guarded
-from .service.inference_protocol import InferenceServicer
-from .service.reflection import add_reflection
-from .settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
+from ..backends.base import Backend, BreakableBackend
+from ..core.admission import Admission
+from ..core.batcher import Batcher, BatcherSettings
+from ..core.drain import CallGate
+from ..core.memory import MemoryTrimmer
+from ..core.runtime import BatcherLike, ServingModel
+from ..model import prepare_model
+from ..service.classifier import SERVICE_NAME, ClassifierServicer
+from ..service.decoding import guarded
+from ..service.inference_protocol import InferenceServicer
+from ..service.reflection import add_reflection
+from ..settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
 from .wiring import Wiring, connection_age_options
 
 if TYPE_CHECKING:

@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from .auth import AuthInterceptor, TokenStore
-from .metrics import Metrics, MetricsInterceptor, MetricsServer
-from .metrics.exporter import PUBLISH_INTERVAL_S
-from .recorder import NULL_RECORDER, Recorder
-from .settings import HANDSHAKE_TIMEOUT_S, ServerSettings
-from .tls import CertificateReloader, server_credentials
+from ..core.recorder import NULL_RECORDER, Recorder
+from ..metrics import Metrics, MetricsInterceptor, MetricsServer
+from ..metrics.exporter import PUBLISH_INTERVAL_S
+from ..security.auth import AuthInterceptor, TokenStore
+from ..security.tls import CertificateReloader, server_credentials
+from ..settings import HANDSHAKE_TIMEOUT_S, ServerSettings
 
 logger = logging.getLogger(__name__)
 

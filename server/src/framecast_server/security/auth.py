@@ -2,7 +2,7 @@
 
 Servicers never look at tokens. The interceptor checks ``authorization: Bearer <token>`` once
 per call (a stream is one call: its frames are not checked again), answers UNAUTHENTICATED with
-a plain message when it is missing or unknown, and sets :data:`~framecast_server.caller.
+a plain message when it is missing or unknown, and sets :data:`~framecast_server.core.caller.
 current_caller` for the call: the token's name, or the client certificate's subject under
 mutual TLS (the handshake already verified the certificate). Tokens are compared in constant
 time and never logged; the token file is re-read when it changes.
@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
 else:
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
-from .caller import current_caller
-from .handlers import rejecting, wrapped
+from ..core.caller import current_caller
+from ..service.handlers import rejecting, wrapped
 
 logger = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends.base import Backend, BackendError, BackendInfo
-from .batcher import (
+from ..backends.base import Backend, BackendError, BackendInfo
+from ..core.batcher import (
     Batcher,
     BatcherClosedError,
     BatcherSettings,

@@ -48,11 +48,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .settings import FRAME_BYTES, ServerSettings
+from ..settings import FRAME_BYTES, ServerSettings
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .metrics.multiprocess import SupervisorMetrics
+    from ..backends.base import Backend
+    from ..metrics.multiprocess import SupervisorMetrics
     from .shared_inference import InferenceLink
 
 InferenceMode = Literal["per-worker", "shared", "auto"]
@@ -174,7 +174,7 @@ def resolve_inference(mode: InferenceMode, settings: ServerSettings) -> Inferenc
     if settings.backend == "tensorrt":
         return "shared"
     if settings.backend == "auto":
-        from .backends.tensorrt.availability import tensorrt_unavailable_reason
+        from ..backends.tensorrt.availability import tensorrt_unavailable_reason
 
         return "shared" if tensorrt_unavailable_reason() is None else "per-worker"
     return "per-worker"
@@ -249,8 +249,8 @@ async def _run_inference(
     report: Connection,
 ) -> int:
     """The inference process: load the backend, serve the front ends until SIGTERM."""
-    from .batcher import BatcherSettings
-    from .model import prepare_model
+    from ..core.batcher import BatcherSettings
+    from ..model import prepare_model
     from .shared_inference import InferenceService
 
     stop = asyncio.Event()
@@ -266,7 +266,7 @@ async def _run_inference(
     if settings.metrics_port is not None:
         # Batch sizes and times are known only here: this process writes them to the
         # supervisor's metrics directory like a worker.
-        from .metrics import Metrics
+        from ..metrics import Metrics
 
         recorder = Metrics(max_batch=settings.max_batch, shared=True)
     service = InferenceService(
@@ -438,7 +438,7 @@ class Supervisor:
         if self.settings.metrics_port is None:
             return None
         # Imported only here: without metrics the supervisor never loads prometheus_client.
-        from .metrics.multiprocess import SupervisorMetrics
+        from ..metrics.multiprocess import SupervisorMetrics
 
         metrics = SupervisorMetrics(self.settings.host, self.settings.metrics_port)
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from .settings import ServerTLS
+from ..settings import ServerTLS
 
 logger = logging.getLogger(__name__)
 
