@@ -244,6 +244,11 @@ def bare_triton_process(
     python: str, *, max_batch_size: int = 64, max_queue_delay_us: int = 0, instances: int = 1
 ) -> Iterator[TritonProcess]:
     """``bare_triton``, also yielding tritonserver's pid and version."""
+    if max_batch_size < 1 or instances < 1 or max_queue_delay_us < 0:
+        raise ValueError(
+            "max_batch_size and instances must be at least 1, max_queue_delay_us at least 0; "
+            f"got {max_batch_size}, {instances}, {max_queue_delay_us}"
+        )
     install, reason = _inspect(python)
     if install is None:
         raise RuntimeError(f"tritonserver cannot start: {reason}")
@@ -324,7 +329,8 @@ def bare_triton(
     """Start the bundled tritonserver directly (no PyTriton proxy) on a temp model repository
     with the null python model; wait until ready; stop it (SIGTERM, then kill) on exit.
 
-    Raises RuntimeError, with tritonserver's errors, if it does not start.
+    Raises RuntimeError, with tritonserver's errors, if it does not start; ValueError for a
+    max_batch_size or instances below 1 or a negative max_queue_delay_us.
     """
     with bare_triton_process(
         python,
