@@ -11,23 +11,19 @@ figures compare the servers, not client libraries:
   process on the null backend;
 * ``oip``: inference.GRPCInferenceService (ModelInfer, ModelStreamInfer) of that same process:
   the same batcher behind another protocol;
-* ``triton``: a local Triton (nvidia-pytriton's bundled tritonserver) with a Python model that
-  returns a fixed distribution, the null backend's counterpart (benchmarks/triton_null_model.py).
-  nvidia-pytriton pins numpy<2, so it lives in an environment of its own, named by
-  ``--triton-python`` (or FRAMECAST_TRITON_PYTHON); its tritonserver needs a Python whose
-  libpython matches its standard library (a distribution's python3, not a pyenv build):
-
-      uv venv --python /usr/bin/python3.11 .venv-triton
-      uv pip install --python .venv-triton/bin/python nvidia-pytriton
-
-  Without one, or if Triton does not start, the Triton side is skipped and the reason printed.
+* ``triton``: a local Triton, the strongest we can run here: tritonserver 2.51.0 (bundled by
+  nvidia-pytriton 0.7.0), python backend null model, no PyTriton proxy: the binary started
+  directly on a model repository (benchmarks/triton_local.py). nvidia-pytriton pins numpy<2,
+  so it lives in an environment of its own, named by ``--triton-python`` (else
+  FRAMECAST_TRITON_PYTHON, else .venv-triton in the repository root); without one, or if
+  Triton does not start, the Triton side is skipped and the reason printed.
 
 Every side asks for the top class (Classify top_k=1; OIP's classification extension, k=1).
 Measured: unary p50 latency at concurrency 1; unary requests/s at concurrency 8; bidi stream
 frames/s with 8 frames in flight; server CPU time per frame on the stream and per request at
-concurrency 8 (from /proc, summed over the server's process tree: Triton runs tritonserver, a
-Python stub and PyTriton's proxy). Rounds alternate between the sides so drift in machine load
-hits all of them; figures are medians over rounds, ratios medians of per-round ratios.
+concurrency 8 (from /proc, summed over the server's process tree: Triton runs tritonserver and
+its python backend's stub). Rounds alternate between the sides so drift in machine load hits
+all of them; figures are medians over rounds, ratios medians of per-round ratios.
 """
 
 from __future__ import annotations
@@ -35,10 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +48,7 @@ from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
 from framecast_oip._proto import open_inference_pb2 as oip_pb
 from serve_process import connections_for, running, serve_command, tree_cpu_seconds
+from triton_local import TritonProcess, bare_triton_process, find_triton_python
 
 ROOT = Path(__file__).resolve().parent
 SIZE = 224
@@ -62,6 +56,7 @@ IN_FLIGHT = 8
 CONCURRENCY = 8
 CONNECTIONS = connections_for(CONCURRENCY)  # for the CONCURRENCY unary calls
 MODEL = "resnet50"
+MAX_BATCH = 32  # Framecast's and Triton's, alike
 CLASSIFY = "/framecast.v1.Classifier/Classify"
 CLASSIFY_STREAM = "/framecast.v1.Classifier/ClassifyStream"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -108,14 +103,6 @@ def check_oip(reply: bytes, stream: bool) -> None:
 
 
 # ---------------------------------------------------------------- servers (subprocesses)
-def _free_port() -> int:
-    """A port free now (Triton cannot bind port 0 and report it); the benchmark, not a test."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _wait_ready(address: str) -> None:
     """Until the OIP endpoint says the model is ready (both servers speak it)."""
     deadline = time.monotonic() + 300
@@ -130,21 +117,6 @@ def _wait_ready(address: str) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"model {MODEL} at {address} never became ready")
             time.sleep(0.1)
-
-
-def triton_python(requested: str | None) -> tuple[str | None, str]:
-    """(interpreter with nvidia-pytriton, "") or (None, why not)."""
-    candidates = [requested or os.environ.get("FRAMECAST_TRITON_PYTHON") or sys.executable]
-    for python in candidates:
-        probe = subprocess.run(
-            [python, "-c", "import pytriton"], capture_output=True, text=True, check=False
-        )
-        if probe.returncode == 0:
-            return python, ""
-    return None, (
-        f"nvidia-pytriton is not importable by {candidates[0]} (give --triton-python; see "
-        "this file's docstring)"
-    )
 
 
 # ---------------------------------------------------------------- the three measurements
@@ -231,7 +203,7 @@ async def stream_rate(side: Side, seconds: float) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the run
-def _sides(framecast: tuple[str, int], triton: tuple[str, int] | None) -> list[Side]:
+def _sides(framecast: tuple[str, int], triton: TritonProcess | None) -> list[Side]:
     frame = np.random.default_rng(0).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     classify = pb.ClassifyRequest(images=[image_to_proto(frame[0])], top_k=1)
     stream = pb.StreamRequest(frame_id=1, image=image_to_proto(frame[0]), top_k=1)
@@ -251,11 +223,15 @@ def _sides(framecast: tuple[str, int], triton: tuple[str, int] | None) -> list[S
     return sides
 
 
-def triton_side(triton: tuple[str, int], frame: np.ndarray) -> Side:
-    """The local Triton (address, pid) asked for the top class of ``frame`` [1, H, W, 3]."""
-    infer = oip.infer_request(frame, model_name=MODEL, request_id="1", class_count=1)
+def triton_side(triton: TritonProcess, frame: np.ndarray) -> Side:
+    """The local Triton asked for the top class of ``frame`` [1, H, W, 3]."""
+    model = triton.endpoints.model
+    infer = oip.infer_request(frame, model_name=model, request_id="1", class_count=1)
     payload = infer.SerializeToString()
-    return Side("triton", *triton, MODEL_INFER, payload, MODEL_STREAM_INFER, payload, check_oip)
+    address = triton.endpoints.grpc
+    return Side(
+        "triton", address, triton.pid, MODEL_INFER, payload, MODEL_STREAM_INFER, payload, check_oip
+    )
 
 
 def _measure(sides: list[Side], seconds: float, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -308,30 +284,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement window")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton installed")
+    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton (triton_local.py)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "protocols.json")
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: a temporary one)")
     args = parser.parse_args()
 
-    python, triton_note = triton_python(args.triton_python)
+    python, triton_note = find_triton_python(args.triton_python)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cache = args.cache_dir or tmp / "engines"
-        framecast = serve_command(tmp / "framecast.port", cache, "--max-batch", "32")
+        framecast = serve_command(tmp / "framecast.port", cache, "--max-batch", str(MAX_BATCH))
         with running(framecast, tmp / "framecast.port", tmp / "fc.log") as fc:
             _wait_ready(fc[0])
-            with maybe_triton(python, tmp) as (triton, note):
+            with maybe_triton(python) as (triton, note):
                 triton_note = triton_note or note
+                anchor = triton.description if triton is not None else None
                 figures = _measure(_sides(fc, triton), args.seconds, args.rounds)
 
     results: dict[str, object] = {
         "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds},
         "medians": {n: {k: statistics.median(v) for k, v in f.items()} for n, f in figures.items()},
         "per_round": figures,
+        "triton": anchor,
         "triton_skipped": triton_note or None,
     }
     oip_vs_framecast = _ratio(figures["oip"]["fps"], figures["framecast"]["fps"])
-    checks = {
+    checks: dict[str, object] = {
         "oip_stream_fps / framecast_stream_fps": round(oip_vs_framecast, 3),
         "target >= 0.85 (within 15%)": oip_vs_framecast >= 0.85,
     }
@@ -341,6 +319,8 @@ def main() -> int:
         checks["target > 1 (ahead of Triton's python backend)"] = oip_vs_triton > 1.0
     results["checks"] = checks
     print(_table(figures, triton_note))
+    if anchor is not None:
+        print(f"Triton: {anchor}")
     for key, value in checks.items():
         print(f"{key:<48} {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,17 +330,14 @@ def main() -> int:
 
 
 @contextmanager
-def maybe_triton(python: str | None, tmp: Path) -> Iterator[tuple[tuple[str, int] | None, str]]:
-    """The Triton side if it starts, else None and why not."""
+def maybe_triton(python: str | None) -> Iterator[tuple[TritonProcess | None, str]]:
+    """The bare local Triton if it starts, else None and why not."""
     if python is None:
         yield None, ""
         return
-    ports = [str(_free_port()) for _ in range(3)]
-    command = [python, str(ROOT / "triton_null_model.py"), str(tmp / "triton.port"), *ports]
     started = False
     try:
-        with running(command, tmp / "triton.port", tmp / "triton.log") as triton:
-            _wait_ready(triton[0])
+        with bare_triton_process(python, max_batch_size=MAX_BATCH) as triton:
             started = True
             yield triton, ""
     except RuntimeError as exc:

@@ -12,9 +12,9 @@ Servers run in their own processes (as in production: client and server do not s
   also hops through one worker thread per request and does nothing else: the floor for any
   server that keeps inference off its event loop, as Framecast does.
 * ``framecast``: ``framecast serve --backend null``.
-* ``triton``: a local Triton where one can run (benchmarks/protocols.py's: nvidia-pytriton's
-  bundled tritonserver with a Python model, given by ``--triton-python``); skipped with the
-  reason printed where it cannot run.
+* ``triton``: a local Triton where one can run: tritonserver 2.51.0 (bundled by nvidia-pytriton
+  0.7.0), python backend null model, no PyTriton proxy (benchmarks/triton_local.py; its Python
+  given by ``--triton-python``); skipped with the reason printed where it cannot run.
 
 Measured for each, with the same raw client (pre-serialized request bytes, replies not parsed
 but for a check that one is a result), so the servers alone are compared: unary p50 latency at
@@ -59,16 +59,17 @@ from framecast_client.wire import image_to_proto
 from framecast_server.event_loop import run
 from protocols import (
     CONNECTIONS,
+    MAX_BATCH,
     Side,
     check_framecast,
     maybe_triton,
     stream_rate,
-    triton_python,
     triton_side,
     unary_p50,
     unary_rate,
 )
 from serve_process import running, serve_command, wait_health
+from triton_local import find_triton_python
 
 SIZE = 224
 ECHO_REPLY = b"\x00" * 64
@@ -428,7 +429,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement window")
     parser.add_argument("--batch", type=int, default=8, help="batch size for the ORT ratio")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per figure")
-    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton (protocols.py)")
+    parser.add_argument("--triton-python", help="a Python with nvidia-pytriton (triton_local.py)")
     parser.add_argument(
         "--no-onnxruntime", action="store_true", help="skip the ONNX Runtime served/in-process part"
     )
@@ -456,17 +457,17 @@ def main() -> int:
     results: dict[str, Any] = {
         "settings": {"seconds_per_window": args.seconds, "rounds": args.rounds}
     }
-    python, triton_note = triton_python(args.triton_python)
+    python, triton_note = find_triton_python(args.triton_python)
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cache = args.cache_dir or tmp / "engines"
         echo_cmd = [sys.executable, __file__, "--echo-server", str(tmp / "echo.port")]
-        null_cmd = serve_command(tmp / "null.port", cache, "--max-batch", "32")
+        null_cmd = serve_command(tmp / "null.port", cache, "--max-batch", str(MAX_BATCH))
         with (
             running(echo_cmd, tmp / "echo.port") as echo,
             running(null_cmd, tmp / "null.port") as null,
-            maybe_triton(python, tmp) as (triton, note),
+            maybe_triton(python) as (triton, note),
         ):
             wait_health(null[0])
             triton_note = triton_note or note
@@ -479,6 +480,7 @@ def main() -> int:
             hop = replace(sides[0], name="hop", unary_method="/echo.Echo/UnaryHop")
             if triton is not None:
                 sides.append(triton_side(triton, frame))
+                results["triton"] = triton.description
             figures = _side_by_side(sides, hop, frame, stream_request, args)
         results |= _report(figures)
         results["per_round"] = figures
@@ -487,9 +489,7 @@ def main() -> int:
         if triton_note:
             print(f"Triton skipped: {triton_note}")
         else:
-            print(
-                "Triton: nvidia-pytriton's bundled tritonserver, python backend (not Triton 2.51)"
-            )
+            print(f"Triton: {results['triton']}")
         _show("unary p50 latency (ms), concurrency 1", results["unary"])
         _show(f"unary, concurrency {CONCURRENCY}", results["unary_c8"])
         _show("bidi stream, 8 in flight", results["stream"])
