@@ -262,7 +262,7 @@ def plot_cameras(steps: Sequence[CameraStep], path: str | Path, title: str) -> N
         ax.grid(True, which="both", alpha=0.3)
         lines = ax.get_legend_handles_labels()
         more = drops.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left")
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="best")
         fig.tight_layout()
         fig.savefig(str(path), format="png")
     finally:
