@@ -88,7 +88,8 @@ def _cell(step: dict[str, Any] | None) -> str:
     if step is None:
         return "-"
     p99 = step["latency_ms"]["p99"]
-    return f"{step['answered_fps']:.0f}/s {p99 if p99 is None else round(p99)}ms {step['drop_pct']:.1f}%"
+    p99_text = "-" if p99 is None else f"{p99:.0f}"
+    return f"{step['answered_fps']:.0f}/s {p99_text}ms {step['drop_pct']:.1f}%"
 
 
 def table(results: dict[str, dict[str, Any]], args: Any, skipped: dict[str, str]) -> str:
