@@ -136,7 +136,11 @@ def _per_camera(tally: CameraTally, duration_s: float) -> dict[str, Any]:
     age = _percentiles(tally.age_ms)
     return {
         "answered_fps": tally.answered / duration_s if duration_s > 0 else math.nan,
-        "drop_pct": 100.0 * tally.drops() / tally.captured if tally.captured else math.nan,
+        # At most 100: a camera's drops are counted when they happen, and a frame captured at
+        # the end of the window before may be dropped in this one.
+        "drop_pct": min(100.0, 100.0 * tally.drops() / tally.captured)
+        if tally.captured
+        else math.nan,
         "latency_p50_ms": latency["p50"] if latency else math.nan,
         "latency_p99_ms": latency["p99"] if latency else math.nan,
         "age_p50_ms": age["p50"] if age else None,
@@ -209,7 +213,7 @@ def summarize(
         "dropped_client": sum(c.dropped_client for c in cams),
         "dropped_server": dict(server),
         "expired": sum(c.expired for c in cams),
-        "drop_pct": 100.0 * drops / captured if captured else math.nan,
+        "drop_pct": min(100.0, 100.0 * drops / captured) if captured else math.nan,
         "latency_ms": latency or {"p50": math.nan, "p99": math.nan},
         "age_ms": age,
         "capture_late_p99_ms": late["p99"] if late else math.nan,
