@@ -165,7 +165,7 @@ def _measure(
 
     first = args.cameras[0] if args.cameras else 1
     # A cold client and server (first streams, first batches) drop frames a warm one does not:
-    # measured, the first step of a run lost 2-6% of its frames and the same step repeated
+    # measured, the first step of a run lost 1-6% of its frames and the same step repeated
     # none. One unrecorded step first, so that every step sees a warm system.
     print(f"  priming: {first} camera(s), not recorded", file=sys.stderr, flush=True)
     run_camera_step(opener, first, options, replace(config, max_windows=1), seed=args.seed)
