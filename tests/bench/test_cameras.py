@@ -19,7 +19,7 @@ from framecast_bench.camera_stats import CameraTally, FleetWindow, summarize
 from framecast_bench.slo import parse_slo, search_max
 from framecast_client.cli import main
 from framecast_server.backends.simulated import open_simulated_backend
-from framecast_server.background import BackgroundServer
+from framecast_server.process.background import BackgroundServer
 from support import running_server
 
 SHORT = ["--warmup", "0.3", "--window", "0.5", "--max-windows", "3", "--inputs", "4"]
