@@ -286,9 +286,9 @@ def main() -> int:
         tmp = Path(tmp_name)
         cache_dir = args.cache_dir or tmp / "engines"
         if args.alone:
-            results = alone(args, tmp, cache_dir)
+            alone_results = alone(args, tmp, cache_dir)
             if args.json:
-                args.json.write_text(json.dumps(results, indent=2))
+                args.json.write_text(json.dumps(alone_results, indent=2))
             return 0
         python = args.server_python or sys.executable
         isolations = ISOLATIONS[args.isolation]

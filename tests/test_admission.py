@@ -65,27 +65,32 @@ async def test_a_caller_holding_no_place_takes_the_spare_at_once() -> None:
     other = asyncio.ensure_future(admission.enter("other"))
     second = asyncio.ensure_future(admission.enter("polite"))
     await asyncio.sleep(0)
-    assert admission.waiting_for("other") == 1 and admission.waiting_for("polite") == 1
+    assert admission.waiting_for("other") == 1
+    assert admission.waiting_for("polite") == 1
     # A greedy call ends: below the capacity plus spare, and only "other" (holding none) may
     # have it: the greedy caller, first in turn, keeps its turn.
     admission.leave("greedy")
     await asyncio.sleep(0)
-    assert other.done() and not second.done()
+    assert other.done()
+    assert not second.done()
     assert admission.waiting_for("greedy") == 5
     # The polite call ends: the polite caller holds none again, so its second call takes the
     # spare; the greedy caller still waits for a place within the capacity.
     admission.leave("polite")
     await asyncio.sleep(0)
-    assert second.done() and admission.admitted == 3
+    assert second.done()
+    assert admission.admitted == 3
     assert admission.waiting_for("greedy") == 5
     # "other" ends: two admitted, the capacity, so the greedy caller still waits; the polite
     # call ends too: a place within the capacity, the greedy caller's turn.
     admission.leave("other")
     await asyncio.sleep(0)
-    assert admission.admitted == 2 and admission.waiting_for("greedy") == 5
+    assert admission.admitted == 2
+    assert admission.waiting_for("greedy") == 5
     admission.leave("polite")
     await asyncio.sleep(0)
-    assert admission.admitted_for("greedy") == 2 and admission.waiting_for("greedy") == 4
+    assert admission.admitted_for("greedy") == 2
+    assert admission.waiting_for("greedy") == 4
     for task in more:
         task.cancel()
     await asyncio.gather(*more, return_exceptions=True)
