@@ -143,9 +143,10 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
         for client in [*greedy, polite]:
             client.close()
     assert admission.admitted_total == admitted_before + 20
-    # The polite frame came right after the four admitted first, not behind the 20 waiting.
+    # The polite frame came right after (at most) the four admitted first, not behind the 20
+    # waiting: how many of the four rode in the held batch depends on when they were read.
     assert sorted(backend.seen) == sorted([*range(10, 34), POLITE_KEY])
-    assert POLITE_KEY in backend.seen[4:8], backend.seen
+    assert backend.seen.index(POLITE_KEY) <= 4, backend.seen
 
 
 def test_anonymous_connections_from_one_host_are_one_caller(cache_dir: Path) -> None:
