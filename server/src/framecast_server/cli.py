@@ -173,8 +173,8 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-unary-calls",
         type=positive_int,
-        help="unary calls admitted at once, server-wide (default 8); more wait unread, each "
-        "caller in turn",
+        help="unary calls admitted at once, server-wide (default 8; one more for a caller "
+        "holding none); more wait unread, each caller in turn",
     )
     group.add_argument(
         "--idle-timeout-s",

@@ -54,11 +54,14 @@ QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
-# turn of the event loop, so under a flood new calls queued in gRPC's own first-come queue,
-# unseen by admission and ahead of everyone else's. Measured beside 200 calls over 100
-# connections: with one server admission saw 0-89 of them waiting (the rest sat in gRPC) and
-# let its places go unused; with four it saw some 190, so the turns of admission.py apply.
-ACCEPT_LOOPS = 4
+# turn of the event loop (each accept is a round trip through gRPC's completion queue), and the
+# calls not yet accepted wait in gRPC's own first-come queue, unseen by admission, ahead of
+# everyone else's. Traced beside 200 calls over 100 connections (the greedy client on a CPU of
+# its own, benchmarks/fairness.py --isolation pinned): with four servers nearly all of them
+# waited there and a polite call waited 73 ms p50 (behind ~170 of them) before its handler ran;
+# with 16, 3-4 ms, and they wait in admission instead, where callers take turns. 64 gained
+# little more (each server takes a 1/N share of --max-connections, so more cost headroom).
+ACCEPT_LOOPS = 16
 # Logged once every call has left during a drain, just before the port closes.
 ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
