@@ -12,8 +12,9 @@ place only below its share, ``capacity // callers``: beside a flood, fewer of th
 run at once, so each turn of the event loop is shorter and a polite call's steps (accept, read,
 result, reply), each waiting for one turn, come sooner (measured on 2 cores beside 200 calls
 over 100 connections, benchmarks/fairness.py: the polite p99 went from 14.6x to 12.9x its
-idle p99 with the greedy client on a CPU of its own, 13.4x to 9.1x without). A waiting call is not answered, so its client does not send another: a flood is held
-on its own side. A caller alone gets every place, so it still has the whole server.
+idle p99 with the greedy client on a CPU of its own, 13.4x to 9.1x without). A waiting call
+is not answered, so its client does not send another: a flood is held on its own side. A
+caller alone gets every place, so it still has the whole server.
 
 One place beyond ``capacity`` (``spare``) is kept for a caller with no call admitted: beside a
 flood that holds every place, a caller sending one call at a time is admitted on arrival
