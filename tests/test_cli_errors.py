@@ -31,11 +31,13 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def assert_one_line(err: str, *fragments: str) -> None:
+    """The whole of stderr is one line naming the problem: no progress or log line around it."""
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
+    assert err.strip(), "nothing on stderr"
+    assert err.endswith("\n"), err
+    assert err.count("\n") == 1, err
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in err, err
 
 
 @pytest.fixture
@@ -225,18 +227,54 @@ def test_serve_refuses_tensorrt_without_a_gpu_in_one_line(tmp_path: Path) -> Non
     assert not (tmp_path / "cache").exists(), "nothing is prepared for a backend that cannot run"
 
 
-def test_serve_reports_a_model_failing_its_build_last_without_false_alarms(
+def test_serve_refuses_a_graph_that_is_not_a_classifier_in_one_line(tmp_path: Path) -> None:
+    # A real ONNX graph whose input is not an image batch: refused before the server listens.
+    path = not_a_classifier(tmp_path / "relu.onnx")
+    done = serve_in_a_process(tmp_path, "--onnx", str(path))
+    assert done.returncode == RUNTIME
+    assert_one_line(done.stderr, "framecast serve:", f"cannot serve {path}", "4-D image batch")
+    assert not (tmp_path / "cache").exists(), "nothing is built for a graph refused up front"
+
+
+def batch_of_one_only(path: Path) -> Path:
+    """An image classifier by its shapes whose Reshape bakes in a batch of 1: it passes the
+    checks made before listening and fails its test run on a batch of 2, while loading."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((3, 1000), dtype=np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 3], dtype=np.int64), "shape")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch-of-one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000])],
+        [weights, shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_serve_reports_a_model_failing_while_loading_last_without_shutdown_lines(
     tmp_path: Path,
 ) -> None:
-    # A real ONNX graph that is not an image classifier passes the check before listening and
-    # fails while the server loads it: progress lines, then the reason as the last line.
-    path = not_a_classifier(tmp_path / "relu.onnx")
+    # Only a test run finds this one, after the server listens: its progress lines come
+    # first, then the reason as the last line; no "closing"/"stopped"/"cancelled" noise of a
+    # server that never served.
+    path = batch_of_one_only(tmp_path / "one.onnx")
     done = serve_in_a_process(tmp_path, "--onnx", str(path))
     assert done.returncode == RUNTIME
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("framecast serve: could not load the model:"), done.stderr
-    assert "still running" not in done.stderr, "no call was running: nothing to cancel"
+    assert "fails a test run" in lines[-1], done.stderr
+    for noise in ("still running", "closing the port", "stopped", "cancelled"):
+        assert noise not in done.stderr, done.stderr
 
 
 def test_require_pretrained_refuses_random_weights(
