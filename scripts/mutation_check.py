@@ -25,7 +25,7 @@ BACKEND = Path("backends/tensorrt/backend.py")
 BUILDER = Path("backends/tensorrt/builder.py")
 CACHE = Path("backends/tensorrt/cache.py")
 CUDA = Path("backends/tensorrt/cuda.py")
-BATCHER = Path("core/batcher.py")
+BATCH_WORKERS = Path("core/batching/workers.py")  # the batcher's threads build the input
 TESTS = ["tests/trt_backend"]
 
 
@@ -96,7 +96,7 @@ MUTATIONS = (
     ),
     Mutation(
         "the batch joined on the host before the copy into pinned memory",
-        BATCHER,
+        BATCH_WORKERS,
         "self._gather = backend if isinstance(backend, GatheringBackend) else None",
         "self._gather = None",
     ),
