@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from framecast_client.cli import main
-from support import not_a_classifier
+from support import fails_its_test_run, not_a_classifier
 
 USAGE, RUNTIME = 2, 1
 
@@ -236,37 +236,13 @@ def test_serve_refuses_a_graph_that_is_not_a_classifier_in_one_line(tmp_path: Pa
     assert not (tmp_path / "cache").exists(), "nothing is built for a graph refused up front"
 
 
-def batch_of_one_only(path: Path) -> Path:
-    """An image classifier by its shapes whose Reshape bakes in a batch of 1: it passes the
-    checks made before listening and fails its test run on a batch of 2, while loading."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    weights = numpy_helper.from_array(np.ones((3, 1000), dtype=np.float32), "w")
-    shape = numpy_helper.from_array(np.array([1, 3], dtype=np.int64), "shape")
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
-        helper.make_node("Reshape", ["pooled", "shape"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "batch-of-one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000])],
-        [weights, shape],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    return path
-
-
 def test_serve_reports_a_model_failing_while_loading_last_without_shutdown_lines(
     tmp_path: Path,
 ) -> None:
     # Only a test run finds this one, after the server listens: its progress lines come
     # first, then the reason as the last line; no "closing"/"stopped"/"cancelled" noise of a
     # server that never served.
-    path = batch_of_one_only(tmp_path / "one.onnx")
+    path = fails_its_test_run(tmp_path / "one.onnx")
     done = serve_in_a_process(tmp_path, "--onnx", str(path))
     assert done.returncode == RUNTIME
     assert "Traceback" not in done.stderr
