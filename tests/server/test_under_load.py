@@ -44,6 +44,10 @@ def test_sigterm_with_calls_and_streams_in_flight_answers_every_call(
     sigterm = results["sigterm"]
     assert isinstance(sigterm, dict)
     seen = json.dumps(sigterm)  # a failure shows everything the run saw
+    # The signal landed on load: every stream and the unary callers were being answered.
+    before = sigterm["before_sigterm"]
+    assert before["streams_answered"] == 4, seen
+    assert before["unary_answered"] >= sigterm["unary_calls_in_flight"], seen
     assert sigterm["unary_cut"] == 0, seen
     assert sigterm["unary"].get("answered OK", 0) > 0, seen
     assert sigterm["unary"].get("refused: shutting down", 0) > 0, seen

@@ -301,13 +301,16 @@ class FramecastServer:
             self._health_tasks.add(task)
             task.add_done_callback(self._health_tasks.discard)
 
-    async def stop(self, grace: float | None = None, *, drain_delay: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, *, drain_delay: float | None = None, quiet: bool = False
+    ) -> None:
         """Drain and stop: NOT_SERVING, the drain delay, then calls in flight finish.
 
         ``grace`` (default ``settings.grace_s``) bounds the time calls in flight get once new
         ones are refused; ``drain_delay`` (default ``settings.drain_delay_s``) is how long
-        health says NOT_SERVING while calls are still served. Idempotent: a second call waits
-        for the first.
+        health says NOT_SERVING while calls are still served. ``quiet`` logs the steps at debug
+        level only (the model failed to load: the reason is the one line the user needs).
+        Idempotent: a second call waits for the first.
         """
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
@@ -317,18 +320,19 @@ class FramecastServer:
             await self._drain_and_stop(
                 self.settings.grace_s if grace is None else grace,
                 self.settings.drain_delay_s if drain_delay is None else drain_delay,
+                logging.DEBUG if quiet else logging.INFO,
             )
         finally:
             self._stopping.set_result(None)
 
-    async def _drain_and_stop(self, grace: float, drain_delay: float) -> None:
+    async def _drain_and_stop(self, grace: float, drain_delay: float, level: int) -> None:
         await self._health.enter_graceful_shutdown()
         if drain_delay > 0:
-            logger.info("NOT_SERVING; refusing new calls in %.1f s", drain_delay)
+            logger.log(level, "NOT_SERVING; refusing new calls in %.1f s", drain_delay)
             await asyncio.sleep(drain_delay)
         self._gate.drain()
         if self._gate.active:
-            logger.info("draining %d call(s) (grace %.1f s)", self._gate.active, grace)
+            logger.log(level, "draining %d call(s) (grace %.1f s)", self._gate.active, grace)
         started = time.monotonic()
         if not await self._gate.wait_idle(grace):
             logger.warning(
@@ -342,7 +346,7 @@ class FramecastServer:
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
             # A call arriving from now on is never received (a slow client's next call):
             # benchmarks/overload_soak.py tells those from cut calls by this line.
-            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
+            logger.log(level, "%s; closing the port", ALL_CALLS_ANSWERED)
             await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
         if self._trimmer is not None:
             await self._trimmer.stop()
@@ -352,7 +356,7 @@ class FramecastServer:
             self._serving = None
         await self.wiring.stop_metrics()
         await self.wiring.stop_health_port()
-        logger.info("stopped")
+        logger.log(level, "stopped")
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
@@ -394,7 +398,7 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if load.done() and load.exception() is not None:
         stopping.cancel()
-        await server.stop(0)
+        await server.stop(0, quiet=True)
         # The command prints it as its last line (one sentence, no traceback).
         raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())
