@@ -280,7 +280,7 @@ def test_version_and_verbose_after_the_command(capsys: pytest.CaptureFixture[str
         ("classify", ["classes per image (default 1)", "(default 10)", "own line"]),
         ("info", ["deadline per call, seconds (default 10)"]),
         ("stream", ["classes per frame (default 1)", "(default localhost:50051)"]),
-        ("bench", ["(worker threads) (default 64)", "warm-up per step, s (default 2)"]),
+        ("bench", ["(worker threads; default 64)", "warm-up per step, s (default 2)"]),
         ("build-engine", ["profile max batch (default 32)", "workspace limit, MiB (default 1024)"]),
     ],
 )
