@@ -31,8 +31,9 @@ so a frame prepared for another model is refused, never classified wrongly.
 
 The modules: ``config`` (modes, :class:`Backoff`, what a session gets from its client),
 ``results`` (:class:`StreamResult`, :class:`StreamStats` and the latencies behind them),
-``pipeline`` (buffers, threads, drop and resend policies), ``receiver`` (answers, breaks and
-reconnects), ``sync_session`` and ``async_session`` (the two ways to run the call).
+``pipeline`` (buffers, threads, drop and resend policies), ``drive`` (the drive loop, without
+I/O: answers, breaks and reconnects), ``sync_session`` and ``async_session`` (the two ways to
+carry it out: a thread, or a task on the event loop).
 """
 
 from .async_session import AsyncStreamSession

@@ -14,8 +14,8 @@ from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
 from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
+from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
 from .pipeline import WAIT, Signal, StreamCore
-from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
 from .results import StreamResult, StreamStats, empty_latency
 
 T = TypeVar("T")
@@ -170,17 +170,18 @@ class AsyncStreamSession:
             yield item
 
     async def _drive(self, core: StreamCore, channel: grpc.aio.Channel) -> None:
-        """The receiver task: one call after another until the stream ends."""
+        """The receiver task: carries out the drive loop's steps until the stream ends."""
         stub = pb_grpc.ClassifierStub(channel)
-        receiver = Receiver(core)
-
-        def room() -> bool | Signal:
-            return core.output_room_locked() or WAIT
-
-        reconnecting = False
+        drive = Drive(core)
         try:
-            while not core.is_stopping():
-                if reconnecting:
+            step = drive.start()
+            while not isinstance(step, Stop):
+                if isinstance(step, OpenCall):
+                    step = await self._run_call(core, drive, stub, step.generation)
+                elif isinstance(step, Pause):
+                    await self._sleep_unless_stopped(core, step.seconds)
+                    step = drive.paused()
+                else:
                     try:
                         info = await stub.GetModelInfo(
                             pb.GetModelInfoRequest(),
@@ -188,37 +189,33 @@ class AsyncStreamSession:
                             metadata=core.config.metadata,
                         )
                     except grpc.RpcError as exc:
-                        if (delay := receiver.after_break(exc)) is None:
-                            return
-                        await self._sleep_unless_stopped(core, delay)
-                        continue
-                    if not receiver.adopt(info):
-                        return
-                    reconnecting = False
-                generation = core.generation
-                call = stub.ClassifyStream(
-                    self._requests(core, generation), metadata=core.config.metadata
-                )
-                self._call = call
-                error: grpc.RpcError | None = None
-                try:
-                    async for response in call:
-                        await self._wait(room)
-                        with core.lock:
-                            if not receiver.on_response_locked(generation, response):
-                                return
-                    if receiver.call_complete():
-                        return
-                except grpc.RpcError as exc:
-                    error = exc
-                if (delay := receiver.after_break(error)) is None:
-                    return
-                reconnecting = True  # the server may have been restarted with another model
-                await self._sleep_unless_stopped(core, delay)
+                        step = drive.info_failed(exc)
+                    else:
+                        step = drive.info_received(info)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            receiver.crashed(exc)
+            drive.crashed(exc)
         finally:
             core.stop()
             await channel.close(None)
+
+    async def _run_call(
+        self, core: StreamCore, drive: Drive, stub: pb_grpc.ClassifierAsyncStub, generation: int
+    ) -> Step:
+        """One ClassifyStream call, read to its end; the drive loop's next step."""
+
+        def room() -> bool | Signal:
+            return core.output_room_locked() or WAIT
+
+        call = stub.ClassifyStream(self._requests(core, generation), metadata=core.config.metadata)
+        self._call = call
+        try:
+            async for response in call:
+                await self._wait(room)
+                with core.lock:
+                    if not drive.on_response_locked(generation, response):
+                        return Stop()
+        except grpc.RpcError as exc:
+            return drive.call_ended(exc)
+        return drive.call_ended(None)

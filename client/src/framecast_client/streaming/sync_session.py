@@ -1,4 +1,4 @@
-"""The blocking session: a receiver thread runs the call."""
+"""The blocking session: a receiver thread carries out the drive loop (``drive``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
 from ..preprocess import ImageInput
 from .config import StreamConfig
+from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
 from .pipeline import WAIT, StreamCore
-from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
 from .results import StreamResult, StreamStats
 
 
@@ -96,61 +96,55 @@ class StreamSession:
             yield item
 
     def _drive(self) -> None:
-        """The receiver thread: one call after another until the stream ends."""
+        """The receiver thread: carries out the drive loop's steps until the stream ends."""
         core = self._core
-        receiver = Receiver(core)
-        reconnecting = False
-
-        def pause(delay: float) -> None:
-            with core.lock:
-                core.cond.wait_for(core.is_stopping, delay)
-
+        drive = Drive(core)
         try:
-            while True:
-                if reconnecting:
+            step = drive.start()
+            while not isinstance(step, Stop):
+                if isinstance(step, OpenCall):
+                    step = self._run_call(drive, step.generation)
+                elif isinstance(step, Pause):
+                    with core.lock:
+                        core.cond.wait_for(core.is_stopping, step.seconds)
+                    step = drive.paused()
+                else:
                     try:
                         info = self._stub.GetModelInfo(
                             pb.GetModelInfoRequest(),
                             timeout=MODEL_INFO_TIMEOUT_S,
-                            metadata=self._core.config.metadata,
+                            metadata=core.config.metadata,
                         )
                     except grpc.RpcError as exc:
-                        if (delay := receiver.after_break(exc)) is None:
-                            return
-                        pause(delay)
-                        continue
-                    if not receiver.adopt(info):
-                        return
-                    reconnecting = False
-                generation = core.generation
-                call: Any = self._stub.ClassifyStream(
-                    self._requests(generation), metadata=core.config.metadata
-                )
-                with core.lock:
-                    # close() cancels the call it finds here; a call made after it looked is
-                    # cancelled by this check instead.
-                    self._call = call
-                    if core.is_stopping():
-                        call.cancel()
-                        return
-                error: grpc.RpcError | None = None
-                try:
-                    for response in call:
-                        with core.lock:
-                            while not core.output_room_locked():
-                                core.cond.wait()
-                            if not receiver.on_response_locked(generation, response):
-                                return
-                    if receiver.call_complete():
-                        return
-                except grpc.RpcError as exc:
-                    error = exc
-                if (delay := receiver.after_break(error)) is None:
-                    return
-                reconnecting = True  # the server may have been restarted with another model
-                pause(delay)
+                        step = drive.info_failed(exc)
+                    else:
+                        step = drive.info_received(info)
         except Exception as exc:
-            receiver.crashed(exc)
+            drive.crashed(exc)
         finally:
             core.stop()
             self._channel.close()
+
+    def _run_call(self, drive: Drive, generation: int) -> Step:
+        """One ClassifyStream call, read to its end; the drive loop's next step."""
+        core = self._core
+        call: Any = self._stub.ClassifyStream(
+            self._requests(generation), metadata=core.config.metadata
+        )
+        with core.lock:
+            # close() cancels the call it finds here; a call made after it looked is
+            # cancelled by this check instead.
+            self._call = call
+            if core.is_stopping():
+                call.cancel()
+                return Stop()
+        try:
+            for response in call:
+                with core.lock:
+                    while not core.output_room_locked():
+                        core.cond.wait()
+                    if not drive.on_response_locked(generation, response):
+                        return Stop()
+        except grpc.RpcError as exc:
+            return drive.call_ended(exc)
+        return drive.call_ended(None)

@@ -1,7 +1,13 @@
-"""What the response reader does with a call: record its answers, and decide after a break.
+"""The drive loop of a stream session, written once and without I/O.
 
-:class:`Receiver` holds that logic once for both sessions; the blocking session runs it on a
-thread, the asyncio session in a task, and each only waits and iterates in its own way.
+:class:`Drive` is a state machine: the session tells it what happened (a call opened, an
+answer came, a call ended or failed, GetModelInfo answered or failed, a pause passed) and it
+says what to do next as a :data:`Step`: open a call, fetch the model info, pause, or stop.
+It records answers, decides whether and when to reconnect after a break, and adopts the
+preprocessing of a restarted server. The blocking session carries the steps out on a thread
+(``sync_session``), the asyncio session in a task (``async_session``); each keeps only its
+I/O. What to send next, and when to drop or skip frames under the rate hint, is the
+pipeline's (:class:`StreamCore`).
 """
 
 from __future__ import annotations
@@ -9,6 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 
@@ -123,17 +131,91 @@ def _log_break(config: StreamConfig, code: grpc.StatusCode, details: str, lost: 
     )
 
 
-class Receiver:
-    """The response reader of a session, from one call to the next until the stream ends.
+@dataclass(frozen=True, slots=True)
+class OpenCall:
+    """Open the next ClassifyStream call; its requests are ``core.take_locked(generation)``.
 
-    The session makes the calls, waits for room in the output before reading each answer,
-    and waits ``after_break``'s delay before the next call; this decides everything else.
+    Wait for ``core.output_room_locked()`` before reading each answer, hand each answer to
+    :meth:`Drive.on_response_locked`, then report the call's end to :meth:`Drive.call_ended`.
+    """
+
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchModelInfo:
+    """Ask GetModelInfo (within ``MODEL_INFO_TIMEOUT_S``), then report the answer or error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait ``seconds``, or until the session stops, then report :meth:`Drive.paused`."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The session ends: stop the pipeline and close the channel."""
+
+
+Step: TypeAlias = OpenCall | FetchModelInfo | Pause | Stop
+_STOP = Stop()
+_FETCH_MODEL_INFO = FetchModelInfo()
+
+
+class Drive:
+    """The drive loop of a session, from one call to the next until the stream ends.
+
+    Each method takes what just happened and returns the next :data:`Step`; nothing here
+    waits, sends or reads. After a break the session pauses, then (a restarted server may
+    serve another model) fetches the model info before the next call.
     """
 
     def __init__(self, core: StreamCore) -> None:
         self._core = core
         self._config = core.config
         self._reconnector = _Reconnector(core.config)
+        self._reconnecting = False
+
+    def start(self) -> Step:
+        """The first step of the session."""
+        return self._next()
+
+    def _next(self) -> Step:
+        if self._core.is_stopping():
+            return _STOP
+        if self._reconnecting:
+            return _FETCH_MODEL_INFO
+        return OpenCall(self._core.generation)
+
+    def paused(self) -> Step:
+        """A :class:`Pause` passed (or the session stopped meanwhile)."""
+        return self._next()
+
+    def info_received(self, info: pb.ModelInfo) -> Step:
+        """GetModelInfo answered: prepare frames as it says, then call again."""
+        if not self._adopt(info):
+            return _STOP
+        self._reconnecting = False
+        return self._next()
+
+    def info_failed(self, error: grpc.RpcError) -> Step:
+        """GetModelInfo failed: try again after a pause, or end the session."""
+        return self._broken(error)
+
+    def call_ended(self, error: grpc.RpcError | None) -> Step:
+        """The call failed with ``error``, or (None) its answers ended."""
+        if error is None and self._call_complete():
+            return _STOP
+        return self._broken(error)
+
+    def _broken(self, error: grpc.RpcError | None) -> Step:
+        delay = self._after_break(error)
+        if delay is None:
+            return _STOP
+        self._reconnecting = True
+        return Pause(delay)
 
     def on_response_locked(self, generation: int, response: pb.StreamResponse) -> bool:
         """Record an answer of call ``generation``; False when the session is stopping."""
@@ -148,7 +230,7 @@ class Receiver:
         self._reconnector.recovered()
         return True
 
-    def call_complete(self) -> bool:
+    def _call_complete(self) -> bool:
         """The call's answers ended: whether that was every frame's (the session finishes)."""
         core = self._core
         with core.lock:
@@ -157,7 +239,7 @@ class Receiver:
             core.finish()
         return drained
 
-    def after_break(self, error: grpc.RpcError | None) -> float | None:
+    def _after_break(self, error: grpc.RpcError | None) -> float | None:
         """The call failed with ``error``, or (None) ended before every frame was answered.
 
         Returns the seconds to wait before the next call, or None when the session ends: it
@@ -188,7 +270,7 @@ class Receiver:
         _log_break(self._config, code, details, lost)
         return delay
 
-    def adopt(self, info: pb.ModelInfo) -> bool:
+    def _adopt(self, info: pb.ModelInfo) -> bool:
         """Before a call after a break: prepare frames as the (maybe restarted) server says.
 
         A server restarted with another model may want other preprocessing; frames prepared
