@@ -12,10 +12,11 @@ import grpc
 
 from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
+from ..connections import open_aio_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
 from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
-from .pipeline import WAIT, Signal, StreamCore
+from .pipeline import WAIT, Signal, StreamCore, result_or_raise
 from .results import StreamResult, StreamStats, empty_latency
 
 T = TypeVar("T")
@@ -66,12 +67,10 @@ class AsyncStreamSession:
 
     async def __anext__(self) -> StreamResult:
         core = await self._started_core()
-        item = await self._wait(core.pop_locked)
-        if isinstance(item, StreamResult):
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
+        item: StreamResult | BaseException | Signal = await self._wait(core.pop_locked)
+        if (result := result_or_raise(item)) is None:
+            raise StopAsyncIteration
+        return result
 
     @property
     def stats(self) -> StreamStats:
@@ -105,11 +104,9 @@ class AsyncStreamSession:
 
                 core = StreamCore(config)
                 core.add_listener(wake)
-                options = list(config.channel_options)
-                if config.credentials is None:
-                    channel = grpc.aio.insecure_channel(config.target, options=options)
-                else:
-                    channel = grpc.aio.secure_channel(config.target, config.credentials, options)
+                channel = open_aio_channel(
+                    config.target, config.credentials, config.channel_options
+                )
                 self._wakeup, self._channel = wakeup, channel
                 self._core = core
                 core.start_threads(self._frames)

@@ -55,6 +55,14 @@ WAIT = Signal("WAIT")  # nothing to do yet: wait for the next change
 END = Signal("END")  # nothing more will come
 
 
+def result_or_raise(item: StreamResult | BaseException | Signal) -> StreamResult | None:
+    """What the user's iteration gets from ``pop_locked``: the result, or None at the end;
+    raises the failure that ended the stream."""
+    if isinstance(item, BaseException):
+        raise item
+    return item if isinstance(item, StreamResult) else None
+
+
 @dataclass(slots=True)
 class _Raw:
     index: int

@@ -10,10 +10,11 @@ import grpc
 
 from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
+from ..connections import open_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig
 from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
-from .pipeline import WAIT, StreamCore
+from .pipeline import WAIT, StreamCore, result_or_raise
 from .results import StreamResult, StreamStats
 
 
@@ -37,11 +38,7 @@ class StreamSession:
         """Start streaming ``frames`` (normally called by Client.stream)."""
         self._core = StreamCore(config)
         self._call: Any = None
-        options = list(config.channel_options)
-        if config.credentials is None:
-            self._channel = grpc.insecure_channel(config.target, options=options)
-        else:
-            self._channel = grpc.secure_channel(config.target, config.credentials, options)
+        self._channel = open_channel(config.target, config.credentials, config.channel_options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._core.start_threads(frames)
         self._driver = threading.Thread(
@@ -63,11 +60,9 @@ class StreamSession:
         with core.lock:
             while (item := core.pop_locked()) is WAIT:
                 core.cond.wait()
-        if isinstance(item, StreamResult):
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        raise StopIteration
+        if (result := result_or_raise(item)) is None:
+            raise StopIteration
+        return result
 
     @property
     def stats(self) -> StreamStats:
