@@ -17,7 +17,7 @@ from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
 from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
 from .pipeline import WAIT, Signal, StreamCore, result_or_raise
-from .results import StreamResult, StreamStats, empty_latency
+from .results import Counters, StreamResult, StreamStats
 
 T = TypeVar("T")
 
@@ -76,8 +76,7 @@ class AsyncStreamSession:
     def stats(self) -> StreamStats:
         """Live counters and latency percentiles (all zero before the session starts)."""
         if self._core is None:
-            empty = empty_latency()
-            return StreamStats(self._mode, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, empty, empty)
+            return Counters(self._mode).snapshot(0.0)
         return self._core.stats()
 
     async def start(self) -> None:
