@@ -348,7 +348,7 @@ def test_a_preprocessing_this_client_does_not_know_ends_the_session_with_the_rea
     newer = pb.ModelInfo(
         preprocessing=pb.Preprocessing(resize_policy=unknown), preprocessing_id="new"
     )
-    assert Drive(core).info_received(newer) == Stop()
+    assert Drive(core).info_answered(newer) == Stop()
     with core.lock:
         failure = core.pop_locked()
     assert isinstance(failure, WireFormatError)

@@ -20,10 +20,11 @@ from typing import TextIO
 
 import numpy as np
 
+from .cli import add_address_arguments
 from .cli_args import positive_float, positive_int
-from .client import DEFAULT_ADDRESS, Client
+from .client import Client
 from .errors import FramecastError
-from .security_cli import add_security_arguments, client_security
+from .security_cli import client_security
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
@@ -95,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="synthetic[:WxH][@FPS], a directory of images, an image or video file, a URL "
         "(rtsp://, http://, ...) or webcam[:N]",
     )
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    add_address_arguments(p, timeout=False)
     p.add_argument(
         "--duration",
         type=positive_float,
@@ -147,7 +148,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the server drops frames older than this many milliseconds (from capture) "
         "before computing them; the summary counts them (default: no limit)",
     )
-    add_security_arguments(p)
     p.set_defaults(handler=run)
 
 

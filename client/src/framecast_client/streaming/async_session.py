@@ -15,7 +15,7 @@ from .._proto import classifier_pb2_grpc as pb_grpc
 from ..connections import open_aio_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
-from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
+from .drive import Drive, OpenCall, Pause, Step, Stop
 from .pipeline import WAIT, Signal, StreamCore, result_or_raise
 from .results import Counters, StreamResult, StreamStats
 
@@ -178,16 +178,15 @@ class AsyncStreamSession:
                     await self._sleep_unless_stopped(core, step.seconds)
                     step = drive.paused()
                 else:
+                    outcome: pb.ModelInfo | grpc.RpcError
                     try:
-                        info = await stub.GetModelInfo(
-                            pb.GetModelInfoRequest(),
-                            timeout=MODEL_INFO_TIMEOUT_S,
-                            metadata=core.config.metadata,
+                        call = stub.GetModelInfo(
+                            pb.GetModelInfoRequest(), timeout=step.timeout, metadata=step.metadata
                         )
+                        outcome = await call
                     except grpc.RpcError as exc:
-                        step = drive.info_failed(exc)
-                    else:
-                        step = drive.info_received(info)
+                        outcome = exc
+                    step = drive.info_answered(outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -22,7 +22,7 @@ import grpc
 
 from .. import wire
 from .._proto import classifier_pb2 as pb
-from .._rpc import from_status
+from .._rpc import from_status, rpc_status
 from ..errors import RpcError, UnavailableError
 from ..wire_format import WireFormatError
 from .config import StreamConfig
@@ -66,13 +66,6 @@ def _retriable(code: grpc.StatusCode, details: str) -> bool:
         lowered = details.lower()
         return any(marker in lowered for marker in _RESET_MARKERS)
     return False
-
-
-def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return code, details or ""
 
 
 class _Reconnector:
@@ -144,7 +137,11 @@ class OpenCall:
 
 @dataclass(frozen=True, slots=True)
 class FetchModelInfo:
-    """Ask GetModelInfo (within ``MODEL_INFO_TIMEOUT_S``), then report the answer or error."""
+    """Ask GetModelInfo with these call options; report the answer or error to
+    :meth:`Drive.info_answered`."""
+
+    timeout: float
+    metadata: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +158,6 @@ class Stop:
 
 Step: TypeAlias = OpenCall | FetchModelInfo | Pause | Stop
 _STOP = Stop()
-_FETCH_MODEL_INFO = FetchModelInfo()
 
 
 class Drive:
@@ -177,6 +173,7 @@ class Drive:
         self._config = core.config
         self._reconnector = _Reconnector(core.config)
         self._reconnecting = False
+        self._fetch = FetchModelInfo(MODEL_INFO_TIMEOUT_S, tuple(core.config.metadata))
 
     def start(self) -> Step:
         """The first step of the session."""
@@ -186,23 +183,22 @@ class Drive:
         if self._core.is_stopping():
             return _STOP
         if self._reconnecting:
-            return _FETCH_MODEL_INFO
+            return self._fetch
         return OpenCall(self._core.generation)
 
     def paused(self) -> Step:
         """A :class:`Pause` passed (or the session stopped meanwhile)."""
         return self._next()
 
-    def info_received(self, info: pb.ModelInfo) -> Step:
-        """GetModelInfo answered: prepare frames as it says, then call again."""
-        if not self._adopt(info):
+    def info_answered(self, outcome: pb.ModelInfo | grpc.RpcError) -> Step:
+        """GetModelInfo answered (prepare frames as it says, then call again) or failed (try
+        again after a pause, or end the session)."""
+        if isinstance(outcome, grpc.RpcError):
+            return self._broken(outcome)
+        if not self._adopt(outcome):
             return _STOP
         self._reconnecting = False
         return self._next()
-
-    def info_failed(self, error: grpc.RpcError) -> Step:
-        """GetModelInfo failed: try again after a pause, or end the session."""
-        return self._broken(error)
 
     def call_ended(self, error: grpc.RpcError | None) -> Step:
         """The call failed with ``error``, or (None) its answers ended."""

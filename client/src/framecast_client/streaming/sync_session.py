@@ -13,7 +13,7 @@ from .._proto import classifier_pb2_grpc as pb_grpc
 from ..connections import open_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig
-from .drive import MODEL_INFO_TIMEOUT_S, Drive, OpenCall, Pause, Step, Stop
+from .drive import Drive, OpenCall, Pause, Step, Stop
 from .pipeline import WAIT, StreamCore, result_or_raise
 from .results import StreamResult, StreamStats
 
@@ -104,16 +104,15 @@ class StreamSession:
                         core.cond.wait_for(core.is_stopping, step.seconds)
                     step = drive.paused()
                 else:
+                    request = pb.GetModelInfoRequest()
+                    outcome: pb.ModelInfo | grpc.RpcError
                     try:
-                        info = self._stub.GetModelInfo(
-                            pb.GetModelInfoRequest(),
-                            timeout=MODEL_INFO_TIMEOUT_S,
-                            metadata=core.config.metadata,
+                        outcome = self._stub.GetModelInfo(
+                            request, timeout=step.timeout, metadata=step.metadata
                         )
                     except grpc.RpcError as exc:
-                        step = drive.info_failed(exc)
-                    else:
-                        step = drive.info_received(info)
+                        outcome = exc
+                    step = drive.info_answered(outcome)
         except Exception as exc:
             drive.crashed(exc)
         finally:
