@@ -24,6 +24,7 @@ def test_gpu_feeding_measures_every_design_and_checks_the_acceptance_lines(
     command = [
         sys.executable, str(ROOT / "benchmarks" / "gpu_feeding.py"),
         "--counts", "2", "--seconds", "0.5", "--warmup", "0.5", "--rounds", "1",
+        "--handoff-rounds", "2",
         "--cache-dir", str(cache_dir), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
@@ -41,5 +42,13 @@ def test_gpu_feeding_measures_every_design_and_checks_the_acceptance_lines(
     # Every acceptance line is checked and reported, whichever way it came out.
     assert len(results["checks"]) == 3  # two against per-worker at N=2, the hand-off's CPU
     assert len(results["notes"]) == 2  # against per-worker+mps
+    # The hand-off: both servers, loaded in turn, one window each per round; the cost is the
+    # median of the rounds' paired differences, reported with their spread.
+    handoff = [row for row in results["rows"] if row["design"].startswith("null")]
+    assert sorted((row["round"], row["design"]) for row in handoff) == [
+        (r, d) for r in range(2) for d in ("null-per-worker", "null-shared")
+    ]
+    assert results["handoff"]["rounds"] == 2
+    assert len(results["handoff"]["extra_us_per_frame"]) == 2
     assert "SIMULATED device" in done.stdout
     assert "hand-off costs" in done.stdout

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from framecast_server.backends.base import Backend, BackendError, BackendInfo
+from framecast_server.backends.base import Backend, BackendError, BackendInfo, GatheringBackend
 from framecast_server.backends.null import NullBackend
 from framecast_server.core.batcher import Batcher, BatcherSettings
 from numpy.typing import NDArray
@@ -110,3 +110,16 @@ async def test_results_through_the_batcher_match_the_frames() -> None:
         await batcher.close()
     for keys, items in zip(requests, outcomes, strict=True):
         assert [int(item.probabilities.argmax()) for item in items] == [k % 100 for k in keys]
+
+
+def test_infer_parts_answers_as_infer_of_the_joined_batch() -> None:
+    backend = NullBackend(max_batch=4, input_size=8)
+    assert isinstance(backend, GatheringBackend)  # the batcher hands it the parts unjoined
+    parts = [np.full((n, 8, 8, 3), key, np.uint8) for n, key in ((1, 7), (2, 200), (1, 3))]
+    joined = backend.infer(np.concatenate(parts))
+    np.testing.assert_array_equal(backend.infer_parts(parts), joined)
+    assert backend.infer_parts(parts).argmax(axis=1).tolist() == [7, 200, 200, 3]
+    with pytest.raises(BackendError, match="outside"):
+        backend.infer_parts([*parts, parts[0]])
+    with pytest.raises(BackendError, match="expected uint8"):
+        backend.infer_parts([parts[0], np.zeros((1, 4, 4, 3), np.uint8)])

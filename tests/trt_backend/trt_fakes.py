@@ -6,7 +6,11 @@ They fail where a GPU would, rather than only recording calls:
   when that stream is synchronized, so results read before ``Stream.synchronize`` are not there.
 * A host buffer enqueued for a copy is poisoned until its stream syncs: an input buffer turns
   read-only (writing the next batch into it raises), an output buffer is filled with NaN.
-* Host memory given to async copies must be page-locked (from ``pagelocked_empty``), every call
+* Host memory given to async copies must be page-locked: from ``pagelocked_empty``, or
+  registered in place with ``register_host_memory`` (and not unregistered since); a copy from
+  any other host memory raises, as a real async copy from pageable memory would silently
+  stage it through a synchronous host copy. Every host-to-device copy's source is logged
+  (``FakeDriver.h2d_sources``: which kind of pinned memory, where, how many bytes). Every call
   that touches the device needs a current context, and copies must name a stream.
 * ``set_tensor_address`` and ``execute_async_v3`` take plain integers only (a pycuda object
   raises TypeError, as pybind11 does); ``set_input_shape`` refuses shapes outside the profile.
@@ -108,6 +112,44 @@ class _HostBuffer(np.ndarray[Any, Any]):
         self.freed = True
 
 
+@dataclass(frozen=True, slots=True)
+class HostSource:
+    """The host memory one host-to-device copy read."""
+
+    kind: str  # "pagelocked" (pagelocked_empty) or "registered" (register_host_memory)
+    address: int
+    nbytes: int
+
+
+class _Registration:
+    """What pycuda's register_host_memory returns as its array's ``.base``: the registration,
+    with ``unregister()``. The array is built from it (``__array_interface__``), as pycuda's."""
+
+    def __init__(self, driver: FakeDriver, array: NDArray[np.uint8]) -> None:
+        self._driver = driver
+        self.array = array  # keeps the memory alive while registered, as the real one does
+        self.start, self.end = np.lib.array_utils.byte_bounds(array)
+        self.active = True
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        return {
+            "shape": (self.end - self.start,),
+            "typestr": "|u1",
+            "data": (self.start, False),
+            "version": 3,
+        }
+
+    def unregister(self) -> None:
+        driver = self._driver
+        driver._record("RegisteredHostMemory.unregister")
+        driver._require_context("RegisteredHostMemory.unregister")
+        if not self.active:
+            raise FakeCudaError("cuMemHostUnregister failed: host memory not registered")
+        self.active = False
+        driver.registrations.remove(self)
+
+
 class FakeDriver(types.ModuleType):
     """A fake pycuda.driver: device memory is a dict of bytearrays keyed by fake address."""
 
@@ -115,6 +157,7 @@ class FakeDriver(types.ModuleType):
     ctx_flags = types.SimpleNamespace(
         SCHED_AUTO=0, SCHED_SPIN=1, SCHED_YIELD=2, SCHED_BLOCKING_SYNC=4
     )
+    mem_host_register_flags = types.SimpleNamespace(PORTABLE=1, DEVICEMAP=2)
 
     def __init__(self) -> None:
         super().__init__("pycuda.driver")
@@ -139,6 +182,8 @@ class FakeDriver(types.ModuleType):
         self.hold: threading.Event | None = None
         self.streams: dict[int, Any] = {}
         self._pinned: dict[int, NDArray[Any]] = {}  # id(root array) -> root array
+        self.registrations: list[_Registration] = []  # host memory registered now
+        self.h2d_sources: list[HostSource] = []
         self._poison: dict[int, int] = {}  # id(root array) -> pending copies using it
         self._addresses = itertools.count(0x1000, 0x100000)
         self._handles = itertools.count(0x7F00)
@@ -285,14 +330,38 @@ class FakeDriver(types.ModuleType):
         if not self._stack():
             raise FakeCudaError(f"{name} failed: invalid device context (none is current)")
 
-    def _root(self, array: NDArray[Any], name: str) -> NDArray[Any]:
-        """The pagelocked_empty array ``array`` lies in; raises if it is not pinned memory."""
+    def _root(self, array: NDArray[Any], name: str) -> NDArray[Any] | None:
+        """The pagelocked_empty array ``array`` lies in (None: it lies in registered memory);
+        raises if it is neither pinned nor registered now, or not contiguous."""
+        if not array.flags.c_contiguous:
+            raise FakeCudaError(f"{name}: host buffer is not contiguous")
         lo, hi = np.lib.array_utils.byte_bounds(array)
         for root in self._pinned.values():
             root_lo, root_hi = np.lib.array_utils.byte_bounds(root)
             if root_lo <= lo and hi <= root_hi:
                 return root
-        raise FakeCudaError(f"{name}: host memory is not page-locked (use pagelocked_empty)")
+        if any(r.start <= lo and hi <= r.end for r in self.registrations):
+            return None
+        raise FakeCudaError(
+            f"{name}: host memory is not page-locked (pagelocked_empty or register_host_memory)"
+        )
+
+    def register_host_memory(self, array: NDArray[Any], flags: int = 0) -> NDArray[Any]:
+        """Page-lock existing host memory in place: the returned array shares it, and its
+        ``.base`` is the registration (``unregister()``)."""
+        self._record("register_host_memory")
+        self._require_context("register_host_memory")
+        if type(flags) is not int or flags & ~3:
+            raise FakeCudaError(f"cuMemHostRegister failed: invalid flags {flags!r}")
+        if not isinstance(array, np.ndarray) or not array.flags.c_contiguous or not array.nbytes:
+            raise FakeCudaError("cuMemHostRegister failed: not a contiguous host buffer")
+        registration = _Registration(self, array)
+        for other in self.registrations:
+            if registration.start < other.end and other.start < registration.end:
+                raise FakeCudaError("cuMemHostRegister failed: host memory already registered")
+        self.registrations.append(registration)
+        registered: NDArray[Any] = np.asarray(registration)
+        return registered
 
     def _poison_root(self, root: NDArray[Any], stream: Any) -> None:
         key = id(root)
@@ -350,19 +419,32 @@ class FakeDriver(types.ModuleType):
         stream = self._stream(stream, "memcpy_htod_async")
         root = self._root(src, "memcpy_htod_async")
         address, nbytes = int(dst), src.nbytes
+        kind = "registered" if root is None else "pagelocked"
+        source_address = int(src.__array_interface__["data"][0])
+        self.h2d_sources.append(HostSource(kind, source_address, nbytes))
+        offset = 0
+        if address not in self.memory:  # an address inside an allocation: copy at an offset
+            base = max(a for a in self.memory if a <= address)
+            address, offset = base, address - base
+
+        if offset + nbytes > len(self.memory[address]):
+            raise FakeCudaError("memcpy_htod_async: copy past the end of the device allocation")
 
         def copy() -> None:
-            self.memory[address][:nbytes] = src.tobytes()
+            self.memory[address][offset : offset + nbytes] = src.tobytes()
 
         self._schedule(stream, "h2d", nbytes * H2D_TICKS_PER_BYTE)
         stream.queued.append(copy)
-        self._poison_root(root, stream)
+        if root is not None:
+            self._poison_root(root, stream)
 
     def memcpy_dtoh_async(self, dst: NDArray[Any], src: Any, stream: Any) -> None:
         self._record("memcpy_dtoh_async")
         self._require_context("memcpy_dtoh_async")
         stream = self._stream(stream, "memcpy_dtoh_async")
         root = self._root(dst, "memcpy_dtoh_async")
+        if root is None:
+            raise FakeCudaError("memcpy_dtoh_async: the backend never copies into shared memory")
         address = int(src)
         if np.issubdtype(dst.dtype, np.floating):
             dst[...] = np.nan  # what a reader sees before the stream is synchronized

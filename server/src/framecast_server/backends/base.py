@@ -84,3 +84,20 @@ class GatheringBackend(Protocol):
         """Classify the images of ``parts`` ([n_i, H, W, 3] each) as one batch, in order;
         1 <= sum(n_i) <= max_batch. Raises BackendError on failure."""
         ...
+
+
+@runtime_checkable
+class HostRegisteringBackend(Protocol):
+    """A backend whose device copies can read long-lived host memory in place once it is
+    registered (TensorRT: page-locked where it lies with ``cudaHostRegister``): the parts of a
+    batch that lie in registered memory are copied to the device from there, no host copy."""
+
+    def register_host_memory(self, buffer: NDArray[np.uint8]) -> None:
+        """Register ``buffer`` (1-D, contiguous); it must stay mapped until unregistered.
+        Raises BackendError when the memory cannot be registered."""
+        ...
+
+    def unregister_host_memory(self, buffer: NDArray[np.uint8]) -> None:
+        """Undo ``register_host_memory(buffer)`` once no batch reads it; the memory may then
+        be unmapped. ``close`` unregisters what is still registered."""
+        ...

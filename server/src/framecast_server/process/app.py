@@ -94,7 +94,7 @@ class FramecastServer:
         ``--workers``, see workers.py); otherwise a second server on a taken port fails.
         shared_metrics: a worker's metrics go to the supervisor, which serves /metrics.
         inference: (link, index): a front end of ``--inference shared``; its frames go to the
-        inference process (shared_inference.py), which owns the backend and the one batcher.
+        inference process (shared_inference/), which owns the backend and the one batcher.
         """
         self.settings = settings
         self._backend_factory = backend_factory

@@ -8,7 +8,7 @@ them. A connection stays with its worker, so a camera's stream is served in orde
 
 Two designs (``--inference``): each worker with its own backend (per-worker), or the workers
 as front ends that hand their frames through shared memory to one inference process that owns
-the backend and batches across all of them (shared; shared_inference.py). Per-worker is what
+the backend and batches across all of them (shared; shared_inference/). Per-worker is what
 scales on the CPU (each worker's ONNX Runtime gets its share of the cores) and adds no hop;
 shared is what feeds a GPU, whose throughput needs batches in the tens to hundreds that N
 workers' own queues do not form, and whose CUDA contexts time-slice the device without MPS.

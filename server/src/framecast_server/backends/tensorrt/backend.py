@@ -10,7 +10,10 @@ overlap only exists when two batches are in flight at once, i.e. when callers us
 (or call ``infer`` from several threads); a single caller doing ``infer`` one batch at a time
 gets plain sequential execution, which is still correct. ``infer_parts`` takes a batch as the
 batcher has it, one array per request, and the worker copies each straight into the slot's
-pinned input buffer: the batch's one host copy.
+pinned input buffer: the batch's one host copy. Host memory registered with
+``register_host_memory`` (the shared inference process's regions, page-locked in place with
+``cudaHostRegister``) needs not even that: the parts that lie there are copied to the device
+from where they are, one async copy per run of adjacent parts.
 
 The worker runs on the device's primary context (see ``cuda.CudaContext``), the one TensorRT's
 builder and runtime also use, so a process holds one CUDA context.
@@ -31,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NUM_SLOTS = 2
+_FRAME_BYTES = IMAGE_SIZE * IMAGE_SIZE * CHANNELS
 
 
 class EngineDeserializeError(TensorRTCallError):
@@ -152,23 +156,53 @@ class _Slot:
         self.dev_out = cuda.DeviceBuffer(layout.output_bytes)
         self.buffers = [self.dev_in, self.dev_out]
 
-    def enqueue(self, parts: Sequence[NDArray[np.uint8]], n: int) -> None:
+    def enqueue(
+        self,
+        parts: Sequence[NDArray[np.uint8]],
+        n: int,
+        registered: Sequence[cuda.RegisteredHostMemory] = (),
+    ) -> None:
         """Queue copy-in, inference and copy-out of one batch of ``n`` images on this slot's
-        stream; the batch's ``parts`` are gathered straight into the pinned input buffer."""
+        stream. Parts in ``registered`` memory are copied to the device from where they lie;
+        the others are gathered straight into the pinned input buffer (the batch's only host
+        copy) and copied from there."""
         assert self.context is not None, "slot used after free"
         assert self.stream is not None, "slot used after free"
         host_in = self.host_in.array[:n]
+        # The batch's copies, each a run of adjacent parts: [region or None (gathered into
+        # host_in), source byte address or first image, bytes, byte offset in the batch].
+        runs: list[list[Any]] = []
         offset = 0
-        for part in parts:  # the batch's only host copy: each request's frames into place
-            np.copyto(host_in[offset : offset + part.shape[0]], part)
-            offset += part.shape[0]
+        for part in parts:
+            count = part.shape[0]
+            at = offset * _FRAME_BYTES
+            region = next((r for r in registered if r.holds(part)), None)
+            last = runs[-1] if runs else None
+            if region is None:
+                np.copyto(host_in[offset : offset + count], part)
+                if last is not None and last[0] is None:
+                    last[2] += part.nbytes
+                else:
+                    runs.append([None, offset, part.nbytes, at])
+            else:
+                address = int(part.__array_interface__["data"][0])
+                if last is not None and last[0] is region and last[1] + last[2] == address:
+                    last[2] += part.nbytes  # the next frames in the region: one copy for both
+                else:
+                    runs.append([region, address, part.nbytes, at])
+            offset += count
+        for region, start, nbytes, at in runs:
+            if region is None:
+                source = host_in[start : start + nbytes // _FRAME_BYTES]
+            else:
+                source = region.view(start, nbytes)
+            cuda.copy_to_device_async(self.dev_in, source, self.stream, at)
         ctx = self.context
         if not succeeded(ctx.set_input_shape(INPUT_NAME, (n, IMAGE_SIZE, IMAGE_SIZE, CHANNELS))):
             raise TensorRTCallError("IExecutionContext.set_input_shape", f"batch {n} rejected")
         for name, buffer in ((INPUT_NAME, self.dev_in), (OUTPUT_NAME, self.dev_out)):
             if not succeeded(ctx.set_tensor_address(name, buffer.address)):
                 raise TensorRTCallError("IExecutionContext.set_tensor_address", name)
-        cuda.copy_to_device_async(self.dev_in, host_in, self.stream)
         if not succeeded(ctx.execute_async_v3(self.stream.handle)):
             raise TensorRTCallError("IExecutionContext.execute_async_v3", f"batch of {n}")
         cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)
@@ -198,6 +232,14 @@ class _Job:
     future: Future[NDArray[np.float32]]
 
 
+@dataclass(slots=True)
+class _Call:
+    """Work for the worker thread between batches (host memory registration)."""
+
+    run: Callable[[], None]
+    future: Future[None]
+
+
 class TensorRTBackend:
     """A Backend running a deserialized TensorRT plan on GPU ``device_index``."""
 
@@ -215,7 +257,9 @@ class TensorRTBackend:
         """
         self._settings = settings
         self._info = BackendInfo(name="tensorrt", precision=settings.precision, device=device_name)
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | _Call | None] = queue.SimpleQueue()
+        # Host memory registered with CUDA (the worker's alone, like everything GPU-side).
+        self._registered: list[cuda.RegisteredHostMemory] = []
         self._closed = False
         self._broken: str | None = None
         self._on_broken: list[Callable[[str], object]] = []
@@ -301,6 +345,33 @@ class TensorRTBackend:
         """Classify the images of ``parts`` as one batch (the batcher's requests, unjoined)."""
         return self.submit_parts(parts).result()
 
+    def register_host_memory(self, buffer: NDArray[np.uint8]) -> None:
+        """Page-lock ``buffer`` where it lies (``cudaHostRegister``, portable): batch parts
+        inside it are then copied to the device from there (see the module doc)."""
+        self._on_worker(lambda: self._registered.append(cuda.RegisteredHostMemory(buffer)))
+
+    def unregister_host_memory(self, buffer: NDArray[np.uint8]) -> None:
+        """Unpin ``buffer`` (registered earlier), once the batches queued before are done."""
+        start = int(buffer.__array_interface__["data"][0])
+
+        def unregister() -> None:
+            for region in [r for r in self._registered if r.start == start]:
+                region.unregister()
+                self._registered.remove(region)
+
+        self._on_worker(unregister)
+
+    def _on_worker(self, run: Callable[[], None]) -> None:
+        """Run ``run`` on the worker thread, after every batch queued before; wait for it."""
+        future: Future[None] = Future()
+        with self._close_lock:
+            if self._broken is not None:
+                raise BackendBrokenError(self._broken)
+            if self._closed:
+                raise BackendError("TensorRT backend is closed")
+            self._queue.put(_Call(run, future))
+        future.result()
+
     def close(self) -> None:
         """Finish queued batches, then free contexts, engine, buffers, streams and the CUDA
         context on the worker thread; idempotent."""
@@ -353,6 +424,12 @@ class TensorRTBackend:
     def _teardown(self) -> None:
         # Order matters: contexts before the engine, the engine before the runtime, and all
         # of it while the CUDA context is still current on this thread.
+        for region in self._registered:
+            try:
+                region.unregister()
+            except TensorRTBackendError:
+                logger.exception("unregistering host memory failed")
+        self._registered.clear()
         for slot in self._slots:
             try:
                 slot.free()
@@ -395,9 +472,22 @@ class TensorRTBackend:
                 if job is None:
                     stopping = True
                     break
+                if isinstance(job, _Call):
+                    # Between batches: what was queued before it finishes first (an
+                    # unregistered region must be read by no copy still queued).
+                    while in_flight:
+                        if not self._collect(in_flight, free):
+                            return
+                    try:
+                        job.run()
+                    except BaseException as exc:
+                        job.future.set_exception(exc)
+                    else:
+                        job.future.set_result(None)
+                    continue
                 slot = free.popleft()
                 try:
-                    slot.enqueue(job.parts, job.n)
+                    slot.enqueue(job.parts, job.n, self._registered)
                 except StickyCudaError as exc:
                     self._break(exc, [job, *(j for _, j in in_flight)])
                     return
@@ -418,15 +508,21 @@ class TensorRTBackend:
                 if stopping:
                     return
                 continue
-            slot, job = in_flight.popleft()
-            try:
-                job.future.set_result(slot.collect(job.n))
-            except StickyCudaError as exc:
-                self._break(exc, [job, *(j for _, j in in_flight)])
+            if not self._collect(in_flight, free):
                 return
-            except BaseException as exc:
-                self._fail(job, exc)
-            free.append(slot)
+
+    def _collect(self, in_flight: deque[tuple[_Slot, _Job]], free: deque[_Slot]) -> bool:
+        """Wait for the oldest batch in flight and answer it; False once the backend broke."""
+        slot, job = in_flight.popleft()
+        try:
+            job.future.set_result(slot.collect(job.n))
+        except StickyCudaError as exc:
+            self._break(exc, [job, *(j for _, j in in_flight)])
+            return False
+        except BaseException as exc:
+            self._fail(job, exc)
+        free.append(slot)
+        return True
 
     def _break(self, exc: StickyCudaError, jobs: list[_Job]) -> None:
         """Mark the backend broken, fail ``jobs`` and everything queued, tell the callbacks."""
@@ -443,7 +539,9 @@ class TensorRTBackend:
                 queued = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if queued is not None:
+            if isinstance(queued, _Call):
+                queued.future.set_exception(BackendBrokenError(reason))
+            elif queued is not None:
                 jobs.append(queued)
         for job in jobs:
             error = BackendBrokenError(reason)

@@ -233,11 +233,58 @@ class PinnedArray:
             _call("HostAllocation.free", host_allocation.free)
 
 
-def copy_to_device_async(dst: DeviceBuffer, src: NDArray[Any], stream: CudaStream) -> None:
-    """Queue a host-to-device copy of ``src`` (pinned, contiguous) into the start of ``dst``."""
-    if src.nbytes > dst.nbytes:
-        raise ValueError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte device buffer")
-    _call("memcpy_htod_async", _driver().memcpy_htod_async, dst.address, src, stream.raw)
+class RegisteredHostMemory:
+    """Host memory that exists already (a shared-memory region), page-locked where it lies and
+    registered with CUDA (``cuMemHostRegister``), so async copies read it in place.
+
+    ``PORTABLE``: the memory counts as pinned for every CUDA context, not only the one current
+    when it was registered (it is the primary context here, but the flag makes that not
+    matter). No ``DEVICEMAP``: the device never reads it through a mapping, only by copies.
+    """
+
+    def __init__(self, array: NDArray[np.uint8]) -> None:
+        if array.ndim != 1 or not array.flags.c_contiguous:
+            raise ValueError("only a 1-D contiguous array can be registered")
+        drv = _driver()
+        flags = int(drv.mem_host_register_flags.PORTABLE)
+        # pycuda returns a new array over the same memory, whose .base is the registration.
+        self._array: NDArray[np.uint8] | None = _call(
+            "register_host_memory", drv.register_host_memory, array, flags
+        )
+        self.start = int(array.__array_interface__["data"][0])
+        self.end = self.start + array.nbytes
+
+    def holds(self, part: NDArray[Any]) -> bool:
+        """Whether ``part`` (contiguous) lies wholly inside this registered memory."""
+        if self._array is None or not part.flags.c_contiguous:
+            return False
+        address = int(part.__array_interface__["data"][0])
+        return self.start <= address and address + part.nbytes <= self.end
+
+    def view(self, address: int, nbytes: int) -> NDArray[np.uint8]:
+        """The registered array's bytes [address, address + nbytes): a copy's source."""
+        if self._array is None:
+            raise CudaError("pycuda.driver.RegisteredHostMemory", "memory already unregistered")
+        return self._array[address - self.start : address - self.start + nbytes]
+
+    def unregister(self) -> None:
+        """Unpin the memory (it stays mapped, as it was); idempotent."""
+        if self._array is not None:
+            array, self._array = self._array, None
+            registration: Any = array.base
+            _call("RegisteredHostMemory.unregister", registration.unregister)
+
+
+def copy_to_device_async(
+    dst: DeviceBuffer, src: NDArray[Any], stream: CudaStream, offset: int = 0
+) -> None:
+    """Queue a host-to-device copy of ``src`` (pinned or registered, contiguous) into ``dst``
+    at byte ``offset``."""
+    if offset < 0 or offset + src.nbytes > dst.nbytes:
+        raise ValueError(
+            f"copy of {src.nbytes} bytes at {offset} into a {dst.nbytes}-byte device buffer"
+        )
+    _call("memcpy_htod_async", _driver().memcpy_htod_async, dst.address + offset, src, stream.raw)
 
 
 def copy_to_host_async(dst: NDArray[Any], src: DeviceBuffer, stream: CudaStream) -> None:
