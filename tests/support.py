@@ -570,6 +570,18 @@ def served_host(
         process.wait()
 
 
+def in_process_only(reason: str) -> Callable[[Any], Any]:
+    """For a suite run against both kinds of host: this test runs in process only (its shared
+    variant is reported skipped, saying why)."""
+    skipped = pytest.param(SHARED, marks=pytest.mark.skip(reason=f"in-process only: {reason}"))
+
+    def mark(test: Any) -> Any:
+        test = pytest.mark.parametrize("host_kind", [IN_PROCESS, skipped], indirect=True)(test)
+        return pytest.mark.usefixtures("host_kind")(test)
+
+    return mark
+
+
 @pytest.fixture(params=HOST_KINDS)
 def host_kind(request: pytest.FixtureRequest) -> str:
     """Which kind of host a parametrized test runs against (HOST_KINDS)."""
