@@ -115,7 +115,7 @@ def main() -> None:
         (spec.factory.control / "link.json").write_text(json.dumps(dataclasses.asdict(link)))
         return link
 
-    shared_inference.create_link = recorded_link  # type: ignore[assignment]
+    shared_inference.create_link = recorded_link
     supervisor = Supervisor(
         spec.settings,
         spec.workers,

@@ -289,12 +289,16 @@ class Host:
 
 
 @contextlib.contextmanager
-def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+def serve_workers(
+    cache_dir: Path, tmp_path: Path, *, inference: str = "per-worker"
+) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM;
+    ``inference``: ``--inference`` (per-worker backends, or one shared inference process)."""
     port_file = tmp_path / "port"
     log = tmp_path / "serve.log"
     command = [
         sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
+        "--inference", inference,
         "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
         "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
     ]  # fmt: skip
@@ -556,9 +560,9 @@ def served_host(
         )
         assert process.poll() is None, log.read_text()
         address = f"127.0.0.1:{port_file.read_text().strip()}"
-        host = _SharedHost(process, address, control, log)
-        host.forget()  # the warm-up images
-        yield host
+        shared = _SharedHost(process, address, control, log)
+        shared.forget()  # the warm-up images
+        yield shared
     finally:
         (control / "hold").unlink(missing_ok=True)
         if process.poll() is None:

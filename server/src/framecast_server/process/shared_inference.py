@@ -468,7 +468,9 @@ class InferenceProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.backend: RemoteBackend | None = None
         self._answered = 0
-        self._failed = 0
+        self._failed = 0  # by the backend (or the inference process closing)
+        self._expired = 0  # their deadline passed before compute
+        self._cancelled = 0  # withdrawn by their caller (a cancelled call, a closed stream)
         self._rejected = 0
 
     # The Batcher interface the servicers use --------------------------------------------
@@ -500,8 +502,8 @@ class InferenceProxy:
             images_run=self._answered,
             failed_batches=0,
             failed_images=self._failed,
-            dropped_expired=0,
-            dropped_cancelled=0,
+            dropped_expired=self._expired,
+            dropped_cancelled=self._cancelled,
             rejected_full=self._rejected,
             admitted_bytes=self.admitted_bytes,
             callers=len(self._callers),
@@ -647,10 +649,17 @@ class InferenceProxy:
             if pending is None:
                 return
             self._release(pending)
-            self._failed += pending.n
+            error = _ERRORS[error_kind]
+            # Counted by reason, as the Batcher counts them (the metrics' failure reasons).
+            if pending.cancelled():
+                self._cancelled += pending.n
+            elif error is DeadlineExpiredError:
+                self._expired += pending.n
+            else:
+                self._failed += pending.n
             if not pending.done():
                 message = bytes(body[_ERROR_BODY.size :]).decode(errors="replace")
-                pending.set_exception(_ERRORS[error_kind](message))
+                pending.set_exception(error(message))
         elif kind == _READY:
             max_batch, _classes, length = _READY_BODY.unpack_from(body)
             start = _READY_BODY.size
