@@ -48,8 +48,8 @@ def keyed(key: int) -> NDArray[np.uint8]:
 
 
 def stream_key(stream: int, i: int) -> int:
-    """Frame ``i`` of stream ``stream``: keys 1..240 apart per stream, none shared (mod 256
-    within a stream, and the streams' ranges start 80 apart: told apart by their order)."""
+    """The key of frame ``i`` of stream ``stream``: each stream's run of keys starts at its
+    own offset, so an answer given to the wrong stream, or out of order, breaks the run."""
     return (1 + stream * 80 + i) % 256
 
 
@@ -119,11 +119,13 @@ class Stream:
             yield keyed(stream_key(self.index, i))
 
     def start(self) -> None:
-        # Its own connection, opened (and so placed on a front end) before the stream starts.
-        self.client = Client(self.address, timeout=WAIT_S)
-        self.client.model_info()
+        """Start the stream (a session has a connection of its own) and wait for an answer."""
+        if self.client is None:
+            self.client = Client(self.address, timeout=WAIT_S)
+            self.client.model_info()  # its unary connection, opened before the stream's
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
+        wait_until(lambda: self.outcomes, "the stream's first answer", timeout_s=WAIT_S)
 
     def _run(self) -> None:
         assert self.client is not None
@@ -298,6 +300,10 @@ def test_a_killed_front_end_loses_only_its_own_connections(host: Host) -> None:
     ]
     try:
         for worker in workers:
+            if isinstance(worker, Stream):
+                # Its client's unary connection first (model_info), then the stream's own.
+                worker.client = Client(host.address, timeout=WAIT_S)
+                worker.client.model_info()
             before = {pid: connections(pid, port) for pid in fronts}
             worker.start()
             grew = [pid for pid in fronts if connections(pid, port) - before[pid]]
