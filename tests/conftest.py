@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from framecast_client import Client
 from framecast_server.process.background import BackgroundServer
-from support import make_settings, start_server  # noqa: F401  (a fixture, for every test)
+
+# Fixtures for every test: start_server, and host_kind/start_host (in-process or shared).
+from support import host_kind, make_settings, start_host, start_server  # noqa: F401
 
 
 @pytest.fixture(scope="session")

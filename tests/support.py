@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -180,12 +183,14 @@ class HoldableNullBackend:
     ``fail_key`` makes images with that key fail, as a broken backend would.
     """
 
-    def __init__(self, fail_key: int | None = None) -> None:
-        self._inner = NullBackend(max_batch=32)
+    def __init__(self, fail_key: int | None = None, max_batch: int = 32) -> None:
+        self._inner = NullBackend(max_batch=max_batch)
         self._open = threading.Event()
         self._open.set()
         self.entered = threading.Event()
         self._fail_key = fail_key
+        # The first pixel of every image run, as GatedBackend.seen (what reached compute).
+        self.seen: list[int] = []
 
     @property
     def info(self) -> BackendInfo:
@@ -206,6 +211,7 @@ class HoldableNullBackend:
         self._open.set()
 
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
+        self.seen.extend(int(v) for v in images[:, 0, 0, 0])
         if not self._open.is_set():
             self.entered.set()
             if not self._open.wait(HOLD_TIMEOUT_S):
@@ -354,13 +360,295 @@ class Host:
 
 
 @contextlib.contextmanager
-def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+def serve_workers(
+    cache_dir: Path, tmp_path: Path, *, inference: str = "per-worker"
+) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM;
+    ``inference``: ``--inference`` (per-worker backends, or one shared inference process)."""
     words = [
-        "serve", "--workers", "2", "--port", "0", "--metrics-port", "0",
+        "serve", "--workers", "2", "--inference", inference, "--port", "0", "--metrics-port", "0",
         "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
     ]  # fmt: skip
     with serve_process(tmp_path, *words) as server:
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log.read_text())
         assert found, server.log.read_text()
         yield Host(server.process, server.address, int(found[1]), server.log)
+
+
+# ------------------------------------------------------------------ one test, two kinds of host
+
+IN_PROCESS = "in-process"
+SHARED = "workers=2-shared"
+# What a parametrized suite runs against: one in-process server (its backend in the test's
+# process), or `serve --workers 2 --inference shared` (two front ends and one inference process,
+# real processes, the backend steered through files: shared_host.py).
+HOST_KINDS = (IN_PROCESS, SHARED)
+
+
+class ServedHost:
+    """A server a test talks to from outside, and steers through its backend.
+
+    ``hold``/``release``/``wait_entered``/``seen`` act on the backend (a HoldableNullBackend, or
+    its file-steered twin in the inference process); ``queued``/``admitted_bytes`` are the
+    host's batcher (in shared mode the figures the inference process publishes to its front
+    ends); ``drain`` is SIGTERM for processes and ``close`` for an in-process server.
+    """
+
+    kind: str
+    address: str
+    metrics_port: int | None
+
+    def hold(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def wait_entered(self, timeout_s: float = WAIT_S) -> bool:
+        raise NotImplementedError
+
+    def seen(self) -> list[int]:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """Forget what the backend has seen and that a batch entered the hold."""
+        raise NotImplementedError
+
+    def queued(self) -> int:
+        raise NotImplementedError
+
+    def admitted_bytes(self) -> int:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """Begin the drain (returns at once); :meth:`wait_stopped` waits for its end."""
+        raise NotImplementedError
+
+    def draining(self) -> bool:
+        """True once the drain refuses new calls."""
+        raise NotImplementedError
+
+    def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
+        raise NotImplementedError
+
+
+class _InProcessHost(ServedHost):
+    kind = IN_PROCESS
+
+    def __init__(self, server: BackgroundServer, backend: HoldableNullBackend) -> None:
+        self.server = server
+        self.backend = backend
+        self.address = server.address
+        self.metrics_port = server.server.wiring.metrics_port
+        self._stopping: threading.Thread | None = None
+
+    def hold(self) -> None:
+        self.backend.hold()
+
+    def release(self) -> None:
+        self.backend.release()
+
+    def wait_entered(self, timeout_s: float = WAIT_S) -> bool:
+        return self.backend.entered.wait(timeout_s)
+
+    def seen(self) -> list[int]:
+        return list(self.backend.seen)
+
+    def forget(self) -> None:
+        self.backend.seen.clear()
+        self.backend.entered.clear()
+
+    def _batcher(self) -> Any:
+        serving = self.server.serving
+        assert serving is not None
+        return serving.batcher
+
+    def queued(self) -> int:
+        return int(self._batcher().queued)
+
+    def admitted_bytes(self) -> int:
+        return int(self._batcher().admitted_bytes)
+
+    def drain(self) -> None:
+        self._stopping = threading.Thread(target=self.server.close)
+        self._stopping.start()
+
+    def draining(self) -> bool:
+        return self.server.server.gate.draining
+
+    def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
+        assert self._stopping is not None
+        self._stopping.join(timeout_s)
+        assert not self._stopping.is_alive(), "the server did not stop"
+
+
+class _SharedHost(ServedHost):
+    kind = SHARED
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], address: str, control: Path, log: Path
+    ) -> None:
+        from framecast_server.core.batcher import BatcherSettings
+        from framecast_server.process.shared_inference import InferenceLink, InferenceProxy
+
+        self.process = process
+        self.address = address
+        self.control = control
+        self.log = log
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+        self.metrics_port = int(found[1]) if found else None
+        fields = json.loads((control / "link.json").read_text())
+        fields["region_names"] = tuple(fields["region_names"])
+        # A reader of the counters the inference process publishes (never started: it
+        # submits nothing, it only reads the host's queue and admitted bytes).
+        self._published = InferenceProxy(InferenceLink(**fields), 0, BatcherSettings())
+
+    def hold(self) -> None:
+        (self.control / "entered").unlink(missing_ok=True)
+        (self.control / "hold").touch()
+
+    def release(self) -> None:
+        (self.control / "hold").unlink(missing_ok=True)
+
+    def wait_entered(self, timeout_s: float = WAIT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not (self.control / "entered").exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def seen(self) -> list[int]:
+        seen = self.control / "seen"
+        return [int(line) for line in seen.read_text().split()] if seen.exists() else []
+
+    def forget(self) -> None:
+        (self.control / "seen").unlink(missing_ok=True)
+        (self.control / "entered").unlink(missing_ok=True)
+
+    def queued(self) -> int:
+        return self._published.queued
+
+    def admitted_bytes(self) -> int:
+        return self._published.admitted_bytes
+
+    def drain(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    def draining(self) -> bool:
+        # Each front end logs this as it begins (the drain delay is 0 in these tests, so its
+        # gate closes at once), then health turns NOT_SERVING.
+        return self.log.read_text().count("draining (grace") == 2 and (
+            health_status(self.address) == NOT_SERVING
+        )
+
+    def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
+        assert self.process.wait(timeout=timeout_s) == 0, self.log.read_text()
+
+
+def health_status(address: str, timeout_s: float = 5.0) -> int | None:
+    """grpc.health.v1 Check of the whole server at ``address`` (None: no answer)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+    except grpc.RpcError:
+        return None
+    return int(reply.status)
+
+
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1.HealthCheckResponse.ServingStatus
+
+
+@contextlib.contextmanager
+def served_host(
+    kind: str,
+    cache_dir: Path,
+    tmp_path: Path,
+    *,
+    fail_key: int | None = None,
+    **overrides: Any,
+) -> Iterator[ServedHost]:
+    """A server of ``kind`` (HOST_KINDS) with ``overrides`` (ServerSettings fields; the null
+    backend held and recorded by the test), stopped on exit."""
+    overrides.setdefault("backend", "null")
+    settings = make_settings(cache_dir, **overrides)
+    if kind == IN_PROCESS:
+        backend = HoldableNullBackend(fail_key=fail_key, max_batch=settings.max_batch)
+        with BackgroundServer(settings, backend_factory=lambda _: backend) as server:
+            host = _InProcessHost(server, backend)
+            host.forget()  # the warm-up image
+            yield host
+        return
+    assert kind == SHARED, kind
+    import pickle
+
+    from shared_host import ControlledBackendFactory, HostSpec
+
+    base = Path(tempfile.mkdtemp(prefix="host-", dir=tmp_path))
+    control = base / "control"
+    control.mkdir()
+    port_file, log, spec_file = base / "port", base / "serve.log", base / "spec.pickle"
+    factory = ControlledBackendFactory(control, settings.max_batch, fail_key)
+    spec_file.write_bytes(pickle.dumps(HostSpec(settings, 2, factory, port_file)))
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    tests = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "import shared_host; shared_host.main()", str(spec_file)]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
+    try:
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the port file",
+            timeout_s=60.0,  # generous: a loaded 2-core machine starts processes slowly
+        )
+        assert process.poll() is None, log.read_text()
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        shared = _SharedHost(process, address, control, log)
+        shared.forget()  # the warm-up images
+        yield shared
+    finally:
+        (control / "hold").unlink(missing_ok=True)
+        if process.poll() is None:
+            process.terminate()  # the supervisor removes its blocks; a kill would leave them
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait()
+
+
+def in_process_only(reason: str) -> Callable[[Any], Any]:
+    """For a suite run against both kinds of host: this test runs in process only (its shared
+    variant is reported skipped, saying why)."""
+    skipped = pytest.param(SHARED, marks=pytest.mark.skip(reason=f"in-process only: {reason}"))
+
+    def mark(test: Any) -> Any:
+        test = pytest.mark.parametrize("host_kind", [IN_PROCESS, skipped], indirect=True)(test)
+        return pytest.mark.usefixtures("host_kind")(test)
+
+    return mark
+
+
+@pytest.fixture(params=HOST_KINDS)
+def host_kind(request: pytest.FixtureRequest) -> str:
+    """Which kind of host a parametrized test runs against (HOST_KINDS)."""
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def start_host(
+    host_kind: str, cache_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., ServedHost]]:
+    """Start hosts of the test's kind, as :func:`served_host`; each is stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(
+            served_host(host_kind, cache_dir, tmp_path, **kwargs)
+        )

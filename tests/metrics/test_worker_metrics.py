@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import signal
 import urllib.request
 from collections.abc import Iterator
@@ -80,10 +81,17 @@ def own_figure(directory: Path, pid: int, name: str, **labels: str) -> float:
     return 0.0
 
 
-@pytest.fixture
-def host(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    with serve_workers(cache_dir, tmp_path) as running:
+@pytest.fixture(params=["per-worker", "shared"])
+def host(request: pytest.FixtureRequest, cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
+    """Two workers with their own backends, or two front ends and one inference process."""
+    with serve_workers(cache_dir, tmp_path, inference=request.param) as running:
         yield running
+
+
+def inference_pid(host: Host) -> int | None:
+    """The shared inference process's pid (None with per-worker backends)."""
+    found = re.findall(r"the inference process started \(pid (\d+)\)", host.log.read_text())
+    return int(found[-1]) if found else None
 
 
 def _open_stream(
@@ -114,7 +122,9 @@ def _open_stream(
 
 @pytest.mark.slow
 def test_one_scrape_sums_every_worker_and_keeps_a_dead_workers_counts(host: Host) -> None:
-    workers = workers_of(host.process.pid)
+    inference = inference_pid(host)
+    children = 2 if inference is None else 3
+    workers = [pid for pid in workers_of(host.process.pid) if pid != inference]
     assert len(workers) == 2
     directory = shared_dir(workers[0])
     assert directory == shared_dir(workers[1])
@@ -156,13 +166,19 @@ def test_one_scrape_sums_every_worker_and_keeps_a_dead_workers_counts(host: Host
         }  # fmt: skip
 
     samples = scrape(host.metrics_port)
-    # Each worker warms up with one image: counted in the histograms, not in frames.
-    assert figures(samples) == expected(more_images=2)
+    # Each worker warms up with one image: counted in the histograms, not in frames. (In
+    # shared mode the inference process warms up, then each front end checks the hand-off
+    # with one image.)
+    warm_up = 2 if inference is None else 3
+    assert figures(samples) == expected(more_images=warm_up)
     model = [k for k in samples if k[0] == "framecast_model_info"]
     assert len(model) == 1  # one series for the host, not one per worker
     assert samples[model[0]] == 1
     processes = {dict(k[1]).get("process") for k in samples if k[0] == "process_cpu_seconds_total"}
-    assert processes == {"supervisor", "worker-0", "worker-1"}
+    named = {"supervisor", "worker-0", "worker-1"} | (
+        set() if inference is None else {"inference-2"}
+    )
+    assert processes == named
 
     # A stream held open: one active stream on one worker, which is then killed.
     channel, stream_frames, done, _replies = _open_stream(host.address, info_id)
@@ -173,10 +189,10 @@ def test_one_scrape_sums_every_worker_and_keeps_a_dead_workers_counts(host: Host
         os.kill(holder, signal.SIGKILL)
         wait_until(lambda: f"(pid {holder}) was killed by SIGKILL" in host.log.read_text(),
                    "the supervisor to see the worker die", timeout_s=DEADLINE_S)  # fmt: skip
-        wait_until(lambda: len(workers_of(host.process.pid)) == 2, "the worker's restart",
+        wait_until(lambda: len(workers_of(host.process.pid)) == children, "the worker's restart",
                    timeout_s=DEADLINE_S)  # fmt: skip
-        wait_until(lambda: host.log.read_text().count("serving (pid") == 3, "the new worker",
-                   timeout_s=DEADLINE_S)  # fmt: skip
+        wait_until(lambda: host.log.read_text().count("serving (pid") == children + 1,
+                   "the new worker", timeout_s=DEADLINE_S)  # fmt: skip
     finally:
         stream_frames.put(done)
         channel.close()
@@ -184,12 +200,12 @@ def test_one_scrape_sums_every_worker_and_keeps_a_dead_workers_counts(host: Host
     # The dead worker's counts are still there (with the stream's frame it answered), its
     # live gauges are gone, and the new worker's warm-up is counted on top.
     samples = scrape(host.metrics_port)
-    assert figures(samples) == expected(more_images=2 + 1 + 1)
+    assert figures(samples) == expected(more_images=warm_up + 1 + 1)
     assert value(samples, "framecast_frames_total", method=STREAM, code="OK") == 1
     assert value(samples, "framecast_active_streams", method=STREAM) == 0
     assert not list(directory.glob(f"gauge_live*_{holder}.db"))
     processes = {dict(k[1]).get("process") for k in samples if k[0] == "process_cpu_seconds_total"}
-    assert processes == {"supervisor", "worker-0", "worker-1"}
+    assert processes == named
 
     # The supervisor drains, exits 0 and removes the directory it made.
     host.process.send_signal(signal.SIGTERM)

@@ -21,9 +21,10 @@ from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import (
-    HoldableNullBackend,
     RawClassifier,
+    ServedHost,
     ServeProcess,
+    in_process_only,
     make_settings,
     random_frames,
     serve_process,
@@ -31,6 +32,7 @@ from support import (
 )
 
 WAIT_S = 30.0
+GRACE_S = 20.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -74,36 +76,34 @@ class Camera:
 
 
 def test_a_drain_answers_calls_in_flight_ends_streams_and_refuses_new_calls(
-    cache_dir: Path,
+    start_host: Callable[..., ServedHost],
 ) -> None:
-    backend = HoldableNullBackend()
-    settings = make_settings(cache_dir, backend="null", grace_s=20.0)
-    server = BackgroundServer(settings, backend_factory=lambda _: backend)
-    with server, Client(server.address, timeout=WAIT_S) as client, ThreadPoolExecutor(4) as pool:
-        raw = RawClassifier(server.address)
-        serving = server.serving
-        assert serving is not None
-        backend.hold()
+    # Against `--workers 2 --inference shared` the drain is SIGTERM to the supervisor: the
+    # front ends drain first (the inference process answers what they admitted), then it stops.
+    host = start_host(grace_s=GRACE_S)
+    with Client(host.address, timeout=WAIT_S) as client, ThreadPoolExecutor(4) as pool:
+        raw = RawClassifier(host.address)
+        host.hold()
         in_flight = pool.submit(client.classify_preprocessed, random_frames(1))
-        assert backend.entered.wait(WAIT_S)
+        assert host.wait_entered(WAIT_S)
         camera = Camera(raw, count=3)
         reading = pool.submit(camera.read)
-        wait_until(lambda: serving.batcher.queued == 3, "the stream's frames never queued")
+        wait_until(lambda: host.queued() == 3, "the stream's frames never queued")
         started = time.monotonic()
-        stopping = pool.submit(server.close)
-        wait_until(lambda: server.server.gate.draining, "the drain never began")
-        assert health(server.address) == NOT_SERVING  # still answering on the port
+        host.drain()
+        wait_until(host.draining, "the drain never began")
+        assert health(host.address) == NOT_SERVING  # still answering on the port
         with pytest.raises(UnavailableError, match="shutting down"):
             client.classify_preprocessed(random_frames(1))
-        backend.release()
+        host.release()
         assert len(in_flight.result(WAIT_S)) == 1
         reading.result(WAIT_S)
         assert [a.frame_id for a in camera.answers] == [1, 2, 3]
         assert all(a.HasField("classification") for a in camera.answers)
         assert camera.error is not None
         assert camera.error.code() is grpc.StatusCode.UNAVAILABLE  # the SDK reconnects
-        stopping.result(WAIT_S)
-        assert time.monotonic() - started < settings.grace_s / 2
+        host.wait_stopped(WAIT_S)
+        assert time.monotonic() - started < GRACE_S / 2
         raw.close()
 
 
@@ -135,30 +135,27 @@ class OipCamera:
         return self
 
 
-def test_a_drain_ends_an_open_inference_protocol_stream_as_ours(cache_dir: Path) -> None:
+def test_a_drain_ends_an_open_inference_protocol_stream_as_ours(
+    start_host: Callable[..., ServedHost],
+) -> None:
     # ModelStreamInfer drains as ClassifyStream: what it read is answered, then UNAVAILABLE
     # (reconnect), at once rather than at the end of the grace period.
-    backend = HoldableNullBackend()
-    settings = make_settings(cache_dir, backend="null", grace_s=20.0)
-    server = BackgroundServer(settings, backend_factory=lambda _: backend)
+    host = start_host(grace_s=GRACE_S)
     with (
-        server,
-        Client(server.address, timeout=WAIT_S) as client,
-        grpc.insecure_channel(server.address) as channel,
+        Client(host.address, timeout=WAIT_S) as client,
+        grpc.insecure_channel(host.address) as channel,
         ThreadPoolExecutor(4) as pool,
     ):
-        serving = server.serving
-        assert serving is not None
-        backend.hold()
+        host.hold()
         in_flight = pool.submit(client.classify_preprocessed, random_frames(1))
-        assert backend.entered.wait(WAIT_S)
+        assert host.wait_entered(WAIT_S)
         camera = OipCamera(channel, count=3)
         reading = pool.submit(camera.read)
-        wait_until(lambda: serving.batcher.queued == 3, "the stream's requests never queued")
+        wait_until(lambda: host.queued() == 3, "the stream's requests never queued")
         started = time.monotonic()
-        stopping = pool.submit(server.close)
-        wait_until(lambda: server.server.gate.draining, "the drain never began")
-        backend.release()
+        host.drain()
+        wait_until(host.draining, "the drain never began")
+        host.release()
         assert len(in_flight.result(WAIT_S)) == 1
         reading.result(WAIT_S)
         assert [a.infer_response.id for a in camera.answers] == ["1", "2", "3"]
@@ -166,10 +163,14 @@ def test_a_drain_ends_an_open_inference_protocol_stream_as_ours(cache_dir: Path)
         assert camera.error is not None
         assert camera.error.code() is grpc.StatusCode.UNAVAILABLE  # clients reconnect
         assert "shutting down" in (camera.error.details() or "")
-        stopping.result(WAIT_S)
-        assert time.monotonic() - started < settings.grace_s / 2
+        host.wait_stopped(WAIT_S)
+        assert time.monotonic() - started < GRACE_S / 2
 
 
+@in_process_only(
+    "tells the drain delay from the drain by one server's gate; the delay is each front "
+    "end's own (process/app.py), the same code with or without the shared inference process"
+)
 def test_the_drain_delay_keeps_serving_while_health_says_not_serving(cache_dir: Path) -> None:
     settings = make_settings(cache_dir, backend="null", drain_delay_s=1.0)
     server = BackgroundServer(settings)

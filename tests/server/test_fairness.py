@@ -7,6 +7,7 @@ admitted and batched is visible in what the backend saw.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from numpy.typing import NDArray
 from support import (
     GatedBackend,
     RawClassifier,
+    ServedHost,
+    in_process_only,
     make_settings,
     random_frames,
     wait_until,
@@ -35,15 +38,13 @@ def keyed(key: int) -> NDArray[np.uint8]:
 
 
 def test_a_polite_client_is_admitted_and_served_next_while_a_greedy_one_floods(
-    cache_dir: Path, tmp_path: Path
+    start_host: Callable[..., ServedHost], tmp_path: Path
 ) -> None:
     # The batcher's own fair order, with admission wide open (as --max-unary-calls 64): the
     # greedy client's calls all reach the batcher, which refuses what is beyond its share.
-    backend = GatedBackend(max_batch=4)
-    backend.release.set()  # the warm-up batch
-    settings = make_settings(
-        cache_dir,
-        backend="null",
+    # Also against `--workers 2 --inference shared`: the two clients' connections may reach
+    # different front ends, and the one batcher of the inference process orders them.
+    host = start_host(
         max_batch=4,
         max_queue=16,
         max_streams_per_connection=32,
@@ -51,40 +52,41 @@ def test_a_polite_client_is_admitted_and_served_next_while_a_greedy_one_floods(
         auth_tokens=write_tokens(tmp_path / "tokens", "greedy", "polite"),
     )
     with (
-        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S, token="greedy-secret") as greedy,
+        Client(host.address, timeout=WAIT_S, token="greedy-secret") as greedy,
         ThreadPoolExecutor(32) as pool,
     ):
-        polite = RawClassifier(server.address, own_connection=True, token="polite-secret")
-        serving = server.serving
-        assert serving is not None
+        polite = RawClassifier(host.address, own_connection=True, token="polite-secret")
         greedy.model_info()
         assert polite.status("get_model_info", b"")[0] is grpc.StatusCode.OK
-        backend.release.clear()
-        backend.entered.clear()
-        backend.seen.clear()
+        host.hold()
+        host.forget()
         first = pool.submit(greedy.classify_preprocessed, keyed(1))
-        assert backend.entered.wait(WAIT_S)
+        assert host.wait_entered(WAIT_S)
         flood = [pool.submit(greedy.classify_preprocessed, keyed(10 + i)) for i in range(24)]
         # The greedy client fills three quarters of the queue and is refused the rest at once.
         wait_until(lambda: sum(call.done() for call in flood) == 12, "the flood was not refused")
-        assert serving.batcher.queued == 12
+        assert host.queued() == 12
         refused = [call.exception() for call in flood if call.done()]
         assert all(isinstance(error, ResourceExhaustedError) for error in refused)
         # The polite one is admitted into the quarter kept for modest callers.
         request = wire.classify_request_bytes(keyed(POLITE_KEY), top_k=1)
         answer = pool.submit(polite.status, "classify", request)
-        wait_until(lambda: serving.batcher.queued == 13 or answer.done(), "never admitted")
+        wait_until(lambda: host.queued() == 13 or answer.done(), "never admitted")
         assert not answer.done(), answer.exception()
-        backend.release.set()
+        host.release()
         assert answer.result(WAIT_S)[0] is grpc.StatusCode.OK
         first.result(WAIT_S)
         polite.close()
     # The polite frame rode in the first batch after the one that was held, not behind the
     # greedy client's eleven queued frames.
-    assert POLITE_KEY in backend.seen[1:5], backend.seen
+    seen = host.seen()
+    assert POLITE_KEY in seen[1:5], seen
 
 
+@in_process_only(
+    "reads the unary admission of one server (--max-unary-calls and its waiting line are each "
+    "front end's own, ahead of the hand-off; with two front ends the 8 connections split)"
+)
 def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_goes_next(
     cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +151,7 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
     assert backend.seen.index(POLITE_KEY) <= 4, backend.seen
 
 
+@in_process_only("reads the unary admission of one server (each front end has its own)")
 def test_anonymous_connections_from_one_host_are_one_caller(cache_dir: Path) -> None:
     # No tokens: a caller is its host, so three connections from this one are one caller.
     backend = GatedBackend(max_batch=2)

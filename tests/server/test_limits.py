@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from framecast_server.settings import FRAME_BYTES
 from support import (
     HoldableNullBackend,
     RawClassifier,
+    ServedHost,
+    in_process_only,
     make_settings,
     random_frames,
     wait_until,
@@ -33,31 +35,20 @@ WAIT_S = 30.0
 
 
 def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
-    cache_dir: Path, tmp_path: Path
+    start_host: Callable[..., ServedHost], tmp_path: Path
 ) -> None:
-    backend = HoldableNullBackend()
     budget = 16 * FRAME_BYTES
     # Two callers: a stream and a camera with modest demand (on one host, so told apart by
-    # their tokens).
+    # their tokens). Against `--workers 2 --inference shared` the budget is the host's, kept by
+    # the inference process for both front ends.
     tokens = write_tokens(tmp_path / "tokens", "stream", "camera")
-    settings = make_settings(
-        cache_dir,
-        backend="null",
-        max_batch=8,
-        max_queue=64,
-        memory_budget_bytes=budget,
-        auth_tokens=tokens,
-    )
+    host = start_host(max_batch=8, max_queue=64, memory_budget_bytes=budget, auth_tokens=tokens)
     with (
-        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
         # Room for five calls at once: four admitted and one refused.
-        Client(server.address, timeout=WAIT_S, token="camera-secret") as polite,
+        Client(host.address, timeout=WAIT_S, token="camera-secret") as polite,
         ThreadPoolExecutor(8) as pool,
     ):
-        serving = server.serving
-        assert serving is not None
-        batcher = serving.batcher
-        backend.hold()
+        host.hold()
         sent: list[int] = []
 
         def frames() -> Iterator[pb.StreamRequest]:
@@ -66,7 +57,7 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
                 image = wire.image_to_proto(random_frames(1, seed=i)[0])
                 yield pb.StreamRequest(frame_id=i, image=image)
 
-        raw = RawClassifier(server.address, token="stream-secret")
+        raw = RawClassifier(host.address, token="stream-secret")
         stream = pool.submit(
             lambda: [
                 pb.StreamResponse.FromString(r)
@@ -75,16 +66,16 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
         )
         # The stream holds more than a max batch, so it stops at three quarters of the budget;
         # the client has sent more than that, but the server stopped reading.
-        wait_until(lambda: batcher.admitted_bytes == 12 * FRAME_BYTES, "the stream never filled")
+        wait_until(lambda: host.admitted_bytes() == 12 * FRAME_BYTES, "the stream never filled")
         assert len(sent) > 12
         # A camera with modest demand still gets the last quarter...
         calls = [pool.submit(polite.classify_preprocessed, random_frames(1)) for _ in range(4)]
-        wait_until(lambda: batcher.admitted_bytes == budget, "the unary calls were not admitted")
+        wait_until(lambda: host.admitted_bytes() == budget, "the unary calls were not admitted")
         # ...and past the budget a unary call is refused at once.
         with pytest.raises(ResourceExhaustedError, match="memory budget"):
             polite.classify_preprocessed(random_frames(1))
-        assert batcher.admitted_bytes == budget
-        backend.release()
+        assert host.admitted_bytes() == budget
+        host.release()
         answers = stream.result(WAIT_S)
         assert [a.frame_id for a in answers] == list(range(40))
         assert all(a.HasField("classification") for a in answers)
@@ -93,24 +84,14 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
 
 
 def test_a_spent_budget_stops_an_open_inference_protocol_stream_reading_too(
-    cache_dir: Path,
+    start_host: Callable[..., ServedHost],
 ) -> None:
     # ModelStreamInfer meets the budget as ClassifyStream does: it stops reading, and no
     # request is refused for a full server.
-    backend = HoldableNullBackend()
     budget = 16 * FRAME_BYTES
-    settings = make_settings(
-        cache_dir, backend="null", max_batch=8, max_queue=64, memory_budget_bytes=budget
-    )
-    with (
-        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        grpc.insecure_channel(server.address) as channel,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        serving = server.serving
-        assert serving is not None
-        batcher = serving.batcher
-        backend.hold()
+    host = start_host(max_batch=8, max_queue=64, memory_budget_bytes=budget)
+    with grpc.insecure_channel(host.address) as channel, ThreadPoolExecutor(1) as pool:
+        host.hold()
         sent: list[int] = []
 
         def requests() -> Iterator[oip_pb.ModelInferRequest]:
@@ -121,14 +102,18 @@ def test_a_spent_budget_stops_an_open_inference_protocol_stream_reading_too(
 
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         stream = pool.submit(lambda: list(stub.ModelStreamInfer(requests(), timeout=WAIT_S)))
-        wait_until(lambda: batcher.admitted_bytes == 12 * FRAME_BYTES, "the stream never filled")
+        wait_until(lambda: host.admitted_bytes() == 12 * FRAME_BYTES, "the stream never filled")
         assert len(sent) > 12  # sent, but not read: the server stopped reading
-        backend.release()
+        host.release()
         answers = stream.result(WAIT_S)
         assert [a.error_message for a in answers] == [""] * 40
         assert [a.infer_response.id for a in answers] == [str(i) for i in range(40)]
 
 
+@in_process_only(
+    "counts the calls in one server's gate; the per-connection stream limit is a gRPC option "
+    "of each front end, which the shared inference process does not change"
+)
 def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path) -> None:
     settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
     with BackgroundServer(settings) as server:
@@ -163,51 +148,45 @@ def test_streams_beyond_the_per_connection_limit_wait_their_turn(cache_dir: Path
 
 
 def test_a_client_opens_connections_as_its_calls_need_under_the_per_connection_limit(
-    cache_dir: Path,
+    start_host: Callable[..., ServedHost],
 ) -> None:
-    backend = HoldableNullBackend()
-    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
+    host = start_host(max_streams_per_connection=2)
     with (
-        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S, connections=3) as client,
+        Client(host.address, timeout=WAIT_S, connections=3) as client,
         ThreadPoolExecutor(6) as pool,
     ):
-        serving = server.serving
-        assert serving is not None
         assert client.model_info().max_calls_per_connection == 2
-        backend.hold()
+        host.hold()
         calls = [pool.submit(client.classify_preprocessed, random_frames(1)) for _ in range(6)]
         # All six reach the server at once: on one connection only two could.
         wait_until(
-            lambda: serving.batcher.admitted_bytes == 6 * FRAME_BYTES,
+            lambda: host.admitted_bytes() == 6 * FRAME_BYTES,
             "the calls queued on the client behind one connection's limit",
         )
-        backend.release()
+        host.release()
         assert [len(call.result(WAIT_S)) for call in calls] == [1] * 6
 
 
-def test_a_client_keeps_one_connection_unless_asked_for_more(cache_dir: Path) -> None:
+def test_a_client_keeps_one_connection_unless_asked_for_more(
+    start_host: Callable[..., ServedHost],
+) -> None:
     # One connection is one caller to the server's fair queue: a client does not spread
     # itself over more on its own, or a flood of one program would count as many callers.
-    backend = HoldableNullBackend()
-    settings = make_settings(cache_dir, backend="null", max_streams_per_connection=2)
-    with (
-        BackgroundServer(settings, backend_factory=lambda _: backend) as server,
-        Client(server.address, timeout=WAIT_S) as client,
-        ThreadPoolExecutor(4) as pool,
-    ):
-        serving = server.serving
-        assert serving is not None
+    host = start_host(max_streams_per_connection=2)
+    with Client(host.address, timeout=WAIT_S) as client, ThreadPoolExecutor(4) as pool:
         client.model_info()
-        backend.hold()
+        host.hold()
         calls = [pool.submit(client.classify_preprocessed, random_frames(1)) for _ in range(4)]
-        wait_until(lambda: serving.batcher.admitted_bytes == 2 * FRAME_BYTES, "none admitted")
+        wait_until(lambda: host.admitted_bytes() == 2 * FRAME_BYTES, "none admitted")
         time.sleep(0.2)  # let more calls in if the client opened another connection
-        assert serving.batcher.admitted_bytes == 2 * FRAME_BYTES
-        backend.release()
+        assert host.admitted_bytes() == 2 * FRAME_BYTES
+        host.release()
         assert [len(call.result(WAIT_S)) for call in calls] == [1] * 4
 
 
+@in_process_only(
+    "the AsyncClient's connections, as the sync test above, which runs against both hosts"
+)
 @pytest.mark.asyncio
 async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Path) -> None:
     backend = HoldableNullBackend()
@@ -230,6 +209,10 @@ async def test_an_async_client_opens_connections_as_its_calls_need(cache_dir: Pa
             assert [len(r) for r in await asyncio.gather(*calls)] == [1] * 6
 
 
+@in_process_only(
+    "--max-connections is each process's own gRPC limit (every front end takes its share "
+    "per accept loop); the count asserted is one process's"
+)
 def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:
     # The limit is shared by the servers on the port (one per accept loop), a quarter each:
     # connections beyond it are refused, and a closed one frees its place.
@@ -260,27 +243,28 @@ def test_connections_beyond_the_limit_are_refused(cache_dir: Path) -> None:
                 channel.close()
 
 
-def test_an_idle_connection_is_closed_and_the_client_reconnects(cache_dir: Path) -> None:
-    settings = make_settings(cache_dir, backend="null", idle_timeout_s=0.3)
-    with BackgroundServer(settings) as server:
-        states: list[grpc.ChannelConnectivity] = []
-        idle = threading.Event()
-        with grpc.insecure_channel(server.address) as channel:
-            stub = RawInfo(channel)
-            assert stub.ok()
+def test_an_idle_connection_is_closed_and_the_client_reconnects(
+    start_host: Callable[..., ServedHost],
+) -> None:
+    host = start_host(idle_timeout_s=0.3)
+    states: list[grpc.ChannelConnectivity] = []
+    idle = threading.Event()
+    with grpc.insecure_channel(host.address) as channel:
+        stub = RawInfo(channel)
+        assert stub.ok()
 
-            def record(state: grpc.ChannelConnectivity) -> None:
-                states.append(state)
-                if grpc.ChannelConnectivity.READY in states and state in (
-                    grpc.ChannelConnectivity.IDLE,
-                    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-                ):
-                    idle.set()
+        def record(state: grpc.ChannelConnectivity) -> None:
+            states.append(state)
+            if grpc.ChannelConnectivity.READY in states and state in (
+                grpc.ChannelConnectivity.IDLE,
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            ):
+                idle.set()
 
-            channel.subscribe(record)
-            assert idle.wait(WAIT_S), states
-            assert stub.ok()  # a new connection, transparently
-            channel.unsubscribe(record)
+        channel.subscribe(record)
+        assert idle.wait(WAIT_S), states
+        assert stub.ok()  # a new connection, transparently
+        channel.unsubscribe(record)
 
 
 class RawInfo:
@@ -344,12 +328,14 @@ def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() 
     assert f"(default {defaults['drain_delay_s']:g};" in helps["drain_delay_s"]
 
 
-def test_unary_calls_are_served_on_a_connection_with_two_streams_open(cache_dir: Path) -> None:
+def test_unary_calls_are_served_on_a_connection_with_two_streams_open(
+    start_host: Callable[..., ServedHost],
+) -> None:
     # Default limits: a client's long streams leave room for its unary calls on the same
     # connection (at 2 calls per connection, two open streams left none: the calls waited).
-    settings = make_settings(cache_dir, backend="null")
-    with BackgroundServer(settings) as server, ThreadPoolExecutor(2) as pool:
-        raw = RawClassifier(server.address, own_connection=True)
+    host = start_host()
+    with ThreadPoolExecutor(2) as pool:
+        raw = RawClassifier(host.address, own_connection=True)
         finish = threading.Event()
         answered = [threading.Event() for _ in range(2)]
         frame = pb.StreamRequest(frame_id=1, image=wire.image_to_proto(random_frames(1)[0]))
@@ -376,6 +362,10 @@ def test_unary_calls_are_served_on_a_connection_with_two_streams_open(cache_dir:
         raw.close()
 
 
+@in_process_only(
+    "the servers of one process (its accept loops) and their gRPC options; each front end "
+    "is such a process, unchanged by the inference mode"
+)
 def test_every_server_on_the_port_lists_streams_and_ends_connections_at_their_age(
     cache_dir: Path,
 ) -> None:

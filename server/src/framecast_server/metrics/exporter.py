@@ -106,18 +106,23 @@ class WorkerFigures:
     """A ``--workers`` worker's scrape-time figures as metrics its files hold (multiprocess.py:
     a worker cannot be asked at scrape time, so it publishes them every PUBLISH_INTERVAL_S)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, host_wide: bool = False) -> None:
         # The single server's _ServingCollector, as metrics a worker's files can hold; gauges
-        # are summed over the live workers.
+        # are summed over the live workers. ``host_wide``: a front end of --inference shared,
+        # whose queue and admitted bytes are the one batcher's, the same in every front end:
+        # reported once (the largest), not summed.
         r = registry
         self.failures = Counter("framecast_failures", FAILURES_HELP, ["reason"], registry=r)
         self.auth_failures = Counter(
             "framecast_auth_failures", AUTH_FAILURES_HELP, ["reason"], registry=r
         )
         live: Final = "livesum"
-        self.queue = Gauge("framecast_queue_images", QUEUE_HELP, registry=r, multiprocess_mode=live)
+        batcher: Final = "livemax" if host_wide else "livesum"
+        self.queue = Gauge(
+            "framecast_queue_images", QUEUE_HELP, registry=r, multiprocess_mode=batcher
+        )
         self.admitted = Gauge(
-            "framecast_admitted_bytes", ADMITTED_HELP, registry=r, multiprocess_mode=live
+            "framecast_admitted_bytes", ADMITTED_HELP, registry=r, multiprocess_mode=batcher
         )
         self.connections = Gauge(
             "framecast_connections_active", CONNECTIONS_HELP, registry=r, multiprocess_mode=live
@@ -148,9 +153,17 @@ class Metrics:
     directory, gauges say how processes combine, and the scrape-time figures are published.
     """
 
-    def __init__(self, *, max_batch: int = 32, gpu: bool = True, shared: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int = 32,
+        gpu: bool = True,
+        shared: bool = False,
+        host_wide_batcher: bool = False,
+    ) -> None:
+        """``host_wide_batcher``: a front end of --inference shared (see WorkerFigures)."""
         self.registry = CollectorRegistry(auto_describe=True)
-        self.shared = WorkerFigures(self.registry) if shared else None
+        self.shared = WorkerFigures(self.registry, host_wide=host_wide_batcher) if shared else None
         r = self.registry
         self.requests = Counter(
             "framecast_requests",

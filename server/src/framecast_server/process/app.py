@@ -14,9 +14,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -34,6 +34,7 @@ from ..core.runtime import BatcherLike, ServingModel
 from ..model import prepare_model
 from ..service.classifier import SERVICE_NAME, ClassifierServicer
 from ..service.decoding import guarded
+from ..service.handlers import rejecting
 from ..service.inference_protocol import InferenceServicer
 from ..service.reflection import add_reflection
 from ..settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
@@ -66,6 +67,37 @@ ACCEPT_LOOPS = 16
 ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
+# What a front end of --inference shared answers a unary call while the inference process is
+# away (health says NOT_SERVING until the supervisor has restarted it).
+INFERENCE_AWAY = "the inference process is restarting; retry shortly (or another replica)"
+_UNARY_INFERENCE = frozenset({f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"})
+
+if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class _InferenceAway(_ServerInterceptor):
+    """A front end refuses unary inference calls at once (UNAVAILABLE) while the inference
+    process is away, rather than hold them until it is back: the client retries elsewhere or
+    shortly. Streams are not refused: what they send waits in the front end's region and goes
+    to the restarted process, so a lossless stream loses nothing."""
+
+    def __init__(self, away: Callable[[], bool]) -> None:
+        self._away = away
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is not None and self._away() and handler_call_details.method in _UNARY_INFERENCE:
+            return rejecting(handler, grpc.StatusCode.UNAVAILABLE, INFERENCE_AWAY)  # type: ignore[no-any-return]
+        return handler  # type: ignore[return-value]
 
 
 class ModelLoadError(Exception):
@@ -99,10 +131,15 @@ class FramecastServer:
         self.settings = settings
         self._backend_factory = backend_factory
         self._inference = inference
+        # A front end of --inference shared: True while the inference process is away.
+        self._inference_away = False
         self._reuse_port = reuse_port
         self.port: int | None = None
         # TLS, tokens and metrics, as the settings ask (raises ValueError for a bad token file).
-        self.wiring = Wiring.for_settings(settings, shared_metrics=shared_metrics)
+        # A front end's batcher figures are the inference process's, the host's: not summed.
+        self.wiring = Wiring.for_settings(
+            settings, shared_metrics=shared_metrics, host_wide_batcher=inference is not None
+        )
         # Several gRPC servers on one port and one event loop (SO_REUSEPORT): each accepts one
         # new call per turn of the loop, so with one a flood's calls queued in gRPC, unseen
         # by admission, ahead of everyone else's (see ACCEPT_LOOPS).
@@ -141,8 +178,11 @@ class FramecastServer:
             add_reflection(server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 
     def _grpc_server(self, settings: ServerSettings, *, reuse_port: bool) -> grpc.aio.Server:
+        interceptors = list(self.wiring.interceptors)
+        if self._inference is not None:
+            interceptors.append(_InferenceAway(lambda: self._inference_away))
         return grpc.aio.server(
-            interceptors=self.wiring.interceptors,
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -278,6 +318,7 @@ class FramecastServer:
 
         def on_state(up: bool) -> None:
             # The inference process went away (or came back): every front end says so.
+            self._inference_away = not up
             if self._serving is None or self._stopping is not None:
                 return
             state = SERVING if up else NOT_SERVING

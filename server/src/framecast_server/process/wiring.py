@@ -61,7 +61,13 @@ class Wiring:
     _publisher: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_settings(cls, settings: ServerSettings, *, shared_metrics: bool = False) -> Wiring:
+    def for_settings(
+        cls,
+        settings: ServerSettings,
+        *,
+        shared_metrics: bool = False,
+        host_wide_batcher: bool = False,
+    ) -> Wiring:
         """Build the interceptors (metrics first, so refused calls are counted too, then auth).
 
         ``shared_metrics``: a worker of ``--workers``; its metrics go to the supervisor's
@@ -70,7 +76,11 @@ class Wiring:
         """
         wiring = cls(settings)
         if settings.metrics_port is not None:
-            wiring.metrics = Metrics(max_batch=settings.max_batch, shared=shared_metrics)
+            wiring.metrics = Metrics(
+                max_batch=settings.max_batch,
+                shared=shared_metrics,
+                host_wide_batcher=host_wide_batcher,
+            )
             wiring.interceptors.append(MetricsInterceptor(wiring.metrics))
         mutual_tls = settings.tls is not None and settings.tls.client_ca is not None
         if settings.auth_tokens is not None or mutual_tls:

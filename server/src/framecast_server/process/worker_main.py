@@ -119,7 +119,9 @@ async def _run_inference(
         # supervisor's metrics directory like a worker.
         from ..metrics import Metrics
 
-        recorder = Metrics(max_batch=settings.max_batch, shared=True)
+        # Its queue gauges (never set here) must combine as the front ends' do, or the
+        # collector's merge would take whichever mode it read last and sum the front ends.
+        recorder = Metrics(max_batch=settings.max_batch, shared=True, host_wide_batcher=True)
     service = InferenceService(
         link,
         backend,

@@ -145,7 +145,9 @@ class InferenceProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.backend: RemoteBackend | None = None
         self._answered = 0
-        self._failed = 0
+        self._failed = 0  # by the backend (or the inference process closing)
+        self._expired = 0  # their deadline passed before compute
+        self._cancelled = 0  # withdrawn by their caller (a cancelled call, a closed stream)
         self._rejected = 0
 
     # The Batcher interface the servicers use --------------------------------------------
@@ -177,8 +179,8 @@ class InferenceProxy:
             images_run=self._answered,
             failed_batches=0,
             failed_images=self._failed,
-            dropped_expired=0,
-            dropped_cancelled=0,
+            dropped_expired=self._expired,
+            dropped_cancelled=self._cancelled,
             rejected_full=self._rejected,
             admitted_bytes=self.admitted_bytes,
             callers=len(self._callers),
@@ -327,10 +329,17 @@ class InferenceProxy:
             if pending is None:
                 return
             self._release(pending)
-            self._failed += pending.n
+            error = ERRORS[error_kind]
+            # Counted by reason, as the Batcher counts them (the metrics' failure reasons).
+            if pending.cancelled():
+                self._cancelled += pending.n
+            elif error is DeadlineExpiredError:
+                self._expired += pending.n
+            else:
+                self._failed += pending.n
             if not pending.done():
                 message = bytes(body[ERROR_BODY.size :]).decode(errors="replace")
-                pending.set_exception(ERRORS[error_kind](message))
+                pending.set_exception(error(message))
         elif kind == READY:
             max_batch, _classes, length = READY_BODY.unpack_from(body)
             start = READY_BODY.size
