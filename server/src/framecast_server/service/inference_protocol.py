@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -50,6 +50,7 @@ TIMEOUT_PARAMETER = "timeout"  # Triton's request parameter: microseconds the se
 # outputs. Not the request itself: its 150 KB would stay alive beside the image the batcher
 # holds. A plain tuple: one is built per request.
 _Tag = tuple[str, str, str, list[oip.RequestedOutput]]
+_T = TypeVar("_T")
 
 
 def _server_version() -> str:
@@ -344,18 +345,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelMetadataRequest,
         context: grpc.aio.ServicerContext[pb.ModelMetadataRequest, pb.ModelMetadataResponse],
     ) -> pb.ModelMetadataResponse:
-        self._model(request.name, request.version)
-        assert self._metadata is not None  # set before _serving
-        return self._metadata
+        return self._described(request, self._metadata)
 
     async def ModelConfig(
         self,
         request: pb.ModelConfigRequest,
         context: grpc.aio.ServicerContext[pb.ModelConfigRequest, pb.ModelConfigResponse],
     ) -> pb.ModelConfigResponse:
+        return self._described(request, self._config)
+
+    def _described(
+        self, request: pb.ModelMetadataRequest | pb.ModelConfigRequest, answer: _T | None
+    ) -> _T:
+        """``answer`` (a description of the model, made on attach) if the request names it."""
         self._model(request.name, request.version)
-        assert self._config is not None  # set before _serving
-        return self._config
+        assert answer is not None  # set before _serving
+        return answer
 
     async def ModelStatistics(
         self,
