@@ -2,7 +2,7 @@
 in-process.
 
 Usage: uv run python benchmarks/serving_overhead.py [--seconds 2] [--rounds 5]
-       [--triton-python PY] [--no-onnxruntime] [--baseline-tree DIR] [--out FILE]
+       [--triton-python PY] [--no-onnxruntime] [--baseline-tree DIR ...] [--out FILE]
 
 Servers run in their own processes (as in production: client and server do not share a GIL):
 
@@ -12,9 +12,10 @@ Servers run in their own processes (as in production: client and server do not s
   also hops through one worker thread per request and does nothing else: the floor for any
   server that keeps inference off its event loop, as Framecast does.
 * ``framecast``: ``framecast serve --backend null``.
-* ``baseline``, with ``--baseline-tree DIR``: ``framecast serve --backend null`` of another
-  checkout (``git worktree add DIR <commit>``, then ``uv sync`` there), run by that checkout's
-  own ``.venv``: before and after a change, measured in the same run, side by side.
+* ``baseline``, with ``--baseline-tree DIR`` (repeatable: ``baseline2``...): ``framecast serve
+  --backend null`` of another checkout (``git worktree add DIR <commit>``, then ``uv sync``
+  there), run by that checkout's own ``.venv`` with this checkout's calls per connection:
+  before and after a change, measured in the same run, side by side.
 * ``triton``: a local Triton where one can run (benchmarks/protocols.py's: nvidia-pytriton's
   bundled tritonserver with a Python model, given by ``--triton-python``); skipped with the
   reason printed where it cannot run.
@@ -47,7 +48,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
 from framecast_server.process.event_loop import run
+from framecast_server.settings import ServerSettings
 from protocols import (
     CONNECTIONS,
     Side,
@@ -368,8 +370,9 @@ def _report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, A
         "target": "<= 1.3",
         "per_round_ratios": _round_ratios(f["sdk"]["client_cpu"], f["stub"]["client_cpu"]),
     }
-    if "baseline" in f:
-        report["before_after"] = _before_after(f)
+    baselines = [name for name in f if name.startswith("baseline")]
+    if baselines:
+        report["before_after"] = {name: _before_after(f, name) for name in baselines}
     checks: dict[str, Any] = {
         "unary c=8 server CPU framecast/echo <= 1.2": c8["cpu_ratio"] <= 1.2,
         "SDK client CPU / stub's <= 1.3": sdk["ratio"] <= 1.3,
@@ -419,15 +422,15 @@ def _request_reading(payload: bytes, rounds: int) -> dict[str, Any]:
     }
 
 
-def _before_after(f: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """This checkout's server against the baseline tree's: figures, and after/before ratios."""
+def _before_after(f: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, Any]:
+    """This checkout's server against a baseline tree's: figures, and after/before ratios."""
     result: dict[str, Any] = {}
     for key, name in (("p50", "unary_p50_ms"), ("rps", "unary_c8_requests_per_s"),
                       ("fps", "stream_frames_per_s")):  # fmt: skip
-        result[f"{name}_before"] = _median(f, "baseline", key)
+        result[f"{name}_before"] = _median(f, baseline, key)
         result[f"{name}_after"] = _median(f, "framecast", key)
-        result[f"{name}_after_over_before"] = _paired_ratio(f["framecast"][key], f["baseline"][key])
-        result[f"{name}_per_round_ratios"] = _round_ratios(f["framecast"][key], f["baseline"][key])
+        result[f"{name}_after_over_before"] = _paired_ratio(f["framecast"][key], f[baseline][key])
+        result[f"{name}_per_round_ratios"] = _round_ratios(f["framecast"][key], f[baseline][key])
     return result
 
 
@@ -439,8 +442,9 @@ def _table(figures: dict[str, dict[str, list[float]]]) -> str:
         ("stream, 8 in flight (frames/s)", "fps", "{:,.0f}"),
         ("  server CPU per frame (us)", "fps_cpu", "{:,.0f}"),
     ]
-    sides = ("echo", "hop", "framecast", "baseline", "triton")
-    titles = ("raw echo", "echo+hop", "Framecast", "baseline", "Triton")
+    baselines = [name for name in figures if name.startswith("baseline")]
+    sides = ("echo", "hop", "framecast", *baselines, "triton")
+    titles = ("raw echo", "echo+hop", "Framecast", *baselines, "Triton")
     lines = [f"{'':<34}" + "".join(f"{n:>12}" for n in titles)]
     for title, key, fmt in rows:
         cells = []
@@ -487,17 +491,17 @@ def main() -> int:
     parser.add_argument(
         "--baseline-tree",
         type=Path,
+        action="append",
+        default=[],
         help="another checkout (git worktree, uv synced) whose server runs beside this one's",
     )
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    baseline_python = ""
-    if args.baseline_tree is not None:
-        baseline_python = str(args.baseline_tree / ".venv" / "bin" / "python")
-        if not Path(baseline_python).is_file():
+    baseline_pythons = [str(tree / ".venv" / "bin" / "python") for tree in args.baseline_tree]
+    for tree, python in zip(args.baseline_tree, baseline_pythons, strict=True):
+        if not Path(python).is_file():
             print(
-                f"serving_overhead.py: {baseline_python} not found: run `uv sync` in "
-                f"{args.baseline_tree} first",
+                f"serving_overhead.py: {python} not found: run `uv sync` in {tree} first",
                 file=sys.stderr,
             )
             return 2
@@ -527,7 +531,7 @@ def main() -> int:
         with (
             running(echo_cmd, tmp / "echo.port") as echo,
             running(null_cmd, tmp / "null.port") as null,
-            _baseline(baseline_python, tmp) as base,
+            _baselines(baseline_pythons, tmp) as bases,
             maybe_triton(python, tmp) as (triton, note),
         ):
             wait_health(null[0])
@@ -539,9 +543,10 @@ def main() -> int:
                      check_framecast),
             ]  # fmt: skip
             hop = replace(sides[0], name="hop", unary_method="/echo.Echo/UnaryHop")
-            if base is not None:
-                sides.append(replace(sides[1], name="baseline", address=base[0], pid=base[1]))
-                results["baseline_tree"] = str(args.baseline_tree)
+            for i, (tree, (address, pid)) in enumerate(zip(args.baseline_tree, bases, strict=True)):
+                name = f"baseline{i + 1 if i else ''}"
+                sides.append(replace(sides[1], name=name, address=address, pid=pid))
+                results.setdefault("baseline_trees", {})[name] = str(tree)
             if triton is not None:
                 sides.append(triton_side(triton, frame))
             figures = _side_by_side(sides, hop, frame, stream_request, args)
@@ -559,8 +564,8 @@ def main() -> int:
         _show(f"unary, concurrency {CONCURRENCY}", results["unary_c8"])
         _show("bidi stream, 8 in flight", results["stream"])
         _show(f"SDK client cost, concurrency {CONCURRENCY}", results["sdk"])
-        if "before_after" in results:
-            _show(f"this checkout vs {args.baseline_tree}", results["before_after"])
+        for name, figures_vs in results.get("before_after", {}).items():
+            _show(f"this checkout vs {name} ({results['baseline_trees'][name]})", figures_vs)
         results["breakdown"] = _breakdown(tmp, cache, unary_payload, args)
         results["request_reading"] = _request_reading(unary_payload, args.rounds)
         _show(
@@ -579,17 +584,25 @@ def main() -> int:
 
 
 @contextmanager
-def _baseline(python: str, tmp: Path) -> Iterator[tuple[str, int] | None]:
-    """The baseline checkout's null server (its own Python and model cache), if one is given."""
-    if not python:
-        yield None
-        return
-    command = serve_command(
-        tmp / "base.port", tmp / "base-engines", "--max-batch", "32", python=python
-    )
-    with running(command, tmp / "base.port", tmp / "base.log") as base:
-        wait_health(base[0])
-        yield base
+def _baselines(pythons: list[str], tmp: Path) -> Iterator[list[tuple[str, int]]]:
+    """The baseline checkouts' null servers (each its own Python and model cache).
+
+    Each runs as many calls per connection as this checkout's default, which the load
+    generators spread their calls for (an older default would hold calls on the client).
+    """
+    per_connection = str(ServerSettings().max_streams_per_connection)
+    with ExitStack() as stack:
+        servers = []
+        for i, python in enumerate(pythons):
+            port = tmp / f"base{i}.port"
+            command = serve_command(
+                port, tmp / f"base{i}-engines", "--max-batch", "32",
+                "--max-streams-per-connection", per_connection, python=python,
+            )  # fmt: skip
+            servers.append(stack.enter_context(running(command, port, tmp / f"base{i}.log")))
+        for address, _ in servers:
+            wait_health(address)
+        yield servers
 
 
 def _onnxruntime(tmp: Path, cache: Path, rng: np.random.Generator, args: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
     assert results["unary"]["echo_thread_hop_p50_ms"] > 0
     assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
     assert results["unary_c8"]["framecast_server_cpu_us_per_request"] > 0
-    before_after = results["before_after"]
+    before_after = results["before_after"]["baseline"]
     for figure in ("unary_p50_ms", "unary_c8_requests_per_s", "stream_frames_per_s"):
         assert before_after[f"{figure}_before"] > 0, before_after
         assert before_after[f"{figure}_after_over_before"] > 0, before_after
