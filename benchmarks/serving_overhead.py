@@ -498,10 +498,10 @@ def main() -> int:
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     baseline_pythons = [str(tree / ".venv" / "bin" / "python") for tree in args.baseline_tree]
-    for tree, python in zip(args.baseline_tree, baseline_pythons, strict=True):
-        if not Path(python).is_file():
+    for tree, interpreter in zip(args.baseline_tree, baseline_pythons, strict=True):
+        if not Path(interpreter).is_file():
             print(
-                f"serving_overhead.py: {python} not found: run `uv sync` in {tree} first",
+                f"serving_overhead.py: {interpreter} not found: run `uv sync` in {tree} first",
                 file=sys.stderr,
             )
             return 2
