@@ -252,7 +252,9 @@ class ClassifierServicer:
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
-    ) -> AsyncIterator[pb.StreamResponse]:
+    ) -> None:
+        # Writes its answers itself (context.write) rather than yielding them: handlers.guard
+        # then wraps it without a generator layer of its own per frame.
         serving, deadline = ready(self._serving, context)
         name, max_age_ms = stream_options(context.invocation_metadata() or ())
         parse = self._frame_parser(serving)
@@ -295,7 +297,7 @@ class ClassifierServicer:
         try:
             async with contextlib.aclosing(frames):
                 async for entry in frames:
-                    yield await self._frame_response(entry, serving, stream)
+                    await context.write(await self._frame_response(entry, serving, stream))
         finally:
             self.streams.close(stream)
 

@@ -380,13 +380,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Never called: add_to_server registers ModelInfer through the unary driver."""
         raise NotImplementedError("ModelInfer is served by the unary driver (unary.py)")
 
-    async def ModelStreamInfer(
+    async def ModelStreamInfer(  # type: ignore[override]  # writes its responses (grpc's writer form)
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[pb.ModelInferRequest, pb.ModelStreamInferResponse],
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> None:
         # Admission, flow control and the drain as for our own ClassifyStream (one place:
-        # streaming.admitted); this maps requests and responses.
+        # streaming.admitted); this maps requests and responses, and writes the responses
+        # itself (context.write), as ClassifyStream does: no generator layer per answer.
         serving, call_deadline = ready(self._serving, context)  # a stream's deadline is fixed
 
         async def prepare(request: pb.ModelInferRequest) -> Prepared[_Tag]:
@@ -418,13 +419,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         message = pb.ModelStreamInferResponse()
                         _fill_response(message.infer_response, serving, request_id, outputs, items)
                         self._answered(MODEL_STREAM_INFER, "OK", len(items))
-                        yield message
+                        await context.write(message)
                         continue
                 # Triton's stream error: the text, and the request's id to match it by.
                 self._answered(MODEL_STREAM_INFER, code.name, 1)
-                yield pb.ModelStreamInferResponse(
-                    error_message=text,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=name, model_version=version, id=request_id
-                    ),
+                await context.write(
+                    pb.ModelStreamInferResponse(
+                        error_message=text,
+                        infer_response=pb.ModelInferResponse(
+                            model_name=name, model_version=version, id=request_id
+                        ),
+                    )
                 )
