@@ -2,7 +2,7 @@
 in-process.
 
 Usage: uv run python benchmarks/serving_overhead.py [--seconds 2] [--rounds 5]
-       [--triton-python PY] [--no-onnxruntime] [--out FILE]
+       [--triton-python PY] [--no-onnxruntime] [--baseline-tree DIR ...] [--out FILE]
 
 Servers run in their own processes (as in production: client and server do not share a GIL):
 
@@ -12,6 +12,10 @@ Servers run in their own processes (as in production: client and server do not s
   also hops through one worker thread per request and does nothing else: the floor for any
   server that keeps inference off its event loop, as Framecast does.
 * ``framecast``: ``framecast serve --backend null``.
+* ``baseline``, with ``--baseline-tree DIR`` (repeatable: ``baseline2``...): ``framecast serve
+  --backend null`` of another checkout (``git worktree add DIR <commit>``, then ``uv sync``
+  there), run by that checkout's own ``.venv`` with this checkout's calls per connection:
+  before and after a change, measured in the same run, side by side.
 * ``triton``: a local Triton where one can run: tritonserver 2.51.0 (bundled by nvidia-pytriton
   0.7.0), python backend null model, no PyTriton proxy (benchmarks/triton_local.py; its Python
   given by ``--triton-python``); skipped with the reason printed where it cannot run.
@@ -42,8 +46,9 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +62,7 @@ from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.connections import OWN_CONNECTION_OPTION
 from framecast_client.wire import image_to_proto
 from framecast_server.process.event_loop import run
+from framecast_server.settings import ServerSettings
 from protocols import (
     CONNECTIONS,
     MAX_BATCH,
@@ -326,6 +332,7 @@ def _report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, A
     """The sections of the JSON output; ratios are medians of per-round ratios."""
     f = figures
     triton = "triton" in f
+    report: dict[str, dict[str, Any]] = {}
     unary: dict[str, Any] = {
         "echo_p50_ms": _median(f, "echo", "p50"),
         "framecast_p50_ms": _median(f, "framecast", "p50"),
@@ -364,6 +371,9 @@ def _report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, A
         "target": "<= 1.3",
         "per_round_ratios": _round_ratios(f["sdk"]["client_cpu"], f["stub"]["client_cpu"]),
     }
+    baselines = [name for name in f if name.startswith("baseline")]
+    if baselines:
+        report["before_after"] = {name: _before_after(f, name) for name in baselines}
     checks: dict[str, Any] = {
         "unary c=8 server CPU framecast/echo <= 1.2": c8["cpu_ratio"] <= 1.2,
         "SDK client CPU / stub's <= 1.3": sdk["ratio"] <= 1.3,
@@ -383,7 +393,47 @@ def _report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, A
         stream["per_round_ratios_to_triton"] = _round_ratios(f["framecast"]["fps"], t["fps"])
         checks["unary c=1 p50 framecast <= triton"] = unary["ratio_to_triton"] <= 1.0
         checks["unary c=8 req/s framecast >= triton"] = c8["ratio_to_triton"] >= 1.0
-    return {"unary": unary, "unary_c8": c8, "stream": stream, "sdk": sdk, "checks": checks}
+    return report | {"unary": unary, "unary_c8": c8, "stream": stream, "sdk": sdk, "checks": checks}
+
+
+def _request_reading(payload: bytes, rounds: int) -> dict[str, Any]:
+    """Reading a unary request of one raw image into its batch: the server's hand-written
+    reader against protobuf's parser, in this process (thread CPU, alternating rounds)."""
+    from framecast_server.service.codecs import requests
+
+    def hand_written() -> object:
+        request = requests.read_classify_request(payload)
+        assert request is not None
+        return request.batch(height=SIZE, width=SIZE, max_batch=32)
+
+    def protobuf() -> object:
+        request = requests.decode(pb.ClassifyRequest, payload)
+        return requests.images_from_proto(request.images, height=SIZE, width=SIZE, max_batch=32)
+
+    figures: dict[str, list[float]] = {"hand_written": [], "protobuf": []}
+    for _ in range(rounds):
+        for name, read in (("hand_written", hand_written), ("protobuf", protobuf)):
+            started, count = time.thread_time_ns(), 2000
+            for _ in range(count):
+                read()
+            figures[name].append((time.thread_time_ns() - started) / count / 1000)
+    return {
+        "hand_written_us": statistics.median(figures["hand_written"]),
+        "protobuf_us": statistics.median(figures["protobuf"]),
+        "ratio": _paired_ratio(figures["hand_written"], figures["protobuf"]),
+    }
+
+
+def _before_after(f: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, Any]:
+    """This checkout's server against a baseline tree's: figures, and after/before ratios."""
+    result: dict[str, Any] = {}
+    for key, name in (("p50", "unary_p50_ms"), ("rps", "unary_c8_requests_per_s"),
+                      ("fps", "stream_frames_per_s")):  # fmt: skip
+        result[f"{name}_before"] = _median(f, baseline, key)
+        result[f"{name}_after"] = _median(f, "framecast", key)
+        result[f"{name}_after_over_before"] = _paired_ratio(f["framecast"][key], f[baseline][key])
+        result[f"{name}_per_round_ratios"] = _round_ratios(f["framecast"][key], f[baseline][key])
+    return result
 
 
 def _table(figures: dict[str, dict[str, list[float]]]) -> str:
@@ -394,10 +444,10 @@ def _table(figures: dict[str, dict[str, list[float]]]) -> str:
         ("stream, 8 in flight (frames/s)", "fps", "{:,.0f}"),
         ("  server CPU per frame (us)", "fps_cpu", "{:,.0f}"),
     ]
-    sides = ("echo", "hop", "framecast", "triton")
-    lines = [
-        f"{'':<34}" + "".join(f"{n:>12}" for n in ("raw echo", "echo+hop", "Framecast", "Triton"))
-    ]
+    baselines = [name for name in figures if name.startswith("baseline")]
+    sides = ("echo", "hop", "framecast", *baselines, "triton")
+    titles = ("raw echo", "echo+hop", "Framecast", *baselines, "Triton")
+    lines = [f"{'':<34}" + "".join(f"{n:>12}" for n in titles)]
     for title, key, fmt in rows:
         cells = []
         for name in sides:
@@ -440,8 +490,23 @@ def main() -> int:
     parser.add_argument(
         "--cache-dir", type=Path, help="model cache for the servers (default: a temporary one)"
     )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout (git worktree, uv synced) whose server runs beside this one's",
+    )
     parser.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    baseline_pythons = [str(tree / ".venv" / "bin" / "python") for tree in args.baseline_tree]
+    for tree, interpreter in zip(args.baseline_tree, baseline_pythons, strict=True):
+        if not Path(interpreter).is_file():
+            print(
+                f"serving_overhead.py: {interpreter} not found: run `uv sync` in {tree} first",
+                file=sys.stderr,
+            )
+            return 2
     if args.echo_server:
         # The same event loop as `framecast serve` (uvloop where available): the two servers
         # differ in what they do per request, not in the loop under it.
@@ -469,6 +534,7 @@ def main() -> int:
         with (
             running(echo_cmd, tmp / "echo.port") as echo,
             running(null_cmd, tmp / "null.port") as null,
+            _baselines(baseline_pythons, tmp) as bases,
             maybe_triton(python) as (triton, note),
         ):
             wait_health(null[0])
@@ -480,6 +546,10 @@ def main() -> int:
                      check_framecast),
             ]  # fmt: skip
             hop = replace(sides[0], name="hop", unary_method="/echo.Echo/UnaryHop")
+            for i, (tree, (address, pid)) in enumerate(zip(args.baseline_tree, bases, strict=True)):
+                name = f"baseline{i + 1 if i else ''}"
+                sides.append(replace(sides[1], name=name, address=address, pid=pid))
+                results.setdefault("baseline_trees", {})[name] = str(tree)
             if triton is not None:
                 sides.append(triton_side(triton, frame))
                 results["triton"] = triton.description
@@ -496,7 +566,13 @@ def main() -> int:
         _show(f"unary, concurrency {CONCURRENCY}", results["unary_c8"])
         _show("bidi stream, 8 in flight", results["stream"])
         _show(f"SDK client cost, concurrency {CONCURRENCY}", results["sdk"])
+        for name, figures_vs in results.get("before_after", {}).items():
+            _show(f"this checkout vs {name} ({results['baseline_trees'][name]})", figures_vs)
         results["breakdown"] = _breakdown(tmp, cache, unary_payload, args)
+        results["request_reading"] = _request_reading(unary_payload, args.rounds)
+        _show(
+            "reading a raw one-image Classify request (us, thread CPU)", results["request_reading"]
+        )
         _show("checks", results["checks"])
 
         if not args.no_onnxruntime:
@@ -507,6 +583,28 @@ def main() -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.out}")
     return 0
+
+
+@contextmanager
+def _baselines(pythons: list[str], tmp: Path) -> Iterator[list[tuple[str, int]]]:
+    """The baseline checkouts' null servers (each its own Python and model cache).
+
+    Each runs as many calls per connection as this checkout's default, which the load
+    generators spread their calls for (an older default would hold calls on the client).
+    """
+    per_connection = str(ServerSettings().max_streams_per_connection)
+    with ExitStack() as stack:
+        servers = []
+        for i, python in enumerate(pythons):
+            port = tmp / f"base{i}.port"
+            command = serve_command(
+                port, tmp / f"base{i}-engines", "--max-batch", "32",
+                "--max-streams-per-connection", per_connection, python=python,
+            )  # fmt: skip
+            servers.append(stack.enter_context(running(command, port, tmp / f"base{i}.log")))
+        for address, _ in servers:
+            wait_health(address)
+        yield servers
 
 
 def _onnxruntime(tmp: Path, cache: Path, rng: np.random.Generator, args: Any) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from serve_process import connections_for, cpu_seconds, running, serve_command, 
 # Stage name -> candidate (module, class or None, attribute): the first that exists is timed.
 CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
     "parse": [
+        ("framecast_server.service.classifier", "ClassifyCodec", "read"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_parse_classify"),
     ],
     "admit": [("framecast_server.core.batcher", "Batcher", "submit_nowait")],
@@ -57,6 +58,7 @@ CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
         ("framecast_server.core.batcher", "Batcher", "_compute"),
     ],
     "fill": [
+        ("framecast_server.service.classifier", "ClassifyCodec", "write"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_respond"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_fill_result"),
     ],
@@ -153,11 +155,19 @@ def instrument() -> list[str]:
     return wrapped
 
 
+def _is_classify(behavior: Any) -> bool:
+    """Classify's own handler: the servicer's method, or the unary driver's with its codec."""
+    if getattr(behavior, "__name__", "") == "Classify":
+        return True
+    codec = getattr(getattr(behavior, "__self__", None), "_codec", None)
+    return getattr(codec, "method", "") == "/framecast.v1.Classifier/Classify"
+
+
 def _timed_handler(original: Any) -> Any:
     def handler(
         behavior: Any, request_deserializer: Any = None, response_serializer: Any = None
     ) -> Any:
-        if getattr(behavior, "__name__", "") == "Classify":
+        if _is_classify(behavior):
             behavior = _timed("handler", behavior)
             if response_serializer is not None:
                 response_serializer = _timed("serialize", response_serializer)

@@ -20,16 +20,23 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
         sys.executable, str(ROOT / "benchmarks" / "serving_overhead.py"),
         "--seconds", "0.3", "--rounds", "1", "--batch", "2",
         "--cache-dir", str(cache_dir), "--out", str(out),
+        # This checkout as its own baseline: the before/after side runs and is reported.
+        "--baseline-tree", str(ROOT),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
-    for section in ("unary", "stream", "onnxruntime"):
+    for section in ("unary", "stream", "onnxruntime", "request_reading"):
         assert results[section]["ratio"] > 0, results[section]
+    for section in ("unary", "stream", "onnxruntime"):
         assert "target" in results[section]
     assert results["unary"]["echo_thread_hop_p50_ms"] > 0
     assert results["stream"]["framecast_server_cpu_us_per_frame"] > 0
     assert results["unary_c8"]["framecast_server_cpu_us_per_request"] > 0
+    before_after = results["before_after"]["baseline"]
+    for figure in ("unary_p50_ms", "unary_c8_requests_per_s", "stream_frames_per_s"):
+        assert before_after[f"{figure}_before"] > 0, before_after
+        assert before_after[f"{figure}_after_over_before"] > 0, before_after
     assert results["unary_c8"]["cpu_ratio"] > 0
     assert results["sdk"]["sdk_client_cpu_us_per_request"] > 0
     assert results["sdk"]["stub_client_cpu_us_per_request"] > 0
@@ -37,7 +44,7 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
         breakdown = results["breakdown"][concurrency]
         assert breakdown["requests"] > 0
         # The direct reader and writer are the stages measured; the wait is the thread hop.
-        for stage in ("parse", "admit", "fill", "wait", "compute", "cpu"):
+        for stage in ("handler", "parse", "admit", "fill", "wait", "compute", "cpu"):
             assert breakdown[stage] > 0, (concurrency, stage, breakdown)
     for title in (
         "unary p50 latency",
@@ -58,6 +65,17 @@ def test_serving_overhead_reports_its_three_ratios(cache_dir: Path, tmp_path: Pa
         assert results["unary"]["triton_p50_ms"] > 0
         assert results["unary_c8"]["triton_requests_per_s"] > 0
         assert results["stream"]["triton_frames_per_s"] > 0
+
+
+def test_serving_overhead_refuses_a_baseline_tree_without_its_environment(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "serving_overhead.py"),
+        "--baseline-tree", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "uv sync" in done.stderr
 
 
 def test_preprocess_speed_reports_every_candidate() -> None:

@@ -22,7 +22,6 @@ import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_oip._proto import open_inference_pb2 as oip_pb
-from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ..backends.base import Backend, BreakableBackend
@@ -33,8 +32,7 @@ from ..core.memory import MemoryTrimmer
 from ..core.runtime import BatcherLike, ServingModel
 from ..model import prepare_model
 from ..service.classifier import SERVICE_NAME, ClassifierServicer
-from ..service.decoding import guarded
-from ..service.handlers import rejecting
+from ..service.handlers import guarded, rejecting
 from ..service.inference_protocol import InferenceServicer
 from ..service.reflection import add_reflection
 from ..settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
@@ -158,7 +156,9 @@ class FramecastServer:
             admission=self.admission,
             recorder=self.wiring.recorder,
         )
-        self._oip = InferenceServicer(gate=self._gate, recorder=self.wiring.recorder)
+        self._oip = InferenceServicer(
+            gate=self._gate, admission=self.admission, recorder=self.wiring.recorder
+        )
         self._serving: ServingModel | None = None
         self._trimmer: MemoryTrimmer | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -168,12 +168,9 @@ class FramecastServer:
         self._health_tasks: set[asyncio.Future[None]] = set()
         for server in self._servers:
             self._classifier.add_to_server(server)
+            self._oip.add_to_server(server)
             # Generated registrations go through guarded(): malformed requests get
-            # INVALID_ARGUMENT; the protocol's calls also pass the gate (health does not: it
-            # must answer throughout a drain).
-            oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-                self._oip, guarded(server, self._gate, self.admission)
-            )
+            # INVALID_ARGUMENT. Health passes no gate: it must answer throughout a drain.
             health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded(server))
             add_reflection(server, (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR))
 

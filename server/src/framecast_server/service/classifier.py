@@ -2,27 +2,28 @@
 
 Everything else happens in the core: the batcher runs the backend, admits work within the
 queue and the memory budget and serves callers in a fair order; the call gate drains calls on
-shutdown; the prepared model knows its labels and preprocessing.
+shutdown; the prepared model knows its labels and preprocessing. Classify is
+:class:`ClassifyCodec` over the unary driver (unary.py), ClassifyStream a ``prepare`` and a
+response over the streams' admission (streaming.py), as the Open Inference Protocol's calls.
 
 Handlers take the request as raw bytes: Classify reads a request of raw images straight from
 them (``requests.read_classify_request``, no parsed copy of each frame); everything else is
-parsed with ``requests.decode``, so bytes that are
-not a valid message get INVALID_ARGUMENT (a per-frame error on a stream) instead of gRPC's
-UNKNOWN and a logged traceback. Failures end a call by setting its status, never by raising
-(see ``errors.set_status``), so a failed call leaves no reference cycle behind.
+parsed with ``requests.decode``, so bytes that are not a valid message get INVALID_ARGUMENT (a
+per-frame error on a stream) instead of gRPC's UNKNOWN and a logged traceback. Every handler
+is registered through ``handlers.guard``: the call gate, and failures ending a call by setting
+its status, never by raising, so a failed call leaves no reference cycle behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
-from framecast_client.wire_format import WireFormatError
 from numpy.typing import NDArray
 
 from ..core.admission import Admission
@@ -33,11 +34,12 @@ from ..core.runtime import ServingModel
 from ..core.topk import top_k
 from .callers import caller_of
 from .codecs import requests, results
-from .decoding import read_request
-from .errors import ModelNotReadyError, set_status, status_for
+from .errors import ModelNotReadyError, status_for
+from .handlers import guard
 from .image_decoding import ImageDecoder
-from .stream_registry import NAME_LIMIT, StreamEntry, StreamRegistry
+from .stream_registry import StreamEntry, StreamRegistry, printable, stream_options
 from .streaming import Outcome, Prepared, Status, admitted
+from .unary import Read, UnaryDriver, ready
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 DEFAULT_TOP_K = 5
@@ -45,10 +47,6 @@ DEFAULT_TOP_K = 5
 CLASSIFY = f"/{SERVICE_NAME}/Classify"
 CLASSIFY_STREAM = f"/{SERVICE_NAME}/ClassifyStream"
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-# Stream options, as call metadata (see ClassifyStream in classifier.proto).
-STREAM_NAME_KEY = "framecast-stream-name"
-MAX_AGE_KEY = "framecast-max-age-ms"
-MAX_AGE_LIMIT_MS = 3_600_000
 # DropReason values by the name metrics count them under.
 DROP_REASONS = {
     pb.DROP_REASON_STALE_AT_ADMISSION: "stale_at_admission",
@@ -85,36 +83,74 @@ class _Frame:
         return self.capture_age_us + max(0, at_ns - self.received_ns) // 1000
 
 
-def _printable(text: str) -> str:
-    """``text`` cut to NAME_LIMIT characters, control characters replaced (it reaches terminals)."""
-    return "".join(c if c.isprintable() else "?" for c in text[:NAME_LIMIT])
-
-
-def _stream_options(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, int]:
-    """The stream's name and max age (ms, 0: none) from its metadata; raises WireFormatError."""
-    name, max_age_ms = "", 0
-    for key, value in context.invocation_metadata() or ():
-        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
-        if key == STREAM_NAME_KEY:
-            name = _printable(text)
-        elif key == MAX_AGE_KEY:
-            try:
-                max_age_ms = int(text)
-            except ValueError:
-                max_age_ms = -1
-            if not 0 <= max_age_ms <= MAX_AGE_LIMIT_MS:
-                raise WireFormatError(
-                    f"{MAX_AGE_KEY} must be an integer from 0 to {MAX_AGE_LIMIT_MS}, got {text!r}"
-                )
-    return name, max_age_ms
-
-
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _deadline(context: _Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+def _top_k(value: int | None, serving: ServingModel) -> int:
+    return requests.top_k_from_proto(
+        value, num_classes=len(serving.model.labels), default=DEFAULT_TOP_K
+    )
+
+
+def _fill_result(
+    message: pb.Classification, item: ItemResult, k: int, serving: ServingModel
+) -> None:
+    indices, probabilities = top_k(item.probabilities, k)
+    results.fill_classification(
+        message,
+        indices,
+        probabilities,
+        serving.model.labels,
+        queue_us=item.queue_us,
+        compute_us=item.compute_us,
+        batch_size=item.batch_size,
+    )
+
+
+class ClassifyCodec:
+    """Classify's request and response, for the unary driver; the tag is the request's top-k.
+
+    A request of raw images is read from its bytes (no parsed copy); any other goes through
+    protobuf's parser, so it means and fails exactly as protobuf says, and its compressed
+    images are left to the driver to decode off the event loop.
+    """
+
+    method = CLASSIFY
+
+    def __init__(self) -> None:
+        self.response_serializer = pb.ClassifyResponse.SerializeToString
+        self.preprocessing_id = ""  # the served model's (ClassifierServicer.attach)
+
+    def read(self, raw: bytes, serving: ServingModel, deadline: float | None) -> Read[int]:
+        request = requests.read_classify_request(raw)
+        if request is None:
+            return self._read_message(raw, serving, deadline)
+        k = _top_k(request.top_k, serving)
+        requests.check_preprocessing(request.preprocessing_id, self.preprocessing_id)
+        size = serving.model.preset.input_size
+        batch = request.batch(height=size, width=size, max_batch=serving.batcher.settings.max_batch)
+        return k, batch, deadline
+
+    def _read_message(self, raw: bytes, serving: ServingModel, deadline: float | None) -> Read[int]:
+        request = requests.decode(pb.ClassifyRequest, raw)
+        k = _top_k(request.top_k if request.HasField("top_k") else None, serving)
+        requests.check_preprocessing(request.preprocessing_id, self.preprocessing_id)
+        images: Sequence[pb.Image] = request.images
+        if any(requests.is_encoded(image) for image in images):
+            return k, images, deadline  # decoded by the driver, off the loop
+        size = serving.model.preset.input_size
+        max_batch = serving.batcher.settings.max_batch
+        batch = requests.images_from_proto(images, height=size, width=size, max_batch=max_batch)
+        return k, batch, deadline
+
+    @staticmethod
+    def write(items: list[ItemResult], k: int, serving: ServingModel) -> pb.ClassifyResponse:
+        """The ClassifyResponse, its results filled in place as a stream's are."""
+        response = pb.ClassifyResponse()
+        add = response.results.add
+        for item in items:
+            _fill_result(add(), item, k, serving)
+        return response
 
 
 class ClassifierServicer:
@@ -131,35 +167,46 @@ class ClassifierServicer:
     ) -> None:
         self._serving: ServingModel | None = None
         self._model_info: pb.ModelInfo | None = None
-        self._preprocessing_id = ""
         self._max_message_bytes = max_message_bytes
         self._max_calls_per_connection = max_calls_per_connection
         self._decoder = ImageDecoder()
         self._gate = gate
-        self._admission = admission
         self._answered = recorder.frames_answered
         self._recorder = recorder
+        self._classify = ClassifyCodec()
+        self._unary = UnaryDriver(
+            self._classify, serving=lambda: self._serving, admission=admission, recorder=recorder
+        )
         self.streams = StreamRegistry()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the Classifier's methods and the Admin's, each taking raw bytes."""
+        gate = self._gate
         handlers = {
-            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
+            "GetModelInfo": guard(
+                grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo, response_serializer=pb.ModelInfo.SerializeToString
+                ),
+                gate,
             ),
             # A unary call on the wire, registered as request-streaming so that the handler
-            # runs before the request is read: it waits for admission first (admission.py).
-            "Classify": grpc.stream_unary_rpc_method_handler(
-                self.Classify, response_serializer=pb.ClassifyResponse.SerializeToString
-            ),
-            "ClassifyStream": grpc.stream_stream_rpc_method_handler(
-                self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
+            # runs before the request is read: it waits for admission first (unary.py).
+            "Classify": guard(self._unary.handler(), gate),
+            "ClassifyStream": guard(
+                grpc.stream_stream_rpc_method_handler(
+                    self.ClassifyStream, response_serializer=pb.StreamResponse.SerializeToString
+                ),
+                gate,
             ),
         }
-        # The Admin service lists this servicer's streams; the interceptors guard it alike.
+        # The Admin service lists this servicer's streams; the interceptors guard it alike. It
+        # answers throughout a drain: no gate.
         admin = {
-            "ListStreams": grpc.unary_unary_rpc_method_handler(
-                self.ListStreams, response_serializer=pb.ListStreamsResponse.SerializeToString
+            "ListStreams": guard(
+                grpc.unary_unary_rpc_method_handler(
+                    self.ListStreams, response_serializer=pb.ListStreamsResponse.SerializeToString
+                ),
+                None,
             ),
         }
         server.add_generic_rpc_handlers(
@@ -172,14 +219,9 @@ class ClassifierServicer:
     def attach(self, serving: ServingModel) -> None:
         """Start serving this model (after it has been loaded and warmed up)."""
         self._model_info = self._describe(serving)
-        self._preprocessing_id = self._model_info.preprocessing_id
+        self._classify.preprocessing_id = self._model_info.preprocessing_id
         self.streams.set_concurrency(serving.backend.max_concurrent_batches)
         self._serving = serving
-
-    def _require_serving(self) -> ServingModel:
-        if self._serving is None:
-            raise ModelNotReadyError
-        return self._serving
 
     def _describe(self, serving: ServingModel) -> pb.ModelInfo:
         # Built once per model: it does not change while the model is served.
@@ -202,175 +244,66 @@ class ClassifierServicer:
             encodings=results.encodings_to_proto(requests.SERVER_ENCODINGS),
         )
 
-    async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo | None:
-        try:
-            self._gate.enter()
-        except Exception as exc:
-            set_status(context, exc)
-            return None
-        try:
-            requests.decode(pb.GetModelInfoRequest, raw)
-            if self._model_info is None:
-                raise ModelNotReadyError
-            return self._model_info
-        except Exception as exc:
-            set_status(context, exc)
-            return None
-        finally:
-            self._gate.leave()
-
-    async def Classify(
-        self, request_iterator: AsyncIterator[bytes], context: _Context
-    ) -> pb.ClassifyResponse | None:
-        try:
-            self._gate.enter()
-        except Exception as exc:
-            set_status(context, exc)
-            return None
-        frames = 1  # until the request is read: a refused request counts as one image
-        admission = self._admission
-        caller = caller_of(context)
-        admitted = False
-        try:
-            serving = self._require_serving()
-            # Unread until admitted: what waits is the call's HTTP/2 window, not its images.
-            await admission.enter(caller)
-            admitted = True
-            raw = await read_request(context)
-            parsed = self._parse_classify(raw, serving)
-            if parsed is None:
-                parsed = await self._parse_classify_message(raw, serving)
-            batch, k = parsed
-            del raw  # the batch is a view of it where it could be; nothing else needs it
-            frames = len(batch)
-            # The batcher's future itself, awaited here: no coroutine or task per request.
-            items = await serving.batcher.submit_nowait(
-                batch, deadline=_deadline(context), caller=caller
-            )
-            response = self._respond(items, k, serving)
-            self._answered(CLASSIFY, "OK", len(items))
-            return response
-        except Exception as exc:
-            code = set_status(context, exc)
-            self._answered(CLASSIFY, code.name, frames)
-            return None
-        finally:
-            if admitted:
-                admission.leave(caller)
-            self._gate.leave()
-
-    def _parse_classify(
-        self, raw: bytes, serving: ServingModel
-    ) -> tuple[NDArray[np.uint8], int] | None:
-        """A request of raw images, read from its bytes (no parsed copy); None for others."""
-        request = requests.read_classify_request(raw)
-        if request is None:
-            return None
-        k = self._top_k(request.top_k, serving)
-        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
-        size = serving.model.preset.input_size
-        batch = request.batch(height=size, width=size, max_batch=serving.batcher.settings.max_batch)
-        return batch, k
-
-    async def _parse_classify_message(
-        self, raw: bytes, serving: ServingModel
-    ) -> tuple[NDArray[np.uint8], int]:
-        # Every other request (compressed images, or bytes to refuse) goes through protobuf's
-        # parser, so it means and fails exactly as protobuf says. Its own function, so the
-        # parsed message (a copy of every image) is freed on return rather than kept alive
-        # while the images wait in the queue. Compressed images are decoded on the decoder's
-        # threads, off the event loop.
-        request = requests.decode(pb.ClassifyRequest, raw)
-        k = self._top_k(request.top_k if request.HasField("top_k") else None, serving)
-        requests.check_preprocessing(request.preprocessing_id, self._preprocessing_id)
-        size = serving.model.preset.input_size
-        batch = await self._decoder.batch(
-            request.images,
-            height=size,
-            width=size,
-            max_batch=serving.batcher.settings.max_batch,
-        )
-        return batch, k
-
-    def _respond(
-        self, items: list[ItemResult], k: int, serving: ServingModel
-    ) -> pb.ClassifyResponse:
-        """The ClassifyResponse, its results filled in place as a stream's are."""
-        response = pb.ClassifyResponse()
-        add, fill = response.results.add, self._fill_result
-        for item in items:
-            fill(add(), item, k, serving)
-        return response
+    async def GetModelInfo(self, raw: bytes, context: _Context) -> pb.ModelInfo:
+        requests.decode(pb.GetModelInfoRequest, raw)
+        if self._model_info is None:
+            raise ModelNotReadyError
+        return self._model_info
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[bytes], context: _Context
-    ) -> AsyncIterator[pb.StreamResponse]:
+    ) -> None:
+        # Writes its answers itself (context.write) rather than yielding them: handlers.guard
+        # then wraps it without a generator layer of its own per frame.
+        serving, deadline = ready(self._serving, context)
+        name, max_age_ms = stream_options(context.invocation_metadata() or ())
+        parse = self._frame_parser(serving)
+        decode_frame = self._frame_decoder(serving)
+        caller = caller_of(context)
+        stream = self.streams.open(printable(str(caller)), name, max_age_ms)
+        max_age_us = max_age_ms * 1000
+
+        async def prepare(raw: bytes) -> Prepared[_Frame]:
+            received = time.monotonic_ns()
+            stream.received()
+            frame_id, k, capture_age_us, outcome = parse(raw)
+            if isinstance(outcome, pb.Image):
+                # Compressed: decoded on the decoder's threads, off the loop.
+                outcome = await decode_frame(outcome)
+            frame = _Frame(frame_id, k, capture_age_us, received)
+            frame_deadline = deadline
+            if max_age_us and isinstance(outcome, np.ndarray):
+                now = time.monotonic_ns()
+                # The frame's age reaches max_age at this deadline: the batcher drops it
+                # then if it has not started computing (or on admission, if already past).
+                age_deadline = now / 1e9 + (max_age_us - frame.age_us(now)) / 1e6
+                if frame_deadline is None or age_deadline < frame_deadline:
+                    frame_deadline = age_deadline
+                    frame.age_bound = True
+            return frame, outcome, frame_deadline
+
+        def on_admit(frame: _Frame) -> None:
+            frame.admitted_ns = time.monotonic_ns()
+
+        frames = admitted(
+            request_iterator,
+            prepare,
+            batcher=serving.batcher,
+            caller=caller,
+            gate=self._gate,
+            context=context,
+            on_admit=on_admit,
+        )
         try:
-            self._gate.enter()
-        except Exception as exc:
-            set_status(context, exc)
-            return
-        try:
-            try:
-                serving = self._require_serving()
-                name, max_age_ms = _stream_options(context)
-            except Exception as exc:
-                set_status(context, exc)
-                return
-            parse = self._frame_parser(serving)
-            decode_frame = self._frame_decoder(serving)
-            deadline = _deadline(context)
-            caller = caller_of(context)
-            stream = self.streams.open(_printable(str(caller)), name, max_age_ms)
-            max_age_us = max_age_ms * 1000
-
-            async def prepare(raw: bytes) -> Prepared[_Frame]:
-                received = time.monotonic_ns()
-                stream.received()
-                frame_id, k, capture_age_us, outcome = parse(raw)
-                if isinstance(outcome, pb.Image):
-                    # Compressed: decoded on the decoder's threads, off the loop.
-                    outcome = await decode_frame(outcome)
-                frame = _Frame(frame_id, k, capture_age_us, received)
-                frame_deadline = deadline
-                if max_age_us and isinstance(outcome, np.ndarray):
-                    now = time.monotonic_ns()
-                    # The frame's age reaches max_age at this deadline: the batcher drops it
-                    # then if it has not started computing (or on admission, if already past).
-                    age_deadline = now / 1e9 + (max_age_us - frame.age_us(now)) / 1e6
-                    if frame_deadline is None or age_deadline < frame_deadline:
-                        frame_deadline = age_deadline
-                        frame.age_bound = True
-                return frame, outcome, frame_deadline
-
-            def on_admit(frame: _Frame) -> None:
-                frame.admitted_ns = time.monotonic_ns()
-
-            frames = admitted(
-                request_iterator,
-                prepare,
-                batcher=serving.batcher,
-                caller=caller,
-                gate=self._gate,
-                context=context,
-                on_admit=on_admit,
-            )
-            try:
-                async with contextlib.aclosing(frames):
-                    async for entry in frames:
-                        yield await self._frame_response(entry, serving, stream)
-            finally:
-                self.streams.close(stream)
+            async with contextlib.aclosing(frames):
+                async for entry in frames:
+                    await context.write(await self._frame_response(entry, serving, stream))
         finally:
-            self._gate.leave()
+            self.streams.close(stream)
 
-    async def ListStreams(self, raw: bytes, context: _Context) -> pb.ListStreamsResponse | None:
+    async def ListStreams(self, raw: bytes, context: _Context) -> pb.ListStreamsResponse:
         """The open streams (ClassifyStream), oldest first; see StreamInfo in classifier.proto."""
-        try:
-            requests.decode(pb.ListStreamsRequest, raw)
-        except Exception as exc:
-            set_status(context, exc)
-            return None
+        requests.decode(pb.ListStreamsRequest, raw)
         streams, omitted = self.streams.listing()
         response = pb.ListStreamsResponse(omitted=omitted)
         for entry in streams:
@@ -397,7 +330,7 @@ class ClassifierServicer:
         size = serving.model.preset.input_size
         decode, image_from_proto = requests.decode, requests.image_from_proto
         check_preprocessing = requests.check_preprocessing
-        served = self._preprocessing_id
+        served = self._classify.preprocessing_id
         request_type = pb.StreamRequest
 
         def parse(raw: bytes) -> _ParsedFrame:
@@ -407,7 +340,7 @@ class ClassifierServicer:
                 return 0, 0, 0, status_for(exc)  # no frame id can be read: 0
             age = frame.capture_age_us
             try:
-                k = self._top_k(frame.top_k if frame.HasField("top_k") else None, serving)
+                k = _top_k(frame.top_k if frame.HasField("top_k") else None, serving)
                 check_preprocessing(frame.preprocessing_id, served)
                 if requests.is_encoded(frame.image):
                     return frame.frame_id, k, age, frame.image
@@ -452,7 +385,7 @@ class ClassifierServicer:
         except Exception as exc:
             return self._frame_error(frame, stream, status_for(exc))
         response = pb.StreamResponse(frame_id=frame.frame_id)
-        self._fill_result(response.classification, item, frame.k, serving)
+        _fill_result(response.classification, item, frame.k, serving)
         at_admission = frame.age_us(frame.admitted_ns)
         at_compute = at_admission + item.queue_us
         response.age.at_admission_us = at_admission
@@ -508,24 +441,3 @@ class ClassifierServicer:
             response.hint.rate_fps = rate
             response.hint.max_in_flight = window
             stream.rate_hint_fps = rate
-
-    @staticmethod
-    def _top_k(value: int | None, serving: ServingModel) -> int:
-        return requests.top_k_from_proto(
-            value, num_classes=len(serving.model.labels), default=DEFAULT_TOP_K
-        )
-
-    @staticmethod
-    def _fill_result(
-        message: pb.Classification, item: ItemResult, k: int, serving: ServingModel
-    ) -> None:
-        indices, probabilities = top_k(item.probabilities, k)
-        results.fill_classification(
-            message,
-            indices,
-            probabilities,
-            serving.model.labels,
-            queue_us=item.queue_us,
-            compute_us=item.compute_us,
-            batch_size=item.batch_size,
-        )

@@ -1,4 +1,4 @@
-"""The streams a server runs now: what ListStreams reports, and the rate each may send at.
+"""The streams a server runs now: their options, what ListStreams reports, the rate each may send.
 
 Everything here runs on the server's event loop (no locks). A stream's figures are bounded:
 its name and caller are cut to :data:`NAME_LIMIT` characters, its percentiles come from its
@@ -17,11 +17,26 @@ import collections
 import itertools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["LIST_LIMIT", "NAME_LIMIT", "CapacityMeter", "StreamEntry", "StreamRegistry"]
+from framecast_client.wire_format import WireFormatError
+
+__all__ = [
+    "LIST_LIMIT",
+    "NAME_LIMIT",
+    "CapacityMeter",
+    "StreamEntry",
+    "StreamRegistry",
+    "printable",
+    "stream_options",
+]
 
 NAME_LIMIT = 64
+# Stream options, as call metadata (see ClassifyStream in classifier.proto).
+STREAM_NAME_KEY = "framecast-stream-name"
+MAX_AGE_KEY = "framecast-max-age-ms"
+MAX_AGE_LIMIT_MS = 3_600_000
 LIST_LIMIT = 1000
 RECENT = 256
 # How often rates and the capacity are brought up to date, seconds.
@@ -33,6 +48,33 @@ _MIN_SAMPLES = 4
 HEADROOM = 0.9
 # Without a max age, the hint's window keeps a stream's frames within this wait.
 DEFAULT_BUDGET_S = 0.1
+
+
+def printable(text: str) -> str:
+    """``text`` cut to NAME_LIMIT characters, control characters replaced (it reaches terminals)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:NAME_LIMIT])
+
+
+def stream_options(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, int]:
+    """A stream's name and max age (ms, 0: none) from its call's metadata.
+
+    Raises WireFormatError for a max age that is not an integer in range.
+    """
+    name, max_age_ms = "", 0
+    for key, value in metadata:
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        if key == STREAM_NAME_KEY:
+            name = printable(text)
+        elif key == MAX_AGE_KEY:
+            try:
+                max_age_ms = int(text)
+            except ValueError:
+                max_age_ms = -1
+            if not 0 <= max_age_ms <= MAX_AGE_LIMIT_MS:
+                raise WireFormatError(
+                    f"{MAX_AGE_KEY} must be an integer from 0 to {MAX_AGE_LIMIT_MS}, got {text!r}"
+                )
+    return name, max_age_ms
 
 
 def _p99(values: collections.deque[float]) -> float:

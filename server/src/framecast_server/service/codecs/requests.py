@@ -44,6 +44,11 @@ def quote(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def malformed(what: str, size: int, hint: str = "") -> WireFormatError:
+    """The error for ``size`` bytes received that are not a valid ``what`` message."""
+    return WireFormatError(f"the bytes received ({size}) are not a valid {what} message{hint}")
+
+
 def decode(message_type: type[M], raw: bytes) -> M:
     """Parse ``raw`` as a ``message_type``; bytes that are not one raise WireFormatError."""
     try:
@@ -51,10 +56,9 @@ def decode(message_type: type[M], raw: bytes) -> M:
     except DecodeError:
         # Raised outside the handler: the parser's error (and its traceback) is not kept.
         pass
-    raise WireFormatError(
-        f"the bytes received ({len(raw)}) are not a valid {message_type.DESCRIPTOR.full_name} "
-        "message; send one built from framecast.v1's .proto"
-    )
+    descriptor = message_type.DESCRIPTOR
+    hint = f"; send one built from {descriptor.file.name}"
+    raise malformed(descriptor.full_name, len(raw), hint)
 
 
 def is_encoded(image: pb.Image) -> bool:
