@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -185,6 +186,7 @@ async def _run_worker(
     report: Connection,
     inference: tuple[InferenceLink, int] | None = None,
     factory: BackendFactory | None = None,
+    board: tuple[Path, int] | None = None,
 ) -> int:
     """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
     from .app import FramecastServer
@@ -195,6 +197,7 @@ async def _run_worker(
         shared_metrics=True,
         inference=inference,
         backend_factory=factory,
+        stream_board=board,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -227,6 +230,7 @@ def _worker_main(
     level: int,
     link: InferenceLink | None = None,
     factory: BackendFactory | None = None,
+    board: Path | None = None,
 ) -> None:
     """The entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     from .event_loop import run
@@ -239,7 +243,8 @@ def _worker_main(
         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s",
     )
     inference = None if link is None else (link, index)
-    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory)))
+    seat = None if board is None else (board, index)
+    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory, seat)))
 
 
 async def _run_inference(
@@ -348,6 +353,7 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}
         self._quick_exits = 0
         self._announced = False
+        self._board: Path | None = None  # the workers' stream listings (stream_board.py)
 
     def run(self) -> int:
         """Serve until a signal (exit 0) or until workers cannot start (exit 1)."""
@@ -393,10 +399,11 @@ class Supervisor:
             settings.threads,
         )
         link_dir = None
+        board: tempfile.TemporaryDirectory[str] | None = None
         try:
+            board = tempfile.TemporaryDirectory(prefix="framecast-streams-")
+            self._board = Path(board.name)
             if self.inference == "shared":
-                import tempfile
-
                 from .shared_inference import create_link
 
                 link_dir = tempfile.TemporaryDirectory(prefix="framecast-inference-")
@@ -429,6 +436,8 @@ class Supervisor:
                 self._link = None
             if link_dir is not None:
                 link_dir.cleanup()
+            if board is not None:
+                board.cleanup()
             if metrics is not None:
                 metrics.close()
                 self._metrics = None
@@ -484,7 +493,7 @@ class Supervisor:
         else:
             process = self._context.Process(
                 target=_worker_main,
-                args=(settings, index, send, level, self._link, self._factory),
+                args=(settings, index, send, level, self._link, self._factory, self._board),
                 name=f"framecast-worker-{index}",
             )
         process.start()

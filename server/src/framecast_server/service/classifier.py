@@ -36,6 +36,7 @@ from .codecs import requests, results
 from .decoding import read_request
 from .errors import ModelNotReadyError, set_status, status_for
 from .image_decoding import ImageDecoder
+from .stream_board import StreamBoard
 from .stream_registry import NAME_LIMIT, StreamEntry, StreamRegistry
 from .streaming import Outcome, Prepared, Status, admitted
 
@@ -140,6 +141,7 @@ class ClassifierServicer:
         self._answered = recorder.frames_answered
         self._recorder = recorder
         self.streams = StreamRegistry()
+        self.board = StreamBoard(self.streams)  # what ListStreams answers (every worker's)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the Classifier's methods and the Admin's, each taking raw bytes."""
@@ -365,32 +367,13 @@ class ClassifierServicer:
             self._gate.leave()
 
     async def ListStreams(self, raw: bytes, context: _Context) -> pb.ListStreamsResponse | None:
-        """The open streams (ClassifyStream), oldest first; see StreamInfo in classifier.proto."""
+        """The open streams (ClassifyStream), oldest first, of every worker (stream_board.py)."""
         try:
             requests.decode(pb.ListStreamsRequest, raw)
         except Exception as exc:
             set_status(context, exc)
             return None
-        streams, omitted = self.streams.listing()
-        response = pb.ListStreamsResponse(omitted=omitted)
-        for entry in streams:
-            rate_in, rate_out = entry.rates()
-            response.streams.add(
-                id=entry.id,
-                caller=entry.caller,
-                name=entry.name,
-                started_unix_ms=entry.started_unix_ms,
-                frames_in_per_s=rate_in,
-                frames_out_per_s=rate_out,
-                p99_latency_ms=entry.p99_latency_ms(),
-                p99_age_ms=entry.p99_age_ms(),
-                frames_in=entry.frames_in,
-                frames_out=entry.frames_out,
-                dropped=entry.dropped,
-                max_age_ms=entry.max_age_ms,
-                rate_hint_fps=entry.rate_hint_fps,
-            )
-        return response
+        return await self.board.listing()
 
     def _frame_parser(self, serving: ServingModel) -> Callable[[bytes], _ParsedFrame]:
         """The per-frame parsing step of one stream, with the stream's constants bound once."""
