@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 from framecast_client import Client, FramecastError, StreamSession
-from framecast_client.types import StreamView
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client.sources import SyntheticCamera
+from framecast_client.types import StreamView
 from framecast_server.service.stream_board import (
     STALE_S,
     START_SHIFT,
@@ -276,7 +276,7 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
                 name = f"cam-{len(cameras.sessions)}"
                 cameras.open(name)
                 wait_until(
-                    lambda: name in {s.name for s in listed(host.address)},
+                    lambda name=name: name in {s.name for s in listed(host.address)},
                     f"{name} listed",
                     timeout_s=TIMEOUT_S,
                 )
