@@ -185,6 +185,18 @@ def listed(address: str) -> list[StreamView]:
         return client.list_streams()
 
 
+def listed_as(address: str, name: str) -> StreamView:
+    """The stream named ``name``, once it is listed."""
+
+    def find() -> StreamView | None:
+        return next((s for s in listed(address) if s.name == name), None)
+
+    wait_until(lambda: find() is not None, f"{name} listed", timeout_s=TIMEOUT_S, interval_s=0.2)
+    found = find()
+    assert found is not None
+    return found
+
+
 def worker_of(stream_id: int) -> int:
     return stream_id >> WORKER_SHIFT
 
@@ -242,6 +254,7 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
                     "every stream listed",
                     timeout_s=TIMEOUT_S,
                     seen=lambda: [s.name for s in listed(host.address)],
+                    interval_s=0.2,
                 )
                 by_name = {s.name: s for s in listed(host.address)}
 
@@ -262,6 +275,7 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
                 "worker 1's streams to leave the listing",
                 timeout_s=TIMEOUT_S,
                 seen=lambda: [(s.id, s.name) for s in listed(host.address)],
+                interval_s=0.2,
             )
             assert {s.id for s in listed(host.address)} <= set(before)
 
@@ -270,21 +284,17 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
                 lambda: serving_pids(host).get(1, victim) != victim,
                 "worker 1 to serve again",
                 timeout_s=TIMEOUT_S,
+                interval_s=0.1,
             )
             while True:
                 assert len(cameras.sessions) < 60, "no stream reached the restarted worker"
                 name = f"cam-{len(cameras.sessions)}"
                 cameras.open(name)
-                wait_until(
-                    lambda name=name: name in {s.name for s in listed(host.address)},
-                    f"{name} listed",
-                    timeout_s=TIMEOUT_S,
-                )
-                (new,) = [s for s in listed(host.address) if s.name == name]
+                new = listed_as(host.address, name)
                 if worker_of(new.id) == 1:
                     break
             assert new.id not in before
-            assert new.id >> START_SHIFT == (1 << WORKER_SHIFT - START_SHIFT) + 1
+            assert new.id >> START_SHIFT == (1 << (WORKER_SHIFT - START_SHIFT)) | 1  # worker 1, start 1
             assert host.process.poll() is None
         finally:
             cameras.close()
