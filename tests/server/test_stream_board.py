@@ -294,7 +294,8 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
                 if worker_of(new.id) == 1:
                     break
             assert new.id not in before
-            assert new.id >> START_SHIFT == (1 << (WORKER_SHIFT - START_SHIFT)) | 1  # worker 1, start 1
+            # Worker 1, its second start.
+            assert new.id >> START_SHIFT == (1 << (WORKER_SHIFT - START_SHIFT)) | 1
             assert host.process.poll() is None
         finally:
             cameras.close()
