@@ -186,15 +186,15 @@ def listed(address: str) -> list[StreamView]:
 
 
 def listed_as(address: str, name: str) -> StreamView:
-    """The stream named ``name``, once it is listed."""
+    """The stream named ``name``, once it is listed (another worker sees it a second later)."""
+    found: list[StreamView] = []
 
-    def find() -> StreamView | None:
-        return next((s for s in listed(address) if s.name == name), None)
+    def find() -> bool:
+        found[:] = [s for s in listed(address) if s.name == name]
+        return bool(found)
 
-    wait_until(lambda: find() is not None, f"{name} listed", timeout_s=TIMEOUT_S, interval_s=0.2)
-    found = find()
-    assert found is not None
-    return found
+    wait_until(find, f"{name} listed", timeout_s=TIMEOUT_S, interval_s=0.2)
+    return found[0]
 
 
 def worker_of(stream_id: int) -> int:
