@@ -283,14 +283,15 @@ class Host:
 
 
 @contextlib.contextmanager
-def serve_workers(cache_dir: Path, tmp_path: Path) -> Iterator[Host]:
-    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM."""
+def serve_workers(cache_dir: Path, tmp_path: Path, *flags: str) -> Iterator[Host]:
+    """A real two-worker server on loopback (null backend, offline, and ``flags``), stopped
+    with SIGTERM."""
     port_file = tmp_path / "port"
     log = tmp_path / "serve.log"
     command = [
         sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
         "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
-        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir), *flags,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with log.open("wb") as sink:

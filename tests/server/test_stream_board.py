@@ -236,6 +236,33 @@ def serving_pids(host: Host) -> dict[int, int]:
     return {int(index): int(pid) for index, pid in found}
 
 
+def spread(cameras: Cameras) -> dict[str, StreamView]:
+    """Open streams until both workers hold some (a connection lands on either); the listing."""
+    by_name: dict[str, StreamView] = {}
+    while len({worker_of(s.id) for s in by_name.values()}) < 2:
+        assert len(cameras.sessions) < 40, f"every stream on one worker: {by_name}"
+        for _ in range(4):
+            cameras.open(f"cam-{len(cameras.sessions)}")
+        wait_until(
+            lambda: {s.name for s in listed(cameras.address)} == set(cameras.sessions),
+            "every stream listed",
+            timeout_s=TIMEOUT_S,
+            seen=lambda: [s.name for s in listed(cameras.address)],
+            interval_s=0.2,
+        )
+        by_name = {s.name: s for s in listed(cameras.address)}
+    return by_name
+
+
+def assert_top_lists(address: str, cameras: Cameras) -> None:
+    """The command, three times (three connections): every stream, ids distinct."""
+    for _ in range(3):
+        streams = top_json(address)["streams"]
+        assert isinstance(streams, list)
+        assert sorted(s["name"] for s in streams) == sorted(cameras.sessions)
+        assert len({s["id"] for s in streams}) == len(streams)
+
+
 @pytest.mark.slow
 def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
     cache_dir: Path, tmp_path: Path
@@ -243,27 +270,8 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
     with serve_workers(cache_dir, tmp_path) as host:
         cameras = Cameras(host.address)
         try:
-            # Connections land on either worker (SO_REUSEPORT): open them until both hold some.
-            by_name: dict[str, StreamView] = {}
-            while len({worker_of(s.id) for s in by_name.values()}) < 2:
-                assert len(cameras.sessions) < 40, f"every stream on one worker: {by_name}"
-                for _ in range(4):
-                    cameras.open(f"cam-{len(cameras.sessions)}")
-                wait_until(
-                    lambda: {s.name for s in listed(host.address)} == set(cameras.sessions),
-                    "every stream listed",
-                    timeout_s=TIMEOUT_S,
-                    seen=lambda: [s.name for s in listed(host.address)],
-                    interval_s=0.2,
-                )
-                by_name = {s.name: s for s in listed(host.address)}
-
-            # The command, three times (three connections): every stream, ids distinct.
-            for _ in range(3):
-                streams = top_json(host.address)["streams"]
-                assert isinstance(streams, list)
-                assert sorted(s["name"] for s in streams) == sorted(cameras.sessions)
-                assert len({s["id"] for s in streams}) == len(streams)
+            by_name = spread(cameras)
+            assert_top_lists(host.address, cameras)
 
             # A killed worker's streams leave the listing within a few seconds.
             before = {s.id: s.name for s in by_name.values()}
@@ -297,5 +305,18 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
             # Worker 1, its second start.
             assert new.id >> START_SHIFT == (1 << (WORKER_SHIFT - START_SHIFT)) | 1
             assert host.process.poll() is None
+        finally:
+            cameras.close()
+
+
+@pytest.mark.slow
+def test_top_lists_every_front_ends_streams_under_shared_inference(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    with serve_workers(cache_dir, tmp_path, "--inference", "shared") as host:
+        cameras = Cameras(host.address)
+        try:
+            spread(cameras)
+            assert_top_lists(host.address, cameras)
         finally:
             cameras.close()
