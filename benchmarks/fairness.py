@@ -1,8 +1,8 @@
 """Fair share between callers: a polite client's latency with and without a greedy neighbour.
 
 Usage: uv run python benchmarks/fairness.py [--seconds 5] [--rounds 3] [--in-flight 200]
-       [--connections 1] [--greedy-nice N] [--serve-flags "..."] [--server-python PYTHON]
-       [--json FILE]
+       [--connections 1] [--isolation both|pinned|shared] [--greedy-nice N]
+       [--serve-flags "..."] [--server-python PYTHON] [--json FILE]
        uv run python benchmarks/fairness.py --alone [--connections 8] [--in-flight 16]
        [--baseline-python PYTHON] [--baseline-flags "..."]
 
@@ -10,14 +10,20 @@ One `framecast serve` process (null backend, tokens required). The greedy and po
 are two callers: each has its own token. A polite client sends one frame at a time, on its
 own connection. Each round measures it alone (idle), then while a greedy client in another
 process keeps ``--in-flight`` unary calls outstanding over ``--connections`` connections
-(flood). Reported: the
-polite client's p50 and p99 in each phase, the ratio of its flood p99 to the idle p99 of the
-same round and their median over the rounds (the target is at most 3), how often it saw
-RESOURCE_EXHAUSTED (the target is never), and the greedy client's answers and refusals. Both
-clients send pre-serialized requests and do not parse the answers, so they cost the machine
-little beside the server. On a small machine the greedy client still takes a core from the
-server and the polite client; ``--greedy-nice 19`` has it yield, as a client on another host
-would.
+(flood). Reported: the polite client's p50 and p99 in each phase, the ratio of its flood p99
+to the idle p99 of the same round and their median over the rounds (the target is at most 3),
+how often it saw RESOURCE_EXHAUSTED (the target is never), and the greedy client's answers
+and refusals. Both clients send pre-serialized requests and do not parse the answers, so they
+cost the machine little beside the server.
+
+Isolation: on one machine the greedy client takes CPU from the server and the polite client,
+which a client on another host would not. ``pinned`` models the other host: the machine's
+CPUs are split in two halves (on 2 cores, one each); the server and the polite client share
+the first half, and the greedy client runs on the other half, so it floods at full speed and
+takes none of the server's CPU (its idle phase is measured pinned the same way). ``shared``
+is the plain figure: everything on every CPU, the greedy client at ``--greedy-nice``. With
+``both`` (the default) each round measures both, in alternating order, and each is reported
+as the median of its rounds. Run it alone on the machine (e.g. under a CPU lock).
 
 ``--alone``: no polite client; the greedy client alone, its requests per second in each round
 (a caller alone must still get the whole server). With ``--baseline-python`` (e.g. a main
@@ -33,6 +39,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -116,24 +123,62 @@ async def greedy(address: str, in_flight: int, connections: int, seconds: float)
     return {**codes, "per_s": round(codes["OK"] / elapsed, 1)}
 
 
-def greedy_process(address: str, args: argparse.Namespace, seconds: float) -> subprocess.Popen[str]:
+ISOLATIONS = {"both": ("pinned", "shared"), "pinned": ("pinned",), "shared": ("shared",)}
+
+
+def cpu_halves() -> tuple[set[int], set[int]]:
+    """This process's CPUs in two halves: the server's and the polite client's, the greedy's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("fairness.py: --isolation pinned needs at least 2 CPUs")
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` onto ``cpus`` (threads started later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def greedy_process(
+    address: str, args: argparse.Namespace, seconds: float, cpus: set[int] | None = None
+) -> subprocess.Popen[str]:
+    """The greedy client in a process of its own, at ``--greedy-nice``, on ``cpus`` if given."""
+    pinned = ["--greedy-cpus", ",".join(map(str, sorted(cpus)))] if cpus else []
     return subprocess.Popen(
         ["nice", "-n", str(args.greedy_nice), sys.executable, __file__, "--greedy", address,
          "--in-flight", str(args.in_flight), "--connections", str(args.connections),
-         "--seconds", str(seconds)],
+         "--seconds", str(seconds), *pinned],
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
 
 
-def flood_round(address: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The polite client alone, then beside a greedy client in another process."""
-    idle = polite(address, args.seconds)
-    flood = greedy_process(address, args, args.seconds + 2)
-    time.sleep(1.0)  # the flood is under way
-    flooded = polite(address, args.seconds)
-    out, _ = flood.communicate(timeout=120)
+def flood_round(
+    address: str, server_pid: int, isolation: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The polite client alone, then beside a greedy client in another process.
+
+    ``pinned``: the server and this (polite) process on one half of the CPUs, the greedy
+    client on the other; ``shared``: all on every CPU.
+    """
+    everything = os.sched_getaffinity(0)
+    ours, greedy_cpus = cpu_halves() if isolation == "pinned" else (everything, None)
+    pin(server_pid, ours)
+    os.sched_setaffinity(0, ours)
+    try:
+        idle = polite(address, args.seconds)
+        flood = greedy_process(address, args, args.seconds + 2, greedy_cpus)
+        time.sleep(1.0)  # the flood is under way
+        flooded = polite(address, args.seconds)
+        out, _ = flood.communicate(timeout=120)
+    finally:
+        os.sched_setaffinity(0, everything)
+        pin(server_pid, everything)
     return {
+        "isolation": isolation,
         "polite_idle": idle,
         "polite_flooded": flooded,
         "greedy_codes": json.loads(out),
@@ -144,8 +189,8 @@ def flood_round(address: str, args: argparse.Namespace) -> dict[str, Any]:
 @contextmanager
 def server(
     tmp: Path, name: str, cache_dir: Path, flags: str, python: str = sys.executable
-) -> Iterator[str]:
-    """A `framecast serve` (null backend, the two tokens) run by ``python``; yields its address."""
+) -> Iterator[tuple[str, int]]:
+    """A `framecast serve` (null backend, the two tokens) run by ``python``: (address, pid)."""
     tokens = tmp / "tokens"
     tokens.write_text("".join(f"{who}:{token}\n" for who, token in TOKENS.items()))
     port_file, log = tmp / f"{name}.port", tmp / f"{name}.log"
@@ -155,7 +200,7 @@ def server(
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield wait_serving(process, port_file)
+        yield wait_serving(process, port_file), process.pid
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -168,7 +213,7 @@ def alone(args: argparse.Namespace, tmp: Path, cache_dir: Path) -> dict[str, Any
         sides["baseline"] = (args.baseline_python or sys.executable, args.baseline_flags)
     with contextlib.ExitStack() as stack:
         addresses = {
-            name: stack.enter_context(server(tmp, name, cache_dir, flags, python))
+            name: stack.enter_context(server(tmp, name, cache_dir, flags, python))[0]
             for name, (python, flags) in sides.items()
         }
         rounds: list[dict[str, Any]] = []
@@ -204,11 +249,17 @@ def main() -> int:
         "--serve-flags", default="", help="more `framecast serve` flags, e.g. limits to try"
     )
     parser.add_argument(
+        "--isolation",
+        choices=sorted(ISOLATIONS),
+        default="both",
+        help="pinned: the greedy client on CPUs of its own, as on another host; shared: "
+        "everything on every CPU; both (default): each round measures both",
+    )
+    parser.add_argument(
         "--greedy-nice",
         type=int,
         default=0,
-        help="run the greedy client at this niceness (19: it yields the CPU to the server and "
-        "the polite client, as a client on another host would; default 0)",
+        help="run the greedy client at this niceness (with --isolation shared; default 0)",
     )
     parser.add_argument(
         "--alone", action="store_true", help="the greedy client alone: its requests per second"
@@ -223,8 +274,11 @@ def main() -> int:
         "--server-python", help="run the server with this Python (e.g. a main checkout's)"
     )
     parser.add_argument("--greedy", metavar="ADDRESS", help=argparse.SUPPRESS)  # child role
+    parser.add_argument("--greedy-cpus", help=argparse.SUPPRESS)  # the child's CPUs
     args = parser.parse_args()
     if args.greedy:
+        if args.greedy_cpus:
+            os.sched_setaffinity(0, {int(cpu) for cpu in args.greedy_cpus.split(",")})
         codes = asyncio.run(greedy(args.greedy, args.in_flight, args.connections, args.seconds))
         print(json.dumps(codes))
         return 0
@@ -232,21 +286,33 @@ def main() -> int:
         tmp = Path(tmp_name)
         cache_dir = args.cache_dir or tmp / "engines"
         if args.alone:
-            results = alone(args, tmp, cache_dir)
+            alone_results = alone(args, tmp, cache_dir)
             if args.json:
-                args.json.write_text(json.dumps(results, indent=2))
+                args.json.write_text(json.dumps(alone_results, indent=2))
             return 0
         python = args.server_python or sys.executable
-        with server(tmp, "server", cache_dir, args.serve_flags, python) as address:
-            rounds = [flood_round(address, args) for _ in range(args.rounds)]
-    results = {
+        isolations = ISOLATIONS[args.isolation]
+        with server(tmp, "server", cache_dir, args.serve_flags, python) as (address, pid):
+            # Alternating order, so drift in the machine's load hits both alike.
+            rounds = [
+                flood_round(address, pid, isolation, args)
+                for i in range(args.rounds)
+                for isolation in (isolations if i % 2 == 0 else isolations[::-1])
+            ]
+    results: dict[str, Any] = {
         "serve_flags": args.serve_flags,
         "greedy_nice": args.greedy_nice,
         "greedy_connections": args.connections,
         "rounds": rounds,
         # Each round's flood p99 against the idle p99 just before it, so drift in the
-        # machine's load hits both; the median of the rounds is the figure.
-        "p99_ratio": round(statistics.median(r["p99_ratio"] for r in rounds), 2),
+        # machine's load hits both; the median of the rounds is the figure, per isolation.
+        "p99_ratio": {
+            isolation: round(
+                statistics.median(r["p99_ratio"] for r in rounds if r["isolation"] == isolation),
+                2,
+            )
+            for isolation in isolations
+        },
         "polite_resource_exhausted": sum(
             r["polite_flooded"]["codes"].get("RESOURCE_EXHAUSTED", 0) for r in rounds
         ),
@@ -256,18 +322,21 @@ def main() -> int:
         ),
         "polite_flooded_answers": sum(r["polite_flooded"]["answers"] for r in rounds),
     }
-    for i, r in enumerate(rounds, 1):
+    for n, r in enumerate(rounds):
+        i = n // len(isolations) + 1
         for label in ("idle", "flooded"):
             phase = r[f"polite_{label}"]
             print(
-                f"round {i} polite {label:8} p50 {phase['p50_ms']:6.2f} ms  "
+                f"round {i} {r['isolation']:6} polite {label:8} p50 {phase['p50_ms']:6.2f} ms  "
                 f"p99 {phase['p99_ms']:6.2f} ms  {phase['answers']:5} answers  {phase['codes']}"
             )
-        print(f"round {i} greedy ({args.in_flight} in flight over {args.connections} "
-              f"connections): {r['greedy_codes']}; p99 ratio {r['p99_ratio']}")  # fmt: skip
-    print(f"p99 ratio flood/idle, median of {args.rounds} rounds: {results['p99_ratio']} "
-          f"(target <= 3); polite calls not OK: {results['polite_flooded_refused']} "
-          f"(target 0)")  # fmt: skip
+        print(f"round {i} {r['isolation']:6} greedy ({args.in_flight} in flight over "
+              f"{args.connections} connections): {r['greedy_codes']}; "
+              f"p99 ratio {r['p99_ratio']}")  # fmt: skip
+    for isolation, ratio in results["p99_ratio"].items():
+        print(f"p99 ratio flood/idle, {isolation}, median of {args.rounds} rounds: {ratio} "
+              f"(target <= 3)")  # fmt: skip
+    print(f"polite calls not OK: {results['polite_flooded_refused']} (target 0)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import signal
 import subprocess
@@ -407,7 +408,13 @@ async def sigterm(server: Server, calls: int, streams: int) -> dict[str, Any]:
     stop_sending = asyncio.Event()
     unary: collections.Counter[str] = collections.Counter()
     stream_ends: collections.Counter[str] = collections.Counter()
+    stream_answers: collections.Counter[int] = collections.Counter()  # by camera
     gaps = 0
+    loaded = asyncio.Event()  # every stream and the unary callers have been answered
+
+    def note_answer() -> None:
+        if len(stream_answers) >= streams and unary["answered OK"] >= calls:
+            loaded.set()
 
     async def caller(ch: grpc.aio.Channel) -> None:
         classify = ch.unary_unary(CLASSIFY)  # type: ignore[call-arg]
@@ -415,6 +422,7 @@ async def sigterm(server: Server, calls: int, streams: int) -> dict[str, Any]:
             try:
                 await classify(GOOD_REQUEST, timeout=30)
                 unary["answered OK"] += 1
+                note_answer()
             except grpc.RpcError as error:
                 code, details = error.code(), error.details() or ""
                 if code is grpc.StatusCode.UNAVAILABLE and "shutting down" in details:
@@ -455,6 +463,8 @@ async def sigterm(server: Server, calls: int, streams: int) -> dict[str, Any]:
             try:
                 async for raw in call:
                     room.release()
+                    stream_answers[index] += 1
+                    note_answer()
                     response = pb.StreamResponse.FromString(raw)
                     if response.frame_id != expected:
                         gaps += 1
@@ -469,7 +479,15 @@ async def sigterm(server: Server, calls: int, streams: int) -> dict[str, Any]:
     async with channel(server.address) as ch:
         tasks = [asyncio.ensure_future(caller(ch)) for _ in range(calls)]
         tasks += [asyncio.ensure_future(camera(i)) for i in range(streams)]
-        await asyncio.sleep(2.0)  # under load
+        # Under load: at least 2 s, and until every stream and the unary callers are answered
+        # (a busy machine takes longer to get there), so SIGTERM lands on work in flight.
+        await asyncio.sleep(2.0)
+        with contextlib.suppress(asyncio.TimeoutError):  # what was reached is reported
+            await asyncio.wait_for(loaded.wait(), 60)
+        at_sigterm = {
+            "unary_answered": unary["answered OK"],
+            "streams_answered": len(stream_answers),
+        }
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         exit_code = await asyncio.to_thread(server.process.wait, 60)
@@ -480,6 +498,7 @@ async def sigterm(server: Server, calls: int, streams: int) -> dict[str, Any]:
     return {
         "unary_calls_in_flight": calls,
         "streams": streams,
+        "before_sigterm": at_sigterm,
         "unary": dict(unary),
         "unary_cut": cut,
         "stream_ends": dict(stream_ends),

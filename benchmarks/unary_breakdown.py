@@ -52,7 +52,10 @@ CANDIDATES: dict[str, list[tuple[str, str | None, str]]] = {
         ("framecast_server.core.batcher", "Batcher", "_dispatch_soon_now"),
         ("framecast_server.core.batcher", "Batcher", "_on_batch_done"),
     ],
-    "compute": [("framecast_server.core.batcher", "Batcher", "_compute")],
+    "compute": [
+        ("framecast_server.core.batching.workers", "InferenceThreads", "_compute"),
+        ("framecast_server.core.batcher", "Batcher", "_compute"),
+    ],
     "fill": [
         ("framecast_server.service.classifier", "ClassifierServicer", "_respond"),
         ("framecast_server.service.classifier", "ClassifierServicer", "_fill_result"),
@@ -129,7 +132,10 @@ def instrument() -> list[str]:
     wrapped: list[str] = []
     for stage, candidates in CANDIDATES.items():
         for module_name, class_name, attribute in candidates:
-            owner: Any = importlib.import_module(module_name)
+            try:
+                owner: Any = importlib.import_module(module_name)
+            except ModuleNotFoundError:
+                continue  # a candidate of another version of the server
             if class_name is not None:
                 owner = getattr(owner, class_name, None)
             function = getattr(owner, attribute, None) if owner is not None else None

@@ -36,7 +36,7 @@ import numpy as np
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.wire import image_to_proto
-from framecast_server.process.workers import usable_cores
+from framecast_server.process.cores import usable_cores
 from serve_process import tree_cpu_seconds
 
 SIZE = 224

@@ -1,6 +1,6 @@
 """Show that the device-free TensorRT tests catch the bugs a GPU would: each mutation must fail.
 
-Usage: uv run python scripts/mutation_check.py
+Usage: uv run python scripts/mutation_check.py [--only TEXT]
 
 Copies the server package to a temporary directory, applies one deliberate bug to the copy,
 and runs the TensorRT backend tests against it (the copy comes first on PYTHONPATH, ahead of
@@ -11,6 +11,7 @@ GPU host would meet first (lost overlap, a second CUDA context, an engine that i
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ BACKEND = Path("backends/tensorrt/backend.py")
 BUILDER = Path("backends/tensorrt/builder.py")
 CACHE = Path("backends/tensorrt/cache.py")
 CUDA = Path("backends/tensorrt/cuda.py")
-BATCHER = Path("core/batcher.py")
+BATCH_WORKERS = Path("core/batching/workers.py")  # the batcher's threads build the input
 TESTS = ["tests/trt_backend"]
 
 
@@ -96,7 +97,7 @@ MUTATIONS = (
     ),
     Mutation(
         "the batch joined on the host before the copy into pinned memory",
-        BATCHER,
+        BATCH_WORKERS,
         "self._gather = backend if isinstance(backend, GatheringBackend) else None",
         "self._gather = None",
     ),
@@ -143,9 +144,21 @@ def run_tests(source_root: Path) -> tuple[int, str]:
 
 def main() -> int:
     """Run the control and every mutation; print one line each; 0 when all are as expected."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="run the control and the mutations whose name or file holds TEXT (e.g. batching)",
+    )
+    args = parser.parse_args()
+    chosen = [
+        m for m in MUTATIONS if args.only is None or args.only in f"{m.name} {m.path.as_posix()}"
+    ]
+    if not chosen:
+        parser.error(f"no mutation matches {args.only!r}")
     ok = True
     with tempfile.TemporaryDirectory(prefix="framecast-mutants-") as tmp:
-        for mutation in (None, *MUTATIONS):
+        for mutation in (None, *chosen):
             source_root = Path(tmp) / ("control" if mutation is None else f"m{id(mutation)}")
             shutil.copytree(
                 PACKAGE, source_root / "framecast_server", ignore=shutil.ignore_patterns("*.pyc")

@@ -107,6 +107,30 @@ def not_a_classifier(path: Path) -> Path:
     return path
 
 
+def fails_its_test_run(path: Path) -> Path:
+    """Write an image classifier by its shapes whose Reshape bakes in a batch of 1: it passes
+    the checks made before the server listens and fails its test run, while loading."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones((3, 1000), dtype=np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 3], dtype=np.int64), "shape")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch-of-one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1000])],
+        [weights, shape],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
 def random_frames(count: int, *, seed: int = 0, size: int = INPUT_SIZE) -> NDArray[np.uint8]:
     """Preprocessed-size uint8 RGB frames, different from each other."""
     rng = np.random.default_rng(seed)
@@ -273,6 +297,53 @@ def write_downloaded_weights(cache_dir: Path, *, seed: int = 20) -> Path:
 
 
 @dataclass
+class ServeProcess:
+    """A `framecast serve` process on a free loopback port: its address and its stderr log."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        """The log's last lines, for a failure to show what the server was doing."""
+        return " | ".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def serve_process(tmp_path: Path, *words: str, name: str = "serve") -> Iterator[ServeProcess]:
+    """Run ``framecast WORDS --port-file F`` (``serve`` and its flags, ``--port 0`` among them),
+    as a user would, until it listens; on the way out, stop it if it still runs (SIGTERM, then
+    SIGKILL after 30 s). Its stderr goes to ``tmp_path/NAME.log``; warnings are errors.
+
+    The one way the tests start a server process; whether it must be SERVING first (and how
+    to ask, with TLS or tokens) is the test's to wait for.
+    """
+    port_file = tmp_path / f"{name}.port"
+    log = tmp_path / f"{name}.log"
+    command = [sys.executable, "-m", "framecast_client.cli", *words, "--port-file", str(port_file)]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
+    try:
+        wait_until(
+            lambda: port_file.exists() or process.poll() is not None,
+            "the server to listen",
+            timeout_s=120.0,  # generous: a loaded 2-core machine starts processes slowly
+            seen=lambda: log.read_text(errors="replace")[-2000:],
+        )
+        assert process.poll() is None, log.read_text()
+        yield ServeProcess(process, f"127.0.0.1:{port_file.read_text().strip()}", log)
+    finally:
+        if process.poll() is None:
+            process.terminate()  # a supervisor removes its directory; a kill would leave it
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait()
+
+
+@dataclass
 class Host:
     """A `framecast serve --workers 2 --metrics-port 0` process: its gRPC address and metrics."""
 
@@ -286,31 +357,11 @@ class Host:
 def serve_workers(cache_dir: Path, tmp_path: Path, *flags: str) -> Iterator[Host]:
     """A real two-worker server on loopback (null backend, offline, and ``flags``), stopped
     with SIGTERM."""
-    port_file = tmp_path / "port"
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
-        "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+    words = [
+        "serve", "--workers", "2", "--port", "0", "--metrics-port", "0",
         "--backend", "null", "--offline", "--cache-dir", str(cache_dir), *flags,
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
-    try:
-        wait_until(
-            lambda: port_file.exists() or process.poll() is not None,
-            "the port file",
-            timeout_s=60.0,  # generous: a loaded 2-core machine starts processes slowly
-        )
-        assert process.poll() is None, log.read_text()
-        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
-        assert found, log.read_text()
-        yield Host(process, f"127.0.0.1:{port_file.read_text().strip()}", int(found[1]), log)
-    finally:
-        if process.poll() is None:
-            process.terminate()  # the supervisor removes its directory; a kill would leave it
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
+    with serve_process(tmp_path, *words) as server:
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log.read_text())
+        assert found, server.log.read_text()
+        yield Host(server.process, server.address, int(found[1]), server.log)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from framecast_client.cli import main
-from support import not_a_classifier
+from support import fails_its_test_run, not_a_classifier
 
 USAGE, RUNTIME = 2, 1
 
@@ -31,11 +31,13 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def assert_one_line(err: str, *fragments: str) -> None:
+    """The whole of stderr is one line naming the problem: no progress or log line around it."""
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
+    assert err.strip(), "nothing on stderr"
+    assert err.endswith("\n"), err
+    assert err.count("\n") == 1, err
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in err, err
 
 
 @pytest.fixture
@@ -225,18 +227,30 @@ def test_serve_refuses_tensorrt_without_a_gpu_in_one_line(tmp_path: Path) -> Non
     assert not (tmp_path / "cache").exists(), "nothing is prepared for a backend that cannot run"
 
 
-def test_serve_reports_a_model_failing_its_build_last_without_false_alarms(
+def test_serve_refuses_a_graph_that_is_not_a_classifier_in_one_line(tmp_path: Path) -> None:
+    # A real ONNX graph whose input is not an image batch: refused before the server listens.
+    path = not_a_classifier(tmp_path / "relu.onnx")
+    done = serve_in_a_process(tmp_path, "--onnx", str(path))
+    assert done.returncode == RUNTIME
+    assert_one_line(done.stderr, "framecast serve:", f"cannot serve {path}", "4-D image batch")
+    assert not (tmp_path / "cache").exists(), "nothing is built for a graph refused up front"
+
+
+def test_serve_reports_a_model_failing_while_loading_last_without_shutdown_lines(
     tmp_path: Path,
 ) -> None:
-    # A real ONNX graph that is not an image classifier passes the check before listening and
-    # fails while the server loads it: progress lines, then the reason as the last line.
-    path = not_a_classifier(tmp_path / "relu.onnx")
+    # Only a test run finds this one, after the server listens: its progress lines come
+    # first, then the reason as the last line; no "closing"/"stopped"/"cancelled" noise of a
+    # server that never served.
+    path = fails_its_test_run(tmp_path / "one.onnx")
     done = serve_in_a_process(tmp_path, "--onnx", str(path))
     assert done.returncode == RUNTIME
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("framecast serve: could not load the model:"), done.stderr
-    assert "still running" not in done.stderr, "no call was running: nothing to cancel"
+    assert "fails a test run" in lines[-1], done.stderr
+    for noise in ("still running", "closing the port", "stopped", "cancelled"):
+        assert noise not in done.stderr, done.stderr
 
 
 def test_require_pretrained_refuses_random_weights(
@@ -266,7 +280,7 @@ def test_version_and_verbose_after_the_command(capsys: pytest.CaptureFixture[str
         ("classify", ["classes per image (default 1)", "(default 10)", "own line"]),
         ("info", ["deadline per call, seconds (default 10)"]),
         ("stream", ["classes per frame (default 1)", "(default localhost:50051)"]),
-        ("bench", ["(worker threads) (default 64)", "warm-up per step, s (default 2)"]),
+        ("bench", ["(worker threads; default 64)", "warm-up per step, s (default 2)"]),
         ("build-engine", ["profile max batch (default 32)", "workspace limit, MiB (default 1024)"]),
     ],
 )

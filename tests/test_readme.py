@@ -56,7 +56,9 @@ RUN_ELSEWHERE = {
     "kubectl kustomize deploy/kubernetes/overlays/cpu": DEPLOY_TEST,
     "kubectl apply -f deploy/kserve/inferenceservice.yaml": DEPLOY_TEST,
     "python3 -m pip install uv && python3 -m uv run pytest": ".ci/run",
-    'uv run pytest -m "not slow"': ".ci/run",
+    'uv run pytest -m "not slow"': (
+        "tests/test_slow_marker.py::test_not_slow_leaves_out_the_slow_tests_and_keeps_the_others"
+    ),
     "framecast top localhost:50051 --json --once": (
         "tests/client/test_top.py::test_top_json_lists_the_running_streams_with_their_names"
     ),  # Development: .ci/run runs these tools
@@ -67,6 +69,7 @@ RUN_HERE = {
     "framecast stream synthetic:640x480@30": "test_stream_example_runs",
     "framecast bench localhost:50051 --concurrency": "test_bench_examples_run",
     "framecast bench localhost:50051 --protocol oip": "test_bench_examples_run",
+    "framecast bench localhost:50051 --cameras": "test_bench_camera_examples_run",
     **{text.splitlines()[0]: "test_readme_example_runs" for text in BLOCKS},
 }
 
@@ -246,6 +249,24 @@ def test_bench_examples_run(
     capsys.readouterr()
     assert main(compare) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_bench_camera_examples_run(
+    serve_process: Callable[[list[str]], str], in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    sweep, search = console_commands("framecast bench localhost:50051 --cameras")
+    address = serve_process(["serve"])
+    # As written, with short steps and a small fleet (the figures are not the point).
+    short = ["--warmup", "0.2", "--window", "0.3", "--max-windows", "2"]
+    fleet = ["--cameras", "1,4"]
+    assert main([address if a == "localhost:50051" else a for a in sweep] + short + fleet) == 0
+    for name in ("cams.json", "cams.csv", "cams.png"):
+        assert (in_tmp / name).stat().st_size > 0, name
+    capsys.readouterr()
+    argv = [address if a == "localhost:50051" else a for a in search]
+    assert main([*argv, *short, "--max-cameras", "2"]) == 0
+    assert "find-max: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("shorter_side", "scale"), [(1080, 1), (2319, 1), (2320, 2), (4640, 4)])

@@ -41,7 +41,7 @@ def paced_frames(stop: threading.Event) -> Iterator[NDArray[np.uint8]]:
 def test_connections_end_at_their_age_and_no_call_or_frame_is_lost(
     cache_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="framecast_client.streaming.receiver")
+    caplog.set_level(logging.INFO, logger="framecast_client.streaming.drive")
     settings = make_settings(
         cache_dir,
         backend="null",

@@ -33,8 +33,8 @@ from framecast_client._proto import classifier_pb2 as pb
 from framecast_client._proto import classifier_pb2_grpc as pb_grpc
 from framecast_client.preprocess import PreprocessSpec
 from framecast_client.streaming import make_stream_config
+from framecast_client.streaming.drive import Drive, Stop
 from framecast_client.streaming.pipeline import StreamCore
-from framecast_client.streaming.receiver import Receiver
 from framecast_client.wire_format import WireFormatError
 from framecast_server.model.prepare import ModelSource
 from framecast_server.model.presets import CAFFE, TORCHVISION
@@ -348,7 +348,7 @@ def test_a_preprocessing_this_client_does_not_know_ends_the_session_with_the_rea
     newer = pb.ModelInfo(
         preprocessing=pb.Preprocessing(resize_policy=unknown), preprocessing_id="new"
     )
-    assert Receiver(core).adopt(newer) is False
+    assert Drive(core).info_answered(newer) == Stop()
     with core.lock:
         failure = core.pop_locked()
     assert isinstance(failure, WireFormatError)

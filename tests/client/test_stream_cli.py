@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from framecast_client.cli import main
 from framecast_client.streaming import DEFAULT_KEEPALIVE_S
 from framecast_server.process.background import BackgroundServer
 from PIL import Image
-from support import make_settings
+from support import HoldableNullBackend, make_settings, wait_until
 
 LIVE_LINE = re.compile(
     r"^\[\s*[\d.]+s\] last [\d.]+s: in\s+[\d.]+ fps, out\s+[\d.]+ fps, p50 .+ ms, p99 .+ ms "
@@ -133,3 +135,76 @@ def test_stream_summary_lists_errors_by_reason_and_the_failed_inputs(
     live = [line for line in out.splitlines() if line.startswith("[")]
     assert live, out
     assert all(LIVE_LINE.match(line) for line in live), live
+
+
+def test_name_and_max_age_reach_the_server_and_max_age_drops_are_reported(
+    start_server: Callable[..., BackgroundServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    backend = HoldableNullBackend()
+    server = start_server(backend_instance=backend)
+    for i in range(6):
+        Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    name = "dock-3/" + "x" * 93  # cut to 64 characters
+    args = ["stream", str(tmp_path), "--address", server.address, "--max-in-flight", "2"]
+    args += ["--name", name, "--max-age", "200"]
+    codes: list[int] = []
+    backend.hold()
+    cli = threading.Thread(target=lambda: codes.append(main(args)))
+    cli.start()
+    try:
+        with Client(server.address) as client:
+            listed = client.list_streams
+            wait_until(
+                lambda: backend.entered.is_set() and listed(), "the held stream", seen=listed
+            )
+            (stream,) = listed()
+        assert stream.name == name[:64]
+        assert stream.max_age_ms == 200
+        # The frames behind the held one (in the server's queue, and read and prepared on the
+        # client) grow older than the max age.
+        time.sleep(0.5)
+    finally:
+        backend.release()
+        cli.join()
+    out = capsys.readouterr().out
+    assert codes == [0], out
+    numbers = summary_numbers(out)
+    assert numbers["results"] == 6
+    match = re.search(
+        r"max age     200 ms: (\d+) frames dropped by the server before compute \((.*)\)", out
+    )
+    assert match is not None, out
+    assert int(match.group(1)) == numbers["errors"] >= 1, out
+    # Frames read before the hold ended and sent after it are refused at admission.
+    assert "stale at admission" in match.group(2), out
+    assert "failed " not in out  # drops are not failed inputs
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--name", "", "--name: must not be empty"),
+        ("--name", "dock-\u00e9", "--name: must be printable ASCII"),
+        ("--max-age", "0", "--max-age: must be more than 0"),
+        ("--max-age", "0.5", "--max-age: must be from 1 to 3600000 ms"),
+        ("--max-age", "4000000", "--max-age: must be from 1 to 3600000 ms"),
+        ("--max-age", "soon", "--max-age: expected a number"),
+    ],
+)
+def test_bad_name_or_max_age_is_one_line_and_exit_2(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["stream", "synthetic", flag, value])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_sdk_refuses_a_name_grpc_metadata_cannot_carry(null_server: BackgroundServer) -> None:
+    # gRPC would fail the stream with INTERNAL "Invalid metadata" instead.
+    with Client(null_server.address) as client, pytest.raises(ValueError, match="printable ASCII"):
+        client.stream([], name="dock-\u00e9")

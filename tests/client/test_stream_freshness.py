@@ -12,7 +12,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,7 +23,7 @@ from framecast_client import Client
 from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
-from support import HoldableNullBackend, make_settings
+from support import HoldableNullBackend, running_server, wait_until
 
 TIMEOUT_S = 60.0
 FRAME_SIZE = 32
@@ -48,9 +50,11 @@ class RecordingBackend(HoldableNullBackend):
         return output
 
 
-def serve(cache_dir: Path, backend: RecordingBackend, **settings: object) -> BackgroundServer:
-    values = make_settings(cache_dir, backend="null", max_batch=32, **settings)
-    return BackgroundServer(values, backend_factory=lambda _path: backend)
+def serve(
+    cache_dir: Path, backend: RecordingBackend, **settings: Any
+) -> AbstractContextManager[BackgroundServer]:
+    """The shared test server with this backend and room for a batch of 32."""
+    return running_server(cache_dir, backend_instance=backend, max_batch=32, **settings)
 
 
 def first_then_rest(
@@ -83,7 +87,13 @@ def test_each_result_states_its_age_including_its_time_queued_on_the_server(
         frames = first_then_rest(backend, [1, 2, 3, 4])
         with client.stream(frames, mode="lossless", max_in_flight=4) as session:
             assert backend.entered.wait(TIMEOUT_S)
-            time.sleep(0.5)  # frames 2-4 wait in the server's queue meanwhile
+            serving = server.serving
+            assert serving is not None
+            batcher = serving.batcher
+            # Frames 2-4 reach the server's queue, then wait there while the backend is held.
+            wait_until(lambda: batcher.queued == 3, "frames 2-4 queued on the server",
+                       seen=lambda: f"{batcher.queued} queued")  # fmt: skip
+            time.sleep(0.5)
             backend.release()
             results = list(session)
     assert [r.ok for r in results] == [True] * 4

@@ -27,7 +27,7 @@ from framecast_client import (
     StreamSession,
     UnavailableError,
 )
-from framecast_client.streaming.receiver import _retriable
+from framecast_client.streaming.drive import _retriable
 from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import HoldableNullBackend, make_settings

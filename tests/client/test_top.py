@@ -6,6 +6,7 @@ real process (the installed ``framecast`` script).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from framecast_client import Client, StreamSession
+from framecast_client import AsyncClient, Client, StreamSession
+from framecast_client.types import StreamView
 from framecast_server.process.background import BackgroundServer
 from numpy.typing import NDArray
 from support import make_settings
@@ -105,6 +107,29 @@ def test_top_json_lists_the_running_streams_with_their_names(server: BackgroundS
     # Ended streams leave the listing.
     after = json.loads(top(server.address, "--json", "--once").stdout)
     assert after["streams"] == []
+
+
+def test_async_client_lists_streams_as_the_client_does(server: BackgroundServer) -> None:
+    async def listed_while_streaming() -> list[StreamView]:
+        stop = threading.Event()
+        async with (
+            AsyncClient(server.address) as client,
+            client.stream(camera(stop), name="yard-1", max_age=2.0) as session,
+        ):
+            async for _ in session:
+                if session.stats.received >= 3:
+                    break
+            listed = await client.list_streams()
+            stop.set()
+        return listed
+
+    (stream,) = asyncio.run(listed_while_streaming())
+    assert stream.name == "yard-1"
+    assert stream.max_age_ms == 2000
+    assert stream.frames_in >= 3
+    with streams(server.address, ["dock-3"]), Client(server.address) as client:
+        (listed,) = client.list_streams()
+    assert listed.name == "dock-3"
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")

@@ -1153,14 +1153,6 @@ def metric_value(text: str, name: str, labels: Mapping[str, str]) -> float:
     return total
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
 @contextlib.contextmanager
 def node(
     root: Path, venv: Path, secrets: Secrets, seed: Seed | None

@@ -29,6 +29,7 @@ import pytest
 from certs import CertificateAuthority
 from framecast_client import TLS, Backoff, Client, StreamResult
 from numpy.typing import NDArray
+from support import wait_until
 
 from . import kubelet
 from .kubelet import Container, Image, Pod, PodTemplate
@@ -441,8 +442,8 @@ def test_the_dockerfile_command_serves_and_its_health_check_passes(
         pod = Pod("docker-" + flavour, template, node, network)
         try:
             pod.start()
-            kubelet.wait_for(lambda: "framecast" in pod.containers or pod.failed is not None,
-                             60, "the container to start")  # fmt: skip
+            wait_until(lambda: "framecast" in pod.containers or pod.failed is not None,
+                       "the container to start", timeout_s=60)  # fmt: skip
             assert pod.failed is None, pod.failed
             process = pod.containers["framecast"]
             # Docker's health check: every interval (the first one interval after the start),
@@ -500,12 +501,13 @@ def test_what_a_killed_test_left_is_swept() -> None:
     subprocess.run(["ip", "netns", "add", namespace], check=True)
     left = subprocess.Popen(["ip", "netns", "exec", namespace, "sleep", "300"])
     try:
-        kubelet.wait_for(
+        wait_until(
             lambda: str(left.pid) in subprocess.run(
                 ["ip", "netns", "pids", namespace], capture_output=True, text=True
             ).stdout.split(),
-            10,
             "the process to be in the namespace",
+            timeout_s=10,
+            interval_s=0.1,
         )  # fmt: skip
         kubelet.Network.sweep()
         assert left.wait(timeout=10) == -signal.SIGKILL

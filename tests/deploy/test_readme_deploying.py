@@ -52,9 +52,9 @@ def serve(words: list[str], cache_dir: Path, tmp_path: Path) -> None:
     # First the command exactly as shown: its flags must be accepted as they stand (a bare
     # --host 0.0.0.0 is refused without TLS or --insecure), short of binding the address.
     from framecast_client.cli import build_parser
-    from framecast_server.cli import _settings
+    from framecast_server.cli_settings import settings_from_flags
 
-    _settings(build_parser().parse_args(words[1:]))
+    settings_from_flags(build_parser().parse_args(words[1:]))
     port_file = tmp_path / "port"
     overrides = ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
                  "--backend", "null", "--offline", "--cache-dir", str(cache_dir)]  # fmt: skip

@@ -73,14 +73,14 @@ def test_the_health_port_answers_health_in_plaintext_and_nothing_else(
 
 def test_the_flags_reach_the_settings_and_a_port_clash_is_one_line(tmp_path: Path) -> None:
     from framecast_client.cli import build_parser
-    from framecast_server.cli import _settings
+    from framecast_server.cli_settings import settings_from_flags
 
     flags = ["--health-port", "8081", "--max-connection-age", "30"]
     args = build_parser().parse_args(["serve", *flags, "--max-connection-age-grace", "5"])
-    settings = _settings(args)
+    settings = settings_from_flags(args)
     assert settings.health_port == 8081
     assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (30.0, 5.0)
-    defaults = _settings(build_parser().parse_args(["serve"]))
+    defaults = settings_from_flags(build_parser().parse_args(["serve"]))
     assert defaults.health_port is None
     assert defaults.max_connection_age_s == 0  # off unless asked (the manifests ask)
     done = subprocess.run(

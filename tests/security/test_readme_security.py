@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from framecast_client.cli import main
 from framecast_server.settings import ServerTLS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from support import running_server
+from support import running_server, serve_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -102,40 +99,18 @@ def test_the_tls_commands_run(
     assert classify[0] == "classify"
     monkeypatch.chdir(readme_certificates)
     Image.new("RGB", (320, 240), (20, 90, 200)).save("cat.jpg")
-    port_file = tmp_path / "port"
     # The README's command as shown, on a free port, with the test's model and cache.
-    test_flags = ["--port", "0", "--port-file", str(port_file), "--backend", "null", "--offline"]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "framecast_client.cli",
-            *serve,
-            *test_flags,
-            "--cache-dir",
-            str(cache_dir),
-        ],
-        env={**os.environ, "PYTHONWARNINGS": "error"},
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert process.poll() is None, "server exited before listening"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
+    test_flags = ["--port", "0", "--backend", "null", "--offline", "--cache-dir", str(cache_dir)]
+    with serve_process(tmp_path, *serve, *test_flags) as server:
+        address = server.address
         credentials = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes())
-        while not _serving(address, credentials):
-            assert process.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: _serving(address, credentials), "SERVING", seen=server.tail)
         capsys.readouterr()
         argv = [address if arg == "framecast.example:50051" else arg for arg in classify]
         assert main(argv) == 0
         assert "cat.jpg" in capsys.readouterr().out
-    finally:
-        process.terminate()
-        assert process.wait(timeout=60) == 0
+        server.process.terminate()
+        assert server.process.wait(timeout=60) == 0, server.tail()
 
 
 def test_the_metrics_scrape_and_every_documented_metric_exists(cache_dir: Path) -> None:

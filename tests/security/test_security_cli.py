@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +10,7 @@ from certs import Certificates
 from framecast_client.cli import main
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from support import serve_process, wait_until
 
 SERVE = ["serve", "--port", "0", "--backend", "null", "--offline"]
 
@@ -87,40 +84,18 @@ def test_serve_with_tls_on_all_interfaces_and_classify_with_the_ca(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    port_file = tmp_path / "port"
     tokens = tmp_path / "tokens"
     tokens.write_text("camera:cli-test-token\n")
-    command = [
-        sys.executable,
-        "-m",
-        "framecast_client.cli",
-        *SERVE,
-        "--host",
-        "0.0.0.0",
-        "--port-file",
-        str(port_file),
-        "--tls-cert",
-        str(certificates.server.cert),
-        "--tls-key",
-        str(certificates.server.key),
-        "--auth-tokens",
-        str(tokens),
-        "--cache-dir",
-        str(cache_dir),
-    ]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert process.poll() is None, "server exited before listening"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
+    words = [
+        *SERVE, "--host", "0.0.0.0", "--tls-cert", str(certificates.server.cert),
+        "--tls-key", str(certificates.server.key), "--auth-tokens", str(tokens),
+        "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+    with serve_process(tmp_path, *words) as server:
+        address = server.address
         credentials = grpc.ssl_channel_credentials(certificates.ca.cert.read_bytes())
-        while not _serving(address, credentials):  # health needs no token
-            assert process.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # Health needs no token.
+        wait_until(lambda: _serving(address, credentials), "SERVING", seen=server.tail)
         image = tmp_path / "photo.jpg"
         Image.new("RGB", (320, 240), (200, 90, 30)).save(image)
         capsys.readouterr()
@@ -132,9 +107,8 @@ def test_serve_with_tls_on_all_interfaces_and_classify_with_the_ca(
         assert main(["classify", str(image), *secure]) == 1  # no token now
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert main(["info", *secure, "--token", "cli-test-token"]) == 0
-    finally:
-        process.terminate()
-        assert process.wait(timeout=60) == 0
+        server.process.terminate()
+        assert server.process.wait(timeout=60) == 0, server.tail()
 
 
 @pytest.mark.parametrize("command", [["stream", "synthetic:64x64@5"], ["bench"], ["info"]])

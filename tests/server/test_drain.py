@@ -3,10 +3,8 @@ calls in flight answered, streams ended so the SDK reconnects; fast exits; a sec
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +20,15 @@ from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
 from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import HoldableNullBackend, RawClassifier, make_settings, random_frames, wait_until
+from support import (
+    HoldableNullBackend,
+    RawClassifier,
+    ServeProcess,
+    make_settings,
+    random_frames,
+    serve_process,
+    wait_until,
+)
 
 WAIT_S = 30.0
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -177,47 +183,25 @@ def test_the_drain_delay_keeps_serving_while_health_says_not_serving(cache_dir: 
         assert time.monotonic() - started >= settings.drain_delay_s
 
 
-class ServeProcess:
-    def __init__(self, cache_dir: Path, tmp_path: Path, *flags: str) -> None:
-        port_file = tmp_path / "port"
-        command = [
-            sys.executable, "-m", "framecast_client.cli", "serve", "--port", "0",
-            "--port-file", str(port_file), "--backend", "null", "--offline",
-            "--cache-dir", str(cache_dir), *flags,
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert self.process.poll() is None, "the server exited before listening"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
-        wait_until(lambda: health(self.address) == SERVING, "never SERVING")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture
-def serve_process(cache_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """Starts `framecast serve` processes with extra flags; kills what is left at the end."""
-    started: list[ServeProcess] = []
+def serve_null(cache_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Starts `framecast serve` processes with extra flags, SERVING; stops what is left."""
+    with contextlib.ExitStack() as stack:
 
-    def start(*flags: str) -> ServeProcess:
-        started.append(ServeProcess(cache_dir, tmp_path, *flags))
-        return started[-1]
+        def start(*flags: str) -> ServeProcess:
+            words = ["serve", "--port", "0", "--backend", "null", "--offline",
+                     "--cache-dir", str(cache_dir), *flags]  # fmt: skip
+            server = stack.enter_context(serve_process(tmp_path, *words))
+            wait_until(lambda: health(server.address) == SERVING, "SERVING", seen=server.tail)
+            return server
 
-    yield start
-    for process in started:
-        process.stop()
+        yield start
 
 
 def test_sigterm_with_a_stream_open_ends_it_and_exits_at_once(
-    serve_process: Callable[..., ServeProcess],
+    serve_null: Callable[..., ServeProcess],
 ) -> None:
-    server = serve_process()
+    server = serve_null()
     raw = RawClassifier(server.address)
     camera = Camera(raw, count=1)
     with ThreadPoolExecutor(1) as pool:
@@ -234,8 +218,8 @@ def test_sigterm_with_a_stream_open_ends_it_and_exits_at_once(
     raw.close()
 
 
-def test_a_second_signal_exits_at_once(serve_process: Callable[..., ServeProcess]) -> None:
-    server = serve_process("--drain-delay-s", "60")
+def test_a_second_signal_exits_at_once(serve_null: Callable[..., ServeProcess]) -> None:
+    server = serve_null("--drain-delay-s", "60")
     server.process.send_signal(signal.SIGTERM)
     wait_until(lambda: health(server.address) == NOT_SERVING, "never NOT_SERVING")
     started = time.monotonic()

@@ -90,7 +90,8 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
 ) -> None:
     # 24 calls over 8 connections from one caller: 4 are admitted (--max-unary-calls), the
     # rest wait unread and unanswered (none refused, so none comes back); the polite
-    # caller's one call takes the first place freed, ahead of the greedy caller's 20.
+    # caller's one call, holding no place, takes the spare place on arrival, ahead of the
+    # greedy caller's 20.
     backend = GatedBackend(max_batch=4)
     backend.release.set()  # the warm-up batch
     settings = make_settings(
@@ -130,17 +131,22 @@ def test_a_greedy_caller_over_many_connections_waits_unread_and_the_polite_one_g
         assert not any(call.done() for call in flood)  # none refused
         request = wire.classify_request_bytes(keyed(POLITE_KEY), top_k=1)
         answer = pool.submit(polite.status, "classify", request)
-        wait_until(lambda: admission.waiting_for("polite") == 1, "the polite call never came")
+        wait_until(
+            lambda: admission.admitted_for("polite") == 1, "the polite call was not admitted"
+        )
+        assert admission.admitted == 5
+        assert admission.waiting_for("greedy") == 20
         admitted_before = admission.admitted_total
         backend.release.set()
         assert answer.result(WAIT_S)[0] is grpc.StatusCode.OK
         assert [call.result(WAIT_S)[0] for call in flood] == [grpc.StatusCode.OK] * 24
         for client in [*greedy, polite]:
             client.close()
-    assert admission.admitted_total == admitted_before + 21
-    # The polite frame came right after the four admitted first, not behind the 20 waiting.
+    assert admission.admitted_total == admitted_before + 20
+    # The polite frame came right after (at most) the four admitted first, not behind the 20
+    # waiting: how many of the four rode in the held batch depends on when they were read.
     assert sorted(backend.seen) == sorted([*range(10, 34), POLITE_KEY])
-    assert POLITE_KEY in backend.seen[4:8], backend.seen
+    assert backend.seen.index(POLITE_KEY) <= 4, backend.seen
 
 
 def test_anonymous_connections_from_one_host_are_one_caller(cache_dir: Path) -> None:

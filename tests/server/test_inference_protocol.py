@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ from framecast_oip._proto import open_inference_pb2 as pb
 from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.backends.null import NullBackend
 from framecast_server.process.background import BackgroundServer
-from support import HoldableNullBackend, make_settings, random_frames
+from support import HoldableNullBackend, make_settings, random_frames, wait_until
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.utils import InferenceServerException
 
@@ -263,10 +262,8 @@ def test_a_stream_beyond_a_full_queue_waits_for_room_instead_of_failing(cache_di
                 )
             assert backend.entered.wait(30)
             # The queue is full once the stream's next request found no room.
-            deadline = time.monotonic() + 30
-            while serving.batcher.stats.rejected_full == 0:
-                assert time.monotonic() < deadline, "the queue never filled"
-                time.sleep(0.01)
+            wait_until(lambda: serving.batcher.stats.rejected_full > 0, "the queue to fill",
+                       seen=lambda: serving.batcher.stats)  # fmt: skip
             backend.release()
             received = [results.get(timeout=30) for _ in range(count)]
         finally:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +12,7 @@ from framecast_client import Client, UnavailableError
 from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import GatedBackend, random_frames, running_server
+from support import GatedBackend, random_frames, running_server, serve_process, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -88,39 +84,20 @@ def health_status_or_none(address: str) -> int | None:
 def test_serve_process_exits_zero_on_signal(
     sig: signal.Signals, cache_dir: Path, tmp_path: Path
 ) -> None:
-    port_file = tmp_path / "port"
-    command = [
-        sys.executable,
-        "-m",
-        "framecast_client.cli",
+    words = [
         "serve",
         "--port",
         "0",
-        "--port-file",
-        str(port_file),
         "--backend",
         "null",
         "--offline",
         "--cache-dir",
         str(cache_dir),
     ]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": "error"})
-    try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert process.poll() is None, "server exited before listening"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
-        while health_status_or_none(address) != SERVING:
-            assert process.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        with Client(address, timeout=30) as client:
+    with serve_process(tmp_path, *words) as server:
+        wait_until(lambda: health_status_or_none(server.address) == SERVING, "SERVING",
+                   seen=server.tail)  # fmt: skip
+        with Client(server.address, timeout=30) as client:
             assert client.classify(random_frames(1)[0]).top.label
-        process.send_signal(sig)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.process.send_signal(sig)
+        assert server.process.wait(timeout=60) == 0, server.tail()

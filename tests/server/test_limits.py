@@ -301,11 +301,12 @@ def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() 
     import argparse
     import dataclasses
 
-    from framecast_server.cli import _add_limit_arguments, _limits
+    from framecast_server.cli_flags import add_limit_arguments
+    from framecast_server.cli_settings import limit_settings
     from framecast_server.settings import MIB, ServerSettings
 
     parser = argparse.ArgumentParser()
-    _add_limit_arguments(parser)
+    add_limit_arguments(parser)
     args = parser.parse_args(
         [
             "--memory-budget-mb",
@@ -322,7 +323,7 @@ def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() 
             "4",
         ]
     )
-    assert _limits(args) == {
+    assert limit_settings(args) == {
         "memory_budget_bytes": 64 * MIB,
         "max_connections": 7,
         "max_streams_per_connection": 3,
@@ -330,7 +331,7 @@ def test_limit_flags_map_onto_the_settings_and_their_help_states_the_defaults() 
         "drain_delay_s": 1,
         "grace_s": 4,
     }
-    assert _limits(parser.parse_args([])) == {}
+    assert limit_settings(parser.parse_args([])) == {}
     defaults: dict[str, int | float] = {
         f.name: f.default
         for f in dataclasses.fields(ServerSettings)

@@ -11,11 +11,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,19 +25,16 @@ from framecast_client import Classification, Client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
-from support import INPUT_SIZE
+from support import INPUT_SIZE, serve_process, wait_until
 
 DEADLINE_S = 120.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+def tail(log: Path, lines: int = 15) -> str:
+    """The last lines of the host's log, for a failure to show what was going on."""
+    return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def health(address: str) -> int | None:
@@ -77,26 +73,14 @@ def inference_pid(log: Path) -> int:
 def shared_host(
     request: pytest.FixtureRequest, cache_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port_file = tmp_path / "port"
-    log = tmp_path / "serve.log"
-    command = [
-        sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2",
-        "--inference", "shared", "--port", "0", "--port-file", str(port_file),
+    words = [
+        "serve", "--workers", "2", "--inference", "shared", "--port", "0",
         "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
     ]  # fmt: skip
     if request.param:
-        command += ["--metrics-port", "0"]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stderr=sink, env={**env, "PYTHONWARNINGS": "error"})
-    try:
-        wait_for(lambda: port_file.exists() or process.poll() is not None, "the port file")
-        assert process.poll() is None, log.read_text()
-        yield process, f"127.0.0.1:{port_file.read_text().strip()}", log
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        words += ["--metrics-port", "0"]
+    with serve_process(tmp_path, *words) as server:
+        yield server.process, server.address, server.log
 
 
 @pytest.mark.slow
@@ -170,16 +154,26 @@ def test_a_killed_inference_process_turns_health_not_serving_and_loses_no_stream
             Client(address, timeout=60) as client,
             client.stream(frames(), mode="lossless") as session,
         ):
-            outcomes.extend(r.outcome for r in session)
+            for result in session:
+                outcomes.append(result.outcome)
 
-    streamer = threading.Thread(target=stream)
+    def seen() -> str:
+        return f"health {health(address)}, {len(outcomes)} answers; the log ends: {tail(log)}"
+
+    # A daemon: a failing test must not leave the run waiting on a session that reconnects.
+    streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
-    time.sleep(0.5)
+    # The kill lands mid-stream: once answers flow, with most of the frames still to come.
+    wait_until(lambda: len(outcomes) >= 10, "the stream's first answers", timeout_s=DEADLINE_S,
+               seen=seen)  # fmt: skip
     os.kill(victim, signal.SIGKILL)
     # Every front end says so while the inference process is gone (it takes seconds to load).
-    wait_for(lambda: health(address) == NOT_SERVING, "NOT_SERVING")
-    wait_for(lambda: f"(pid {victim}) was killed by SIGKILL" in log.read_text(), "the restart")
-    wait_for(lambda: health(address) == SERVING, "SERVING again")
+    wait_until(lambda: health(address) == NOT_SERVING, "NOT_SERVING", timeout_s=DEADLINE_S,
+               seen=seen)  # fmt: skip
+    wait_until(lambda: f"(pid {victim}) was killed by SIGKILL" in log.read_text(),
+               "the restart", timeout_s=DEADLINE_S, seen=seen)  # fmt: skip
+    wait_until(lambda: health(address) == SERVING, "SERVING again", timeout_s=DEADLINE_S,
+               seen=seen)  # fmt: skip
     assert inference_pid(log) != victim
     streamer.join(DEADLINE_S)
     assert not streamer.is_alive()
@@ -198,8 +192,10 @@ def test_a_killed_front_end_is_restarted_and_the_inference_process_keeps_serving
     inference = inference_pid(log)
     front = int(re.findall(r"worker 0 started \(pid (\d+)\)", log.read_text())[-1])
     os.kill(front, signal.SIGKILL)
-    wait_for(lambda: f"(pid {front}) was killed by SIGKILL" in log.read_text(), "the restart")
-    wait_for(lambda: log.read_text().count("worker 0 serving") >= 2, "the new front end")
+    wait_until(lambda: f"(pid {front}) was killed by SIGKILL" in log.read_text(),
+               "the restart", timeout_s=DEADLINE_S, seen=lambda: tail(log))  # fmt: skip
+    wait_until(lambda: log.read_text().count("worker 0 serving") >= 2, "the new front end",
+               timeout_s=DEADLINE_S, seen=lambda: tail(log))  # fmt: skip
     assert inference_pid(log) == inference  # untouched
     assert Path(f"/proc/{inference}").exists()
     for key in range(8):  # new connections, whichever front end they reach

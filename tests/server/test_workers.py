@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from framecast_client import Client
-from framecast_server.process.workers import (
+from framecast_server.process.cores import (
     cgroup_cpu_limit,
     parse_workers,
     usable_cores,
@@ -21,7 +21,7 @@ from framecast_server.process.workers import (
 )
 from framecast_server.settings import ServerSettings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import not_a_classifier, random_frames, wait_until
+from support import fails_its_test_run, random_frames, wait_until
 
 DEADLINE_S = 120.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -116,9 +116,9 @@ def test_a_taken_port_is_one_line(tmp_path: Path) -> None:
 
 
 def test_workers_that_cannot_load_stop_the_host_instead_of_restarting(tmp_path: Path) -> None:
-    # A real ONNX graph (a file that is not ONNX is refused before any worker starts) that
-    # is not an image classifier: each worker fails to load it.
-    broken = not_a_classifier(tmp_path / "broken.onnx")
+    # An ONNX graph shaped like a classifier (any other is refused before a worker starts)
+    # that fails its test run: each worker fails to load it.
+    broken = fails_its_test_run(tmp_path / "broken.onnx")
     done = subprocess.run(
         [sys.executable, "-m", "framecast_client.cli", "serve", "--workers", "2", "--port", "0",
          "--onnx", str(broken), "--offline", "--cache-dir", str(tmp_path)],

@@ -405,10 +405,11 @@ async def test_the_batcher_gathers_requests_once_into_pinned_memory(
 ) -> None:
     """Through the batcher: several requests in one batch reach TensorRT's pinned input
     buffer with one copy each (no np.concatenate, then np.copyto), and come back in place."""
-    from framecast_server.core import batcher as batcher_module
     from framecast_server.core.batcher import Batcher, BatcherSettings
+    from framecast_server.core.batching import workers as batch_workers
 
-    monkeypatch.setattr(batcher_module, "np", _NumpyWithoutConcatenate())
+    # The worker threads build each batch's input (core/batching/workers.py).
+    monkeypatch.setattr(batch_workers, "np", _NumpyWithoutConcatenate())
     backend = TensorRTBackend(_plan(8), EngineSettings(max_batch=8), device_name="x")
     batcher = Batcher(backend, BatcherSettings(max_batch=8, max_delay_us=0, max_queue=64))
     await batcher.start()

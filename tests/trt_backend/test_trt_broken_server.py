@@ -4,7 +4,6 @@ calls get UNAVAILABLE with the reason, health turns NOT_SERVING, and serve() exi
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from framecast_server.backends.tensorrt.backend import TensorRTBackend
 from framecast_server.process import app
 from framecast_server.process.background import BackgroundServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import make_settings, random_frames
+from support import make_settings, random_frames, wait_until
 
 from .trt_fakes import STICKY, FakeDriver
 
@@ -37,17 +36,6 @@ def _health(address: str) -> int:
             health_pb2.HealthCheckRequest(), timeout=10
         )
         return int(reply.status)
-
-
-def _wait_until_serving(address: str) -> None:
-    with grpc.insecure_channel(address) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(), timeout=120
-        )
-        for reply in watch:  # NOT_SERVING while the model loads, then SERVING
-            if reply.status == SERVING:
-                watch.cancel()
-                return
 
 
 def test_sticky_error_makes_calls_unavailable_and_health_not_serving(
@@ -83,13 +71,12 @@ async def test_serve_exits_non_zero_when_the_backend_breaks(
     serving = asyncio.ensure_future(
         app.serve(make_settings(cache_dir, backend="tensorrt"), port_file=port_file)
     )
-    deadline = time.monotonic() + 60
-    while not port_file.exists():  # written once the server listens
-        assert not serving.done(), serving
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    # The port file is written once the server listens; the model loads after that.
+    listening = "the server to listen"
+    await asyncio.to_thread(wait_until, lambda: port_file.exists() or serving.done(), listening)
+    assert not serving.done(), serving
     address = f"127.0.0.1:{port_file.read_text().strip()}"
-    await asyncio.to_thread(_wait_until_serving, address)
+    await asyncio.to_thread(wait_until, lambda: _health(address) == SERVING, "SERVING")
     with Client(address, timeout=60) as client:
         fake_driver.fail_on["Stream.synchronize"] = STICKY
         # UNAVAILABLE with the reason; the client retries that, and by then the server may be

@@ -21,6 +21,7 @@ from framecast_server.backends.tensorrt.cache import (
     atomic_write_bytes,
 )
 from framecast_server.backends.tensorrt.errors import EngineCacheError
+from support import wait_until
 
 SPEC = EngineSpec(
     model_sha256="ab" * 32,
@@ -249,11 +250,9 @@ def test_second_process_waits_for_the_first_and_reuses_its_plan(tmp_path: Path) 
         [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / "cache"), str(started)]
     )
     try:
-        deadline = time.monotonic() + 30
-        while not started.exists():
-            assert other.poll() is None, "helper process died"
-            assert time.monotonic() < deadline, "helper process never started building"
-            time.sleep(0.02)
+        wait_until(lambda: started.exists() or other.poll() is not None,
+                   "the helper process to start building")  # fmt: skip
+        assert other.poll() is None, "helper process died"
         build = CountingBuilder()
         cached = EngineCache(tmp_path / "cache").get_or_build(SPEC, build)
     finally:

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from framecast_client import Client
 from framecast_client.cli import build_parser, main
-from framecast_server import cli as server_cli
+from framecast_server import cli_settings
 from framecast_server.backends import factory
 from framecast_server.backends.onnxruntime import OnnxRuntimeBackend
 from framecast_server.backends.tensorrt import EngineSettings, availability
@@ -78,8 +78,8 @@ def test_build_engine_then_serve_use_one_engine_and_one_cuda_context(
     assert _builds(fake_trt) == 1
 
     args = build_parser().parse_args(["serve", "--port", "0", "--backend", "tensorrt", *common])
-    settings = server_cli._settings(args)
-    assert settings.engine_settings() == server_cli._engine_settings(
+    settings = cli_settings.settings_from_flags(args)
+    assert settings.engine_settings() == cli_settings.engine_settings(
         build_parser().parse_args(["build-engine", *common])
     )
     frames = random_frames(3, seed=5)
@@ -97,8 +97,8 @@ def test_build_engine_then_serve_use_one_engine_and_one_cuda_context(
 
 def test_serve_and_build_engine_default_to_the_same_engine_settings() -> None:
     parser = build_parser()
-    serve = server_cli._settings(parser.parse_args(["serve"]))
-    build = server_cli._engine_settings(parser.parse_args(["build-engine"]))
+    serve = cli_settings.settings_from_flags(parser.parse_args(["serve"]))
+    build = cli_settings.engine_settings(parser.parse_args(["build-engine"]))
     assert serve.engine_settings() == build == EngineSettings()
     assert build.workspace_bytes == 1 << 30
 

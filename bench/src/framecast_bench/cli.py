@@ -22,6 +22,7 @@ from framecast_client.security_cli import add_security_arguments, client_securit
 from framecast_client.sources import VIDEO_SUFFIXES
 from framecast_client.types import ModelInfo
 
+from framecast_bench.camera_cli import add_camera_arguments, is_camera_run, run_cameras
 from framecast_bench.compare import compare_reports
 from framecast_bench.inputs import (
     InputError,
@@ -52,6 +53,7 @@ from framecast_bench.sessions import mode_steps
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16"
 DEFAULT_BATCH = 8
+DEFAULT_MAX_IN_FLIGHT = 64
 
 EPILOG = """\
 examples:
@@ -61,6 +63,8 @@ examples:
   framecast bench HOST:PORT --input photos/ --csv run.csv --plot run.png
   framecast bench HOST:PORT --protocol oip --mode stream    # any Open Inference Protocol server
   framecast bench --compare before.json after.json
+  framecast bench HOST:PORT --cameras 1,4,16,64 --fps 30  # camera fleets, open loop
+  framecast bench HOST:PORT --find-max --slo "p99<=100ms,drops<=1%"
 
 closed loop (--concurrency): N workers, each sends its next request when the last returns.
 open loop (--rate): arrivals on a Poisson schedule fixed in advance; latency counts from each
@@ -163,8 +167,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     load.add_argument(
         "--max-in-flight",
         type=positive_int,
-        default=64,
-        help="open loop: most outstanding requests (worker threads)",
+        default=None,
+        help="open loop: most outstanding requests (worker threads; default 64); --cameras: "
+        "frames in flight per camera (default 3, the SDK's realtime default)",
     )
     load.add_argument("--top-k", type=positive_int, default=1, help="classes per image")
     load.add_argument(
@@ -243,6 +248,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=5.0,
         help="--compare: smallest change in percent called better/worse",
     )
+    add_camera_arguments(p, _int_list)
     add_security_arguments(p)
     p.set_defaults(handler=run)
 
@@ -254,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
             a, b = (BenchReport.read_json(path) for path in args.compare)
             print(compare_reports(a, b, threshold_pct=args.threshold))
             return 0
+        if is_camera_run(args):
+            return run_cameras(args, _step_config(args), _load_inputs)
         return _bench(args)
     except (InputError, BenchUnavailableError, PlotUnavailableError, ValueError, OSError) as exc:
         print(f"framecast bench: {exc}", file=sys.stderr)
@@ -330,7 +338,7 @@ def _meta(
         "top_k": args.top_k,
         "timeout_s": args.timeout,
         "arrival": args.arrival if args.rate else None,
-        "max_inflight": args.max_in_flight if args.rate else None,
+        "max_inflight": (args.max_in_flight or DEFAULT_MAX_IN_FLIGHT) if args.rate else None,
         "seed": args.seed,
         "warmup_s": args.warmup,
         "window_s": args.window,
@@ -368,10 +376,8 @@ def _run(
     return run_plan(steps, plan, config, _meta(args, info, inputs, batch_size), _progress)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.plot is not None:
-        require_matplotlib()  # fail before a run of several minutes, not after it
-    config = StepConfig(
+def _step_config(args: argparse.Namespace) -> StepConfig:
+    return StepConfig(
         warmup_s=args.warmup,
         window_s=args.window,
         max_windows=args.max_windows,
@@ -380,10 +386,17 @@ def _bench(args: argparse.Namespace) -> int:
         max_requests_per_window=args.max_requests_per_window,
         drain_timeout_s=args.timeout + 1.0,
     )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        require_matplotlib()  # fail before a run of several minutes, not after it
+    config = _step_config(args)
+    max_in_flight = DEFAULT_MAX_IN_FLIGHT if args.max_in_flight is None else args.max_in_flight
     plan = BenchPlan(
         concurrency=() if args.rate else (args.concurrency or _int_list(DEFAULT_CONCURRENCY)),
         rates=args.rate or (),
-        max_inflight=args.max_in_flight,
+        max_inflight=max_in_flight,
         arrival=args.arrival,
         seed=args.seed,
     )

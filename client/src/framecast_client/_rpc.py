@@ -30,6 +30,14 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
 }
 
 
+def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a failed call."""
+    # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return code, details or ""
+
+
 def from_status(code: grpc.StatusCode, details: str, *, address: str) -> RpcError:
     """The most specific exception for a status; UNAVAILABLE names the address."""
     if code is grpc.StatusCode.UNAVAILABLE:
@@ -50,7 +58,4 @@ def mapped_rpc_errors(address: str) -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as exc:
-        # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        raise from_status(code, details or "", address=address) from exc
+        raise from_status(*rpc_status(exc), address=address) from exc

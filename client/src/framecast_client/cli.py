@@ -46,15 +46,17 @@ SERVER_INSTALL_HINT = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add_address_arguments(parser: argparse.ArgumentParser) -> None:
-    """--address and --timeout, shared by every command that talks to a server."""
+def add_address_arguments(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
+    """--address, --timeout (unless told not to) and the security options, shared by the
+    commands that talk to a server at --address."""
     parser.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
-    parser.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=DEFAULT_TIMEOUT_S,
-        help="deadline per call, seconds",
-    )
+    if timeout:
+        parser.add_argument(
+            "--timeout",
+            type=positive_float,
+            default=DEFAULT_TIMEOUT_S,
+            help="deadline per call, seconds",
+        )
     add_security_arguments(parser)
 
 

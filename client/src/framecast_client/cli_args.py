@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+N = TypeVar("N", int, float)
 
 __all__ = [
     "CommandParser",
@@ -43,6 +45,12 @@ def _float(text: str) -> float:
     return value
 
 
+def _not_negative(value: N, text: str) -> N:
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer of at least 1 (batch sizes, queue lengths, threads, top-k)."""
     value = _int(text)
@@ -53,10 +61,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0 (delays, seeds)."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
+    return _not_negative(_int(text), text)
 
 
 def positive_float(text: str) -> float:
@@ -69,10 +74,7 @@ def positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     """A finite number of at least 0."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return value
+    return _not_negative(_float(text), text)
 
 
 def port(text: str) -> int:

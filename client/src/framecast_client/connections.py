@@ -13,9 +13,11 @@ only when every open one is at the limit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import grpc
 
 # Each connection is its own (gRPC otherwise shares one connection between channels of equal
 # settings, and the pool would gain nothing).
@@ -68,3 +70,21 @@ class ConnectionPool(Generic[T]):
                 index = len(in_flight) - 1
             in_flight[index] += 1
             return index
+
+
+def open_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+) -> grpc.Channel:
+    """A blocking channel: TLS where there are credentials, else plaintext."""
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def open_aio_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+) -> grpc.aio.Channel:
+    """An asyncio channel: TLS where there are credentials, else plaintext."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options)

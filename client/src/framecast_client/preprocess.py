@@ -18,6 +18,9 @@ at worst, at every size, but gets there in a fraction of the time:
 * EXIF orientation, grayscale to RGB and BGR to RGB are applied to the small output rather
   than to the full-size image.
 
+The geometry (the crop box in source pixels, EXIF orientations, the part of the image a
+filter reads) is ``_geometry``'s; this module decodes and resamples.
+
 Alpha is dropped, never composited: an RGBA pixel keeps its stored colour whatever its opacity,
 for files, Pillow images and 4-channel numpy frames alike (the same as Pillow's
 ``convert("RGB")``).
@@ -36,6 +39,15 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from framecast_client.errors import InvalidImageError
+
+from ._geometry import (
+    ORIENTATION_TRANSPOSE,
+    exif_orientation,
+    integer_identity_box,
+    plan,
+    read_region,
+    stored_box,
+)
 
 __all__ = [
     "ChannelOrder",
@@ -63,9 +75,6 @@ _RESAMPLE: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
 }
-
-# Half-width of each filter's kernel in source pixels at scale 1 (Pillow's own values).
-_FILTER_SUPPORT: dict[str, float] = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}
 
 # How much shrinking the JPEG decoder's DCT scaling must leave to the antialiased resize. DCT
 # scaling filters each 8x8 block on its own, a different low-pass from the bilinear/bicubic
@@ -101,25 +110,10 @@ _DRAFT_HEADROOM = 5
 # No reducing_gap: Pillow's integer box pre-shrink it enables is cheaper (about 1 ms on a 1080p
 # frame) but leaves 8-14 grey levels at worst at some sizes, against the budget of 8.
 
-# EXIF orientation tag value -> the transpose that shows the image upright, as
-# PIL.ImageOps.exif_transpose applies it.
-_ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
-
 # Modes that are resized as they are and turned into RGB afterwards, on the small output.
 # Any other mode is converted to RGB first: palette indices and CMYK cannot be interpolated.
 _RESIZE_AS_IS_MODES = frozenset({"RGB", "RGBX", "L"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-
-Box: TypeAlias = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,82 +242,6 @@ def preprocess(
     raise TypeError(msg)
 
 
-# --- geometry -------------------------------------------------------------------------------
-
-
-def _plan(width: int, height: int, spec: PreprocessSpec) -> Box:
-    """The region of a ``width x height`` source that becomes the output, in source pixels.
-
-    For the crop policy the integer resized size and crop offsets are torchvision's
-    (``Resize(int)`` then ``CenterCrop``), so the box samples exactly the pixel centres that
-    resize-then-crop would: the result is the same image, computed from the crop alone.
-    """
-    if spec.resize_policy == "stretch":
-        return (0.0, 0.0, float(width), float(height))
-    if width <= height:
-        resized_w = spec.resize_size
-        resized_h = spec.resize_size * height // width
-    else:
-        resized_h = spec.resize_size
-        resized_w = spec.resize_size * width // height
-    # round() is Python's half-to-even, like torchvision's center_crop.
-    left = round((resized_w - spec.input_width) / 2)
-    top = round((resized_h - spec.input_height) / 2)
-    scale_x = width / resized_w
-    scale_y = height / resized_h
-    return (
-        left * scale_x,
-        top * scale_y,
-        (left + spec.input_width) * scale_x,
-        (top + spec.input_height) * scale_y,
-    )
-
-
-def _integer_identity_box(box: Box, out_w: int, out_h: int) -> tuple[int, int] | None:
-    """The (left, top) of a box that maps source pixels one to one onto the output, else None."""
-    left, top, right, bottom = box
-    if right - left == out_w and bottom - top == out_h and left.is_integer() and top.is_integer():
-        return int(left), int(top)
-    return None
-
-
-def _support_margin(box: Box, out_w: int, out_h: int, interpolation: str) -> tuple[int, int]:
-    """How far outside ``box`` the resampling filter reads, in whole source pixels.
-
-    Pillow widens the kernel by the scale when shrinking but never narrows it when enlarging;
-    one pixel more covers its rounding of the kernel bounds and the blocks of ``reduce``.
-    """
-    support = _FILTER_SUPPORT[interpolation]
-    scale_x = max((box[2] - box[0]) / out_w, 1.0)
-    scale_y = max((box[3] - box[1]) / out_h, 1.0)
-    return math.ceil(support * scale_x) + 1, math.ceil(support * scale_y) + 1
-
-
-def _to_raw_orientation(box: Box, width: int, height: int, orientation: int) -> Box:
-    """Map a box given in upright (displayed) coordinates to the stored pixel grid.
-
-    ``width x height`` is the stored size. The image is displayed as
-    ``_ORIENTATION_TRANSPOSE[orientation]`` of the stored pixels; this is that transpose's
-    inverse, applied to the box's corners.
-    """
-    x0, y0, x1, y1 = box
-    if orientation == 2:  # mirrored left-right
-        return (width - x1, y0, width - x0, y1)
-    if orientation == 3:  # rotated 180
-        return (width - x1, height - y1, width - x0, height - y0)
-    if orientation == 4:  # mirrored top-bottom
-        return (x0, height - y1, x1, height - y0)
-    if orientation == 5:  # transposed: displayed (X, Y) is stored (Y, X)
-        return (y0, x0, y1, x1)
-    if orientation == 6:  # stored image rotated 90 clockwise for display: stored = (Y, H - X)
-        return (y0, height - x1, y1, height - x0)
-    if orientation == 7:  # transversed: stored = (W - Y, H - X)
-        return (width - y1, height - x1, width - y0, height - x0)
-    if orientation == 8:  # stored image rotated 90 anticlockwise for display: stored = (W - Y, X)
-        return (width - y1, x0, width - y0, x1)
-    return box
-
-
 # --- numpy frames ---------------------------------------------------------------------------
 
 
@@ -350,9 +268,9 @@ def _from_array(
         msg = f"image array is empty: shape {array.shape}"
         raise InvalidImageError(msg)
 
-    box = _plan(width, height, spec)
+    box = plan(width, height, spec)
     out_w, out_h = spec.input_width, spec.input_height
-    origin = _integer_identity_box(box, out_w, out_h)
+    origin = integer_identity_box(box, out_w, out_h)
     if origin == (0, 0) and (width, height) == (out_w, out_h):
         return _finish(frame, channel_order)
     if origin is not None:
@@ -362,7 +280,7 @@ def _from_array(
 
     # Hand Pillow only the part of the frame the filter reads: for a center crop of a 16:9
     # frame that is about half of it, and Pillow copies whatever it is given.
-    (x0, y0, x1, y1), local_box = _region(box, width, height, out_w, out_h, spec.interpolation)
+    (x0, y0, x1, y1), local_box = read_region(box, width, height, out_w, out_h, spec.interpolation)
     region = np.ascontiguousarray(frame[y0:y1, x0:x1])
     if region.ndim == 3 and region.shape[2] == 4:
         # Map the 4-channel buffer as RGBX, Pillow's "fourth byte unused" mode: no copy, and
@@ -375,23 +293,6 @@ def _from_array(
     resized = pil.resize((out_w, out_h), _RESAMPLE[spec.interpolation], box=local_box)
     # np.array, not asarray: a view of Pillow's buffer is read-only, and callers may write.
     return _finish(np.array(resized), channel_order)
-
-
-def _region(
-    box: Box, width: int, height: int, out_w: int, out_h: int, interpolation: str
-) -> tuple[tuple[int, int, int, int], Box]:
-    """The part of a ``width x height`` image that resampling ``box`` reads, and the box in it.
-
-    Numpy frames and Pillow images both go through this, so that a frame, the same frame as a
-    Pillow image and the same frame as a PNG give bit-identical results: resampling a box
-    shifted by whole pixels changes float rounding, and with it a pixel here and there by one.
-    """
-    margin_x, margin_y = _support_margin(box, out_w, out_h, interpolation)
-    x0 = max(0, math.floor(box[0]) - margin_x)
-    y0 = max(0, math.floor(box[1]) - margin_y)
-    x1 = min(width, math.ceil(box[2]) + margin_x)
-    y1 = min(height, math.ceil(box[3]) + margin_y)
-    return (x0, y0, x1, y1), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
 
 
 def _finish(out: NDArray[np.uint8], channel_order: ChannelOrder) -> NDArray[np.uint8]:
@@ -418,7 +319,7 @@ def _from_encoded(stream: IO[bytes], what: str, spec: PreprocessSpec) -> NDArray
     try:
         with Image.open(stream) as pil:
             stored_size = pil.size
-            orientation = _orientation(pil)
+            orientation = exif_orientation(pil)
             draft_scale = 1
             if pil.format == "JPEG" and spec.interpolation != "nearest":
                 # Nearest is meant to pick source pixels; drafting would average them first.
@@ -446,26 +347,13 @@ def _from_encoded(stream: IO[bytes], what: str, spec: PreprocessSpec) -> NDArray
         raise InvalidImageError(msg) from exc
 
 
-def _orientation(pil: Image.Image) -> int:
-    """The EXIF orientation (1-8) of a freshly opened image; 1 when absent or invalid."""
-    try:
-        value = pil.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except Exception:
-        # A broken EXIF block (Pillow raises a variety of errors for those) must not make the
-        # pixels unusable: show them as stored.
-        return 1
-    return value if isinstance(value, int) and value in _ORIENTATION_TRANSPOSE else 1
-
-
 def _draft(pil: Image.Image, spec: PreprocessSpec, orientation: int) -> int:
     """Ask the JPEG decoder for the smallest DCT scale that leaves the resize its headroom.
 
     Returns the scale (1, 2, 4 or 8) the decoder will shrink by.
     """
     width, height = pil.size
-    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    box = _to_raw_orientation(_plan(*upright, spec), width, height, orientation)
-    out_w, out_h = _raw_output_size(spec, orientation)
+    box, out_w, out_h = stored_box(width, height, spec, orientation)
     # The drafted box must keep at least _DRAFT_HEADROOM times out_w x out_h pixels. draft()
     # picks the largest scale s (8, 4, 2 or 1) with width // requested_width >= s, that is
     # width / s >= requested width (and the same for height), so requesting
@@ -480,13 +368,6 @@ def _draft(pil: Image.Image, spec: PreprocessSpec, orientation: int) -> int:
         return 1
     _, drafted_box = result
     return round(width / drafted_box[2])
-
-
-def _raw_output_size(spec: PreprocessSpec, orientation: int) -> tuple[int, int]:
-    """The output size in the stored orientation: swapped when EXIF turns the image 90."""
-    if orientation in (5, 6, 7, 8):
-        return spec.input_height, spec.input_width
-    return spec.input_width, spec.input_height
 
 
 def _from_pil(
@@ -510,10 +391,8 @@ def _from_pil(
     if width == 0 or height == 0:
         msg = f"image is empty: {width}x{height} pixels"
         raise InvalidImageError(msg)
-    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    box = _to_raw_orientation(_plan(*upright, spec), width, height, orientation)
-    out_w, out_h = _raw_output_size(spec, orientation)
-    origin = _integer_identity_box(box, out_w, out_h) if draft_scale == 1 else None
+    box, out_w, out_h = stored_box(width, height, spec, orientation)
+    origin = integer_identity_box(box, out_w, out_h) if draft_scale == 1 else None
     if origin is not None:
         left, top = origin
         resized = _resizable(pil.crop((left, top, left + out_w, top + out_h)))
@@ -526,14 +405,14 @@ def _from_pil(
             box[2] / draft_scale,
             box[3] / draft_scale,
         )
-        region, local_box = _region(box, *pil.size, out_w, out_h, spec.interpolation)
+        area, local_box = read_region(box, *pil.size, out_w, out_h, spec.interpolation)
         # Cropped before any mode conversion, so only the region is converted.
-        resized = _resizable(pil.crop(region)).resize(
+        resized = _resizable(pil.crop(area)).resize(
             (out_w, out_h),
             _RESAMPLE[spec.interpolation],
             box=local_box,
         )
-    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    transpose = ORIENTATION_TRANSPOSE.get(orientation)
     if transpose is not None:
         resized = resized.transpose(transpose)
     # np.array, not asarray: a view of Pillow's buffer is read-only, and callers may write.

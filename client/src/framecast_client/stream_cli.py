@@ -20,17 +20,20 @@ from typing import TextIO
 
 import numpy as np
 
+from .cli import add_address_arguments
 from .cli_args import positive_float, positive_int
-from .client import DEFAULT_ADDRESS, Client
+from .client import Client
 from .errors import FramecastError
-from .security_cli import add_security_arguments, client_security
+from .security_cli import client_security
 from .sources import FrameSource, Paced, SourceError, SyntheticCamera, open_source
 from .streaming import (
     DEFAULT_KEEPALIVE_S,
     DEFAULT_MAX_IN_FLIGHT,
+    MAX_AGE_LIMIT_S,
     StreamMode,
     StreamSession,
     StreamStats,
+    stream_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ examples:
   framecast stream synthetic:1280x720@30 --duration 10     # a synthetic camera
   framecast stream rtsp://camera.local/stream1             # a network camera (needs PyAV)
   framecast stream photos/ --mode lossless                 # every image, in name order
+  framecast stream webcam:0 --name dock-3 --max-age 200    # named in `framecast top`, fresh
 
 --mode auto (the default) streams cameras in realtime mode (when the server falls behind, the
 oldest unsent frames are dropped: the latest frame wins) and files in lossless mode (every frame
@@ -58,6 +62,24 @@ def _keepalive(text: str) -> float | None:
     if text.strip().lower() in ("off", "0"):
         return None
     return positive_float(text)
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        return stream_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("name ")) from None
+
+
+def _max_age_ms(text: str) -> float:
+    value = positive_float(text)
+    if not 1 <= value <= MAX_AGE_LIMIT_S * 1000:
+        raise argparse.ArgumentTypeError(
+            f"must be from 1 to {MAX_AGE_LIMIT_S * 1000:.0f} ms, got {text!r}"
+        )
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -74,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="synthetic[:WxH][@FPS], a directory of images, an image or video file, a URL "
         "(rtsp://, http://, ...) or webcam[:N]",
     )
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="server address")
+    add_address_arguments(p, timeout=False)
     p.add_argument(
         "--duration",
         type=positive_float,
@@ -111,7 +133,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         f"ping goes unanswered as long (default {DEFAULT_KEEPALIVE_S:g}; 'off' for none). "
         "The server takes pings at most every 5 s while no frames flow",
     )
-    add_security_arguments(p)
+    p.add_argument(
+        "--name",
+        type=_name,
+        default=None,
+        help="what the stream is called in the server's stream listing (framecast top); "
+        "printable ASCII, cut to 64 characters",
+    )
+    p.add_argument(
+        "--max-age",
+        type=_max_age_ms,
+        default=None,
+        metavar="MS",
+        help="the server drops frames older than this many milliseconds (from capture) "
+        "before computing them; the summary counts them (default: no limit)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -145,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
             max_in_flight=in_flight,
             mode=mode,
             keepalive_s=args.keepalive,
+            name=args.name,
+            max_age=None if args.max_age is None else args.max_age / 1000,
         ) as session:
             # As stream() just read it: no second call. (The client logged its warning.)
             info = client.model_info()
@@ -160,7 +198,15 @@ def run(args: argparse.Namespace) -> int:
             watch = _Watch(session, names=getattr(source, "paths", None))
             outcome = watch.run(args.duration, sys.stdout)
             stats = session.stats
-    print(format_summary(stats, watch, source=source.description, address=args.address))
+    print(
+        format_summary(
+            stats,
+            watch,
+            source=source.description,
+            address=args.address,
+            max_age_ms=args.max_age,
+        )
+    )
     if watch.error is not None:
         print(f"framecast stream: the stream failed: {watch.error}", file=sys.stderr)
         return 1
@@ -176,6 +222,8 @@ class _Watch:
         self.labels: collections.Counter[str] = collections.Counter()
         # Per-frame errors by reason, and the frames (by source index) that failed.
         self.reasons: collections.Counter[str] = collections.Counter()
+        # Frames the server dropped past the max age, by drop reason: not failed inputs.
+        self.stale: collections.Counter[str] = collections.Counter()
         self.failed: list[int] = []
         self.names = names
         self._latencies: collections.deque[float] = collections.deque(
@@ -192,6 +240,9 @@ class _Watch:
                     with self._lock:
                         self._latencies.append(result.latency_ms)
                         self.labels[label] += 1
+                elif result.error is not None and result.error.drop_reason:
+                    with self._lock:
+                        self.stale[result.error.drop_reason] += 1
                 elif result.error is not None:
                     error = result.error
                     # Quoted names (the file) are left out, so that one reason groups its frames;
@@ -284,7 +335,14 @@ def format_live_line(
     )
 
 
-def format_summary(stats: StreamStats, watch: _Watch, *, source: str, address: str) -> str:
+def format_summary(
+    stats: StreamStats,
+    watch: _Watch,
+    *,
+    source: str,
+    address: str,
+    max_age_ms: float | None = None,
+) -> str:
     """The summary printed when the stream ends."""
     elapsed = max(stats.elapsed_s, 1e-9)
     dropped_pct = 100.0 * stats.dropped / stats.read if stats.read else 0.0
@@ -302,6 +360,15 @@ def format_summary(stats: StreamStats, watch: _Watch, *, source: str, address: s
     if watch.labels:
         top = ", ".join(f"{label} ({n})" for label, n in watch.labels.most_common(3))
         lines.append(f"  top classes {top}")
+    if max_age_ms is not None:
+        stale = sum(watch.stale.values())
+        by_reason = ", ".join(
+            f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(watch.stale.items())
+        )
+        lines.append(
+            f"  max age     {max_age_ms:g} ms: {stale} frames dropped by the server before "
+            "compute" + (f" ({by_reason})" if by_reason else "")
+        )
     for reason, count in watch.reasons.most_common():
         lines.append(f"  errors      {count} x {reason}")
     if watch.failed:

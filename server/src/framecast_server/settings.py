@@ -86,7 +86,8 @@ class ServerSettings:
     max_streams_per_connection: int = 8
     # Unary calls admitted at once, server-wide; the others wait at the door, per caller in
     # turn (admission.py), unread and unanswered, so a flood over many connections is held on
-    # its own side instead of queueing in gRPC and the event loop ahead of other callers.
+    # its own side instead of queueing in gRPC and the event loop ahead of other callers. One
+    # place more is kept for a caller holding none (a newcomer beside a flood).
     max_unary_calls: int = 8
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed
     # Shutdown: health says NOT_SERVING this long before calls are refused (load balancers

@@ -31,17 +31,20 @@ so a frame prepared for another model is refused, never classified wrongly.
 
 The modules: ``config`` (modes, :class:`Backoff`, what a session gets from its client),
 ``results`` (:class:`StreamResult`, :class:`StreamStats` and the latencies behind them),
-``pipeline`` (buffers, threads, drop and resend policies), ``receiver`` (answers, breaks and
-reconnects), ``sync_session`` and ``async_session`` (the two ways to run the call).
+``pipeline`` (buffers, threads, drop and resend policies), ``drive`` (the drive loop, without
+I/O: answers, breaks and reconnects), ``sync_session`` and ``async_session`` (the two ways to
+carry it out: a thread, or a task on the event loop).
 """
 
 from .async_session import AsyncStreamSession
 from .config import DEFAULT_KEEPALIVE_S as DEFAULT_KEEPALIVE_S
 from .config import DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_IN_FLIGHT
+from .config import MAX_AGE_LIMIT_S as MAX_AGE_LIMIT_S
 from .config import STREAM_MODES as STREAM_MODES
 from .config import Backoff, StreamMode
 from .config import StreamConfig as StreamConfig
 from .config import make_stream_config as make_stream_config
+from .config import stream_name as stream_name
 from .results import FrameError, LatencySummary, StreamResult, StreamStats
 from .sync_session import StreamSession
 

@@ -12,11 +12,12 @@ import grpc
 
 from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
+from ..connections import open_aio_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig, StreamMode
-from .pipeline import WAIT, Signal, StreamCore
-from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
-from .results import StreamResult, StreamStats, empty_latency
+from .drive import Drive, OpenCall, Pause, Step, Stop
+from .pipeline import WAIT, Signal, StreamCore, result_or_raise
+from .results import Counters, StreamResult, StreamStats
 
 T = TypeVar("T")
 
@@ -66,19 +67,16 @@ class AsyncStreamSession:
 
     async def __anext__(self) -> StreamResult:
         core = await self._started_core()
-        item = await self._wait(core.pop_locked)
-        if isinstance(item, StreamResult):
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
+        item: StreamResult | BaseException | Signal = await self._wait(core.pop_locked)
+        if (result := result_or_raise(item)) is None:
+            raise StopAsyncIteration
+        return result
 
     @property
     def stats(self) -> StreamStats:
         """Live counters and latency percentiles (all zero before the session starts)."""
         if self._core is None:
-            empty = empty_latency()
-            return StreamStats(self._mode, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, empty, empty)
+            return Counters(self._mode).snapshot(0.0)
         return self._core.stats()
 
     async def start(self) -> None:
@@ -105,11 +103,9 @@ class AsyncStreamSession:
 
                 core = StreamCore(config)
                 core.add_listener(wake)
-                options = list(config.channel_options)
-                if config.credentials is None:
-                    channel = grpc.aio.insecure_channel(config.target, options=options)
-                else:
-                    channel = grpc.aio.secure_channel(config.target, config.credentials, options)
+                channel = open_aio_channel(
+                    config.target, config.credentials, config.channel_options
+                )
                 self._wakeup, self._channel = wakeup, channel
                 self._core = core
                 core.start_threads(self._frames)
@@ -170,55 +166,51 @@ class AsyncStreamSession:
             yield item
 
     async def _drive(self, core: StreamCore, channel: grpc.aio.Channel) -> None:
-        """The receiver task: one call after another until the stream ends."""
+        """The receiver task: carries out the drive loop's steps until the stream ends."""
         stub = pb_grpc.ClassifierStub(channel)
-        receiver = Receiver(core)
+        drive = Drive(core)
+        try:
+            step = drive.start()
+            while not isinstance(step, Stop):
+                if isinstance(step, OpenCall):
+                    step = await self._run_call(core, drive, stub, step.generation)
+                elif isinstance(step, Pause):
+                    await self._sleep_unless_stopped(core, step.seconds)
+                    step = drive.paused()
+                else:
+                    outcome: pb.ModelInfo | grpc.RpcError
+                    try:
+                        call = stub.GetModelInfo(
+                            pb.GetModelInfoRequest(), timeout=step.timeout, metadata=step.metadata
+                        )
+                        outcome = await call
+                    except grpc.RpcError as exc:
+                        outcome = exc
+                    step = drive.info_answered(outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            drive.crashed(exc)
+        finally:
+            core.stop()
+            await channel.close(None)
+
+    async def _run_call(
+        self, core: StreamCore, drive: Drive, stub: pb_grpc.ClassifierAsyncStub, generation: int
+    ) -> Step:
+        """One ClassifyStream call, read to its end; the drive loop's next step."""
 
         def room() -> bool | Signal:
             return core.output_room_locked() or WAIT
 
-        reconnecting = False
+        call = stub.ClassifyStream(self._requests(core, generation), metadata=core.config.metadata)
+        self._call = call
         try:
-            while not core.is_stopping():
-                if reconnecting:
-                    try:
-                        info = await stub.GetModelInfo(
-                            pb.GetModelInfoRequest(),
-                            timeout=MODEL_INFO_TIMEOUT_S,
-                            metadata=core.config.metadata,
-                        )
-                    except grpc.RpcError as exc:
-                        if (delay := receiver.after_break(exc)) is None:
-                            return
-                        await self._sleep_unless_stopped(core, delay)
-                        continue
-                    if not receiver.adopt(info):
-                        return
-                    reconnecting = False
-                generation = core.generation
-                call = stub.ClassifyStream(
-                    self._requests(core, generation), metadata=core.config.metadata
-                )
-                self._call = call
-                error: grpc.RpcError | None = None
-                try:
-                    async for response in call:
-                        await self._wait(room)
-                        with core.lock:
-                            if not receiver.on_response_locked(generation, response):
-                                return
-                    if receiver.call_complete():
-                        return
-                except grpc.RpcError as exc:
-                    error = exc
-                if (delay := receiver.after_break(error)) is None:
-                    return
-                reconnecting = True  # the server may have been restarted with another model
-                await self._sleep_unless_stopped(core, delay)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            receiver.crashed(exc)
-        finally:
-            core.stop()
-            await channel.close(None)
+            async for response in call:
+                await self._wait(room)
+                with core.lock:
+                    if not drive.on_response_locked(generation, response):
+                        return Stop()
+        except grpc.RpcError as exc:
+            return drive.call_ended(exc)
+        return drive.call_ended(None)

@@ -113,6 +113,22 @@ class StreamConfig:
     follow_hints: bool = True  # realtime: skip frames at capture as the server's hint says
 
 
+def stream_name(name: object) -> str:
+    """A stream's name as it travels: cut to 64 characters; raises ValueError.
+
+    Cut here as the server would (a long name costs bytes on every call for nothing). It
+    travels as gRPC metadata, which carries printable ASCII only: gRPC would fail the call
+    with INTERNAL "Invalid metadata" instead.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {name!r}")
+    if not all(" " <= c <= "~" for c in name):
+        raise ValueError(
+            f"name must be printable ASCII (it travels as gRPC metadata), got {name!r}"
+        )
+    return name[:STREAM_NAME_LIMIT]
+
+
 def make_stream_config(
     *,
     address: str,
@@ -151,12 +167,9 @@ def make_stream_config(
         raise ValueError(
             f"max_age must be from 0.001 to {MAX_AGE_LIMIT_S:.0f} seconds or None, got {max_age!r}"
         )
-    if name is not None and not isinstance(name, str):
-        raise ValueError(f"name must be a string, got {name!r}")
     metadata = tuple(metadata)
-    if name:
-        # Cut here as the server would: a long name costs bytes on every call for nothing.
-        metadata += ((STREAM_NAME_KEY, name[:STREAM_NAME_LIMIT]),)
+    if name is not None and (name := stream_name(name)):
+        metadata += ((STREAM_NAME_KEY, name),)
     if max_age is not None:
         metadata += ((MAX_AGE_KEY, str(round(max_age * 1000))),)
     backoff = backoff or Backoff()

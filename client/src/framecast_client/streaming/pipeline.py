@@ -1,8 +1,15 @@
 """The pipeline of one session, shared by the blocking and the asyncio session.
 
 The buffers between the stages, the frames in flight, the drop policy (realtime) and the
-resend policy (lossless), the counters, and the reader and preprocess threads. The sessions
-only run the call: a thread (``StreamSession``) or a task (``AsyncStreamSession``).
+resend policy (lossless), and the counters. The reader and preprocess threads that feed it are
+``intake``'s, the rate hint's pacing is ``pacing``'s, and the sessions only run the call: a
+thread (``StreamSession``) or a task (``AsyncStreamSession``), each carrying out ``drive``.
+
+Why :class:`StreamCore` is one class of about 350 lines: it is the state behind one lock, and
+each of its methods is one step of a frame through the same four buffers (raw, ready, in
+flight, output) and the same counters. Split further, the pieces would share that lock and
+reach into each other's buffers; what has state of its own is already apart (``intake``,
+``pacing``, ``results.Counters``, ``drive``).
 """
 
 from __future__ import annotations
@@ -11,19 +18,17 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from .. import wire
 from .._proto import classifier_pb2 as pb
-from ..errors import InvalidImageError
-from ..preprocess import ImageInput, PreprocessSpec, preprocess
+from ..preprocess import ImageInput, PreprocessSpec
 from ..types import Classification
 from .config import StreamConfig
-from .results import FrameError, Latencies, StreamResult, StreamStats
+from .intake import Intake, prepare
+from .pacing import Pacer
+from .results import Counters, FrameError, StreamResult, StreamStats, frame_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +36,6 @@ logger = logging.getLogger(__name__)
 # read, so in-flight slots stay taken and a slow consumer slows (realtime: drops) the stream
 # instead of queueing results without bound.
 _OUTPUT_SLACK = 8
-# How long close() waits for a source stuck in next() (a stalled camera) before leaving its
-# thread behind (it is a daemon thread, and exits as soon as the source returns).
-_SOURCE_JOIN_TIMEOUT_S = 2.0
-_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
-_DROP_REASONS: dict[int, str] = {
-    pb.DROP_REASON_STALE_AT_ADMISSION: "stale_at_admission",
-    pb.DROP_REASON_STALE_AT_COMPUTE: "stale_at_compute",
-}
 
 
 class Signal:
@@ -53,6 +50,14 @@ class Signal:
 
 WAIT = Signal("WAIT")  # nothing to do yet: wait for the next change
 END = Signal("END")  # nothing more will come
+
+
+def result_or_raise(item: StreamResult | BaseException | Signal) -> StreamResult | None:
+    """What the user's iteration gets from ``pop_locked``: the result, or None at the end;
+    raises the failure that ended the stream."""
+    if isinstance(item, BaseException):
+        raise item
+    return item if isinstance(item, StreamResult) else None
 
 
 @dataclass(slots=True)
@@ -72,6 +77,16 @@ class _Ready:
     # Lossless only: the source frame, kept until its answer so that it can be prepared again
     # when the server comes back wanting other preprocessing (realtime drops such frames).
     source: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A frame for the preprocess thread, and the preprocessing it is prepared for."""
+
+    raw: _Raw
+    spec: PreprocessSpec
+    preprocessing_id: str
+    spec_version: int
 
 
 @dataclass(slots=True)
@@ -120,30 +135,15 @@ class StreamCore:
         self._failure: BaseException | None = None
         self._source_failure: BaseException | None = None
         self._next_frame_id = 0
-        self._started = time.monotonic()
-        self._latencies = Latencies()
-        self._read = 0
-        self._sent = 0
-        self._resent = 0
-        self._received = 0
-        self._errors = 0
-        self._dropped = 0
-        self._disconnects = 0
-        self._reconnects = 0
+        self._counts = Counters(config.mode)
         # True from a break until a call is answered again: the failed attempts in between
         # belong to the same outage, which counts as one disconnect.
         self._broken = False
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._threads: list[threading.Thread] = []
-        # Backpressure (realtime, follow_hints): the server's last rate hint, and the earliest
-        # capture time at which the next frame is taken at that rate.
-        self._pace = self._realtime and config.follow_hints
-        self._rate_hint = 0.0
-        self._window = config.max_in_flight  # lowered to the hint's max_in_flight
-        self._next_take = 0.0
-        self._skipped = 0
-        self._bytes_sent = 0
+        self._intake = Intake(self)
+        # Backpressure: the server's rate hint, followed by realtime sessions (follow_hints).
+        self._pacer = Pacer(
+            enabled=self._realtime and config.follow_hints, max_in_flight=config.max_in_flight
+        )
 
     # -- plumbing
 
@@ -161,30 +161,12 @@ class StreamCore:
             listener()
 
     def start_threads(self, frames: Iterable[ImageInput]) -> None:
-        """Start reading and preprocessing ``frames``."""
-        reader = threading.Thread(
-            target=self._read_source, args=(frames,), name="framecast-stream-reader", daemon=True
-        )
-        worker = threading.Thread(
-            target=self._preprocess_frames, name="framecast-stream-preprocess", daemon=True
-        )
-        self._threads = [reader, worker]
-        for thread in self._threads:
-            thread.start()
+        """Start reading and preprocessing ``frames`` (the session's Intake threads)."""
+        self._intake.start(frames)
 
     def join_threads(self) -> None:
         """Wait for the reader and preprocess threads (after stop()); blocking."""
-        reader, worker = self._threads or (None, None)
-        if worker is not None:
-            worker.join()
-        if reader is not None:
-            reader.join(_SOURCE_JOIN_TIMEOUT_S)
-            if reader.is_alive():
-                logger.warning(
-                    "the frame source did not return within %.0f s of closing the stream; "
-                    "its reader thread will exit when it does",
-                    _SOURCE_JOIN_TIMEOUT_S,
-                )
+        self._intake.join()
 
     def stop(self, *, close: bool = False) -> None:
         """Stop every stage; with close=True the user's iteration ends too."""
@@ -202,133 +184,78 @@ class StreamCore:
             self._stopping = True
             self._changed_locked()
 
-    # -- reader thread
+    # -- the reader thread (intake.Intake)
 
-    def _read_source(self, frames: Iterable[ImageInput]) -> None:
-        iterator: Iterator[ImageInput] | None = None
-        try:
-            iterator = iter(frames)
-            index = 0
-            while not self.is_stopping():
-                try:
-                    frame = next(iterator)
-                except StopIteration:
-                    break
-                captured = time.monotonic()
-                with self.lock:
-                    if not self._realtime:
-                        while len(self._raw) >= self._buffer_capacity and not self.is_stopping():
-                            self.cond.wait()
-                    if self.is_stopping():
-                        break
-                    self._read += 1
-                    if self._pace and self._skip_locked(captured):
-                        # Skipped at capture: never prepared nor sent.
-                        self._skipped += 1
-                        self._dropped += 1
-                        self._changed_locked()
-                        index += 1
-                        continue
-                    if len(self._raw) >= self._buffer_capacity:
-                        self._raw.popleft()  # realtime: the latest frame wins
-                        self._dropped += 1
-                    self._raw.append(_Raw(index, frame, captured))
-                    self._changed_locked()
-                index += 1
-        except Exception as exc:
-            # Frames already read still get their results; the error ends the iteration.
-            logger.error("the frame source failed: %r", exc)
-            with self.lock:
-                self._source_failure = exc
-        finally:
-            close = getattr(iterator, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception as exc:
-                    logger.warning("closing the frame source failed: %r", exc)
-            with self.lock:
-                self._source_done = True
-                self._changed_locked()
+    def raw_room_locked(self) -> bool:
+        """Whether the reader may hand over a frame now (lossless waits for room)."""
+        return self._realtime or len(self._raw) < self._buffer_capacity or self.is_stopping()
 
-    def _skip_locked(self, captured: float) -> bool:
-        """Whether a frame captured now exceeds the server's rate hint (realtime pacing).
+    def offer_raw_locked(self, index: int, frame: Any, captured: float) -> None:
+        """A frame read from the source: skipped at capture, or buffered for preprocessing."""
+        self._counts.read += 1
+        if self._pacer.skip(captured):
+            # Skipped at capture: never prepared nor sent.
+            self._counts.skipped += 1
+            self._counts.dropped += 1
+        else:
+            if len(self._raw) >= self._buffer_capacity:
+                self._raw.popleft()  # realtime: the latest frame wins
+                self._counts.dropped += 1
+            self._raw.append(_Raw(index, frame, captured))
+        self._changed_locked()
 
-        Frames are taken at most one per 1 / rate seconds, with one interval of slack so that
-        a camera whose frame times do not divide the interval still gets the full rate.
-        """
-        rate = self._rate_hint
-        if rate <= 0:
-            return False
-        if captured < self._next_take:
-            return True
-        interval = 1.0 / rate
-        self._next_take = max(self._next_take + interval, captured - interval + 1e-9)
-        if self._next_take <= captured:
-            self._next_take = captured + interval
-        return False
+    def source_ended(self, failure: Exception | None) -> None:
+        """The source is exhausted, or failed (reported after the frames already read)."""
+        with self.lock:
+            self._source_failure = failure
+            self._source_done = True
+            self._changed_locked()
 
-    # -- preprocess thread
+    # -- the preprocess thread (intake.Intake)
 
-    def _preprocess_frames(self) -> None:
-        try:
-            while True:
-                with self.lock:
-                    while not self.is_stopping() and not (
-                        (self._raw or self._source_done)
-                        and (self._realtime or len(self._ready) < self._buffer_capacity)
-                    ):
-                        self.cond.wait()
-                    if self.is_stopping() or not self._raw:
-                        return
-                    raw = self._raw.popleft()
-                    spec, preprocessing_id = self._spec, self._preprocessing_id
-                    spec_version = self._spec_version
-                    self._changed_locked()
-                request, error = self._prepare(raw.frame, spec, preprocessing_id)
-                with self.lock:
-                    if self.is_stopping():
-                        return
-                    if spec_version != self._spec_version:
-                        # The server's preprocessing changed meanwhile: prepare it again (in
-                        # realtime a newer frame may push it out first, counted as a drop).
-                        self._raw.appendleft(raw)
-                        continue
-                    frame_id = self._next_frame_id
-                    self._next_frame_id += 1
-                    if request is not None:
-                        request.frame_id = frame_id
-                    if len(self._ready) >= self._buffer_capacity:
-                        self._ready.popleft()  # realtime: the latest frame wins
-                        self._dropped += 1
-                    source = None if self._realtime else raw.frame
-                    self._ready.append(
-                        _Ready(frame_id, raw.index, raw.captured, request, error, source)
-                    )
-                    self._changed_locked()
-        except Exception as exc:
-            logger.exception("preprocessing failed unexpectedly")
-            self.fail(exc)
-        finally:
-            with self.lock:
-                self._preprocess_done = True
-                self._changed_locked()
-
-    def _prepare(
-        self, frame: Any, spec: PreprocessSpec, preprocessing_id: str
-    ) -> tuple[pb.StreamRequest | None, FrameError | None]:
-        config = self.config
-        try:
-            image = preprocess(frame, spec, channel_order=config.channel_order)
-        except (InvalidImageError, TypeError) as exc:
-            logger.debug("a frame cannot be preprocessed: %s", exc)
-            return None, FrameError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "client")
-        request = pb.StreamRequest(
-            image=wire.image_to_proto(image, config.encoding),
-            top_k=config.top_k,
-            preprocessing_id=preprocessing_id,
+    def preprocess_ready_locked(self) -> bool:
+        """Whether ``take_raw_locked`` has an answer now (a frame, or the end)."""
+        return self.is_stopping() or (
+            (bool(self._raw) or self._source_done)
+            and (self._realtime or len(self._ready) < self._buffer_capacity)
         )
-        return request, None
+
+    def take_raw_locked(self) -> _Job | None:
+        """The next frame to prepare, and what for; None when the thread is done."""
+        if self.is_stopping() or not self._raw:
+            return None
+        raw = self._raw.popleft()
+        self._changed_locked()
+        return _Job(raw, self._spec, self._preprocessing_id, self._spec_version)
+
+    def put_ready_locked(
+        self, job: _Job, request: pb.StreamRequest | None, error: FrameError | None
+    ) -> bool:
+        """A frame prepared (or failed) for sending; False when the session is stopping."""
+        if self.is_stopping():
+            return False
+        raw = job.raw
+        if job.spec_version != self._spec_version:
+            # The server's preprocessing changed meanwhile: prepare it again (in realtime a
+            # newer frame may push it out first, counted as a drop).
+            self._raw.appendleft(raw)
+            return True
+        frame_id = self._next_frame_id
+        self._next_frame_id += 1
+        if request is not None:
+            request.frame_id = frame_id
+        if len(self._ready) >= self._buffer_capacity:
+            self._ready.popleft()  # realtime: the latest frame wins
+            self._counts.dropped += 1
+        source = None if self._realtime else raw.frame
+        self._ready.append(_Ready(frame_id, raw.index, raw.captured, request, error, source))
+        self._changed_locked()
+        return True
+
+    def preprocess_ended(self) -> None:
+        with self.lock:
+            self._preprocess_done = True
+            self._changed_locked()
 
     def adopt_preprocessing(self, spec: PreprocessSpec, preprocessing_id: str) -> bool:
         """Prepare frames as the server (back after a break) says; False if nothing changed.
@@ -344,14 +271,14 @@ class StreamCore:
             self._spec, self._preprocessing_id = spec, preprocessing_id
             self._spec_version += 1
             if self._realtime:
-                self._dropped += len(self._ready)
+                self._counts.dropped += len(self._ready)
                 self._ready.clear()
                 self._changed_locked()
                 return True
             stale = [*self._ready, *(self._outstanding[fid].item for fid in self._resend)]
         # Outside the lock: the stale frames stay where they are (nothing takes frames between
         # calls, and the preprocess thread only appends), so they are updated in place.
-        prepared = [self._prepare(item.source, spec, preprocessing_id) for item in stale]
+        prepared = [prepare(self.config, item.source, spec, preprocessing_id) for item in stale]
         with self.lock:
             for item, (request, error) in zip(stale, prepared, strict=True):
                 if request is not None:
@@ -376,13 +303,13 @@ class StreamCore:
                 self._complete_locked(frame_id, slot.item.error)
                 continue
             slot.sent = True
-            self._resent += 1
+            self._counts.resent += 1
             self._stamp_locked(slot.item)
             self._count_in_flight_locked()
             return slot.item.request
         while (
             self._ready
-            and len(self._outstanding) < self._window
+            and len(self._outstanding) < self._pacer.window
             and len(self._output) < self._output_capacity
         ):
             item = self._ready.popleft()
@@ -394,7 +321,7 @@ class StreamCore:
                 self._complete_locked(item.frame_id, item.error)
                 continue
             self._outstanding[item.frame_id] = _Outstanding(item, sent=True)
-            self._sent += 1
+            self._counts.sent += 1
             self._stamp_locked(item)
             self._count_in_flight_locked()
             return item.request
@@ -406,11 +333,11 @@ class StreamCore:
         """Set the frame's capture-to-send time (its age so far, on this clock) as it leaves."""
         assert item.request is not None
         item.request.capture_age_us = max(0, int((time.monotonic() - item.captured) * 1e6))
-        self._bytes_sent += item.request.ByteSize()
+        self._counts.bytes_sent += item.request.ByteSize()
 
     def _count_in_flight_locked(self) -> None:
-        self._in_flight += 1
-        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        self._counts.in_flight += 1
+        self._counts.max_in_flight = max(self._counts.max_in_flight, self._counts.in_flight)
         self._changed_locked()
 
     # -- the response reader of the current call
@@ -429,20 +356,11 @@ class StreamCore:
                 "ignoring an answer for frame %d, which is not in flight", response.frame_id
             )
             return
-        outcome: Classification | FrameError
-        if response.HasField("classification"):
-            outcome = wire.classification_from_proto(response.classification)
-        else:
-            code = _CODE_BY_VALUE.get(response.error.code, grpc.StatusCode.UNKNOWN)
-            reason = _DROP_REASONS.get(response.error.drop_reason, "")
-            outcome = FrameError(code, response.error.message, "server", reason)
+        outcome = frame_outcome(response)
         if response.HasField("hint"):
-            self._rate_hint = response.hint.rate_fps
-            if self._pace:
-                hinted = max(1, response.hint.max_in_flight)
-                self._window = min(self.config.max_in_flight, hinted)
+            self._pacer.on_hint(response.hint)
         age_us = response.age.at_compute_us if response.HasField("age") else 0
-        self._in_flight -= 1
+        self._counts.in_flight -= 1
         self._complete_locked(response.frame_id, outcome, age_us / 1000 if age_us else None)
 
     def _complete_locked(
@@ -451,11 +369,11 @@ class StreamCore:
         slot = self._outstanding[frame_id]
         latency_ms = (time.monotonic() - slot.item.captured) * 1000.0
         slot.result = StreamResult(frame_id, slot.item.index, outcome, latency_ms, age_ms)
-        self._received += 1
+        self._counts.received += 1
         if isinstance(outcome, FrameError):
-            self._errors += 1
+            self._counts.errors += 1
         else:
-            self._latencies.record(latency_ms)
+            self._counts.latencies.record(latency_ms)
         self._flush_locked()
 
     def _flush_locked(self) -> None:
@@ -471,18 +389,15 @@ class StreamCore:
     def on_break_locked(self) -> int:
         """The current call failed: give up its frames (realtime) or queue them again."""
         self.generation += 1
-        # The server (perhaps another one) states the hint afresh.
-        self._rate_hint = 0.0
-        self._window = self.config.max_in_flight
+        self._pacer.reset()
         if not self._broken:
             self._broken = True
-            self._disconnects += 1
-        self._in_flight = 0
+            self._counts.disconnects += 1
         waiting = [fid for fid, slot in self._outstanding.items() if slot.result is None]
         if self._realtime:
             for frame_id in waiting:
                 del self._outstanding[frame_id]
-            self._dropped += len(waiting)
+            self._counts.dropped += len(waiting)
             self._flush_locked()
         else:
             for frame_id in waiting:
@@ -493,7 +408,7 @@ class StreamCore:
 
     def on_reconnected_locked(self) -> None:
         self._broken = False
-        self._reconnects += 1
+        self._counts.reconnects += 1
         self._changed_locked()
 
     def drained_locked(self) -> bool:
@@ -534,22 +449,4 @@ class StreamCore:
     def stats(self) -> StreamStats:
         """A snapshot of the counters."""
         with self.lock:
-            return StreamStats(
-                mode=self.config.mode,
-                elapsed_s=time.monotonic() - self._started,
-                read=self._read,
-                sent=self._sent,
-                resent=self._resent,
-                received=self._received,
-                errors=self._errors,
-                dropped=self._dropped,
-                disconnects=self._disconnects,
-                reconnects=self._reconnects,
-                in_flight=self._in_flight,
-                max_in_flight=self._max_in_flight,
-                latency_ms=self._latencies.summary(),
-                recent_latency_ms=self._latencies.recent_summary(),
-                skipped=self._skipped,
-                bytes_sent=self._bytes_sent,
-                rate_hint_fps=self._rate_hint,
-            )
+            return self._counts.snapshot(self._pacer.rate_hint)

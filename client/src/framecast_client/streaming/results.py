@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
 import numpy as np
 
+from .. import wire
+from .._proto import classifier_pb2 as pb
 from .._rpc import from_status
 from ..errors import FramecastError, InvalidImageError, UnavailableError
 from ..histogram import LogHistogram
@@ -21,6 +24,11 @@ _RECENT_LATENCIES = 256
 _LATENCY_RELATIVE_ERROR = 0.01
 _LOWEST_MS = 0.01
 _HIGHEST_MS = 1e7
+_CODE_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+_DROP_REASONS: dict[int, str] = {
+    pb.DROP_REASON_STALE_AT_ADMISSION: "stale_at_admission",
+    pb.DROP_REASON_STALE_AT_COMPUTE: "stale_at_compute",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +56,15 @@ class FrameError:
         if self.code is grpc.StatusCode.UNAVAILABLE:
             return UnavailableError(self.code, self.message)
         return from_status(self.code, self.message, address="")
+
+
+def frame_outcome(response: pb.StreamResponse) -> Classification | FrameError:
+    """What the server answered for one frame: its classification, or why it has none."""
+    if response.HasField("classification"):
+        return wire.classification_from_proto(response.classification)
+    code = _CODE_BY_VALUE.get(response.error.code, grpc.StatusCode.UNKNOWN)
+    reason = _DROP_REASONS.get(response.error.drop_reason, "")
+    return FrameError(code, response.error.message, "server", reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +165,48 @@ class StreamStats:
     skipped: int = 0
     bytes_sent: int = 0
     rate_hint_fps: float = 0.0
+
+
+@dataclass(slots=True)
+class Counters:
+    """A session's running counts, guarded by its core's lock; ``snapshot`` reports them."""
+
+    mode: StreamMode
+    started: float = field(default_factory=time.monotonic)
+    latencies: Latencies = field(default_factory=lambda: Latencies())
+    read: int = 0
+    sent: int = 0
+    resent: int = 0
+    received: int = 0
+    errors: int = 0
+    dropped: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    skipped: int = 0
+    bytes_sent: int = 0
+
+    def snapshot(self, rate_hint_fps: float) -> StreamStats:
+        return StreamStats(
+            mode=self.mode,
+            elapsed_s=time.monotonic() - self.started,
+            read=self.read,
+            sent=self.sent,
+            resent=self.resent,
+            received=self.received,
+            errors=self.errors,
+            dropped=self.dropped,
+            disconnects=self.disconnects,
+            reconnects=self.reconnects,
+            in_flight=self.in_flight,
+            max_in_flight=self.max_in_flight,
+            latency_ms=self.latencies.summary(),
+            recent_latency_ms=self.latencies.recent_summary(),
+            skipped=self.skipped,
+            bytes_sent=self.bytes_sent,
+            rate_hint_fps=rate_hint_fps,
+        )
 
 
 class Latencies:

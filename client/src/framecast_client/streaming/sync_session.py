@@ -1,4 +1,4 @@
-"""The blocking session: a receiver thread runs the call."""
+"""The blocking session: a receiver thread carries out the drive loop (``drive``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import grpc
 
 from .._proto import classifier_pb2 as pb
 from .._proto import classifier_pb2_grpc as pb_grpc
+from ..connections import open_channel
 from ..preprocess import ImageInput
 from .config import StreamConfig
-from .pipeline import WAIT, StreamCore
-from .receiver import MODEL_INFO_TIMEOUT_S, Receiver
+from .drive import Drive, OpenCall, Pause, Step, Stop
+from .pipeline import WAIT, StreamCore, result_or_raise
 from .results import StreamResult, StreamStats
 
 
@@ -37,11 +38,7 @@ class StreamSession:
         """Start streaming ``frames`` (normally called by Client.stream)."""
         self._core = StreamCore(config)
         self._call: Any = None
-        options = list(config.channel_options)
-        if config.credentials is None:
-            self._channel = grpc.insecure_channel(config.target, options=options)
-        else:
-            self._channel = grpc.secure_channel(config.target, config.credentials, options)
+        self._channel = open_channel(config.target, config.credentials, config.channel_options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._core.start_threads(frames)
         self._driver = threading.Thread(
@@ -63,11 +60,9 @@ class StreamSession:
         with core.lock:
             while (item := core.pop_locked()) is WAIT:
                 core.cond.wait()
-        if isinstance(item, StreamResult):
-            return item
-        if isinstance(item, BaseException):
-            raise item
-        raise StopIteration
+        if (result := result_or_raise(item)) is None:
+            raise StopIteration
+        return result
 
     @property
     def stats(self) -> StreamStats:
@@ -96,61 +91,54 @@ class StreamSession:
             yield item
 
     def _drive(self) -> None:
-        """The receiver thread: one call after another until the stream ends."""
+        """The receiver thread: carries out the drive loop's steps until the stream ends."""
         core = self._core
-        receiver = Receiver(core)
-        reconnecting = False
-
-        def pause(delay: float) -> None:
-            with core.lock:
-                core.cond.wait_for(core.is_stopping, delay)
-
+        drive = Drive(core)
         try:
-            while True:
-                if reconnecting:
+            step = drive.start()
+            while not isinstance(step, Stop):
+                if isinstance(step, OpenCall):
+                    step = self._run_call(drive, step.generation)
+                elif isinstance(step, Pause):
+                    with core.lock:
+                        core.cond.wait_for(core.is_stopping, step.seconds)
+                    step = drive.paused()
+                else:
+                    request = pb.GetModelInfoRequest()
+                    outcome: pb.ModelInfo | grpc.RpcError
                     try:
-                        info = self._stub.GetModelInfo(
-                            pb.GetModelInfoRequest(),
-                            timeout=MODEL_INFO_TIMEOUT_S,
-                            metadata=self._core.config.metadata,
+                        outcome = self._stub.GetModelInfo(
+                            request, timeout=step.timeout, metadata=step.metadata
                         )
                     except grpc.RpcError as exc:
-                        if (delay := receiver.after_break(exc)) is None:
-                            return
-                        pause(delay)
-                        continue
-                    if not receiver.adopt(info):
-                        return
-                    reconnecting = False
-                generation = core.generation
-                call: Any = self._stub.ClassifyStream(
-                    self._requests(generation), metadata=core.config.metadata
-                )
-                with core.lock:
-                    # close() cancels the call it finds here; a call made after it looked is
-                    # cancelled by this check instead.
-                    self._call = call
-                    if core.is_stopping():
-                        call.cancel()
-                        return
-                error: grpc.RpcError | None = None
-                try:
-                    for response in call:
-                        with core.lock:
-                            while not core.output_room_locked():
-                                core.cond.wait()
-                            if not receiver.on_response_locked(generation, response):
-                                return
-                    if receiver.call_complete():
-                        return
-                except grpc.RpcError as exc:
-                    error = exc
-                if (delay := receiver.after_break(error)) is None:
-                    return
-                reconnecting = True  # the server may have been restarted with another model
-                pause(delay)
+                        outcome = exc
+                    step = drive.info_answered(outcome)
         except Exception as exc:
-            receiver.crashed(exc)
+            drive.crashed(exc)
         finally:
             core.stop()
             self._channel.close()
+
+    def _run_call(self, drive: Drive, generation: int) -> Step:
+        """One ClassifyStream call, read to its end; the drive loop's next step."""
+        core = self._core
+        call: Any = self._stub.ClassifyStream(
+            self._requests(generation), metadata=core.config.metadata
+        )
+        with core.lock:
+            # close() cancels the call it finds here; a call made after it looked is
+            # cancelled by this check instead.
+            self._call = call
+            if core.is_stopping():
+                call.cancel()
+                return Stop()
+        try:
+            for response in call:
+                with core.lock:
+                    while not core.output_room_locked():
+                        core.cond.wait()
+                    if not drive.on_response_locked(generation, response):
+                        return Stop()
+        except grpc.RpcError as exc:
+            return drive.call_ended(exc)
+        return drive.call_ended(None)

@@ -43,6 +43,7 @@ from framecast_server.model.resnet50 import (
     INPUT_NAME,
     OUTPUT_NAME,
     build_resnet50,
+    check_external_onnx,
     wrap_external_onnx,
 )
 from framecast_server.model.weights import check_header, load_safetensors, random_weights
@@ -305,7 +306,13 @@ def _smoke_test(path: Path, preset: Preset) -> None:
     size = preset.input_size
     images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # Fatal only: a failure's message is raised below as the one line; ONNX Runtime's own
+        # log line would print it a second time, before it.
+        options.log_severity_level = 4
+        session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         (probs,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
     except Exception as exc:  # ORT raises its own exception types for every failure
         raise ValueError(f"the prepared model fails a test run on ONNX Runtime: {exc}") from exc
@@ -346,8 +353,9 @@ def check_source(source: ModelSource) -> None:
     """Refuse, in one sentence, a user's file that is not what its flag says it is.
 
     Reads the file but builds nothing (a weights file's header, an ONNX graph without its
-    external data), so the server can refuse before it starts listening; the build checks the
-    rest. Raises WeightsError for weights, ValueError for an ONNX model.
+    external data, whose inputs and outputs must be an image classifier's), so the server can
+    refuse before it starts listening; the build and its test run check the rest. Raises
+    WeightsError for weights, ValueError for an ONNX model.
     """
     if source.kind == "weights":
         assert source.path is not None  # checked by ModelSource
@@ -367,6 +375,12 @@ def check_source(source: ModelSource) -> None:
                 f"cannot read {source.path} as an ONNX model: it holds no graph (is it an "
                 ".onnx file?)"
             )
+        try:
+            # The graph's shape checks, without its weights: a graph that is not an image
+            # classifier is refused here in one line, not after the server started listening.
+            check_external_onnx(model, source.resolved_preset())
+        except ValueError as exc:
+            raise ValueError(f"cannot serve {source.path}: {exc}") from exc
 
 
 def prepare_model(

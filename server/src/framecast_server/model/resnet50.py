@@ -285,8 +285,11 @@ def _detect_layout(dims: list[int | None] | None, size: int, name: str) -> Layou
     )
 
 
-def _check_output(model: onnx.ModelProto, output_name: str) -> None:
-    """Reject outputs that cannot be ImageNet class scores: not float, not [N, 1000]."""
+def _check_output(model: onnx.ModelProto, output_name: str, *, warn: bool = True) -> None:
+    """Reject outputs that cannot be ImageNet class scores: not float, not [N, 1000].
+
+    ``warn``: say so when the shape cannot be told statically (once: the build's check says it).
+    """
     value = next(o for o in model.graph.output if o.name == output_name)
     if value.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ValueError(
@@ -305,7 +308,8 @@ def _check_output(model: onnx.ModelProto, output_name: str) -> None:
             dims = _static_dims(value)
     if dims is None or any(d is None for d in dims[1:]):
         # Not provably wrong; the smoke run after preparation checks the real shape.
-        logger.warning("cannot tell the shape of output %r statically (%s)", output_name, dims)
+        if warn:
+            logger.warning("cannot tell the shape of output %r statically (%s)", output_name, dims)
         return
     if len(dims) != 2 or dims[1] != NUM_CLASSES:
         raise ValueError(
@@ -321,16 +325,16 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("the model imports no default-domain ONNX opset")
 
 
-def wrap_external_onnx(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProto:
-    """Wrap a user's float-input ImageNet classifier into the served uint8 graph contract.
+def check_external_onnx(model: onnx.ModelProto, preset: Preset) -> None:
+    """Raise ValueError, as ``wrap_external_onnx`` would, when ``model`` is not shaped like an
+    ImageNet classifier; reads the graph only (its weights may be left out), logs nothing."""
+    _checked_classifier(model, preset, warn=False)
 
-    The model's single float input may be NCHW ``[N,3,S,S]`` or NHWC ``[N,S,S,3]`` (detected from
-    its static dims); the preset's normalization is prepended, the batch dimension made dynamic,
-    and a Softmax appended unless the graph already ends in one. The input is not modified.
-    Raises ValueError when the model is not shaped like an ImageNet classifier.
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+
+def _checked_classifier(
+    m: onnx.ModelProto, preset: Preset, *, warn: bool
+) -> tuple[onnx.ValueInfoProto, Layout]:
+    """The image input and its layout of a graph shaped like an ImageNet classifier."""
     g = m.graph
     if _default_opset(m) < 7:
         # Before opset 7, Mul and Add did not broadcast the way the preprocessing needs.
@@ -352,7 +356,22 @@ def wrap_external_onnx(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProt
         elem = TensorProto.DataType.Name(image_input.type.tensor_type.elem_type)
         raise ValueError(f"input {image_input.name!r} must be float32, got {elem}")
     layout = _detect_layout(_static_dims(image_input), preset.input_size, image_input.name)
-    _check_output(m, g.output[0].name)
+    _check_output(m, g.output[0].name, warn=warn)
+    return image_input, layout
+
+
+def wrap_external_onnx(model: onnx.ModelProto, preset: Preset) -> onnx.ModelProto:
+    """Wrap a user's float-input ImageNet classifier into the served uint8 graph contract.
+
+    The model's single float input may be NCHW ``[N,3,S,S]`` or NHWC ``[N,S,S,3]`` (detected from
+    its static dims); the preset's normalization is prepended, the batch dimension made dynamic,
+    and a Softmax appended unless the graph already ends in one. The input is not modified.
+    Raises ValueError when the model is not shaped like an ImageNet classifier.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    image_input, layout = _checked_classifier(m, preset, warn=True)
 
     used = _all_names(g)
     for reserved in (INPUT_NAME, OUTPUT_NAME):

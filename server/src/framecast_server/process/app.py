@@ -54,11 +54,14 @@ QUIET_S, QUIET_CAP_S = 0.5, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
-# turn of the event loop, so under a flood new calls queued in gRPC's own first-come queue,
-# unseen by admission and ahead of everyone else's. Measured beside 200 calls over 100
-# connections: with one server admission saw 0-89 of them waiting (the rest sat in gRPC) and
-# let its places go unused; with four it saw some 190, so the turns of admission.py apply.
-ACCEPT_LOOPS = 4
+# turn of the event loop (each accept is a round trip through gRPC's completion queue), and the
+# calls not yet accepted wait in gRPC's own first-come queue, unseen by admission, ahead of
+# everyone else's. Traced beside 200 calls over 100 connections (the greedy client on a CPU of
+# its own, benchmarks/fairness.py --isolation pinned): with four servers nearly all of them
+# waited there and a polite call waited 73 ms p50 (behind ~170 of them) before its handler ran;
+# with 16, 3-4 ms, and they wait in admission instead, where callers take turns. 64 gained
+# little more (each server takes a 1/N share of --max-connections, so more cost headroom).
+ACCEPT_LOOPS = 16
 # Logged once every call has left during a drain, just before the port closes.
 ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
@@ -304,13 +307,16 @@ class FramecastServer:
             self._health_tasks.add(task)
             task.add_done_callback(self._health_tasks.discard)
 
-    async def stop(self, grace: float | None = None, *, drain_delay: float | None = None) -> None:
+    async def stop(
+        self, grace: float | None = None, *, drain_delay: float | None = None, quiet: bool = False
+    ) -> None:
         """Drain and stop: NOT_SERVING, the drain delay, then calls in flight finish.
 
         ``grace`` (default ``settings.grace_s``) bounds the time calls in flight get once new
         ones are refused; ``drain_delay`` (default ``settings.drain_delay_s``) is how long
-        health says NOT_SERVING while calls are still served. Idempotent: a second call waits
-        for the first.
+        health says NOT_SERVING while calls are still served. ``quiet`` logs the steps at debug
+        level only (the model failed to load: the reason is the one line the user needs).
+        Idempotent: a second call waits for the first.
         """
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
@@ -320,18 +326,19 @@ class FramecastServer:
             await self._drain_and_stop(
                 self.settings.grace_s if grace is None else grace,
                 self.settings.drain_delay_s if drain_delay is None else drain_delay,
+                logging.DEBUG if quiet else logging.INFO,
             )
         finally:
             self._stopping.set_result(None)
 
-    async def _drain_and_stop(self, grace: float, drain_delay: float) -> None:
+    async def _drain_and_stop(self, grace: float, drain_delay: float, level: int) -> None:
         await self._health.enter_graceful_shutdown()
         if drain_delay > 0:
-            logger.info("NOT_SERVING; refusing new calls in %.1f s", drain_delay)
+            logger.log(level, "NOT_SERVING; refusing new calls in %.1f s", drain_delay)
             await asyncio.sleep(drain_delay)
         self._gate.drain()
         if self._gate.active:
-            logger.info("draining %d call(s) (grace %.1f s)", self._gate.active, grace)
+            logger.log(level, "draining %d call(s) (grace %.1f s)", self._gate.active, grace)
         started = time.monotonic()
         if not await self._gate.wait_idle(grace):
             logger.warning(
@@ -345,7 +352,7 @@ class FramecastServer:
             await self._gate.wait_quiet(QUIET_S, min(left, QUIET_CAP_S))
             # A call arriving from now on is never received (a slow client's next call):
             # benchmarks/overload_soak.py tells those from cut calls by this line.
-            logger.info("%s; closing the port", ALL_CALLS_ANSWERED)
+            logger.log(level, "%s; closing the port", ALL_CALLS_ANSWERED)
             await self._stop_servers(min(grace, FINAL_STOP_GRACE_S))
         if self._trimmer is not None:
             await self._trimmer.stop()
@@ -356,7 +363,7 @@ class FramecastServer:
         await self._classifier.board.close()
         await self.wiring.stop_metrics()
         await self.wiring.stop_health_port()
-        logger.info("stopped")
+        logger.log(level, "stopped")
 
     async def abort(self) -> None:
         """Stop at once: every call is cancelled (a second signal)."""
@@ -398,7 +405,7 @@ async def serve(settings: ServerSettings, *, port_file: Path | None = None) -> i
     await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if load.done() and load.exception() is not None:
         stopping.cancel()
-        await server.stop(0)
+        await server.stop(0, quiet=True)
         # The command prints it as its last line (one sentence, no traceback).
         raise ModelLoadError(f"could not load the model: {load.exception()}") from load.exception()
     broken = asyncio.ensure_future(server.broken.wait())

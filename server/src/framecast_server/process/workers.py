@@ -34,10 +34,8 @@ directory when it stops.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -50,16 +48,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..settings import FRAME_BYTES, ServerSettings
+from .cores import worker_settings
+from .worker_main import BackendFactory, inference_main, worker_main
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
     from ..metrics.multiprocess import SupervisorMetrics
     from .shared_inference import InferenceLink
 
 InferenceMode = Literal["per-worker", "shared", "auto"]
 INFERENCE_MODES: tuple[InferenceMode, ...] = ("per-worker", "shared", "auto")
-# A picklable factory (prepared ONNX path -> Backend), for benchmarks and tests.
-BackendFactory = Callable[[Path], "Backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,85 +67,10 @@ _MAX_QUICK_EXITS = 5
 _RESTART_BACKOFF_S = (0.5, 30.0)  # first and longest wait before restarting a worker
 # How long past the drain grace a worker may take before it is killed.
 _STOP_MARGIN_S = 5.0
-_SERVING = "serving"
 
 
 class PortUnavailableError(OSError):
     """The port cannot be had (another program holds it, or the address is not this host's)."""
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
-    """The CPU quota of this container's cgroup in CPUs, or None when there is none.
-
-    cgroup v2 (``cpu.max``: "QUOTA PERIOD", or "max PERIOD") at ``root``; else cgroup v1
-    (``cpu.cfs_quota_us``, -1 for none, and ``cpu.cfs_period_us``) in ``root``'s ``cpu`` or
-    ``cpu,cpuacct`` hierarchy, where Docker and the kubelet put a container's own cgroup.
-    """
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        pass
-    else:
-        return _quota_cpus(quota, period)
-    for hierarchy in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        directory = root / hierarchy
-        try:
-            quota = (directory / "cpu.cfs_quota_us").read_text().strip()
-            period = (directory / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            continue
-        return _quota_cpus(quota, period)
-    return None
-
-
-def _quota_cpus(quota: str, period: str) -> float | None:
-    try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:
-        return None  # "max" (v2) or something unreadable: no limit we can use
-    if quota_us <= 0 or period_us <= 0:
-        return None  # -1: no quota (v1)
-    return quota_us / period_us
-
-
-def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers).
-
-    A pod limited to 4 CPUs on a 96-core node sees all 96 in its affinity; the quota (cgroup v2
-    or v1) is what the kubelet sets from ``resources.limits.cpu``.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    limit = cgroup_cpu_limit(cgroup_root)
-    if limit is None:
-        return cores
-    return max(1, min(cores, math.ceil(limit)))
-
-
-def parse_workers(value: str) -> int:
-    """``--workers``: a positive count, or ``auto`` (one per usable core); raises ValueError."""
-    if value == "auto":
-        return usable_cores()
-    try:
-        count = int(value)
-    except ValueError:
-        raise ValueError(f"workers must be a positive integer or 'auto', got {value!r}") from None
-    if count < 1:
-        raise ValueError(f"workers must be at least 1, got {count}")
-    return count
-
-
-def worker_settings(
-    settings: ServerSettings, workers: int, port: int, health_port: int | None = None
-) -> ServerSettings:
-    """A worker's settings: the reserved ports, and its share of the cores for ONNX Runtime."""
-    threads = settings.threads or max(1, usable_cores() // workers)
-    return dataclasses.replace(
-        settings, port=port, threads=threads, health_port=health_port or settings.health_port
-    )
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -179,137 +101,6 @@ def resolve_inference(mode: InferenceMode, settings: ServerSettings) -> Inferenc
 
         return "shared" if tensorrt_unavailable_reason() is None else "per-worker"
     return "per-worker"
-
-
-async def _run_worker(
-    settings: ServerSettings,
-    report: Connection,
-    inference: tuple[InferenceLink, int] | None = None,
-    factory: BackendFactory | None = None,
-    board: tuple[Path, int] | None = None,
-) -> int:
-    """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
-    from .app import FramecastServer
-
-    server = FramecastServer(
-        settings,
-        reuse_port=True,
-        shared_metrics=True,
-        inference=inference,
-        backend_factory=factory,
-        stream_board=board,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    load = asyncio.ensure_future(server.load())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not load.done():
-        load.cancel()
-        await server.stop(0)
-        return 0
-    if load.exception() is not None:
-        stopping.cancel()
-        await server.stop(0)
-        logger.error("could not load the model: %s", load.exception())
-        return 1
-    # Listening only now: connections reach workers that can answer them.
-    await server.start()
-    report.send((_SERVING, os.getpid()))
-    await stopping
-    logger.info("draining (grace %.0f s)", settings.grace_s)
-    await server.stop()
-    return 0
-
-
-def _worker_main(
-    settings: ServerSettings,
-    index: int,
-    report: Connection,
-    level: int,
-    link: InferenceLink | None = None,
-    factory: BackendFactory | None = None,
-    board: Path | None = None,
-) -> None:
-    """The entry point of a worker process (spawned: nothing is inherited but the arguments)."""
-    from .event_loop import run
-
-    # The terminal's Ctrl-C reaches the whole process group: the supervisor alone decides,
-    # and asks each worker with SIGTERM, once.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s",
-    )
-    inference = None if link is None else (link, index)
-    seat = None if board is None else (board, index)
-    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory, seat)))
-
-
-async def _run_inference(
-    settings: ServerSettings,
-    link: InferenceLink,
-    factory: BackendFactory | None,
-    report: Connection,
-) -> int:
-    """The inference process: load the backend, serve the front ends until SIGTERM."""
-    from ..core.batcher import BatcherSettings
-    from ..model import prepare_model
-    from .shared_inference import InferenceService
-
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    prepared = await asyncio.to_thread(
-        prepare_model, settings.model, settings.cache_dir, allow_download=settings.allow_download
-    )
-    if factory is not None:
-        backend = await asyncio.to_thread(factory, prepared.onnx_path)
-    else:
-        backend = await asyncio.to_thread(settings.create_backend, prepared.onnx_path)
-    recorder = None
-    if settings.metrics_port is not None:
-        # Batch sizes and times are known only here: this process writes them to the
-        # supervisor's metrics directory like a worker.
-        from ..metrics import Metrics
-
-        recorder = Metrics(max_batch=settings.max_batch, shared=True)
-    service = InferenceService(
-        link,
-        backend,
-        BatcherSettings(
-            max_batch=settings.max_batch,
-            max_delay_us=settings.max_delay_us,
-            max_queue=settings.max_queue,
-            memory_budget_bytes=settings.memory_budget_bytes,
-        ),
-        input_size=prepared.preset.input_size,
-        recorder=recorder,
-    )
-    await service.start()
-    report.send((_SERVING, os.getpid()))
-    logger.info("inference process serving %d front ends on %s", link.front_ends, backend.info.name)
-    await stop.wait()
-    await service.close()
-    backend.close()
-    return 0
-
-
-def _inference_main(
-    settings: ServerSettings,
-    link: InferenceLink,
-    factory: BackendFactory | None,
-    report: Connection,
-    level: int,
-) -> None:
-    """The entry point of the inference process of ``--inference shared``."""
-    from .event_loop import run
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s inference %(name)s: %(message)s"
-    )
-    raise SystemExit(run(_run_inference(settings, link, factory, report)))
 
 
 @dataclasses.dataclass(slots=True)
@@ -486,13 +277,13 @@ class Supervisor:
         level = logging.getLogger().getEffectiveLevel()
         if self._is_inference(index):
             process = self._context.Process(
-                target=_inference_main,
+                target=inference_main,
                 args=(settings, self._link, self._factory, send, level),
                 name="framecast-inference",
             )
         else:
             process = self._context.Process(
-                target=_worker_main,
+                target=worker_main,
                 args=(settings, index, send, level, self._link, self._factory, self._board),
                 name=f"framecast-worker-{index}",
             )

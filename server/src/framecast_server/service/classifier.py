@@ -258,7 +258,7 @@ class ClassifierServicer:
             return None
         finally:
             if admitted:
-                admission.leave()
+                admission.leave(caller)
             self._gate.leave()
 
     def _parse_classify(

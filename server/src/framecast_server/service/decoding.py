@@ -74,8 +74,9 @@ def _guard_handler(
             if not _entered(gate, context):
                 return None
             entered = False
+            caller = caller_of(context)
             try:
-                await admission.enter(caller_of(context))
+                await admission.enter(caller)
                 entered = True
                 try:
                     raw = await read_request(context)
@@ -91,7 +92,7 @@ def _guard_handler(
                 return await admitted_unary(request, context)
             finally:
                 if entered:
-                    admission.leave()
+                    admission.leave(caller)
                 leave()
 
         return grpc.stream_unary_rpc_method_handler(admitted, response_serializer=serialize)

@@ -1,7 +1,13 @@
-"""What the response reader does with a call: record its answers, and decide after a break.
+"""The drive loop of a stream session, written once and without I/O.
 
-:class:`Receiver` holds that logic once for both sessions; the blocking session runs it on a
-thread, the asyncio session in a task, and each only waits and iterates in its own way.
+:class:`Drive` is a state machine: the session tells it what happened (a call opened, an
+answer came, a call ended or failed, GetModelInfo answered or failed, a pause passed) and it
+says what to do next as a :data:`Step`: open a call, fetch the model info, pause, or stop.
+It records answers, decides whether and when to reconnect after a break, and adopts the
+preprocessing of a restarted server. The blocking session carries the steps out on a thread
+(``sync_session``), the asyncio session in a task (``async_session``); each keeps only its
+I/O. What to send next, and when to drop or skip frames under the rate hint, is the
+pipeline's (:class:`StreamCore`).
 """
 
 from __future__ import annotations
@@ -9,12 +15,14 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
+from typing import TypeAlias
 
 import grpc
 
 from .. import wire
 from .._proto import classifier_pb2 as pb
-from .._rpc import from_status
+from .._rpc import from_status, rpc_status
 from ..errors import RpcError, UnavailableError
 from ..wire_format import WireFormatError
 from .config import StreamConfig
@@ -58,13 +66,6 @@ def _retriable(code: grpc.StatusCode, details: str) -> bool:
         lowered = details.lower()
         return any(marker in lowered for marker in _RESET_MARKERS)
     return False
-
-
-def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    # Both grpc.Call and grpc.aio.AioRpcError provide code() and details().
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return code, details or ""
 
 
 class _Reconnector:
@@ -123,17 +124,94 @@ def _log_break(config: StreamConfig, code: grpc.StatusCode, details: str, lost: 
     )
 
 
-class Receiver:
-    """The response reader of a session, from one call to the next until the stream ends.
+@dataclass(frozen=True, slots=True)
+class OpenCall:
+    """Open the next ClassifyStream call; its requests are ``core.take_locked(generation)``.
 
-    The session makes the calls, waits for room in the output before reading each answer,
-    and waits ``after_break``'s delay before the next call; this decides everything else.
+    Wait for ``core.output_room_locked()`` before reading each answer, hand each answer to
+    :meth:`Drive.on_response_locked`, then report the call's end to :meth:`Drive.call_ended`.
+    """
+
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchModelInfo:
+    """Ask GetModelInfo with these call options; report the answer or error to
+    :meth:`Drive.info_answered`."""
+
+    timeout: float
+    metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait ``seconds``, or until the session stops, then report :meth:`Drive.paused`."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The session ends: stop the pipeline and close the channel."""
+
+
+Step: TypeAlias = OpenCall | FetchModelInfo | Pause | Stop
+_STOP = Stop()
+
+
+class Drive:
+    """The drive loop of a session, from one call to the next until the stream ends.
+
+    Each method takes what just happened and returns the next :data:`Step`; nothing here
+    waits, sends or reads. After a break the session pauses, then (a restarted server may
+    serve another model) fetches the model info before the next call.
     """
 
     def __init__(self, core: StreamCore) -> None:
         self._core = core
         self._config = core.config
         self._reconnector = _Reconnector(core.config)
+        self._reconnecting = False
+        self._fetch = FetchModelInfo(MODEL_INFO_TIMEOUT_S, tuple(core.config.metadata))
+
+    def start(self) -> Step:
+        """The first step of the session."""
+        return self._next()
+
+    def _next(self) -> Step:
+        if self._core.is_stopping():
+            return _STOP
+        if self._reconnecting:
+            return self._fetch
+        return OpenCall(self._core.generation)
+
+    def paused(self) -> Step:
+        """A :class:`Pause` passed (or the session stopped meanwhile)."""
+        return self._next()
+
+    def info_answered(self, outcome: pb.ModelInfo | grpc.RpcError) -> Step:
+        """GetModelInfo answered (prepare frames as it says, then call again) or failed (try
+        again after a pause, or end the session)."""
+        if isinstance(outcome, grpc.RpcError):
+            return self._broken(outcome)
+        if not self._adopt(outcome):
+            return _STOP
+        self._reconnecting = False
+        return self._next()
+
+    def call_ended(self, error: grpc.RpcError | None) -> Step:
+        """The call failed with ``error``, or (None) its answers ended."""
+        if error is None and self._call_complete():
+            return _STOP
+        return self._broken(error)
+
+    def _broken(self, error: grpc.RpcError | None) -> Step:
+        delay = self._after_break(error)
+        if delay is None:
+            return _STOP
+        self._reconnecting = True
+        return Pause(delay)
 
     def on_response_locked(self, generation: int, response: pb.StreamResponse) -> bool:
         """Record an answer of call ``generation``; False when the session is stopping."""
@@ -148,7 +226,7 @@ class Receiver:
         self._reconnector.recovered()
         return True
 
-    def call_complete(self) -> bool:
+    def _call_complete(self) -> bool:
         """The call's answers ended: whether that was every frame's (the session finishes)."""
         core = self._core
         with core.lock:
@@ -157,7 +235,7 @@ class Receiver:
             core.finish()
         return drained
 
-    def after_break(self, error: grpc.RpcError | None) -> float | None:
+    def _after_break(self, error: grpc.RpcError | None) -> float | None:
         """The call failed with ``error``, or (None) ended before every frame was answered.
 
         Returns the seconds to wait before the next call, or None when the session ends: it
@@ -188,7 +266,7 @@ class Receiver:
         _log_break(self._config, code, details, lost)
         return delay
 
-    def adopt(self, info: pb.ModelInfo) -> bool:
+    def _adopt(self, info: pb.ModelInfo) -> bool:
         """Before a call after a break: prepare frames as the (maybe restarted) server says.
 
         A server restarted with another model may want other preprocessing; frames prepared
