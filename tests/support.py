@@ -361,13 +361,14 @@ class Host:
 
 @contextlib.contextmanager
 def serve_workers(
-    cache_dir: Path, tmp_path: Path, *, inference: str = "per-worker"
+    cache_dir: Path, tmp_path: Path, *flags: str, inference: str = "per-worker"
 ) -> Iterator[Host]:
-    """A real two-worker server on loopback (null backend, offline), stopped with SIGTERM;
-    ``inference``: ``--inference`` (per-worker backends, or one shared inference process)."""
+    """A real two-worker server on loopback (null backend, offline, and ``flags``), stopped
+    with SIGTERM; ``inference``: ``--inference`` (per-worker backends, or one shared inference
+    process)."""
     words = [
         "serve", "--workers", "2", "--inference", inference, "--port", "0", "--metrics-port", "0",
-        "--backend", "null", "--offline", "--cache-dir", str(cache_dir),
+        "--backend", "null", "--offline", "--cache-dir", str(cache_dir), *flags,
     ]  # fmt: skip
     with serve_process(tmp_path, *words) as server:
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log.read_text())

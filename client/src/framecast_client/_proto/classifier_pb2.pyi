@@ -506,7 +506,11 @@ class StreamInfo(_message.Message):
     MAX_AGE_MS_FIELD_NUMBER: _builtins.int
     RATE_HINT_FPS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """Server-assigned, unique while the process runs."""
+    """Server-assigned, unique while the server runs. Under `framecast serve --workers N` it is
+    worker << 40 | start << 32 | n: the worker's index (0 to N-1), which start of that worker
+    this is (0 first, counting its restarts, mod 256), and the worker's own count from 1; a
+    single process's ids are n alone.
+    """
     caller: _builtins.str
     """Who sent it: the caller identity the server's fairness uses (cut to 64 characters)."""
     name: _builtins.str

@@ -117,6 +117,7 @@ class FramecastServer:
         reuse_port: bool = False,
         shared_metrics: bool = False,
         inference: tuple[InferenceLink, int] | None = None,
+        stream_board: tuple[Path, int] | None = None,
     ) -> None:
         """backend_factory (prepared ONNX path -> Backend) replaces settings.backend, for tests.
 
@@ -125,6 +126,8 @@ class FramecastServer:
         shared_metrics: a worker's metrics go to the supervisor, which serves /metrics.
         inference: (link, index): a front end of ``--inference shared``; its frames go to the
         inference process (shared_inference/), which owns the backend and the one batcher.
+        stream_board: (directory, index): a worker's streams go there, and ListStreams lists
+        every worker's (service/stream_board.py).
         """
         self.settings = settings
         self._backend_factory = backend_factory
@@ -156,6 +159,8 @@ class FramecastServer:
             admission=self.admission,
             recorder=self.wiring.recorder,
         )
+        if stream_board is not None:
+            self._classifier.board.join(*stream_board)
         self._oip = InferenceServicer(
             gate=self._gate, admission=self.admission, recorder=self.wiring.recorder
         )
@@ -232,6 +237,7 @@ class FramecastServer:
         await self.wiring.start_health_port(self._health, reuse_port=self._reuse_port)
         for server in self._servers:
             await server.start()
+        self._classifier.board.start()
         logger.info(
             "listening on %s:%d, %s%s",
             self.settings.host,
@@ -392,6 +398,7 @@ class FramecastServer:
             await self._serving.batcher.close()
             self._serving.backend.close()
             self._serving = None
+        await self._classifier.board.close()
         await self.wiring.stop_metrics()
         await self.wiring.stop_health_port()
         logger.log(level, "stopped")

@@ -36,6 +36,7 @@ async def _run_worker(
     report: Connection,
     inference: tuple[InferenceLink, int] | None = None,
     factory: BackendFactory | None = None,
+    board: tuple[Path, int] | None = None,
 ) -> int:
     """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
     from .app import FramecastServer
@@ -46,6 +47,7 @@ async def _run_worker(
         shared_metrics=True,
         inference=inference,
         backend_factory=factory,
+        stream_board=board,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +80,7 @@ def worker_main(
     level: int,
     link: InferenceLink | None = None,
     factory: BackendFactory | None = None,
+    board: Path | None = None,
 ) -> None:
     """The entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     from .event_loop import run
@@ -90,7 +93,8 @@ def worker_main(
         format=f"%(asctime)s %(levelname)s worker {index} %(name)s: %(message)s",
     )
     inference = None if link is None else (link, index)
-    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory)))
+    seat = None if board is None else (board, index)
+    raise SystemExit(run(_run_worker(settings, report, inference, None if link else factory, seat)))
 
 
 async def _run_inference(

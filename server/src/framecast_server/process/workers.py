@@ -40,6 +40,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -143,6 +144,7 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}
         self._quick_exits = 0
         self._announced = False
+        self._board: Path | None = None  # the workers' stream listings (stream_board.py)
 
     def run(self) -> int:
         """Serve until a signal (exit 0) or until workers cannot start (exit 1)."""
@@ -188,10 +190,11 @@ class Supervisor:
             settings.threads,
         )
         link_dir = None
+        board: tempfile.TemporaryDirectory[str] | None = None
         try:
+            board = tempfile.TemporaryDirectory(prefix="framecast-streams-")
+            self._board = Path(board.name)
             if self.inference == "shared":
-                import tempfile
-
                 from .shared_inference import create_link
 
                 link_dir = tempfile.TemporaryDirectory(prefix="framecast-inference-")
@@ -224,6 +227,8 @@ class Supervisor:
                 self._link = None
             if link_dir is not None:
                 link_dir.cleanup()
+            if board is not None:
+                board.cleanup()
             if metrics is not None:
                 metrics.close()
                 self._metrics = None
@@ -279,7 +284,7 @@ class Supervisor:
         else:
             process = self._context.Process(
                 target=worker_main,
-                args=(settings, index, send, level, self._link, self._factory),
+                args=(settings, index, send, level, self._link, self._factory, self._board),
                 name=f"framecast-worker-{index}",
             )
         process.start()

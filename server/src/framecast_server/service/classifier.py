@@ -37,6 +37,7 @@ from .codecs import requests, results
 from .errors import ModelNotReadyError, status_for
 from .handlers import guard
 from .image_decoding import ImageDecoder
+from .stream_board import StreamBoard
 from .stream_registry import StreamEntry, StreamRegistry, printable, stream_options
 from .streaming import Outcome, Prepared, Status, admitted
 from .unary import Read, UnaryDriver, ready
@@ -178,6 +179,7 @@ class ClassifierServicer:
             self._classify, serving=lambda: self._serving, admission=admission, recorder=recorder
         )
         self.streams = StreamRegistry()
+        self.board = StreamBoard(self.streams)  # what ListStreams answers (every worker's)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the Classifier's methods and the Admin's, each taking raw bytes."""
@@ -302,28 +304,9 @@ class ClassifierServicer:
             self.streams.close(stream)
 
     async def ListStreams(self, raw: bytes, context: _Context) -> pb.ListStreamsResponse:
-        """The open streams (ClassifyStream), oldest first; see StreamInfo in classifier.proto."""
+        """The open streams (ClassifyStream), oldest first, of every worker (stream_board.py)."""
         requests.decode(pb.ListStreamsRequest, raw)
-        streams, omitted = self.streams.listing()
-        response = pb.ListStreamsResponse(omitted=omitted)
-        for entry in streams:
-            rate_in, rate_out = entry.rates()
-            response.streams.add(
-                id=entry.id,
-                caller=entry.caller,
-                name=entry.name,
-                started_unix_ms=entry.started_unix_ms,
-                frames_in_per_s=rate_in,
-                frames_out_per_s=rate_out,
-                p99_latency_ms=entry.p99_latency_ms(),
-                p99_age_ms=entry.p99_age_ms(),
-                frames_in=entry.frames_in,
-                frames_out=entry.frames_out,
-                dropped=entry.dropped,
-                max_age_ms=entry.max_age_ms,
-                rate_hint_fps=entry.rate_hint_fps,
-            )
-        return response
+        return await self.board.listing()
 
     def _frame_parser(self, serving: ServingModel) -> Callable[[bytes], _ParsedFrame]:
         """The per-frame parsing step of one stream, with the stream's constants bound once."""
