@@ -322,7 +322,7 @@ def test_top_lists_every_workers_streams_and_forgets_a_killed_worker(
 def test_top_lists_every_front_ends_streams_under_shared_inference(
     cache_dir: Path, tmp_path: Path
 ) -> None:
-    with serve_workers(cache_dir, tmp_path, "--inference", "shared") as host:
+    with serve_workers(cache_dir, tmp_path, inference="shared") as host:
         cameras = Cameras(host.address)
         try:
             spread(cameras)
