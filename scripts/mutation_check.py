@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "server" / "src" / "framecast_server"
 BACKEND = Path("backends/tensorrt/backend.py")
+SLOT = Path("backends/tensorrt/slot.py")
 BUILDER = Path("backends/tensorrt/builder.py")
 CACHE = Path("backends/tensorrt/cache.py")
 CUDA = Path("backends/tensorrt/cuda.py")
@@ -43,26 +44,26 @@ class Mutation:
 MUTATIONS = (
     Mutation(
         "results read without synchronizing the stream",
-        BACKEND,
+        SLOT,
         "        self.stream.synchronize()\n",
         "        pass  # mutation: no synchronize\n",
     ),
     Mutation(
         "two slots share one pinned input buffer",
         BACKEND,
-        "            self._slots.append(_Slot(engine, layout))\n",
-        "            self._slots.append(_Slot(engine, layout))\n"
+        "            self._slots.append(Slot(engine, layout))\n",
+        "            self._slots.append(Slot(engine, layout))\n"
         "        self._slots[1].host_in = self._slots[0].host_in  # mutation: shared buffer\n",
     ),
     Mutation(
         "pycuda Stream object passed to execute_async_v3 instead of its handle",
-        BACKEND,
+        SLOT,
         "ctx.execute_async_v3(self.stream.handle)",
         "ctx.execute_async_v3(self.stream.raw)",
     ),
     Mutation(
         "a synchronize after every batch (no overlap of copies and compute)",
-        BACKEND,
+        SLOT,
         "        cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)\n",
         "        cuda.copy_to_host_async(self.host_out.array[:n], self.dev_out, self.stream)\n"
         "        self.stream.synchronize()  # mutation: wait for each batch\n",
