@@ -14,9 +14,9 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -32,10 +32,11 @@ from ..core.memory import MemoryTrimmer
 from ..core.runtime import BatcherLike, ServingModel
 from ..model import prepare_model
 from ..service.classifier import SERVICE_NAME, ClassifierServicer
-from ..service.handlers import guarded, rejecting
+from ..service.handlers import guarded
 from ..service.inference_protocol import InferenceServicer
 from ..service.reflection import add_reflection
 from ..settings import HANDSHAKE_TIMEOUT_S, STREAM_WINDOW_BYTES, ServerSettings
+from .inference_away import InferenceAway
 from .wiring import Wiring, connection_age_options
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OIP_SERVICE_NAME", "SERVICE_NAME", "FramecastServer", "ModelLoadError", "serve"]
 OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The unary inference calls a front end refuses while the inference process is away.
+_UNARY_INFERENCE = frozenset({f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"})
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
 # Before gRPC's own stop (which cancels calls that arrive meanwhile), wait until refused
@@ -65,37 +68,6 @@ ACCEPT_LOOPS = 16
 ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
 EXIT_BACKEND_BROKEN = 3
-# What a front end of --inference shared answers a unary call while the inference process is
-# away (health says NOT_SERVING until the supervisor has restarted it).
-INFERENCE_AWAY = "the inference process is restarting; retry shortly (or another replica)"
-_UNARY_INFERENCE = frozenset({f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"})
-
-if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class _InferenceAway(_ServerInterceptor):
-    """A front end refuses unary inference calls at once (UNAVAILABLE) while the inference
-    process is away, rather than hold them until it is back: the client retries elsewhere or
-    shortly. Streams are not refused: what they send waits in the front end's region and goes
-    to the restarted process, so a lossless stream loses nothing."""
-
-    def __init__(self, away: Callable[[], bool]) -> None:
-        self._away = away
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is not None and self._away() and handler_call_details.method in _UNARY_INFERENCE:
-            return rejecting(handler, grpc.StatusCode.UNAVAILABLE, INFERENCE_AWAY)  # type: ignore[no-any-return]
-        return handler  # type: ignore[return-value]
 
 
 class ModelLoadError(Exception):
@@ -182,7 +154,7 @@ class FramecastServer:
     def _grpc_server(self, settings: ServerSettings, *, reuse_port: bool) -> grpc.aio.Server:
         interceptors = list(self.wiring.interceptors)
         if self._inference is not None:
-            interceptors.append(_InferenceAway(lambda: self._inference_away))
+            interceptors.append(InferenceAway(lambda: self._inference_away, _UNARY_INFERENCE))
         return grpc.aio.server(
             interceptors=interceptors,
             options=[
