@@ -10,9 +10,11 @@ import grpc
 import numpy as np
 import pytest
 from framecast_bench.inputs import Payload
+from framecast_bench.plan import (
+    BenchPlan,
+)
 from framecast_bench.report import WindowResult
 from framecast_bench.runner import (
-    BenchPlan,
     StepConfig,
     error_name,
     offered_rate,

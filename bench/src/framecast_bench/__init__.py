@@ -10,14 +10,16 @@ from __future__ import annotations
 from framecast_client.histogram import LogHistogram
 
 from framecast_bench.compare import compare_reports
+from framecast_bench.plan import (
+    BenchPlan,
+    run_plan,
+)
 from framecast_bench.report import BenchReport, StepResult, WindowResult
 from framecast_bench.runner import (
-    BenchPlan,
     BenchUnavailableError,
     StepConfig,
     run_closed_step,
     run_open_step,
-    run_plan,
 )
 from framecast_bench.schedule import constant_schedule, poisson_schedule
 

@@ -34,6 +34,12 @@ from framecast_bench.inputs import (
     video_sources,
 )
 from framecast_bench.oip_sessions import DEFAULT_MODEL, OipTarget, oip_steps
+from framecast_bench.plan import (
+    BenchPlan,
+    ClosedStep,
+    OpenStep,
+    run_plan,
+)
 from framecast_bench.plot import (
     PlotUnavailableError,
     plot_latency_vs_throughput,
@@ -41,13 +47,9 @@ from framecast_bench.plot import (
 )
 from framecast_bench.report import BenchReport, StepResult, format_table
 from framecast_bench.runner import (
-    BenchPlan,
     BenchUnavailableError,
-    ClosedStep,
     Mode,
-    OpenStep,
     StepConfig,
-    run_plan,
 )
 from framecast_bench.sessions import mode_steps
 

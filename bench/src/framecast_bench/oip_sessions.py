@@ -27,14 +27,16 @@ from numpy.typing import NDArray
 
 from framecast_bench import oip_codec as oip
 from framecast_bench.inputs import Payload
-from framecast_bench.runner import (
+from framecast_bench.plan import (
     BenchPlan,
-    BenchUnavailableError,
     ClosedStep,
-    Mode,
     OpenStep,
     plan_steps,
     unary_steps,
+)
+from framecast_bench.runner import (
+    BenchUnavailableError,
+    Mode,
 )
 from framecast_bench.stream_runner import run_stream_closed_step, run_stream_open_step
 

@@ -10,14 +10,16 @@ from framecast_client.types import Classification
 from numpy.typing import NDArray
 
 from framecast_bench.inputs import Payload
-from framecast_bench.runner import (
+from framecast_bench.plan import (
     BenchPlan,
     ClosedStep,
-    Mode,
     OpenStep,
-    SessionFactory,
     plan_steps,
     unary_steps,
+)
+from framecast_bench.runner import (
+    Mode,
+    SessionFactory,
 )
 from framecast_bench.stream_runner import (
     client_stream_opener,

@@ -79,6 +79,10 @@ class FramecastServer:
 
     Between the two, health says NOT_SERVING and Classifier calls get UNAVAILABLE, so load
     balancers and clients can tell a loading server from a dead one.
+
+    About 300 lines, kept whole on purpose: it is the lifecycle (start, load, drain, stop) and
+    each step changes the health every other step reads; what the settings add is in
+    wiring.py, the servicers in service/.
     """
 
     def __init__(
