@@ -80,7 +80,11 @@ class Admission:
         if self._admitted >= self.capacity:
             return False
         # Its share of the places while other callers are in (holding or waiting); all alone.
-        callers = len(self._held.keys() | self._waiting.keys() | {caller})
+        # It holds a place, so it is among the holders; waiting callers are counted only when
+        # some wait (no set built on the uncontended path).
+        callers = len(self._held)
+        if self._waiting:
+            callers += len(self._waiting.keys() - self._held.keys())
         return held < max(1, self.capacity // callers)
 
     def _may_enter_now(self, caller: Hashable) -> bool:
