@@ -374,6 +374,9 @@ def serve_workers(
         found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log.read_text())
         assert found, server.log.read_text()
         yield Host(server.process, server.address, int(found[1]), server.log)
+    # Stopped: a clean shutdown leaves no traceback in the log (the resource tracker printed
+    # one per shared block when the supervisor released them twice).
+    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-3000:]
 
 
 # ------------------------------------------------------------------ one test, two kinds of host

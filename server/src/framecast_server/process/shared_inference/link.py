@@ -90,7 +90,10 @@ def unlink_link(link: InferenceLink) -> None:
     """Remove the shared blocks (the supervisor, once every process has ended)."""
     for name in (link.counters_name, *link.region_names):
         with contextlib.suppress(FileNotFoundError):
-            block = attach(name)
+            # Not attach(): this process created the blocks, so its resource tracker holds
+            # them, and unlink() takes them back from it. attach() would take them first, and
+            # the tracker would then print a KeyError traceback for each at shutdown.
+            block = shared_memory.SharedMemory(name=name)
             block.close()
             block.unlink()
 
