@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from framecast_client import AsyncClient, Client, StreamResult
+from framecast_client import AsyncClient, Client, StreamResult, StreamSession
 from framecast_server.backends.base import BackendInfo
 from framecast_server.backends.null import NullBackend
 from framecast_server.process.background import BackgroundServer
@@ -205,6 +206,23 @@ def health_serving(address: str) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def stalled_with_frames_in_flight(
+    session: StreamSession, quiet_s: float = 0.5
+) -> Callable[[], bool]:
+    """A condition: frames are in flight and no answer has arrived for ``quiet_s``."""
+    last = [-1, time.monotonic()]
+
+    def check() -> bool:
+        stats = session.stats
+        now = time.monotonic()
+        if stats.received != last[0]:
+            last[:] = [stats.received, now]
+            return False
+        return stats.in_flight > 0 and now - last[1] >= quiet_s
+
+    return check
+
+
 @pytest.fixture
 def victim(cache_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A replica in its own process (`framecast serve`) on the third loopback address."""
@@ -272,11 +290,15 @@ def test_a_replica_killed_mid_run_costs_no_call_and_no_frame(
             timeout_s=DEADLINE_S,
         )
         # Freeze the victim with frames in flight, then kill it: those frames must be resent.
+        # Answers the victim wrote just before it stopped still arrive, so "in flight" alone is
+        # not enough (they can all be answered a moment later): wait until no answer has come
+        # for a while and frames are still outstanding, which only a frozen victim explains.
         process.send_signal(signal.SIGSTOP)
         wait_until(
-            lambda: session.stats.in_flight > 0,
-            "frames in flight on the frozen victim",
+            stalled_with_frames_in_flight(session),
+            "frames in flight on the frozen victim, no answer for 0.5 s",
             timeout_s=DEADLINE_S,
+            seen=lambda: session.stats,
         )
         process.kill()
         process.wait()
