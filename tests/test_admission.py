@@ -85,6 +85,52 @@ async def test_beside_other_callers_a_caller_takes_places_only_below_its_share()
     await asyncio.gather(*more, return_exceptions=True)
 
 
+async def test_beside_a_caller_in_recently_a_flood_runs_one_call_at_a_time() -> None:
+    now = [100.0]
+    admission = Admission(8, spare=1, beside_others=1, presence_s=0.5, clock=lambda: now[0])
+    for _ in range(8):
+        await admission.enter("greedy")  # alone: every place
+    more = [asyncio.ensure_future(admission.enter("greedy")) for _ in range(20)]
+    await asyncio.sleep(0)
+    assert admission.waiting_for("greedy") == 20
+    await asyncio.wait_for(admission.enter("polite"), 1)  # holding none: the spare, at once
+    admission.leave("polite")  # its call ended; it stays in for presence_s
+    now[0] += 0.1
+    # The greedy caller's calls end; beside a caller in, none is replaced until it holds
+    # fewer than one.
+    for held in range(7, 0, -1):
+        admission.leave("greedy")
+        await asyncio.sleep(0)
+        assert admission.admitted_for("greedy") == held
+    assert admission.waiting_for("greedy") == 20
+    admission.leave("greedy")
+    await asyncio.sleep(0)
+    assert admission.admitted_for("greedy") == 1  # holding none, it takes one again
+    assert admission.waiting_for("greedy") == 19
+    # The polite caller's next call: admitted at once, beside the greedy caller's one.
+    await asyncio.wait_for(admission.enter("polite"), 1)
+    assert admission.admitted == 2
+    admission.leave("polite")
+    # Half a second after the polite caller's last call, the greedy caller is alone again:
+    # its next call ending gives it every place.
+    now[0] += 0.6
+    admission.leave("greedy")
+    await asyncio.sleep(0)
+    assert admission.admitted_for("greedy") == 8
+    assert admission.waiting_for("greedy") == 11
+    for task in more:
+        task.cancel()
+    await asyncio.gather(*more, return_exceptions=True)
+
+
+async def test_a_caller_alone_keeps_every_place_with_a_presence_time() -> None:
+    now = [0.0]
+    admission = Admission(4, beside_others=1, presence_s=0.5, clock=lambda: now[0])
+    order = await _admit_all(admission, [("a", n) for n in range(9)])
+    assert order == list(range(9))
+    assert admission.admitted_for("a") == 4  # its own recent calls do not count as others
+
+
 async def test_a_caller_that_leaves_gives_the_others_their_shares_back() -> None:
     admission = Admission(4, spare=0)
     for _ in range(2):
@@ -176,6 +222,10 @@ def test_capacity_must_be_positive() -> None:
         Admission(0)
     with pytest.raises(ValueError, match="negative"):
         Admission(1, spare=-1)
+    with pytest.raises(ValueError, match="at least 1"):
+        Admission(1, beside_others=0)
+    with pytest.raises(ValueError, match="negative"):
+        Admission(1, presence_s=-1.0)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,21 @@ before the batcher's fair order could help. A servicer enters a call here when i
 before it reads the request's bytes (so what waits is a call's HTTP/2 window, not its
 images), and leaves when it ends. At most ``capacity`` calls are admitted at once; the others
 wait, first in, first out within a caller, and a freed place goes to the callers in turn
-(round robin). While other callers are in (holding places or waiting), a caller takes a new
-place only below its share, ``capacity // callers``: beside a flood, fewer of the flood's calls
-run at once, so each turn of the event loop is shorter and a polite call's steps (accept, read,
-result, reply), each waiting for one turn, come sooner (measured on 2 cores beside 200 calls
-over 100 connections, benchmarks/fairness.py: the polite p99 went from 14.6x to 12.9x its
-idle p99 with the greedy client on a CPU of its own, 13.4x to 9.1x without). A waiting call
-is not answered, so its client does not send another: a flood is held on its own side. A
-caller alone gets every place, so it still has the whole server.
+(round robin). A waiting call is not answered, so its client does not send another: a flood
+is held on its own side.
+
+Beside other callers, a caller runs at most one call at a time (``beside_others``, and never
+more than its share, ``capacity // callers``); alone, it takes every place, so it still has the
+whole server. Why: grpc.aio and the batcher move every call one step per turn of the event
+loop (accept, read, result, reply), and a turn runs a step of every call in progress, so a
+polite call's latency grows with the number of a flood's calls running beside it (measured on
+2 cores beside 200 calls over 100 connections, benchmarks/fairness.py, the greedy client on a
+CPU of its own: polite p50 7.9 ms with 8 of the flood's calls admitted, 5.4 with 4, 2.6 with
+2, 2.3 with 1; its idle p50 0.7 ms). A caller is "in" while it holds or waits for a place and
+for ``presence_s`` after its last call ended: a caller sending one call at a time holds none
+between its calls, and without this the flood took every place back in each gap. The cost is
+the flood's own rate beside others (about 0.8x of its rate alone with the null backend: fewer
+calls share a batch), never a caller's alone.
 
 One place beyond ``capacity`` (``spare``) is kept for a caller with no call admitted: beside a
 flood that holds every place, a caller sending one call at a time is admitted on arrival
@@ -27,10 +34,16 @@ admitted at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
-__all__ = ["Admission"]
+__all__ = ["CALLS_BESIDE_OTHERS", "PRESENCE_S", "Admission"]
+
+# The server's policy (process/app.py): one call at a time beside other callers, and a caller
+# counts as in for half a second after its last call (a camera at 2 frames/s or more stays in).
+CALLS_BESIDE_OTHERS = 1
+PRESENCE_S = 0.5
 
 
 class Admission:
@@ -40,13 +53,33 @@ class Admission:
     same caller.
     """
 
-    def __init__(self, capacity: int, *, spare: int = 1) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        spare: int = 1,
+        beside_others: int | None = None,
+        presence_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``beside_others``: the most calls a caller holds while others are in (None: its
+        share, ``capacity // callers``); ``presence_s``: how long a caller stays in after its
+        last call ended (0: only while it holds or waits)."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         if spare < 0:
             raise ValueError(f"spare must not be negative, got {spare}")
+        if beside_others is not None and beside_others < 1:
+            raise ValueError(f"beside_others must be at least 1, got {beside_others}")
+        if presence_s < 0:
+            raise ValueError(f"presence_s must not be negative, got {presence_s}")
         self.capacity = capacity
         self.spare = spare
+        self._most_beside = capacity if beside_others is None else min(capacity, beside_others)
+        self._presence_s = presence_s
+        self._clock = clock
+        # Callers whose last call ended less than presence_s ago: when it ended, oldest first.
+        self._recent: dict[Hashable, float] = {}
         self._admitted = 0
         self._held: dict[Hashable, int] = {}  # calls admitted per caller (callers holding any)
         # Waiting calls per caller; the dict's order is the turn (a served caller moves last).
@@ -79,13 +112,27 @@ class Admission:
             return self._admitted < self.capacity + self.spare
         if self._admitted >= self.capacity:
             return False
-        # Its share of the places while other callers are in (holding or waiting); all alone.
-        # It holds a place, so it is among the holders; waiting callers are counted only when
-        # some wait (no set built on the uncontended path).
+        # Its share of the places while other callers are in (holding, waiting, or done less
+        # than presence_s ago); all alone. It holds a place, so it is among the holders;
+        # the others are counted only when there are some (no set built when alone).
         callers = len(self._held)
-        if self._waiting:
-            callers += len(self._waiting.keys() - self._held.keys())
-        return held < max(1, self.capacity // callers)
+        recent = self._recent
+        if recent:
+            self._expire()
+        if self._waiting or (recent and (len(recent) > 1 or caller not in recent)):
+            callers = len(self._held.keys() | self._waiting.keys() | recent.keys())
+        if callers == 1:
+            return True
+        return held < max(1, min(self.capacity // callers, self._most_beside))
+
+    def _expire(self) -> None:
+        horizon = self._clock() - self._presence_s
+        recent = self._recent
+        while recent:
+            oldest = next(iter(recent))
+            if recent[oldest] > horizon:
+                break
+            del recent[oldest]
 
     def _may_enter_now(self, caller: Hashable) -> bool:
         # Nobody waiting could take a place now (every leave ends in _grant; a caller that only
@@ -142,6 +189,10 @@ class Admission:
             self._held[caller] = held
         else:
             del self._held[caller]
+        if self._presence_s:
+            recent = self._recent
+            recent.pop(caller, None)  # to the end: the dict's order is when they ended
+            recent[caller] = self._clock()
         self._grant()
 
     def _grant(self) -> None:
