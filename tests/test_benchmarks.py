@@ -78,6 +78,30 @@ def test_serving_overhead_refuses_a_baseline_tree_without_its_environment(tmp_pa
     assert "uv sync" in done.stderr
 
 
+@pytest.mark.slow
+def test_accept_loops_compares_server_counts(tmp_path: Path) -> None:
+    out = tmp_path / "accept_loops.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "accept_loops.py"),
+        "--servers", "1", "2", "--rounds", "1", "--seconds", "0.2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    for key in ("p50", "rps", "rps_cpu", "fps", "fps_cpu"):
+        assert set(report[key]["medians"]) == {"1 server", "2 servers"}
+        assert all(value > 0 for value in report[key]["medians"].values())
+        assert report[key]["ratios"]["2 servers"] > 0
+    assert "unary p50, concurrency 1 (ms)" in done.stdout
+
+
+def test_accept_loops_refuses_a_single_count() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "accept_loops.py"), "--servers", "16"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
 def test_preprocess_speed_reports_every_candidate() -> None:
     command = [sys.executable, str(ROOT / "benchmarks" / "preprocess_speed.py"), "--runs", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import grpc
@@ -10,6 +11,8 @@ from ..core.batcher import Caller
 from ..core.caller import current_caller
 
 
+# Parsed once per peer string, not per call: a connection's calls share its peer string.
+@lru_cache(maxsize=4096)
 def peer_host(peer: str) -> str:
     """The host part of a gRPC peer string: ``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``.
 
