@@ -52,10 +52,11 @@ OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].fu
 _UNARY_INFERENCE = frozenset({f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"})
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
-# Once draining, new calls are served until none has arrived for QUIET_S (at most QUIET_CAP_S),
-# then refused; before gRPC's own stop (which cancels calls that arrive meanwhile), the server
-# waits until refused clients have gone quiet for as long, with the same cap.
-QUIET_S, QUIET_CAP_S = 0.5, 3.0
+# Once draining, new calls are served until none has arrived for QUIET_S (at most SERVE_CAP_S:
+# clients that watch health leave within a round trip; the others are refused after it), then
+# refused; before gRPC's own stop (which cancels calls that arrive meanwhile), the server waits
+# until refused clients have gone quiet for as long, at most QUIET_CAP_S.
+QUIET_S, SERVE_CAP_S, QUIET_CAP_S = 0.5, 1.0, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
@@ -363,7 +364,7 @@ class FramecastServer:
         # (the SDK over several replicas) leaves this replica within a round trip of
         # NOT_SERVING, and each of its calls refused meanwhile would spend a token of its retry
         # throttle (a few in a row failed calls). Clients that do not watch are refused next.
-        await self._gate.wait_quiet(QUIET_S, min(grace, QUIET_CAP_S))
+        await self._gate.wait_quiet(QUIET_S, min(grace, SERVE_CAP_S))
         self._gate.close()
         logger.log(level, "%s", REFUSING)
         left = max(0.0, grace - (time.monotonic() - started))
