@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from framecast_server.backends.base import Backend, BackendError, BackendInfo
 from framecast_server.backends.null import NullBackend
+from framecast_server.process.app import REFUSING
 from framecast_server.process.background import BackgroundServer
 from framecast_server.settings import ServerSettings
 from numpy.typing import NDArray
@@ -429,7 +430,11 @@ class ServedHost:
         raise NotImplementedError
 
     def draining(self) -> bool:
-        """True once the drain refuses new calls."""
+        """True once the drain began (streams wind down; new calls are still served)."""
+        raise NotImplementedError
+
+    def refusing(self) -> bool:
+        """True once the drain refuses new calls (none arrived for a moment)."""
         raise NotImplementedError
 
     def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
@@ -479,6 +484,9 @@ class _InProcessHost(ServedHost):
 
     def draining(self) -> bool:
         return self.server.server.gate.draining
+
+    def refusing(self) -> bool:
+        return self.server.server.gate.closed
 
     def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
         assert self._stopping is not None
@@ -540,11 +548,15 @@ class _SharedHost(ServedHost):
         self.process.send_signal(signal.SIGTERM)
 
     def draining(self) -> bool:
-        # Each front end logs this as it begins (the drain delay is 0 in these tests, so its
-        # gate closes at once), then health turns NOT_SERVING.
+        # Each front end logs this as it begins (the drain delay is 0 in these tests), then
+        # health turns NOT_SERVING.
         return self.log.read_text().count("draining (grace") == 2 and (
             health_status(self.address) == NOT_SERVING
         )
+
+    def refusing(self) -> bool:
+        # Each front end logs this once calls stopped arriving after its drain began.
+        return self.log.read_text().count(REFUSING) == 2
 
     def wait_stopped(self, timeout_s: float = WAIT_S) -> None:
         assert self.process.wait(timeout=timeout_s) == 0, self.log.read_text()

@@ -7,6 +7,7 @@ real process (the installed ``framecast`` script).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shlex
@@ -191,3 +192,26 @@ def test_top_is_protected_like_the_classifier(cache_dir: Path, tmp_path: Path) -
         (stream,) = json.loads(done.stdout)["streams"]
         assert stream["name"] == "dock-3"
         assert stream["caller"] == "ops"
+
+
+def test_the_id_column_fits_the_ids_of_every_worker() -> None:
+    from framecast_client.top_cli import render
+    from framecast_server.service.stream_board import START_SHIFT, WORKER_SHIFT
+
+    # Worker 3's stream 7 after one restart, as the stream board numbers it (13 digits and
+    # more), beside worker 0's stream 12: every id whole, and each column under its heading.
+    ids = [3 << WORKER_SHIFT | 1 << START_SHIFT | 7, 12]
+    view = StreamView(
+        id=0, caller="camera-7", name="dock-3", started_unix_s=1.0e9, frames_in_per_s=30.0,
+        frames_out_per_s=30.0, p99_latency_ms=4.0, p99_age_ms=5.0, frames_in=90,
+        frames_out=90, dropped=0, max_age_ms=0, rate_hint_fps=30.0,
+    )  # fmt: skip
+    views = [dataclasses.replace(view, id=i) for i in ids]
+    header, *rows = render("127.0.0.1:1", views, now=1.0e9 + 5).splitlines()[1:]
+    assert len(str(ids[0])) >= 13
+    for row, stream_id in zip(rows, ids, strict=True):
+        assert row.split()[0] == str(stream_id)
+        assert row.index("camera-7") == header.index("CALLER")
+        assert row.index("dock-3") == header.index("NAME")
+    assert header.split()[0] == "ID"
+    assert header.endswith("SINCE")

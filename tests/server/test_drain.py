@@ -93,6 +93,9 @@ def test_a_drain_answers_calls_in_flight_ends_streams_and_refuses_new_calls(
         host.drain()
         wait_until(host.draining, "the drain never began")
         assert health(host.address) == NOT_SERVING  # still answering on the port
+        # New calls are served until none arrived for a moment (clients that watch health
+        # have gone elsewhere by then), and refused from then on.
+        wait_until(host.refusing, "new calls to be refused")
         with pytest.raises(UnavailableError, match="shutting down"):
             client.classify_preprocessed(random_frames(1))
         host.release()

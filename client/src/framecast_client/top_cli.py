@@ -23,10 +23,16 @@ from .types import StreamView
 
 # Clear the screen and home the cursor: a refresh redraws the whole view.
 _CLEAR = "\x1b[H\x1b[2J"
-_COLUMNS = (
-    f"{'ID':>5} {'CALLER':<20} {'NAME':<16} {'IN/S':>7} {'OUT/S':>7} {'P99 MS':>8} "
-    f"{'AGE P99':>8} {'DROPS':>7} {'HINT/S':>7}  SINCE"
-)
+# The ID column is as wide as the longest id: a worker's ids (--workers) carry its index and
+# start count in their high bits, 13 digits and more.
+_MIN_ID_WIDTH = 5
+
+
+def _columns(id_width: int) -> str:
+    return (
+        f"{'ID':>{id_width}} {'CALLER':<20} {'NAME':<16} {'IN/S':>7} {'OUT/S':>7} "
+        f"{'P99 MS':>8} {'AGE P99':>8} {'DROPS':>7} {'HINT/S':>7}  SINCE"
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,14 +65,15 @@ def _since(started_unix_s: float, now: float) -> str:
 
 def render(address: str, streams: Sequence[StreamView], now: float) -> str:
     """The text view of one listing."""
+    id_width = max([_MIN_ID_WIDTH, *(len(str(s.id)) for s in streams)])
     lines = [
         f"framecast top {address}  {time.strftime('%H:%M:%S', time.localtime(now))}  "
         f"{len(streams)} stream{'' if len(streams) == 1 else 's'}",
-        _COLUMNS,
+        _columns(id_width),
     ]
     for s in streams:
         lines.append(
-            f"{s.id:>5} {s.caller[:20]:<20} {(s.name or '-')[:16]:<16} "
+            f"{s.id:>{id_width}} {s.caller[:20]:<20} {(s.name or '-')[:16]:<16} "
             f"{s.frames_in_per_s:>7.1f} {s.frames_out_per_s:>7.1f} {s.p99_latency_ms:>8.1f} "
             f"{s.p99_age_ms:>8.1f} {s.dropped:>7} {s.rate_hint_fps:>7.1f}  "
             f"{_since(s.started_unix_s, now)}"

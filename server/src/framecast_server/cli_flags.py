@@ -141,7 +141,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--drain-delay-s",
         type=non_negative_float,
-        help="on SIGTERM, health says NOT_SERVING this long before calls are refused "
+        help="on SIGTERM, health says NOT_SERVING this long before the drain begins "
         "(default 0; about 5 under a load balancer)",
     )
     group.add_argument(

@@ -1,11 +1,13 @@
 """The server process: gRPC wiring, health, reflection, loading, and graceful shutdown.
 
 Shutdown drains (see :meth:`FramecastServer.stop`): health turns NOT_SERVING and stays
-answerable for the drain delay while calls are still served; then the call gate refuses new
-calls (UNAVAILABLE), streams stop reading, answer what they hold and end UNAVAILABLE (the SDK
-reconnects), and the server stops once every call has left, or when the grace period ends.
-gRPC's own stop is called only then: it cancels calls it has received but not yet handed to a
-handler, and by then there are none of ours.
+answerable for the drain delay while calls are still served; then streams stop reading, answer
+what they hold and end UNAVAILABLE (the SDK reconnects); new unary calls are still served until
+none has arrived for a moment (clients that watch health have gone elsewhere), and only then
+refused (UNAVAILABLE); the server stops once every call has left, or when the grace period
+ends. gRPC's own stop is called only then: it cancels calls it has received but not yet handed
+to a handler (it says GOAWAY, but grpc.aio stops taking calls at once), and by then there are
+none of ours. That is also why the drain cannot begin with gRPC's stop.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ OIP_SERVICE_NAME = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].fu
 _UNARY_INFERENCE = frozenset({f"/{SERVICE_NAME}/Classify", f"/{OIP_SERVICE_NAME}/ModelInfer"})
 # After every call of ours has ended, what is left (health watches, reflection) gets this long.
 FINAL_STOP_GRACE_S = 0.25
-# Before gRPC's own stop (which cancels calls that arrive meanwhile), wait until refused
-# clients have gone quiet for this long, but no longer than the cap.
-QUIET_S, QUIET_CAP_S = 0.5, 3.0
+# Once draining, new calls are served until none has arrived for QUIET_S (at most SERVE_CAP_S:
+# clients that watch health leave within a round trip; the others are refused after it), then
+# refused; before gRPC's own stop (which cancels calls that arrive meanwhile), the server waits
+# until refused clients have gone quiet for as long, at most QUIET_CAP_S.
+QUIET_S, SERVE_CAP_S, QUIET_CAP_S = 0.5, 1.0, 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
@@ -65,6 +69,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # with 16, 3-4 ms, and they wait in admission instead, where callers take turns. 64 gained
 # little more (each server takes a 1/N share of --max-connections, so more cost headroom).
 ACCEPT_LOOPS = 16
+# Logged during a drain when new calls begin to be refused (calls stopped arriving, or the cap).
+REFUSING = "refusing new calls"
 # Logged once every call has left during a drain, just before the port closes.
 ALL_CALLS_ANSWERED = "every call answered"
 # serve()'s exit status when the backend broke for good (a sticky CUDA error): restart me.
@@ -351,13 +357,21 @@ class FramecastServer:
     async def _drain_and_stop(self, grace: float, drain_delay: float, level: int) -> None:
         await self._health.enter_graceful_shutdown()
         if drain_delay > 0:
-            logger.log(level, "NOT_SERVING; refusing new calls in %.1f s", drain_delay)
+            logger.log(level, "NOT_SERVING; draining in %.1f s", drain_delay)
             await asyncio.sleep(drain_delay)
+        started = time.monotonic()
         self._gate.drain()
         if self._gate.active:
             logger.log(level, "draining %d call(s) (grace %.1f s)", self._gate.active, grace)
-        started = time.monotonic()
-        if not await self._gate.wait_idle(grace):
+        # Calls go on being served until they stop arriving: a client that watches health
+        # (the SDK over several replicas) leaves this replica within a round trip of
+        # NOT_SERVING, and each of its calls refused meanwhile would spend a token of its retry
+        # throttle (a few in a row failed calls). Clients that do not watch are refused next.
+        await self._gate.wait_quiet(QUIET_S, min(grace, SERVE_CAP_S))
+        self._gate.close()
+        logger.log(level, "%s", REFUSING)
+        left = max(0.0, grace - (time.monotonic() - started))
+        if not await self._gate.wait_idle(left):
             logger.warning(
                 "%d call(s) still running after the %.1f s grace period: cancelled",
                 self._gate.active,

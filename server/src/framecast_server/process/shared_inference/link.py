@@ -24,6 +24,7 @@ from ...core.batcher import (
     DeadlineExpiredError,
     QueueFullError,
 )
+from .blocks import block_name, sweep_stale_blocks
 
 # Record kinds. Every record: u32 length of what follows, u8 kind, payload.
 HELLO, SUBMIT, CANCEL = 1, 2, 3
@@ -66,12 +67,17 @@ class InferenceLink:
 def create_link(
     directory: Path, front_ends: int, region_bytes: int, unit_bytes: int
 ) -> InferenceLink:
-    """Make the shared blocks (the supervisor does, before any process starts)."""
-    counters = shared_memory.SharedMemory(create=True, size=8 * COUNTERS)
+    """Make the shared blocks (the supervisor does, before any process starts).
+
+    First removes the blocks a killed run left (blocks.py), then names its own after itself.
+    """
+    sweep_stale_blocks()
+    counters = shared_memory.SharedMemory(name=block_name(), create=True, size=8 * COUNTERS)
     buffer(counters)[:] = bytes(8 * COUNTERS)
     units = max(1, region_bytes // unit_bytes)
     regions = [
-        shared_memory.SharedMemory(create=True, size=units * unit_bytes) for _ in range(front_ends)
+        shared_memory.SharedMemory(name=block_name(), create=True, size=units * unit_bytes)
+        for _ in range(front_ends)
     ]
     link = InferenceLink(
         socket_path=str(directory / "inference.sock"),
