@@ -61,11 +61,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # calls not yet accepted wait in gRPC's own first-come queue, unseen by admission, ahead of
 # everyone else's. Before admission ran one call per caller beside others, a flood of 200 calls
 # over 100 connections kept four servers' queues full (a polite call waited 73 ms p50 there)
-# and 16 were needed. Since, the flood has few calls out at a time and 4 servers are as fair as
-# 16 (benchmarks/fairness.py, 100 connections, pinned: polite p99 3.99x idle against 3.90x;
-# one server 5.02x), while every server more costs unary CPU per call and takes a share of
-# --max-connections (each gets 1/N of it, so refusals can start before the total):
-# docs/unary-path.md, "Four accept loops".
+# and 16 were needed. Since, the flood's calls come back only as fast as its one admitted call
+# is answered, and 4 servers are as fair as 16 (benchmarks/fairness.py, 100 connections,
+# pinned: polite p99 3.99x idle against 3.90x; one server 5.02x), while 16 cost about 7% more
+# CPU per unary call than one and each server takes 1/N of --max-connections (refusals can
+# start before the total): docs/unary-path.md, "Four accept loops".
 ACCEPT_LOOPS = 4
 # Logged once every call has left during a drain, just before the port closes.
 ALL_CALLS_ANSWERED = "every call answered"
