@@ -208,7 +208,9 @@ def server(
 
 def alone(args: argparse.Namespace, tmp: Path, cache_dir: Path) -> dict[str, Any]:
     """The greedy caller alone: req/s per round, beside a baseline server if one is given."""
-    sides = {"this": (sys.executable, args.serve_flags)}
+    # --server-python names "this" side here too: without it a comparison of two other trees
+    # silently measured this checkout against the baseline.
+    sides = {"this": (args.server_python or sys.executable, args.serve_flags)}
     if args.baseline_python or args.baseline_flags:
         sides["baseline"] = (args.baseline_python or sys.executable, args.baseline_flags)
     with contextlib.ExitStack() as stack:

@@ -63,12 +63,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # gRPC servers sharing the port (SO_REUSEPORT). grpc.aio accepts one new call per server per
 # turn of the event loop (each accept is a round trip through gRPC's completion queue), and the
 # calls not yet accepted wait in gRPC's own first-come queue, unseen by admission, ahead of
-# everyone else's. Traced beside 200 calls over 100 connections (the greedy client on a CPU of
-# its own, benchmarks/fairness.py --isolation pinned): with four servers nearly all of them
-# waited there and a polite call waited 73 ms p50 (behind ~170 of them) before its handler ran;
-# with 16, 3-4 ms, and they wait in admission instead, where callers take turns. 64 gained
-# little more (each server takes a 1/N share of --max-connections, so more cost headroom).
-ACCEPT_LOOPS = 16
+# everyone else's. Before admission ran one call per caller beside others, a flood of 200 calls
+# over 100 connections kept four servers' queues full (a polite call waited 73 ms p50 there)
+# and 16 were needed. Since, the flood's calls come back only as fast as its one admitted call
+# is answered, and 4 servers are as fair as 16 (benchmarks/fairness.py, 100 connections,
+# pinned: polite p99 3.99x idle against 3.90x; one server 5.02x), while 16 cost about 7% more
+# CPU per unary call than one and each server takes 1/N of --max-connections (refusals can
+# start before the total): docs/unary-path.md, "Four accept loops".
+ACCEPT_LOOPS = 4
 # Logged during a drain when new calls begin to be refused (calls stopped arriving, or the cap).
 REFUSING = "refusing new calls"
 # Logged once every call has left during a drain, just before the port closes.
