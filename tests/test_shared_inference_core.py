@@ -32,6 +32,7 @@ class HeldBackend:
     def __init__(self) -> None:
         self._answers = NullBackend(max_batch=4, input_size=SIZE)
         self.keys: list[int] = []
+        self.threads: set[int] = set()
         self.go = threading.Event()
         self.go.set()
 
@@ -49,6 +50,7 @@ class HeldBackend:
 
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         self.go.wait(30)
+        self.threads.add(threading.get_ident())
         self.keys += [int(k) for k in images[:, 0, 0, 0]]
         return self._answers.infer(images)
 
@@ -149,3 +151,30 @@ async def test_a_cancelled_request_is_withdrawn_and_its_room_freed(host: Host) -
     backend.go.set()
     await running
     assert 77 not in backend.keys
+
+
+async def test_inline_the_batches_run_on_the_service_loop_and_each_gets_its_own(
+    tmp_path: Path,
+) -> None:
+    # As the inference process runs it: the backend on the event loop, no worker thread.
+    settings = BatcherSettings(max_batch=4, max_queue=64, memory_budget_bytes=64 * SIZE * SIZE * 3)
+    link = create_link(tmp_path, 2, settings.memory_budget_bytes, SIZE * SIZE * 3)
+    backend = HeldBackend()
+    service = InferenceService(link, backend, settings, input_size=SIZE, inline=True)
+    await service.start()
+    front = [InferenceProxy(link, i, settings) for i in range(2)]
+    try:
+        for proxy in front:
+            await proxy.start(timeout_s=30)
+        calls = [front[i % 2].submit(keyed(i, i + 1), caller=f"c{i % 3}") for i in range(40)]
+        answers = await asyncio.gather(*calls)
+        for i, answer in enumerate(answers):
+            assert [int(r.probabilities.argmax()) for r in answer] == [i, i + 1]
+        assert backend.threads == {threading.get_ident()}
+        assert service.batcher.queued == 0
+        assert service.batcher.admitted_bytes == 0
+    finally:
+        for proxy in front:
+            await proxy.close()
+        await service.close()
+        unlink_link(link)

@@ -83,15 +83,20 @@ class InferenceService:
         *,
         input_size: int,
         recorder: Any = None,
+        inline: bool = False,
     ) -> None:
+        """``inline``: run a backend that does one batch at a time on this event loop (the
+        inference process's, which does nothing but hand frames over), sparing every batch
+        two thread switches; what arrives meanwhile waits in its socket for the next batch."""
         self._link = link
         self._backend = backend
         self._settings = settings
         self._input_size = input_size
         self._classes = 0  # known after the warm-up batch
-        self.batcher = (
-            Batcher(backend, settings) if recorder is None else Batcher(backend, settings, recorder)
-        )
+        if recorder is None:
+            self.batcher = Batcher(backend, settings, inline=inline)
+        else:
+            self.batcher = Batcher(backend, settings, recorder, inline=inline)
         # Read through the Counters object, never kept apart: its view goes before its block.
         self._counters = Counters(link.counters_name)
         # Every front end's region, attached once for the life of the process (a front end
@@ -191,7 +196,9 @@ class InferenceService:
                 del self._front_ends[state[0].index]
                 self._drop(state[0])
 
-        records = Records(on_record, on_lost)
+        # The counters are published once the records of a read are handled and before
+        # each write of answers: once per batch of records, not per record.
+        records = Records(on_record, on_lost, self._publish)
         return records
 
     def _drop(self, front: _FrontEnd) -> None:
@@ -200,6 +207,7 @@ class InferenceService:
         for future in list(front.pending.values()):
             future.cancel()
         front.pending.clear()
+        self._publish()
 
     def _submit(self, front: _FrontEnd, body: memoryview) -> None:
         request_id, offset, n, height, width, deadline = SUBMIT_BODY.unpack_from(body)
@@ -221,7 +229,6 @@ class InferenceService:
             return
         front.pending[request_id] = future
         future.add_done_callback(lambda f: self._answer(front, request_id, f))
-        self._publish()
 
     async def _wait_then_submit(
         self, images: NDArray[np.uint8], deadline: float | None, caller: Caller
@@ -231,11 +238,13 @@ class InferenceService:
             await asyncio.wait_for(self.batcher.wait_for_room(images, caller=caller), timeout)
         except TimeoutError:
             raise DeadlineExpiredError("the deadline passed while waiting for room") from None
-        return await self.batcher.submit_nowait(images, deadline=deadline, caller=caller)
+        future = self.batcher.submit_nowait(images, deadline=deadline, caller=caller)
+        self._publish()  # admitted without a read or a write to publish it
+        return await future
 
     def _answer(self, front: _FrontEnd, request_id: int, future: asyncio.Future[Any]) -> None:
-        self._publish()
         if front.pending.pop(request_id, None) is None or not front.alive:
+            self._publish()  # no write to this front end will publish what it let go of
             return
         if future.cancelled():
             self._answer_error(front, request_id, BatcherClosedError("cancelled"))
