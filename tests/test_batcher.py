@@ -337,7 +337,8 @@ async def test_inline_keeps_the_threads_of_a_backend_that_overlaps_batches(
         asyncio.gather(*(spawn(batcher, i) for i in range(1, 9))), TIMEOUT
     )
     assert results == [[i] for i in range(1, 9)]
-    assert fake.threads and threading.get_ident() not in fake.threads
+    assert fake.threads
+    assert threading.get_ident() not in fake.threads
 
 
 async def test_requests_are_not_split_and_stay_first_in_first_out(harness: Harness) -> None:
