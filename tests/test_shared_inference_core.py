@@ -171,6 +171,14 @@ async def test_inline_the_batches_run_on_the_service_loop_and_each_gets_its_own(
         for i, answer in enumerate(answers):
             assert [int(r.probabilities.argmax()) for r in answer] == [i, i + 1]
         assert backend.threads == {threading.get_ident()}
+        # The model's statistics are the host's, whichever front end is asked.
+        for proxy in front:
+            stats = proxy.model_stats
+            assert stats.images_run == 80 + 1  # and the warm-up frame
+            assert 1 <= stats.batches_run <= 41
+            assert stats.compute_ns > 0
+            assert stats.last_run_unix_ns > 0
+        assert front[0].stats.images_run == 40  # its own answers
         assert service.batcher.queued == 0
         assert service.batcher.admitted_bytes == 0
     finally:
