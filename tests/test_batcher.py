@@ -140,7 +140,6 @@ class Harness:
         memory_budget_bytes: int = 1 << 30,
         delay: float = 0.0,
         concurrency: int = 1,
-        inline: bool = False,
     ) -> tuple[Batcher, FakeBackend]:
         fake = FakeBackend(max_batch=max_batch, delay=delay, concurrency=concurrency)
         batcher = Batcher(
@@ -151,7 +150,6 @@ class Harness:
                 max_queue=max_queue,
                 memory_budget_bytes=memory_budget_bytes,
             ),
-            inline=inline,
         )
         self.fakes.append(fake)
         self.batchers.append(batcher)
@@ -306,39 +304,6 @@ async def test_one_batch_at_a_time_for_other_backends(harness: Harness) -> None:
     assert results == [[i] for i in range(1, 21)]
     assert fake.max_active == 1
     assert len(fake.threads) == 1
-
-
-async def test_inline_runs_a_one_batch_backend_on_the_loop_and_batches_what_waited(
-    harness: Harness,
-) -> None:
-    # The shared inference process's batcher: no worker thread; what arrives while a batch
-    # computes forms the next one, in order, and a failing batch fails only its callers.
-    batcher, fake = await harness.make(max_batch=4, delay=0.01, inline=True)
-    fake.fail_on = {6}
-    first = [spawn(batcher, i) for i in range(1, 4)]
-    await settle()
-    rest = [spawn(batcher, i) for i in range(4, 10)]
-    outcomes = await asyncio.wait_for(
-        asyncio.gather(*first, *rest, return_exceptions=True), TIMEOUT
-    )
-    assert fake.threads == {threading.get_ident()}
-    assert fake.batches == [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert outcomes[:3] == [[1], [2], [3]]
-    assert all(isinstance(o, BackendError) for o in outcomes[3:7])
-    assert outcomes[7:] == [[8], [9]]
-    assert batcher.stats.failed_batches == 1
-
-
-async def test_inline_keeps_the_threads_of_a_backend_that_overlaps_batches(
-    harness: Harness,
-) -> None:
-    batcher, fake = await harness.make(max_batch=2, concurrency=2, inline=True)
-    results = await asyncio.wait_for(
-        asyncio.gather(*(spawn(batcher, i) for i in range(1, 9))), TIMEOUT
-    )
-    assert results == [[i] for i in range(1, 9)]
-    assert fake.threads
-    assert threading.get_ident() not in fake.threads
 
 
 async def test_requests_are_not_split_and_stay_first_in_first_out(harness: Harness) -> None:

@@ -32,7 +32,6 @@ class HeldBackend:
     def __init__(self) -> None:
         self._answers = NullBackend(max_batch=4, input_size=SIZE)
         self.keys: list[int] = []
-        self.threads: set[int] = set()
         self.go = threading.Event()
         self.go.set()
 
@@ -50,7 +49,6 @@ class HeldBackend:
 
     def infer(self, images: NDArray[np.uint8]) -> NDArray[np.float32]:
         self.go.wait(30)
-        self.threads.add(threading.get_ident())
         self.keys += [int(k) for k in images[:, 0, 0, 0]]
         return self._answers.infer(images)
 
@@ -153,14 +151,13 @@ async def test_a_cancelled_request_is_withdrawn_and_its_room_freed(host: Host) -
     assert 77 not in backend.keys
 
 
-async def test_inline_the_batches_run_on_the_service_loop_and_each_gets_its_own(
+async def test_the_model_statistics_are_the_hosts_whichever_front_end_is_asked(
     tmp_path: Path,
 ) -> None:
-    # As the inference process runs it: the backend on the event loop, no worker thread.
     settings = BatcherSettings(max_batch=4, max_queue=64, memory_budget_bytes=64 * SIZE * SIZE * 3)
     link = create_link(tmp_path, 2, settings.memory_budget_bytes, SIZE * SIZE * 3)
     backend = HeldBackend()
-    service = InferenceService(link, backend, settings, input_size=SIZE, inline=True)
+    service = InferenceService(link, backend, settings, input_size=SIZE)
     await service.start()
     front = [InferenceProxy(link, i, settings) for i in range(2)]
     try:
@@ -170,8 +167,6 @@ async def test_inline_the_batches_run_on_the_service_loop_and_each_gets_its_own(
         answers = await asyncio.gather(*calls)
         for i, answer in enumerate(answers):
             assert [int(r.probabilities.argmax()) for r in answer] == [i, i + 1]
-        assert backend.threads == {threading.get_ident()}
-        # The model's statistics are the host's, whichever front end is asked.
         for proxy in front:
             stats = proxy.model_stats
             assert stats.images_run == 80 + 1  # and the warm-up frame

@@ -99,16 +99,9 @@ class Batcher:
     """
 
     def __init__(
-        self,
-        backend: Backend,
-        settings: BatcherSettings,
-        recorder: Recorder = NULL_RECORDER,
-        *,
-        inline: bool = False,
+        self, backend: Backend, settings: BatcherSettings, recorder: Recorder = NULL_RECORDER
     ) -> None:
-        """``recorder`` is told of every batch run (metrics); counters are in ``stats``.
-        ``inline``: a backend that runs one batch at a time runs on the event loop, not a
-        thread (only for a loop that serves nothing else: the shared inference process)."""
+        """``recorder`` is told of every batch run (metrics); counters are in ``stats``."""
         if settings.max_batch > backend.max_batch:
             raise ValueError(
                 f"max_batch {settings.max_batch} exceeds the backend's max_batch "
@@ -119,7 +112,7 @@ class Batcher:
         self._delay_ns = settings.max_delay_us * 1000
         self._counters = Counters()
         self._queue = FairQueue(settings, self._counters)
-        self._threads = InferenceThreads(backend, inline=inline)
+        self._threads = InferenceThreads(backend)
         self._depth = self._threads.depth
         self._timer = DelayTimer(self._maybe_dispatch)  # fires when the oldest request is due
         self._closing = False

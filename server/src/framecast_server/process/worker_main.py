@@ -137,7 +137,6 @@ async def _run_inference(
         ),
         input_size=prepared.preset.input_size,
         recorder=recorder,
-        inline=True,  # this process's loop serves nothing but the hand-off
     )
     await service.start()
     report.send((SERVING, os.getpid()))

@@ -2,11 +2,7 @@
 
 * **Threads.** A backend runs ``max_concurrent_batches`` batches at once, each handed to its
   own thread: 1 for ONNX Runtime (infer only ever sees one thread), 2 for TensorRT (one batch's
-  copies overlap the other's compute). The event loop of a server never runs inference,
-  with one exception: ``inline`` (the inference process of ``--inference shared``, whose loop
-  does nothing but hand frames over) runs a one-batch-at-a-time backend on the loop itself,
-  sparing each batch two thread switches; what arrives meanwhile waits in its socket and joins
-  the next batch.
+  copies overlap the other's compute). The event loop never runs inference.
 * **Copies.** A batch of one request passes the caller's array to the backend as is (no copy if
   it is C-contiguous). A batch of several requests is concatenated once into a fresh array, on
   the worker thread (a backend that gathers the parts itself gets them unjoined). A fresh array
@@ -54,9 +50,7 @@ class Batch:
 class InferenceThreads:
     """The threads that make one ``backend.infer`` call per batch and post the outcome back."""
 
-    def __init__(self, backend: Backend, *, inline: bool = False) -> None:
-        """``inline``: run each batch on the event loop when ``put`` (no thread), where the
-        backend runs one batch at a time; a backend that overlaps batches keeps its threads."""
+    def __init__(self, backend: Backend) -> None:
         self._backend = backend
         # Backends that overlap batches (TensorRT: copies of one under compute of another) get
         # that many workers; the others get one, so infer is only ever called from one thread.
@@ -66,21 +60,14 @@ class InferenceThreads:
         # A backend that gathers the requests' frames itself gets them unjoined: one copy
         # straight into its input buffer instead of a concatenation and then a second copy.
         self._gather = backend if isinstance(backend, GatheringBackend) else None
-        self._inline = inline and self.depth == 1
         self._jobs: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_done: Callable[[Batch, Outcome], None] | None = None
 
     @property
     def started(self) -> bool:
-        return self._started
-
-    @property
-    def inline(self) -> bool:
-        """Whether batches run on the event loop (see ``__init__``)."""
-        return self._inline
+        return bool(self._threads)
 
     def start(
         self, loop: asyncio.AbstractEventLoop, on_done: Callable[[Batch, Outcome], None]
@@ -88,9 +75,6 @@ class InferenceThreads:
         """Start the threads; each outcome is delivered by ``on_done`` on ``loop``."""
         self._loop = loop
         self._on_done = on_done
-        self._started = True
-        if self._inline:
-            return
         self._threads = [
             threading.Thread(target=self._work, name=f"framecast-infer-{i}", daemon=True)
             for i in range(self.depth)
@@ -99,20 +83,12 @@ class InferenceThreads:
             thread.start()
 
     def put(self, batch: Batch) -> None:
-        """Hand a batch to the next free thread (inline: run it now and deliver its outcome
-        before returning; ``on_done`` may then hand over the next batch from within)."""
-        if not self._inline:
-            self._jobs.put(batch)
-            return
-        assert self._on_done is not None
-        # Delivered at once rather than in a later loop iteration: each iteration costs the
-        # loop a poll (a system call) with nothing new to find.
-        self._on_done(batch, self._run(batch))
+        """Hand a batch to the next free thread."""
+        self._jobs.put(batch)
 
     async def stop(self) -> None:
         """Stop the threads once they are idle (every batch delivered) and join them."""
         threads, self._threads = self._threads, []
-        self._started = False
         for _ in threads:
             self._jobs.put(None)
         for thread in threads:
@@ -124,27 +100,22 @@ class InferenceThreads:
         assert loop is not None
         assert on_done is not None
         while (batch := self._jobs.get()) is not None:
-            outcome = self._run(batch)
+            outcome: Outcome
+            try:
+                outcome = self._compute(batch.arrays, batch.size)
+            except BaseException as exc:  # delivered to the callers, never lost here
+                # Logged here with its traceback, then sent on without it: the traceback's
+                # frames hold this batch's images and the exception itself (a reference cycle
+                # only the cyclic garbage collector would free).
+                logger.error("backend failed on a batch of %d images", batch.size, exc_info=exc)
+                outcome = exc.with_traceback(None)
+            batch.arrays = []
             try:
                 loop.call_soon_threadsafe(on_done, batch, outcome)
             except RuntimeError:
                 return  # the event loop is closed: nobody is left to deliver to
             # Hold nothing of this batch while waiting for the next one.
             del batch, outcome
-
-    def _run(self, batch: Batch) -> Outcome:
-        """Compute one batch; its outcome, an exception included."""
-        outcome: Outcome
-        try:
-            outcome = self._compute(batch.arrays, batch.size)
-        except BaseException as exc:  # delivered to the callers, never lost here
-            # Logged here with its traceback, then sent on without it: the traceback's
-            # frames hold this batch's images and the exception itself (a reference cycle
-            # only the cyclic garbage collector would free).
-            logger.error("backend failed on a batch of %d images", batch.size, exc_info=exc)
-            outcome = exc.with_traceback(None)
-        batch.arrays = []
-        return outcome
 
     def _compute(
         self, arrays: list[NDArray[np.uint8]], size: int

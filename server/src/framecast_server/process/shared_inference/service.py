@@ -85,20 +85,15 @@ class InferenceService:
         *,
         input_size: int,
         recorder: Any = None,
-        inline: bool = False,
     ) -> None:
-        """``inline``: run a backend that does one batch at a time on this event loop (the
-        inference process's, which does nothing but hand frames over), sparing every batch
-        two thread switches; what arrives meanwhile waits in its socket for the next batch."""
         self._link = link
         self._backend = backend
         self._settings = settings
         self._input_size = input_size
         self._classes = 0  # known after the warm-up batch
-        if recorder is None:
-            self.batcher = Batcher(backend, settings, inline=inline)
-        else:
-            self.batcher = Batcher(backend, settings, recorder, inline=inline)
+        self.batcher = (
+            Batcher(backend, settings) if recorder is None else Batcher(backend, settings, recorder)
+        )
         # Read through the Counters object, never kept apart: its view goes before its block.
         self._counters = Counters(link.counters_name)
         # Every front end's region, attached once for the life of the process (a front end
