@@ -167,18 +167,9 @@ def record(kind: int, body: bytes) -> bytes:
 class Records(asyncio.Protocol):
     """Splits the byte stream of a Unix socket into records; calls ``on_record``."""
 
-    def __init__(
-        self,
-        on_record: Callable[[int, memoryview], None],
-        on_lost: Callable[[], None],
-        on_settled: Callable[[], None] | None = None,
-    ) -> None:
-        """``on_settled``: called once the records of a read are handled and before each write
-        (what the inference process publishes its counters in: once per batch of records,
-        not once per record)."""
+    def __init__(self, on_record: Callable[[int, memoryview], None], on_lost: Callable[[], None]):
         self._on_record = on_record
         self._on_lost = on_lost
-        self._on_settled = on_settled
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         # Records sent in one event-loop iteration leave in one write: a system call and a
@@ -212,8 +203,6 @@ class Records(asyncio.Protocol):
             del buffer[:offset]
         elif offset < size:
             buffer += data[offset:]
-        if self._on_settled is not None:
-            self._on_settled()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -229,7 +218,5 @@ class Records(asyncio.Protocol):
 
     def _flush(self) -> None:
         records, self._outbox = self._outbox, []
-        if self._on_settled is not None:
-            self._on_settled()
         if self.transport is not None:
             self.transport.write(b"".join(records) if len(records) > 1 else records[0])

@@ -194,9 +194,7 @@ class InferenceService:
                 del self._front_ends[state[0].index]
                 self._drop(state[0])
 
-        # The counters are published once the records of a read are handled and before
-        # each write of answers: once per batch of records, not per record.
-        records = Records(on_record, on_lost, self._publish)
+        records = Records(on_record, on_lost)
         return records
 
     def _drop(self, front: _FrontEnd) -> None:
@@ -205,7 +203,6 @@ class InferenceService:
         for future in list(front.pending.values()):
             future.cancel()
         front.pending.clear()
-        self._publish()
 
     def _submit(self, front: _FrontEnd, body: memoryview) -> None:
         request_id, offset, n, height, width, deadline = SUBMIT_BODY.unpack_from(body)
@@ -227,6 +224,7 @@ class InferenceService:
             return
         front.pending[request_id] = future
         future.add_done_callback(lambda f: self._answer(front, request_id, f))
+        self._publish()
 
     async def _wait_then_submit(
         self, images: NDArray[np.uint8], deadline: float | None, caller: Caller
@@ -236,13 +234,11 @@ class InferenceService:
             await asyncio.wait_for(self.batcher.wait_for_room(images, caller=caller), timeout)
         except TimeoutError:
             raise DeadlineExpiredError("the deadline passed while waiting for room") from None
-        future = self.batcher.submit_nowait(images, deadline=deadline, caller=caller)
-        self._publish()  # admitted without a read or a write to publish it
-        return await future
+        return await self.batcher.submit_nowait(images, deadline=deadline, caller=caller)
 
     def _answer(self, front: _FrontEnd, request_id: int, future: asyncio.Future[Any]) -> None:
+        self._publish()
         if front.pending.pop(request_id, None) is None or not front.alive:
-            self._publish()  # no write to this front end will publish what it let go of
             return
         if future.cancelled():
             self._answer_error(front, request_id, BatcherClosedError("cancelled"))
