@@ -149,3 +149,35 @@ async def test_a_cancelled_request_is_withdrawn_and_its_room_freed(host: Host) -
     backend.go.set()
     await running
     assert 77 not in backend.keys
+
+
+async def test_the_model_statistics_are_the_hosts_whichever_front_end_is_asked(
+    tmp_path: Path,
+) -> None:
+    settings = BatcherSettings(max_batch=4, max_queue=64, memory_budget_bytes=64 * SIZE * SIZE * 3)
+    link = create_link(tmp_path, 2, settings.memory_budget_bytes, SIZE * SIZE * 3)
+    backend = HeldBackend()
+    service = InferenceService(link, backend, settings, input_size=SIZE)
+    await service.start()
+    front = [InferenceProxy(link, i, settings) for i in range(2)]
+    try:
+        for proxy in front:
+            await proxy.start(timeout_s=30)
+        calls = [front[i % 2].submit(keyed(i, i + 1), caller=f"c{i % 3}") for i in range(40)]
+        answers = await asyncio.gather(*calls)
+        for i, answer in enumerate(answers):
+            assert [int(r.probabilities.argmax()) for r in answer] == [i, i + 1]
+        for proxy in front:
+            stats = proxy.model_stats
+            assert stats.images_run == 80 + 1  # and the warm-up frame
+            assert 1 <= stats.batches_run <= 41
+            assert stats.compute_ns > 0
+            assert stats.last_run_unix_ns > 0
+        assert front[0].stats.images_run == 40  # its own answers
+        assert service.batcher.queued == 0
+        assert service.batcher.admitted_bytes == 0
+    finally:
+        for proxy in front:
+            await proxy.close()
+        await service.close()
+        unlink_link(link)

@@ -18,7 +18,6 @@ from framecast_oip._proto import open_inference_pb2_grpc as pb_grpc
 from framecast_server.process.background import BackgroundServer
 from support import (
     HOST_KINDS,
-    SHARED,
     HoldableNullBackend,
     ServedHost,
     in_process_only,
@@ -408,12 +407,6 @@ def test_not_ready_before_the_model_is_loaded(cache_dir: Path) -> None:
 def test_statistics_count_what_the_batcher_ran(
     null_client: triton.InferenceServerClient, null_server: ServedHost
 ) -> None:
-    if null_server.kind == SHARED:
-        pytest.skip(
-            "not yet in shared mode: a front end's statistics are its own answers; the "
-            "batches and their times are the inference process's, not published to it"
-        )
-
     def stats() -> Any:
         (model,) = null_client.get_inference_statistics(MODEL).model_stats
         return model

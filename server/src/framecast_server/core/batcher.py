@@ -149,6 +149,16 @@ class Batcher:
             queued=q.queued, admitted_bytes=q.admitted_bytes, callers=q.callers
         )
 
+    @property
+    def model_stats(self) -> BatcherStats:
+        """The model's statistics (the Open Inference Protocol's): here, ``stats``."""
+        return self.stats
+
+    @property
+    def counters(self) -> Counters:
+        """The live counters (read-only to callers: what the inference process publishes)."""
+        return self._counters
+
     async def start(self) -> None:
         """Start the worker threads; the batcher then serves callers on the running loop."""
         if self._closing:

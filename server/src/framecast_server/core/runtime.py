@@ -28,6 +28,12 @@ class BatcherLike(Protocol):
     def stats(self) -> BatcherStats: ...
 
     @property
+    def model_stats(self) -> BatcherStats:
+        """The model's statistics host-wide (with ``--inference shared``, the inference
+        process's batches, not only this front end's answers)."""
+        ...
+
+    @property
     def queued(self) -> int: ...
 
     @property

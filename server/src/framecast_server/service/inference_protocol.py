@@ -237,7 +237,7 @@ def _statistics(serving: ServingModel) -> pb.ModelStatistics:
     Framecast times a batch as one backend call (input copy and output copy included), so
     compute_input and compute_output carry counts and no time.
     """
-    stats = serving.batcher.stats
+    stats = serving.batcher.model_stats
     images = stats.images_run
     duration = pb.StatisticDuration
     return pb.ModelStatistics(

@@ -25,6 +25,8 @@ The hand-off:
 * **Control.** A Unix socket per front end carries small fixed records: hello, submit (request
   id, offset, shape, deadline, caller), cancel; and back: ready, result (timings and rows),
   error. No pickling; the records of one event-loop iteration leave in one write.
+* **Statistics.** The inference process publishes its batch statistics with the queue, so any
+  front end answers the model's statistics (OIP ModelStatistics) for the host.
 * **Limits.** Admission is decided in the front end, at once, as the servicers expect: against
   the inference process's queue and admitted bytes, which it publishes in a shared block after
   every change, with the batcher's own reserve rule for modest callers (counted per front

@@ -44,9 +44,13 @@ ERRORS: tuple[type[Exception], ...] = (
     ValueError,
 )
 # The published counters of the inference process: images queued, bytes admitted, generation
-# (bumped at every start, so a front end sees a restart).
-COUNTERS = 3
-QUEUED, ADMITTED, GENERATION = range(COUNTERS)
+# (bumped at every start, so a front end sees a restart), then its batcher's statistics (the
+# model's, host-wide: what the Open Inference Protocol's ModelStatistics reports).
+COUNTERS = 10
+QUEUED, ADMITTED, GENERATION = range(3)
+RUN_STATS = ("batches_run", "images_run", "failed_batches", "failed_images", "queue_ns",
+             "compute_ns", "last_run_unix_ns")  # fmt: skip
+STATS_AT = 3  # where they start in the block
 
 
 @dataclass(frozen=True, slots=True)

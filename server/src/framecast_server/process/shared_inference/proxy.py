@@ -42,6 +42,8 @@ from .link import (
     READY_BODY,
     RESULT,
     RESULT_BODY,
+    RUN_STATS,
+    STATS_AT,
     SUBMIT,
     SUBMIT_BODY,
     Counters,
@@ -184,6 +186,24 @@ class InferenceProxy:
             rejected_full=self._rejected,
             admitted_bytes=self.admitted_bytes,
             callers=len(self._callers),
+        )
+
+    @property
+    def model_stats(self) -> BatcherStats:
+        """The model's statistics host-wide: the inference process's batches, images and
+        times and failed batches as it published them (every front end's work); refusals and
+        drops as this front end counted them (they happen here, before the hand-off)."""
+        values = self._counters.values
+        run = {name: values[i] for i, name in enumerate(RUN_STATS, STATS_AT)}
+        own = self.stats
+        return BatcherStats(
+            queued=own.queued,
+            dropped_expired=own.dropped_expired,
+            dropped_cancelled=own.dropped_cancelled,
+            rejected_full=own.rejected_full,
+            admitted_bytes=own.admitted_bytes,
+            callers=own.callers,
+            **run,
         )
 
     async def start(self, timeout_s: float | None = None) -> None:

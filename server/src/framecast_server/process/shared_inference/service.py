@@ -46,6 +46,8 @@ from .link import (
     READY_BODY,
     RESULT,
     RESULT_BODY,
+    RUN_STATS,
+    STATS_AT,
     SUBMIT,
     SUBMIT_BODY,
     Counters,
@@ -101,6 +103,7 @@ class InferenceService:
         self._registered: list[NDArray[np.uint8]] = []
         self._front_ends: dict[int, _FrontEnd] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._published_runs = -1  # batches run or failed when the statistics were published
         self._ready = b""
         # Freed memory back to the system after bursts, as in every server process: only when
         # nothing is queued or admitted (a trim holds malloc's locks while it runs).
@@ -262,8 +265,15 @@ class InferenceService:
 
     def _publish(self) -> None:
         counters = self._counters.values
-        counters[QUEUED] = self.batcher.queued
-        counters[ADMITTED] = self.batcher.admitted_bytes
+        batcher = self.batcher
+        counters[QUEUED] = batcher.queued
+        counters[ADMITTED] = batcher.admitted_bytes
+        run = batcher.counters
+        if run.batches_run + run.failed_batches != self._published_runs:
+            # A batch ran or failed since the last time: the model's statistics too.
+            self._published_runs = run.batches_run + run.failed_batches
+            for i, name in enumerate(RUN_STATS, STATS_AT):
+                counters[i] = getattr(run, name)
 
     async def close(self) -> None:
         """Stop listening, run what is queued, stop the batcher, unregister the regions."""
