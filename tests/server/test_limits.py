@@ -17,8 +17,8 @@ from framecast_client import AsyncClient, Client, ResourceExhaustedError, wire
 from framecast_client._proto import classifier_pb2 as pb
 from framecast_oip._proto import open_inference_pb2 as oip_pb
 from framecast_oip._proto import open_inference_pb2_grpc as oip_grpc
-from framecast_server.process.app import ACCEPT_LOOPS
 from framecast_server.process.background import BackgroundServer
+from framecast_server.process.transport import ACCEPT_LOOPS
 from framecast_server.settings import FRAME_BYTES
 from support import (
     HoldableNullBackend,
