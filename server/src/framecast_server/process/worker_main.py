@@ -39,7 +39,7 @@ async def _run_worker(
     board: tuple[Path, int] | None = None,
 ) -> int:
     """One worker: load, then listen on the shared port, serve until SIGTERM, drain."""
-    from .app import FramecastServer
+    from .app import FramecastServer, freeze_loaded
 
     server = FramecastServer(
         settings,
@@ -66,6 +66,7 @@ async def _run_worker(
         return 1
     # Listening only now: connections reach workers that can answer them.
     await server.start()
+    freeze_loaded()
     report.send((SERVING, os.getpid()))
     await stopping
     logger.info("draining (grace %.0f s)", settings.grace_s)
@@ -106,6 +107,7 @@ async def _run_inference(
     """The inference process: load the backend, serve the front ends until SIGTERM."""
     from ..core.batcher import BatcherSettings
     from ..model import prepare_model
+    from .app import freeze_loaded
     from .shared_inference import InferenceService
 
     stop = asyncio.Event()
@@ -139,6 +141,7 @@ async def _run_inference(
         recorder=recorder,
     )
     await service.start()
+    freeze_loaded()
     report.send((SERVING, os.getpid()))
     logger.info("inference process serving %d front ends on %s", link.front_ends, backend.info.name)
     await stop.wait()
