@@ -67,10 +67,19 @@ def test_a_spent_budget_stops_streams_reading_and_refuses_unary_calls(
         # The stream holds more than a max batch, so it stops at three quarters of the budget;
         # the client has sent more than that, but the server stopped reading.
         wait_until(lambda: host.admitted_bytes() == 12 * FRAME_BYTES, "the stream never filled")
-        assert len(sent) > 12
+        # gRPC takes the next frames from the client as the window allows, on its own thread.
+        wait_until(lambda: len(sent) > 12, "the client to send more than the server read")
+        assert host.admitted_bytes() == 12 * FRAME_BYTES
         # A camera with modest demand still gets the last quarter...
         calls = [pool.submit(polite.classify_preprocessed, random_frames(1)) for _ in range(4)]
-        wait_until(lambda: host.admitted_bytes() == budget, "the unary calls were not admitted")
+        wait_until(
+            lambda: host.admitted_bytes() == budget,
+            "the unary calls to be admitted",
+            seen=lambda: (
+                f"{host.admitted_bytes() // FRAME_BYTES} frames admitted; the calls: "
+                f"{[repr(c.exception()) if c.done() else 'waiting' for c in calls]}"
+            ),
+        )
         # ...and past the budget a unary call is refused at once.
         with pytest.raises(ResourceExhaustedError, match="memory budget"):
             polite.classify_preprocessed(random_frames(1))
@@ -103,7 +112,10 @@ def test_a_spent_budget_stops_an_open_inference_protocol_stream_reading_too(
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         stream = pool.submit(lambda: list(stub.ModelStreamInfer(requests(), timeout=WAIT_S)))
         wait_until(lambda: host.admitted_bytes() == 12 * FRAME_BYTES, "the stream never filled")
-        assert len(sent) > 12  # sent, but not read: the server stopped reading
+        # Sent, but not read: the server stopped reading (gRPC takes the next frames from the
+        # client as the window allows, on its own thread).
+        wait_until(lambda: len(sent) > 12, "the client to send more than the server read")
+        assert host.admitted_bytes() == 12 * FRAME_BYTES
         host.release()
         answers = stream.result(WAIT_S)
         assert [a.error_message for a in answers] == [""] * 40

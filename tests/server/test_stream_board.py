@@ -264,12 +264,29 @@ def spread(cameras: Cameras) -> dict[str, StreamView]:
 
 
 def assert_top_lists(address: str, cameras: Cameras) -> None:
-    """The command, twice (two connections, either worker): every stream, ids distinct."""
-    for _ in range(2):
+    """The command, twice (two connections, either worker): every stream, ids distinct.
+
+    A worker lists the others' streams from their last snapshot (written every
+    PUBLISH_INTERVAL_S), so a stream opened on the other worker just now may be missing from
+    one answer: each of the two must list every stream within a few publications.
+    """
+    seen: list[dict[str, object]] = []
+
+    def complete() -> bool:
         streams = top_json(address)["streams"]
         assert isinstance(streams, list)
-        assert sorted(s["name"] for s in streams) == sorted(cameras.sessions)
-        assert len({s["id"] for s in streams}) == len(streams)
+        seen[:] = streams
+        return sorted(s["name"] for s in streams) == sorted(cameras.sessions)
+
+    for _ in range(2):
+        wait_until(
+            complete,
+            "framecast top to list every stream",
+            timeout_s=TIMEOUT_S,
+            seen=lambda: sorted(str(s["name"]) for s in seen),
+            interval_s=0.2,
+        )
+        assert len({s["id"] for s in seen}) == len(seen)
 
 
 @pytest.mark.slow
