@@ -198,8 +198,13 @@ class Supervisor:
                 from .shared_inference import create_link
 
                 link_dir = tempfile.TemporaryDirectory(prefix="framecast-inference-")
+                # The budget is the inference process's to keep; a region also holds the frames
+                # its front end sent on a published count that lagged (the inference process
+                # holds them until there is room): without a batch of slack, one such stream
+                # frame took the unit a modest caller's admitted frame needed.
+                region_bytes = settings.memory_budget_bytes + settings.max_batch * FRAME_BYTES
                 self._link = create_link(
-                    Path(link_dir.name), self.workers, settings.memory_budget_bytes, FRAME_BYTES
+                    Path(link_dir.name), self.workers, region_bytes, FRAME_BYTES
                 )
                 logger.info("one shared inference process for the %d workers", self.workers)
             for index in range(len(self._slots)):
