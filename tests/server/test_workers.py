@@ -226,9 +226,13 @@ def test_workers_share_the_port_restart_after_a_crash_and_drain_together(
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(workers_of(process.pid)) == 2 and victim not in workers_of(process.pid),
                "the worker to be restarted", timeout_s=DEADLINE_S)  # fmt: skip
-    wait_until(lambda: "worker 0 serving" in log.read_text().split("killed by SIGKILL")[-1],
+    # The supervisor logs the crash as it restarts the worker: wait for that line first (the
+    # first start's "worker 0 serving" is in the log before it, so the split alone proves
+    # nothing until the line is there).
+    killed = f"(pid {victim}) was killed by SIGKILL; restarting"
+    wait_until(lambda: killed in log.read_text(), "the crash to be logged", timeout_s=DEADLINE_S)
+    wait_until(lambda: "worker 0 serving" in log.read_text().split(killed)[-1],
                "the new worker to serve", timeout_s=DEADLINE_S)  # fmt: skip
-    assert f"(pid {victim}) was killed by SIGKILL; restarting" in log.read_text()
     for _ in range(8):  # new connections, whichever worker they reach
         with Client(address, timeout=30) as client:
             assert client.classify(random_frames(1)[0]).top.label
